@@ -1,0 +1,1 @@
+"""grounding: built on vlmtools only."""

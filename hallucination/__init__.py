@@ -1,0 +1,1 @@
+"""hallucination: built on vlmtools only."""

@@ -1,0 +1,1 @@
+"""pruning: built on vlmtools only."""
