@@ -1,0 +1,17 @@
+"""vlmtools: attention-sink tools around Hugging Face VLMs and diffusion transformers.
+
+>>> import vlmtools
+>>> vlm = vlmtools.wrap(model, processor)
+>>> with vlm.use(vlmtools.RecordRows(["text.2"])) as trace:
+...     model(**inputs)
+"""
+from .layout import ImageTokens, SampleLayout, Span, TokenLayout
+from .plan import ALL, AttentionCall, AttentionHook, AttentionSite, LayerHook, Plan, StopForward, Trace
+from .record import RecordBlock, RecordColumnMass, RecordHidden, RecordRows, RecordValueNorms
+from .wrap import WrappedModel, wrap
+
+__all__ = [
+    "ALL", "AttentionCall", "AttentionHook", "AttentionSite", "ImageTokens", "LayerHook", "Plan", "RecordBlock",
+    "RecordColumnMass", "RecordHidden", "RecordRows", "RecordValueNorms", "SampleLayout", "Span", "StopForward",
+    "TokenLayout", "Trace", "WrappedModel", "wrap",
+]

@@ -1,0 +1,107 @@
+"""TokenLayout: where each kind of token sits in one real batch.
+
+Positions are sequence indices of the padded batch (left padding shifts them per
+sample). Visual tokens are listed in raster order of their image grid, so that
+``image.positions.view(*image.grid)`` is the image as the model sees it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+Role = Literal["padding", "first", "visual", "layout", "text", "generated"]
+
+
+@dataclass(frozen=True)
+class Span:
+    """Half-open range ``[start, stop)`` of sequence positions."""
+
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def indices(self) -> torch.Tensor:
+        return torch.arange(self.start, self.stop)
+
+
+@dataclass
+class ImageTokens:
+    """One image's content tokens.
+
+    ``grid`` is (rows, cols) of the content tokens in raster order; for Qwen-VL
+    ``thw`` is the merged (t, h, w) grid; for LLaVA-NeXT ``tiles`` lists each
+    tile's (rows, cols), base image first, and ``layout`` the image-newline
+    positions (never content). ``padding`` flags content tokens that only show
+    letterbox padding (LLaVA-1.5 ``expand2square``), when known.
+    """
+
+    positions: torch.Tensor
+    grid: tuple[int, int]
+    span: Span
+    thw: tuple[int, int, int] | None = None
+    tiles: list[tuple[int, int]] = field(default_factory=list)
+    layout: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    padding: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.positions.numel()
+
+
+@dataclass
+class SampleLayout:
+    """One sample of the batch."""
+
+    length: int
+    images: list[ImageTokens]
+    text: Span
+    padding: torch.Tensor
+    layout: torch.Tensor
+    first: int
+
+    def visual_positions(self) -> torch.Tensor:
+        if not self.images:
+            return torch.empty(0, dtype=torch.long)
+        return torch.cat([image.positions for image in self.images])
+
+    def roles(self, generated_from: int | None = None) -> list[Role]:
+        roles: list[Role] = ["text"] * self.length
+        for index in self.padding.tolist():
+            roles[index] = "padding"
+        for index in self.layout.tolist():
+            roles[index] = "layout"
+        for index in self.visual_positions().tolist():
+            roles[index] = "visual"
+        roles[self.first] = "first"
+        if generated_from is not None:
+            for index in range(generated_from, self.length):
+                roles[index] = "generated"
+        return roles
+
+
+@dataclass
+class TokenLayout:
+    """Per-sample layouts of one batch, plus where generated tokens start."""
+
+    samples: list[SampleLayout]
+    seq_len: int
+    generated_from: int
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def visual_positions(self) -> torch.Tensor:
+        """``(B, N)`` visual positions; raises if samples have different counts."""
+        per_sample = [s.visual_positions() for s in self.samples]
+        counts = {p.numel() for p in per_sample}
+        if len(counts) != 1:
+            raise ValueError(f"samples have different visual token counts {sorted(counts)}; index per sample")
+        return torch.stack(per_sample)
+
+    def require_images(self) -> None:
+        missing = [i for i, s in enumerate(self.samples) if not s.images]
+        if missing:
+            raise ValueError(f"no image tokens in sample(s) {missing}: this method needs an image in every prompt")

@@ -1,0 +1,196 @@
+"""What the current forward pass should record and edit: hooks, the plan and its trace.
+
+A :class:`Plan` maps attention sites (and decoder layers) to hooks. It is made active
+for a block of code by the seam (:func:`vlmtools.attention.activate`), which stores it
+in a :class:`contextvars.ContextVar`: two threads or two asyncio tasks each see their
+own plan, and nothing is kept in class attributes. Sites nobody planned run the
+fused kernel unchanged.
+
+Hooks are small objects with one job each. An :class:`AttentionHook` is asked, at every
+call of its site, which query rows of post-softmax attention it needs (:meth:`rows`);
+the seam computes only those rows (chunked when all are asked for), lets the hook bias
+their logits, edit their probabilities and record them, and writes back only rows that
+were edited. A :class:`LayerHook` sees (and may replace) the residual stream entering a
+decoder layer together with that layer's keyword arguments (masks, positions).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+ALL: Literal["all"] = "all"
+"""Sentinel returned by :meth:`AttentionHook.rows` to ask for every query row."""
+
+Rows = torch.Tensor | Literal["all"]
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention module of a wrapped model, with a consistent name.
+
+    Names follow one scheme for every family: ``text.{i}``, ``vision.{i}``,
+    ``dit.double.{i}`` / ``dit.single.{i}`` (FLUX), ``dit.joint.{i}`` (SD3).
+    """
+
+    name: str
+    stream: Literal["text", "vision", "dit"]
+    index: int
+    module: torch.nn.Module = field(compare=False, repr=False)
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+@dataclass
+class AttentionCall:
+    """Everything a hook may read about one call of a planned site.
+
+    ``key`` and ``value`` are already repeated to the query heads (GQA).
+    ``visible`` is a boolean mask broadcastable to ``(B, H, Lq, Lk)`` (True = may
+    attend) or None when every key is visible to every query.
+    """
+
+    site: AttentionSite
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    visible: torch.Tensor | None
+    scaling: float
+    kv_heads: int
+
+    @property
+    def q_len(self) -> int:
+        return self.query.shape[2]
+
+    @property
+    def k_len(self) -> int:
+        return self.key.shape[2]
+
+    @property
+    def is_prefill(self) -> bool:
+        """True for a pass over the whole prompt, False for one cached decoding step."""
+        return self.q_len == self.k_len
+
+    def visible_rows(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """The visibility mask restricted to ``rows`` (or None when all is visible)."""
+        if self.visible is None:
+            return None
+        if self.visible.shape[-2] == 1:
+            return self.visible
+        return self.visible[..., rows, :]
+
+
+class AttentionHook:
+    """Base class of everything that reads or edits attention at one site.
+
+    Override only what the hook needs; the seam skips the explicit path for hooks
+    that ask for no rows, and writes back outputs only for hooks that edit.
+    """
+
+    def observe(self, call: AttentionCall) -> None:
+        """Called once per call of the site, before anything else (cheap reads of q/k/v)."""
+
+    def rows(self, call: AttentionCall) -> Rows | None:
+        """Query rows of post-softmax attention this hook needs: indices, ALL, or None."""
+        return None
+
+    def edit_logits(self, call: AttentionCall, rows: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Return edited pre-softmax logits ``(B, H, len(rows), Lk)`` (fp32)."""
+        return logits
+
+    def edit_probs(self, call: AttentionCall, rows: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+        """Return edited post-softmax probabilities ``(B, H, len(rows), Lk)`` (fp32)."""
+        return probs
+
+    def record(self, call: AttentionCall, rows: torch.Tensor, probs: torch.Tensor) -> None:
+        """Read the probabilities that the model uses for ``rows`` (after edits)."""
+
+    @property
+    def edits(self) -> bool:
+        cls = type(self)
+        return cls.edit_logits is not AttentionHook.edit_logits or cls.edit_probs is not AttentionHook.edit_probs
+
+
+class LayerHook:
+    """Reads or replaces the residual stream entering a decoder layer.
+
+    ``kwargs`` are the layer's keyword arguments (``attention_mask``,
+    ``position_embeddings``, ``position_ids``, ...). Return None to leave both as
+    they are, or a new ``(hidden, kwargs)`` pair.
+    """
+
+    def before_layer(self, index: int, hidden: torch.Tensor, kwargs: dict[str, Any]):
+        return None
+
+
+class Trace(dict):
+    """Records of one ``use`` block, keyed by site or layer name (``trace["text.3"]``)."""
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a probe-only forward early; swallowed by ``use``."""
+
+
+@dataclass
+class ForwardState:
+    """What the seam knows about the forwards of one ``use`` block so far.
+
+    ``layout`` is the :class:`~vlmtools.layout.TokenLayout` of the latest prompt
+    (set when the model is called on a prompt); ``step`` counts calls since then
+    (0 = prefill, 1.. = cached decoding steps).
+    """
+
+    layout: Any = None
+    step: int = 0
+
+
+class Plan:
+    """Hooks per attention site and per decoder layer, plus the trace they fill.
+
+    A plan made inside another active plan extends it (``parent``): nested ``use``
+    blocks compose, share the trace and forward state, and the inner block's exit
+    removes only its own hooks.
+    """
+
+    def __init__(self, parent: Plan | None = None):
+        self.parent = parent
+        self.trace = Trace() if parent is None else parent.trace
+        self.state = ForwardState() if parent is None else parent.state
+        self._attention: dict[torch.nn.Module, list[AttentionHook]] = defaultdict(list)
+        self._layers: dict[torch.nn.Module, list[tuple[int, LayerHook]]] = defaultdict(list)
+        self._names: dict[torch.nn.Module, str] = {}
+        self.fired: set[str] = set()
+
+    def attention(self, site: AttentionSite, hook: AttentionHook) -> AttentionHook:
+        self._attention[site.module].append(hook)
+        self._names[site.module] = site.name
+        return hook
+
+    def layer(self, index: int, module: torch.nn.Module, hook: LayerHook) -> LayerHook:
+        self._layers[module].append((index, hook))
+        return hook
+
+    def attention_hooks(self, module: torch.nn.Module) -> list[AttentionHook]:
+        own = self._attention.get(module, [])
+        return (self.parent.attention_hooks(module) if self.parent else []) + own
+
+    def layer_hooks(self, module: torch.nn.Module) -> list[tuple[int, LayerHook]]:
+        own = self._layers.get(module, [])
+        return (self.parent.layer_hooks(module) if self.parent else []) + own
+
+    def mark_fired(self, module: torch.nn.Module) -> None:
+        if module in self._names:
+            self.fired.add(self._names[module])
+        if self.parent:
+            self.parent.mark_fired(module)
+
+    def unfired(self) -> list[str]:
+        """Planned sites that never ran in this block (a silent no-op is an error)."""
+        return sorted(set(self._names.values()) - self.fired)
+
+
+ACTIVE_PLAN: ContextVar[Plan | None] = ContextVar("vlmtools_active_plan", default=None)

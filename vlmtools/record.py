@@ -1,0 +1,162 @@
+"""Built-in recorders: what a forward can be asked to keep.
+
+Each is an intervention for ``vlm.use``; what it keeps lands in the block's trace
+under ``{site}.{what}`` (``text.3.rows``, ``text.3.column_mass``, ``dit.double.1.block``,
+``text.5.resid_pre``, ``text.5.value_norms``), one list entry per forward call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Union
+
+import torch
+
+from .layout import Span
+from .plan import ALL, AttentionCall, AttentionHook, AttentionSite, ForwardState, LayerHook, Plan
+
+Sites = Iterable[Union[str, AttentionSite]]
+Queries = Union[str, Span, torch.Tensor, Callable[[AttentionCall, ForwardState], torch.Tensor]]
+
+
+def resolve_rows(queries: Queries, call: AttentionCall, state: ForwardState):
+    """Turn a query selector into row indices of this call (or ALL)."""
+    if isinstance(queries, str):
+        if queries == "last":
+            return torch.tensor([call.q_len - 1], device=call.query.device)
+        if queries == "all":
+            return ALL
+        raise ValueError(f"unknown query selector {queries!r}: use 'last', 'all', a Span, indices or a callable")
+    if isinstance(queries, Span):
+        return queries.indices().to(call.query.device)
+    if callable(queries):
+        return queries(call, state)
+    return queries
+
+
+class _SiteRecorder(AttentionHook):
+    what = ""
+
+    def __init__(self, sites: Sites):
+        self.site_names = list(sites)
+        self.trace = None
+        self.state = None
+
+    def attach(self, vlm, plan: Plan) -> None:
+        self.trace, self.state = plan.trace, plan.state
+        for name in self.site_names:
+            plan.attention(vlm.site(name), self)
+
+    def _store(self, call: AttentionCall, value) -> None:
+        self.trace.setdefault(f"{call.site.name}.{self.what}", []).append(value)
+
+
+class RecordRows(_SiteRecorder):
+    """Post-softmax attention rows ``(B, H, rows, Lk)`` for chosen queries (default: the last)."""
+
+    what = "rows"
+
+    def __init__(self, sites: Sites, queries: Queries = "last"):
+        super().__init__(sites)
+        self.queries = queries
+
+    def rows(self, call):
+        return resolve_rows(self.queries, call, self.state)
+
+    def record(self, call, rows, probs):
+        self._store(call, probs.detach().clone())
+
+
+@dataclass
+class ColumnMass:
+    """Attention each key receives, summed over the queries that can see it."""
+
+    total: torch.Tensor  # (B, H, Lk)
+    queries: torch.Tensor  # (B, 1, Lk) number of visible queries per key
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """``alpha[b, h, k]``: mean attention on key k over the queries that see it."""
+        return self.total / self.queries.clamp(min=1)
+
+
+class RecordColumnMass(_SiteRecorder):
+    """Column mass over all visible queries, accumulated chunk by chunk (no L x L tensor kept)."""
+
+    what = "column_mass"
+
+    def rows(self, call):
+        return ALL
+
+    def observe(self, call):
+        batch, heads = call.query.shape[:2]
+        zeros = call.query.new_zeros
+        self._store(call, ColumnMass(zeros(batch, heads, call.k_len, dtype=torch.float32),
+                                     zeros(batch, 1, call.k_len, dtype=torch.float32)))
+
+    def record(self, call, rows, probs):
+        visible = call.visible_rows(rows)
+        if visible is None:
+            visible = torch.ones(1, 1, len(rows), call.k_len, dtype=torch.bool, device=probs.device)
+        # rows that see no key at all (left-padding queries) hold no attention
+        visible = visible & visible.any(-1, keepdim=True)
+        mass = self.trace[f"{call.site.name}.{self.what}"][-1]
+        mass.total += (probs * visible).sum(2)
+        mass.queries += visible[:, :1].float().sum(2)
+
+
+class RecordBlock(_SiteRecorder):
+    """A query-span x key-span block ``(B, H, nq, nk)``, optionally head-averaged or keys on a grid."""
+
+    what = "block"
+
+    def __init__(self, sites: Sites, queries: Queries, keys: Span | torch.Tensor,
+                 grid: tuple[int, int] | None = None, mean_heads: bool = False):
+        super().__init__(sites)
+        self.queries, self.keys, self.grid, self.mean_heads = queries, keys, grid, mean_heads
+
+    def rows(self, call):
+        return resolve_rows(self.queries, call, self.state)
+
+    def observe(self, call):
+        self._store(call, [])
+
+    def record(self, call, rows, probs):
+        keys = self.keys.indices() if isinstance(self.keys, Span) else self.keys
+        block = probs[..., keys.to(probs.device)]
+        if self.mean_heads:
+            block = block.mean(1, keepdim=True)
+        if self.grid is not None:
+            block = block.reshape(*block.shape[:3], *self.grid)
+        self.trace[f"{call.site.name}.{self.what}"][-1].append(block.detach())
+
+    @staticmethod
+    def collect(trace, site: str) -> list[torch.Tensor]:
+        """The recorded blocks of ``site``, chunks joined: one ``(B, H, nq, ...)`` tensor per call."""
+        return [torch.cat(chunks, 2) for chunks in trace[f"{site}.block"]]
+
+
+class RecordValueNorms(_SiteRecorder):
+    """L2 norm of each key's value vector per head, ``(B, H, Lk)``: value-drain sinks."""
+
+    what = "value_norms"
+
+    def observe(self, call):
+        self._store(call, call.value.detach().float().norm(dim=-1))
+
+
+class RecordHidden(LayerHook):
+    """The residual stream entering each chosen decoder layer, ``text.{i}.resid_pre``."""
+
+    def __init__(self, layers: Iterable[int] | None = None):
+        self.layer_indices = None if layers is None else list(layers)
+        self.trace = None
+
+    def attach(self, vlm, plan: Plan) -> None:
+        self.trace = plan.trace
+        indices = range(vlm.num_layers) if self.layer_indices is None else self.layer_indices
+        for index in indices:
+            plan.layer(index, vlm.layers[index], self)
+
+    def before_layer(self, index, hidden, kwargs):
+        self.trace.setdefault(f"text.{index}.resid_pre", []).append(hidden.detach())
+        return None
