@@ -36,8 +36,8 @@ def _normalise(h: np.ndarray) -> np.ndarray | None:
 def peak_point(heatmap: np.ndarray | torch.Tensor) -> tuple[int, int]:
     """(x, y) of the heatmap's maximum (the first in raster order on a tie).
 
-        >>> peak_point(np.array([[0, 0, 0], [0, 0, 5]]))
-        (2, 1)
+    >>> peak_point(np.array([[0, 0, 0], [0, 0, 5]]))
+    (2, 1)
     """
     h = _as_array(heatmap)
     y, x = np.unravel_index(np.argmax(h), h.shape)
@@ -126,7 +126,9 @@ def overlay(
     white = (255, 255, 255)
     if mask is not None:
         if mask.shape != (height, width):
-            raise ValueError(f"mask shape {mask.shape} differs from the image's {(height, width)}: upsample the heatmap first")
+            raise ValueError(
+                f"mask shape {mask.shape} differs from the image's {(height, width)}: upsample the heatmap first"
+            )
         contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(out, contours, -1, white, line)
     cv2.drawMarker(out, peak_point(h), white, cv2.MARKER_CROSS, max(7, 6 * line), line)

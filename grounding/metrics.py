@@ -28,8 +28,8 @@ BOUND_TH = 0.008  # DAVIS boundary tolerance, as a fraction of the image diagona
 def iou(pred: np.ndarray, gt: np.ndarray) -> float:
     """IoU of two boolean masks; 1.0 when both are empty (DAVIS's convention).
 
-        >>> iou(np.array([1, 1, 0], bool), np.array([0, 1, 1], bool))
-        0.3333333333333333
+    >>> iou(np.array([1, 1, 0], bool), np.array([0, 1, 1], bool))
+    0.3333333333333333
     """
     return _iou(*_check(pred, gt))[0]
 

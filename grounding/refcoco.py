@@ -37,11 +37,11 @@ class RefSample:
 def segmentation_to_mask(segmentation: list | dict, height: int, width: int) -> np.ndarray:
     """Boolean (height, width) mask of a COCO segmentation: polygons (union) or RLE.
 
-        >>> segmentation_to_mask([[1, 1, 4, 1, 4, 3, 1, 3]], 4, 5).astype(int)
-        array([[0, 0, 0, 0, 0],
-               [0, 1, 1, 1, 0],
-               [0, 1, 1, 1, 0],
-               [0, 0, 0, 0, 0]])
+    >>> segmentation_to_mask([[1, 1, 4, 1, 4, 3, 1, 3]], 4, 5).astype(int)
+    array([[0, 0, 0, 0, 0],
+           [0, 1, 1, 1, 0],
+           [0, 1, 1, 1, 0],
+           [0, 0, 0, 0, 0]])
     """
     try:
         from pycocotools import mask as mask_utils
@@ -67,12 +67,14 @@ def segmentation_to_mask(segmentation: list | dict, height: int, width: int) -> 
 class RefCOCO(Sequence):
     """The samples of one split, indexable (for sharding) and iterable; masks are built on access.
 
-        >>> data = RefCOCO("refcoco/refs(unc).p", "refcoco/instances.json", "coco/train2014", split="val")  # doctest: +SKIP
-        >>> s = data[0]; s.sentence, s.mask.shape                                                            # doctest: +SKIP
-        ('man in red on the left', (480, 640))
+    >>> data = RefCOCO("refcoco/refs(unc).p", "refcoco/instances.json", "coco/train2014")  # doctest: +SKIP
+    >>> s = data[0]; s.sentence, s.mask.shape                                              # doctest: +SKIP
+    ('man in red on the left', (480, 640))
     """
 
-    def __init__(self, refs_path: str | Path, instances_path: str | Path, image_dir: str | Path, split: str | None = "val"):
+    def __init__(
+        self, refs_path: str | Path, instances_path: str | Path, image_dir: str | Path, split: str | None = "val"
+    ):
         with open(refs_path, "rb") as f:
             refs = pickle.load(f)
         instances = json.loads(Path(instances_path).read_text())

@@ -48,9 +48,9 @@ def parse_yes_no(answer: str | bool) -> bool:
 def pope(predictions: Sequence[str | bool], labels: Sequence[str | bool]) -> dict[str, float]:
     """Accuracy, precision, recall, F1 ("yes" is positive) and yes-ratio.
 
-        >>> m = pope(["Yes, there is.", "No.", "yes"], ["yes", "no", "no"])
-        >>> m["accuracy"], m["precision"], m["recall"], m["yes_ratio"]
-        (0.6666666666666666, 0.5, 1.0, 0.6666666666666666)
+    >>> m = pope(["Yes, there is.", "No.", "yes"], ["yes", "no", "no"])
+    >>> m["accuracy"], m["precision"], m["recall"], m["yes_ratio"]
+    (0.6666666666666666, 0.5, 1.0, 0.6666666666666666)
     """
     if len(predictions) != len(labels):
         raise ValueError(f"{len(predictions)} predictions but {len(labels)} labels")
@@ -71,7 +71,10 @@ def pope(predictions: Sequence[str | bool], labels: Sequence[str | bool]) -> dic
         "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
         "yes_ratio": (tp + fp) / len(pred),
         "n": len(pred),
-        "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
     }
 
 
@@ -88,9 +91,9 @@ def pope_by_split(
 ) -> dict[str, dict[str, float]]:
     """`pope` per split, plus "average": each metric's plain mean over the splits, as papers report.
 
-        >>> r = pope_by_split(["yes", "no", "yes", "yes"], ["yes", "no", "yes", "no"], ["random"] * 2 + ["adversarial"] * 2)
-        >>> r["random"]["accuracy"], r["adversarial"]["accuracy"], r["average"]["accuracy"]
-        (1.0, 0.5, 0.75)
+    >>> r = pope_by_split(["yes", "no", "yes", "yes"], ["yes", "no", "yes", "no"], ["random"] * 2 + ["adversarial"] * 2)
+    >>> r["random"]["accuracy"], r["adversarial"]["accuracy"], r["average"]["accuracy"]
+    (1.0, 0.5, 0.75)
     """
     if not len(predictions) == len(labels) == len(splits):
         raise ValueError(f"lengths differ: {len(predictions)} predictions, {len(labels)} labels, {len(splits)} splits")
@@ -140,8 +143,10 @@ COCO_SYNONYMS: dict[str, list[str]] = {
     "person": ["person", "man", "woman", "boy", "girl", "child", "kid", "baby", "guy", "lady",
                "people", "player", "skier", "surfer", "skateboarder", "rider", "pedestrian"],
     "bicycle": ["bicycle", "bike", "cycle"], "car": ["car", "automobile", "taxi", "sedan"],
-    "motorcycle": ["motorcycle", "motorbike", "scooter"], "airplane": ["airplane", "plane", "jet", "aircraft", "airliner"],
-    "bus": ["bus"], "train": ["train", "locomotive"], "truck": ["truck", "pickup"], "boat": ["boat", "ship", "kayak", "canoe", "sailboat"],
+    "motorcycle": ["motorcycle", "motorbike", "scooter"],
+    "airplane": ["airplane", "plane", "jet", "aircraft", "airliner"], "bus": ["bus"],
+    "train": ["train", "locomotive"], "truck": ["truck", "pickup"],
+    "boat": ["boat", "ship", "kayak", "canoe", "sailboat"],
     "traffic light": ["traffic light", "stoplight", "traffic signal"], "fire hydrant": ["fire hydrant", "hydrant"],
     "stop sign": ["stop sign"], "parking meter": ["parking meter"], "bench": ["bench"],
     "bird": ["bird", "pigeon", "seagull", "duck", "parrot"], "cat": ["cat", "kitten", "kitty"],
@@ -149,7 +154,8 @@ COCO_SYNONYMS: dict[str, list[str]] = {
     "cow": ["cow", "cattle", "bull", "calf"], "elephant": ["elephant"], "bear": ["bear"],
     "zebra": ["zebra"], "giraffe": ["giraffe"], "backpack": ["backpack"], "umbrella": ["umbrella", "parasol"],
     "handbag": ["handbag", "purse"], "tie": ["tie", "necktie"], "suitcase": ["suitcase", "luggage"],
-    "frisbee": ["frisbee"], "skis": ["ski"], "snowboard": ["snowboard"], "sports ball": ["ball", "football", "soccer ball", "baseball"],
+    "frisbee": ["frisbee"], "skis": ["ski"], "snowboard": ["snowboard"],
+    "sports ball": ["ball", "football", "soccer ball", "baseball"],
     "kite": ["kite"], "baseball bat": ["baseball bat", "bat"], "baseball glove": ["baseball glove", "glove", "mitt"],
     "skateboard": ["skateboard"], "surfboard": ["surfboard"], "tennis racket": ["tennis racket", "racket", "racquet"],
     "bottle": ["bottle"], "wine glass": ["wine glass"], "cup": ["cup", "mug"], "fork": ["fork"],
@@ -158,11 +164,13 @@ COCO_SYNONYMS: dict[str, list[str]] = {
     "hot dog": ["hot dog"], "pizza": ["pizza"], "donut": ["donut", "doughnut"], "cake": ["cake", "cupcake"],
     "chair": ["chair", "stool"], "couch": ["couch", "sofa"], "potted plant": ["potted plant", "houseplant", "plant"],
     "bed": ["bed"], "dining table": ["dining table", "table", "desk"], "toilet": ["toilet"],
-    "tv": ["tv", "television"], "laptop": ["laptop", "computer"], "mouse": ["mouse"], "remote": ["remote", "remote control"],
+    "tv": ["tv", "television"], "laptop": ["laptop", "computer"], "mouse": ["mouse"],
+    "remote": ["remote", "remote control"],
     "keyboard": ["keyboard"], "cell phone": ["cell phone", "phone", "cellphone", "smartphone"],
     "microwave": ["microwave"], "oven": ["oven", "stove"], "toaster": ["toaster"], "sink": ["sink"],
     "refrigerator": ["refrigerator", "fridge"], "book": ["book"], "clock": ["clock"], "vase": ["vase"],
-    "scissors": ["scissors"], "teddy bear": ["teddy bear", "teddy"], "hair drier": ["hair drier", "hair dryer", "hairdryer"],
+    "scissors": ["scissors"], "teddy bear": ["teddy bear", "teddy"],
+    "hair drier": ["hair drier", "hair dryer", "hairdryer"],
     "toothbrush": ["toothbrush"],
 }  # fmt: skip
 
@@ -175,8 +183,8 @@ _IRREGULAR = {"man": "men", "woman": "women", "person": "people", "child": "chil
 def plural(word: str) -> str:
     """English plural of a noun or noun phrase (its last word).
 
-        >>> plural("bus"), plural("pony"), plural("teddy bear"), plural("knife"), plural("day")
-        ('buses', 'ponies', 'teddy bears', 'knives', 'days')
+    >>> plural("bus"), plural("pony"), plural("teddy bear"), plural("knife"), plural("day")
+    ('buses', 'ponies', 'teddy bears', 'knives', 'days')
     """
     head, _, last = word.rpartition(" ")
     if last in _IRREGULAR:

@@ -89,7 +89,9 @@ def test_polygon_fallback_agrees_with_pycocotools(monkeypatch):
     for _ in range(30):
         centre, radius = rng.uniform([40, 40], [120, 80]), rng.uniform(10, 35)
         angles = np.linspace(0, 2 * np.pi, rng.integers(4, 9), endpoint=False) + rng.uniform(0, 1)
-        polys.append(np.stack([centre[0] + radius * np.cos(angles), centre[1] + radius * np.sin(angles)], 1).ravel().tolist())
+        polys.append(
+            np.stack([centre[0] + radius * np.cos(angles), centre[1] + radius * np.sin(angles)], 1).ravel().tolist()
+        )
     coco = [segmentation_to_mask([p], 120, 160) for p in polys]
     monkeypatch.setitem(sys.modules, "pycocotools", None)
     ours = [segmentation_to_mask([p], 120, 160) for p in polys]

@@ -5,7 +5,14 @@ import pytest
 
 from hallucination import metrics
 from hallucination.metrics import (
-    chair, mentioned_objects, parse_yes_no, plural, pope, pope_by_split, read_coco_objects, read_pope,
+    chair,
+    mentioned_objects,
+    parse_yes_no,
+    plural,
+    pope,
+    pope_by_split,
+    read_coco_objects,
+    read_pope,
 )
 
 
@@ -56,8 +63,18 @@ def test_pope_by_split_averages_splits_not_items():
 
 def test_read_pope(tmp_path):
     rows = [
-        {"question_id": 1, "image": "COCO_val2014_000000310196.jpg", "text": "Is there a snowboard in the image?", "label": "yes"},
-        {"question_id": 2, "image": "COCO_val2014_000000310196.jpg", "text": "Is there a dog in the image?", "label": "no"},
+        {
+            "question_id": 1,
+            "image": "COCO_val2014_000000310196.jpg",
+            "text": "Is there a snowboard in the image?",
+            "label": "yes",
+        },
+        {
+            "question_id": 2,
+            "image": "COCO_val2014_000000310196.jpg",
+            "text": "Is there a dog in the image?",
+            "label": "no",
+        },
     ]
     path = tmp_path / "coco_pope_adversarial.json"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
@@ -71,7 +88,8 @@ def test_read_pope(tmp_path):
 
 
 def test_plural():
-    assert [plural(w) for w in ["dog", "glass", "box", "bench", "toothbrush", "pony", "toy", "person", "wine glass", "sheep"]] == [
+    words = ["dog", "glass", "box", "bench", "toothbrush", "pony", "toy", "person", "wine glass", "sheep"]
+    assert [plural(w) for w in words] == [
         "dogs", "glasses", "boxes", "benches", "toothbrushes", "ponies", "toys", "people", "wine glasses", "sheep"
     ]  # fmt: skip
 

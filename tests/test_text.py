@@ -92,7 +92,12 @@ def test_word_ids_from_fast_tokenizer_offsets(no_spacy):
             by_word.setdefault(words[i].word, []).append(s[a:b])
     # sub-tokens of each word, leading space included, rebuild the word
     assert {w: "".join(p).strip() for w, p in by_word.items()} == {
-        "Is": "Is", "there": "there", "a": "a", "reddish": "reddish", "carpet": "carpet", "?": "?"
+        "Is": "Is",
+        "there": "there",
+        "a": "a",
+        "reddish": "reddish",
+        "carpet": "carpet",
+        "?": "?",
     }
     assert len(by_word["reddish"]) > 1  # the word really was split
     # a whitespace-only token belongs to no word

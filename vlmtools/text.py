@@ -91,9 +91,7 @@ def _load_spacy() -> tuple[Any, str] | None:
 
 def _spacy_words(nlp: Any, text: str) -> list[Word]:
     return [
-        Word(t.text, t.idx, t.idx + len(t.text), t.pos_ in CONTENT_POS, t.pos_)
-        for t in nlp(text)
-        if not t.is_space
+        Word(t.text, t.idx, t.idx + len(t.text), t.pos_ in CONTENT_POS, t.pos_) for t in nlp(text) if not t.is_space
     ]
 
 
