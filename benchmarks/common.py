@@ -1,0 +1,34 @@
+"""Timing helpers shared by the benchmarks: ratios against a baseline in one process."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def ratios(baseline: Callable[[], object], variants: dict[str, Callable[[], object]], repeats: int = 7,
+           warmup: int = 1) -> tuple[float, dict[str, float]]:
+    """Median baseline seconds and, per variant, the median of per-round time ratios.
+
+    Rounds interleave baseline and variants so that machine noise hits both alike.
+    """
+    with torch.inference_mode():
+        for _ in range(warmup):
+            baseline()
+            for fn in variants.values():
+                fn()
+        base_times, per_variant = [], {name: [] for name in variants}
+        for _ in range(repeats):
+            base = timed(baseline)
+            base_times.append(base)
+            for name, fn in variants.items():
+                per_variant[name].append(timed(fn) / base)
+    return statistics.median(base_times), {name: statistics.median(r) for name, r in per_variant.items()}
