@@ -2,44 +2,35 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Protocol
+from typing import Any, ContextManager, Iterator, Protocol
 
 import torch
 
 from .adapters import find_adapter
 from .adapters.base import Adapter
+from .adapters.dit import probed
 from .attention import activate, installed, register_sites
-from .layout import TokenLayout
+from .layout import DiTLayout, TokenLayout
 from .plan import ACTIVE_PLAN, AttentionSite, Plan, StopForward, Trace
 
 
 class Intervention(Protocol):
     """Anything ``use`` accepts: it adds its hooks to the plan of the block."""
 
-    def attach(self, vlm: "WrappedModel", plan: Plan) -> None: ...
+    def attach(self, vlm: "Wrapped", plan: Plan) -> None: ...
 
 
-class WrappedModel:
-    """A Hugging Face model plus its adapter. The model itself is not modified.
+class Wrapped:
+    """What every wrapped model shares: its sites by name and the ``use`` block."""
 
-    >>> vlm = vlmtools.wrap(model, processor)
-    >>> with vlm.use(vlmtools.RecordRows(["text.2"])) as trace:
-    ...     model(**inputs)
-    """
-
-    def __init__(self, model: torch.nn.Module, adapter: Adapter, processor: Any = None):
-        self.model, self.adapter, self.processor = model, adapter, processor
+    def __init__(self, model: torch.nn.Module, adapter: Adapter):
+        self.model, self.adapter = model, adapter
         self.sites: list[AttentionSite] = adapter.sites(model)
-        self.layers: list[torch.nn.Module] = adapter.blocks(model, "text")
         register_sites(self.sites)
 
     @property
     def family(self) -> str:
         return self.adapter.family
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
 
     def site(self, name: str | AttentionSite) -> AttentionSite:
         if isinstance(name, AttentionSite):
@@ -47,27 +38,16 @@ class WrappedModel:
         for site in self.sites:
             if site.name == name:
                 return site
-        streams = sorted({s.stream for s in self.sites})
-        counts = {st: sum(s.stream == st for s in self.sites) for st in streams}
+        counts: dict[str, int] = {}
+        for s in self.sites:
+            prefix = s.name.rsplit(".", 1)[0]
+            counts[prefix] = counts.get(prefix, 0) + 1
         raise LookupError(f"vlmtools: no site {name!r} in {self.family}; sites are "
-                          + ", ".join(f"{st}.0..{st}.{n - 1}" for st, n in counts.items()))
+                          + ", ".join(f"{p}.0..{p}.{n - 1}" for p, n in sorted(counts.items())))
 
-    def layout(self, inputs: dict[str, Any]) -> TokenLayout:
-        """Where visual, text, padding and layout tokens sit in this batch."""
-        return self.adapter.layout(self.model, inputs)
-
-    def see_inputs(self, plan: Plan, kwargs: dict[str, Any]) -> None:
-        """Called by the seam on every top-level forward: track prompt layout and step."""
-        input_ids = kwargs.get("input_ids")
-        if input_ids is None:
-            return
-        cache = kwargs.get("past_key_values")
-        fresh = cache is None or cache.get_seq_length() == 0
-        if fresh:
-            plan.state.layout = self.layout(kwargs)
-            plan.state.step = 0
-        else:
-            plan.state.step += 1
+    def _installed(self, plan: Plan) -> ContextManager:
+        """What routes this model's planned attention through the seam while ``plan`` is open."""
+        raise NotImplementedError
 
     @contextmanager
     def use(self, *interventions: Intervention) -> Iterator[Trace]:
@@ -79,7 +59,7 @@ class WrappedModel:
         plan = Plan(parent=ACTIVE_PLAN.get())
         for intervention in interventions:
             intervention.attach(self, plan)
-        with installed(self.model, self.adapter.config_keys, self.layers, self), activate(plan):
+        with self._installed(plan), activate(plan):
             try:
                 yield plan.trace
             except StopForward:
@@ -89,6 +69,83 @@ class WrappedModel:
             raise RuntimeError(f"vlmtools: planned sites never ran in this block: {unfired}")
 
 
-def wrap(model: torch.nn.Module, processor: Any = None) -> WrappedModel:
-    """Wrap a transformers VLM (or diffusers DiT) for the seam; raises ``TypeError`` if unsupported."""
-    return WrappedModel(model, find_adapter(model), processor)
+class WrappedModel(Wrapped):
+    """A Hugging Face model plus its adapter. The model itself is not modified.
+
+    >>> vlm = vlmtools.wrap(model, processor)
+    >>> with vlm.use(vlmtools.RecordRows(["text.2"])) as trace:
+    ...     model(**inputs)
+    """
+
+    def __init__(self, model: torch.nn.Module, adapter: Adapter, processor: Any = None):
+        super().__init__(model, adapter)
+        self.processor = processor
+        self.layers: list[torch.nn.Module] = adapter.blocks(model, "text")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def layout(self, inputs: dict[str, Any]) -> TokenLayout:
+        """Where visual, text, padding and layout tokens sit in this batch."""
+        return self.adapter.layout(self.model, inputs)
+
+    def see_inputs(self, plan: Plan, kwargs: dict[str, Any]) -> None:
+        """Called by the seam on every top-level forward: track prompt layout and step."""
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None:
+            return
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # renamed in transformers 5
+        fresh = cache is None or cache.get_seq_length() == 0
+        if fresh:
+            plan.state.layout = self.layout(kwargs)
+            plan.state.step = 0
+        else:
+            plan.state.step += 1
+
+    def _installed(self, plan: Plan) -> ContextManager:
+        return installed(self.model, self.adapter.config_keys, self.layers, self)
+
+
+class WrappedDiT(Wrapped):
+    """A diffusers diffusion transformer (FLUX, SD3) plus its adapter. The model itself is not modified.
+
+    >>> dit = vlmtools.wrap(flux_pipeline)
+    >>> joint = dit.layout(512, (64, 64))
+    >>> with dit.use(vlmtools.RecordBlock(["dit.double.9"], joint.image.span, joint.text, mean_heads=True)) as trace:
+    ...     flux_pipeline(prompt, num_inference_steps=1)
+    """
+
+    def layout(self, text_len: int, image_grid: tuple[int, int]) -> DiTLayout:
+        """The text span and the image span with its (rows, cols) grid of one joint attention."""
+        return DiTLayout.of(text_len, image_grid, self.adapter.image_first)
+
+    def see_inputs(self, plan: Plan, kwargs: dict[str, Any]) -> None:
+        """Called by the seam before every transformer call: the layout, and ``step`` counting calls."""
+        if "hidden_states" not in kwargs or "encoder_hidden_states" not in kwargs:
+            raise TypeError(f"vlmtools: call the {self.family} transformer with keyword arguments (hidden_states=..., "
+                            "encoder_hidden_states=..., as diffusers pipelines do) inside a use block")
+        plan.state.step = 0 if plan.state.layout is None else plan.state.step + 1
+        plan.state.layout = self.layout(*self.adapter.sizes(self.model, kwargs))
+
+    @contextmanager
+    def _installed(self, plan: Plan) -> Iterator[None]:
+        planned = [site for site in self.sites if plan.attention_hooks(site.module)]
+        with installed(self.model, (), (), self), probed(planned, self.adapter.probe):
+            yield
+
+
+def wrap(model: Any, processor: Any = None) -> Wrapped:
+    """Wrap a transformers VLM, or a diffusers DiT or its pipeline; raises ``TypeError`` if unsupported.
+
+    >>> vlm = vlmtools.wrap(model, processor)       # LLaVA, LLaVA-NeXT, Qwen2-VL, ...
+    >>> dit = vlmtools.wrap(flux_pipeline)          # its .transformer
+    """
+    if not isinstance(model, torch.nn.Module) and isinstance(getattr(model, "transformer", None), torch.nn.Module):
+        model = model.transformer
+    adapter = find_adapter(model)
+    if adapter.kind == "dit":
+        if processor is not None:
+            raise TypeError(f"vlmtools: a {adapter.family} transformer takes no processor; wrap(transformer) alone")
+        return WrappedDiT(model, adapter)
+    return WrappedModel(model, adapter, processor)

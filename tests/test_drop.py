@@ -1,0 +1,103 @@
+"""Dropping tokens for real: equals the model run on the kept tokens alone, and decodes with the cache."""
+import copy
+
+import pytest
+import torch
+
+import vlmtools
+from vlmtools.drop import DropTokens
+from tests.tiny import tiny_llava
+
+
+def keep_every_other_visual(layout):
+    """A fixed chooser: all non-visual tokens and the even-indexed visual tokens of each sample."""
+    def choose(state, hidden, kept):
+        rows = []
+        for sample, positions in zip(state.layout.samples, kept):
+            visual = sample.visual_positions().to(positions.device)
+            drop = visual[1::2]
+            rows.append(positions[~torch.isin(positions, drop)])
+        return torch.stack(rows)
+    return choose
+
+
+def tail_model(language_model, start):
+    """The decoder layers from ``start`` on, as a model of their own (independent reference)."""
+    tail = copy.deepcopy(language_model)
+    tail.layers = tail.layers[start:]
+    tail.config.num_hidden_layers = len(tail.layers)
+    return tail
+
+
+@pytest.mark.parametrize("layer", [0, 1, 2])
+def test_pruned_forward_equals_the_kept_tokens_alone(layer):
+    model, inputs = tiny_llava()
+    vlm = vlmtools.wrap(model)
+    chooser = keep_every_other_visual(None)
+    drop = DropTokens({layer: chooser})
+    with torch.no_grad():
+        with vlm.use(vlmtools.RecordHidden([layer])) as trace:
+            model(**inputs)
+        hidden = trace[f"text.{layer}.resid_pre"][0]
+        with vlm.use(drop):
+            pruned = model(**inputs).logits
+        kept = drop.kept_at(layer)
+        n = inputs["input_ids"].shape[1]
+        positions = torch.arange(n).expand(2, -1).gather(1, kept)
+        mask = inputs["attention_mask"].gather(1, kept)
+        tail = tail_model(model.model.language_model, layer)
+        reference = tail(inputs_embeds=hidden.gather(1, kept[..., None].expand(-1, -1, hidden.shape[-1])),
+                         position_ids=positions, attention_mask=mask, use_cache=False).last_hidden_state
+        expected = model.lm_head(reference)
+    assert pruned.shape[1] == n - 8
+    real = mask.bool()
+    torch.testing.assert_close(pruned[real], expected[real], atol=1e-5, rtol=0)
+
+
+def test_keeping_everything_changes_nothing():
+    model, inputs = tiny_llava()
+    vlm = vlmtools.wrap(model)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with vlm.use(DropTokens({1: lambda state, hidden, kept: kept})):
+            same = model(**inputs).logits
+        plain_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        with vlm.use(DropTokens({1: lambda state, hidden, kept: kept})):
+            same_gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(same, plain, atol=1e-5, rtol=0)
+    assert torch.equal(same_gen, plain_gen)
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_cached_decoding_equals_recomputation_without_cache(layer):
+    model, inputs = tiny_llava()
+    vlm = vlmtools.wrap(model)
+    steps = 4
+    with torch.no_grad(), vlm.use(DropTokens({layer: keep_every_other_visual(None)})):
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+    with torch.no_grad(), vlm.use(DropTokens({layer: keep_every_other_visual(None)})):
+        sequence, mask = inputs["input_ids"], inputs["attention_mask"]
+        for step in range(steps):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=sequence, attention_mask=mask, position_ids=positions,
+                           pixel_values=inputs["pixel_values"], use_cache=False).logits[:, -1]
+            torch.testing.assert_close(logits, out.scores[step], atol=1e-4, rtol=0)
+            sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    assert torch.equal(sequence, out.sequences)
+
+
+def test_chooser_errors_are_clear_and_leave_the_model_unchanged():
+    model, inputs = tiny_llava()
+    vlm = vlmtools.wrap(model)
+    plain = model(**inputs).logits
+    with pytest.raises(ValueError, match="already dropped"):
+        with vlm.use(DropTokens({1: lambda s, h, kept: kept[:, :5], 2: lambda s, h, kept: torch.full((2, 3), 7)})):
+            model(**inputs)
+    with pytest.raises(ValueError, match="n >= 1"):
+        with vlm.use(DropTokens({1: lambda s, h, kept: kept[:, :0]})):
+            model(**inputs)
+    with pytest.raises(ValueError, match="layer indices"):
+        DropTokens({})
+    torch.testing.assert_close(model(**inputs).logits, plain, atol=0, rtol=0)
