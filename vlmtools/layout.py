@@ -33,10 +33,13 @@ class ImageTokens:
     """One image's content tokens.
 
     ``grid`` is (rows, cols) of the content tokens in raster order; for Qwen-VL
-    ``thw`` is the merged (t, h, w) grid; for LLaVA-NeXT ``tiles`` lists each
-    tile's (rows, cols), base image first, and ``layout`` the image-newline
-    positions (never content). ``padding`` flags content tokens that only show
-    letterbox padding (LLaVA-1.5 ``expand2square``), when known.
+    ``thw`` is the merged (t, h, w) grid (one ``grid`` per temporal slice). LLaVA-NeXT
+    has two grids: ``tiles`` is [base view (h, w), stitched and unpadded anyres tiles
+    (R, C)], ``positions`` holds both in that order (split with
+    ``positions.split([h * w, R * C])``), ``grid`` is the base view's, and ``layout``
+    the R image-newline positions that end the stitched rows (never content).
+    ``padding`` flags content tokens that only show letterbox padding (LLaVA-1.5
+    ``expand2square``), when known.
     """
 
     positions: torch.Tensor

@@ -7,14 +7,16 @@ family means adding one module to this package that defines ``ADAPTER``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 
-from ..layout import TokenLayout
+from ..layout import ImageTokens, SampleLayout, Span, TokenLayout
 from ..plan import AttentionSite
 
 LayoutFn = Callable[[Any, dict[str, Any]], TokenLayout]
+ImageBuilder = Callable[[int, torch.Tensor], ImageTokens]
+"""``build(sample, run)``: one image's :class:`ImageTokens` from its placeholder positions in ``sample``."""
 
 
 @dataclass(frozen=True)
@@ -63,3 +65,60 @@ def _site(stream: str, index: int, module: torch.nn.Module) -> AttentionSite:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     return AttentionSite(name=f"{stream}.{index}", stream=stream, index=index, module=module,
                          heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+
+
+def span_of(positions: torch.Tensor) -> Span:
+    return Span(int(positions[0]), int(positions[-1]) + 1)
+
+
+def sequence_layout(inputs, image_token_id: int, images: Iterable[tuple[int, ImageBuilder]],
+                    layout_ids: tuple[int, ...] = ()) -> TokenLayout:
+    """Layout of a left- or right-padded batch in which images are placeholder runs.
+
+    ``images`` yields ``(placeholders, build)`` for every image of the batch in order
+    (sample by sample, as the model consumes its image inputs); each sample's
+    placeholders are split into consecutive images accordingly. ``layout_ids`` are
+    token ids that carry no content (e.g. vision start/end); they join the images'
+    own layout positions (e.g. LLaVA-NeXT newlines) in the sample's ``layout``.
+    """
+    input_ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(input_ids)
+    images = iter(images)
+    samples = []
+    for ids, keep in zip(input_ids, mask):
+        real = keep.nonzero().squeeze(1)
+        runs = _split(ids.eq(image_token_id).nonzero().squeeze(1), images)
+        found = [build(len(samples), run) for build, run in runs]
+        layout = torch.isin(ids, torch.tensor(layout_ids, dtype=ids.dtype)).nonzero().squeeze(1)
+        layout = torch.cat([layout] + [image.layout for image in found]).sort().values
+        content_end = int(real[-1]) + 1 if real.numel() else 0
+        text_start = max([image.span.stop for image in found] + [int(layout.max()) + 1 if layout.numel() else 0,
+                                                                  int(real[0]) if real.numel() else 0])
+        samples.append(SampleLayout(length=ids.numel(), images=found, text=Span(text_start, content_end),
+                                    padding=(keep == 0).nonzero().squeeze(1), layout=layout,
+                                    first=int(real[0]) if real.numel() else 0))
+    return TokenLayout(samples=samples, seq_len=input_ids.shape[1], generated_from=input_ids.shape[1])
+
+
+def encoded_images(inputs) -> list[torch.Tensor]:
+    """Per-image features passed as ``mm_encoder_outputs`` instead of pixel inputs.
+
+    ``generate`` (transformers 5) runs the vision encoder before the prefill and hands
+    the model these features, dropping the pixel inputs and their sizes
+    (``image_sizes``, ``image_grid_thw``): a layout must then read the images from them.
+    """
+    encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
+    return [] if encoded is None else list(encoded.pooler_output)
+
+
+def _split(positions: torch.Tensor, images: Iterator[tuple[int, ImageBuilder]]):
+    start = 0
+    while start < positions.numel():
+        count, build = next(images, (None, None))
+        if count is None or start + count > positions.numel():
+            raise ValueError(f"{positions.numel()} image placeholders in a prompt do not split into its images' "
+                             "token counts: the processor (or image inputs) do not match this model")
+        yield build, positions[start:start + count]
+        start += count
