@@ -140,11 +140,13 @@ class ForwardState:
     """What the seam knows about the forwards of one ``use`` block so far.
 
     ``layout`` is the :class:`~vlmtools.layout.TokenLayout` of the latest prompt
-    (set when the model is called on a prompt); ``step`` counts calls since then
-    (0 = prefill, 1.. = cached decoding steps).
+    (set when the model is called on a prompt); ``input_ids`` its token ids (methods
+    that select tokens by word, e.g. GIFT, decode them); ``step`` counts calls since
+    then (0 = prefill, 1.. = cached decoding steps).
     """
 
     layout: Any = None
+    input_ids: Any = None
     step: int = 0
 
 

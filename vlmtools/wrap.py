@@ -99,6 +99,7 @@ class WrappedModel(Wrapped):
         fresh = cache is None or cache.get_seq_length() == 0
         if fresh:
             plan.state.layout = self.layout(kwargs)
+            plan.state.input_ids = input_ids
             plan.state.step = 0
         else:
             plan.state.step += 1
