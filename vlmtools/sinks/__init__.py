@@ -1,0 +1,19 @@
+"""One sink detector shared by every method (METHODS.md section 1).
+
+>>> from vlmtools.sinks import SinkDetector
+>>> report = SinkDetector().detect(vlm, inputs)
+>>> print(report.table()); report.plot("sinks.png")
+"""
+from .attention import ColumnMassSink, GlobalSink, Positional, ValueDrain
+from .base import Criterion, Evaluation, Finding, SinkTensors, plain_layout
+from .detector import CRITERIA, DEFAULT, HIDDEN, SinkDetector
+from .dims import PUBLISHED_SINK_DIMS, SinkDimensions, discover_sink_dims, model_signature, visual_sink_positions
+from .hidden import MassiveActivation, PrimaryCosine
+from .report import SinkReport
+
+__all__ = [
+    "CRITERIA", "ColumnMassSink", "Criterion", "DEFAULT", "Evaluation", "Finding", "GlobalSink", "HIDDEN",
+    "MassiveActivation", "PUBLISHED_SINK_DIMS", "Positional", "PrimaryCosine", "SinkDetector", "SinkDimensions",
+    "SinkReport", "SinkTensors", "ValueDrain", "discover_sink_dims", "model_signature", "plain_layout",
+    "visual_sink_positions",
+]

@@ -1,0 +1,142 @@
+"""What every sink criterion shares: the tensors it reads, what it reports, its interface.
+
+A criterion is a small dataclass with one job: ``needs`` names the one kind of
+tensor it reads (or None), ``layers`` the layers it reads it on, and
+``evaluate`` turns :class:`SinkTensors` into an :class:`Evaluation`. Tokens are
+addressed by sequence position, never by token id (Qwen2 tokenizers add no BOS).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+
+from ..layout import SampleLayout, Span, TokenLayout
+from ..record import ColumnMass
+
+Need = Literal["hidden", "column_mass", "value_norms", "joint_attention"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One token that one criterion calls a sink, in one layer (and head where it applies).
+
+    ``score`` is the criterion's own quantity (column mean, |h|, phi, |cos|, value-norm
+    ratio, mass ratio); ``dims`` the hidden dimensions that fired; ``label`` a class
+    (sink lifetime) or a note. The role fields come from the layout: ``role`` is one of
+    first / visual / text / padding / layout, and visual tokens carry their image and
+    grid cell.
+    """
+
+    criterion: str
+    sample: int
+    token: int
+    score: float
+    layer: int | None = None
+    head: int | None = None
+    dims: tuple[int, ...] = ()
+    label: str = ""
+    role: str = ""
+    image: int | None = None
+    row: int | None = None
+    col: int | None = None
+
+
+@dataclass
+class Evaluation:
+    """A criterion's findings, its dense ``(B, layers, L)`` score map (NaN where not
+    evaluated; None when it has no layers) and settings it derived (discovered dims)."""
+
+    findings: list[Finding]
+    scores: torch.Tensor | None = None
+    derived: dict = field(default_factory=dict)
+
+
+@dataclass
+class SinkTensors:
+    """What a forward recorded, in the detector's terms.
+
+    ``hidden[l]``: residual stream entering layer ``l``, ``(B, L, D)``;
+    ``column_mass[l]``: :class:`~vlmtools.record.ColumnMass` of layer ``l``;
+    ``value_norms[l]``: ``(B, H, L)``; ``joint_attention[l]``: a DiT block's
+    head-mean attention ``(B, Lq, Lk)`` with ``image_queries`` its image-query rows.
+    ``signature`` identifies the base LLM for the published sink-dimension table.
+    """
+
+    layout: TokenLayout
+    num_layers: int
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    column_mass: dict[int, ColumnMass] = field(default_factory=dict)
+    value_norms: dict[int, torch.Tensor] = field(default_factory=dict)
+    joint_attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    image_queries: torch.Tensor | None = None
+    signature: tuple | None = None
+
+    @property
+    def batch(self) -> int:
+        return len(self.layout)
+
+    def valid(self) -> torch.Tensor:
+        """``(B, L)`` True for tokens that are not padding (padding is never a sink)."""
+        valid = torch.ones(self.batch, self.layout.seq_len, dtype=torch.bool)
+        for b, sample in enumerate(self.layout.samples):
+            valid[b, sample.padding] = False
+        return valid
+
+    def first(self) -> torch.Tensor:
+        """``(B,)`` position of each sample's first real token (the primary sink's place)."""
+        return torch.tensor([sample.first for sample in self.layout.samples])
+
+    def dense(self, fill: float = float("nan")) -> torch.Tensor:
+        return torch.full((self.batch, self.num_layers, self.layout.seq_len), fill)
+
+
+class Criterion:
+    """Base of the sink criteria (each is a dataclass; its fields are its settings)."""
+
+    name: ClassVar[str]
+    needs: ClassVar[Need | None] = None
+
+    def layer_range(self, num_layers: int) -> list[int]:
+        """Layers this criterion reads: its ``layers`` setting, else its default."""
+        chosen = getattr(self, "layers", None)
+        return self.default_layers(num_layers) if chosen is None else list(chosen)
+
+    def default_layers(self, num_layers: int) -> list[int]:
+        return list(range(num_layers))
+
+    def evaluate(self, tensors: SinkTensors) -> Evaluation:
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        return {"criterion": self.name, **dataclasses.asdict(self)}
+
+
+def median_over_tokens(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Median of ``x (B, ..., L)`` over each sample's valid positions: ``(B, ..., 1)``."""
+    return torch.stack([row[..., keep].median(-1, keepdim=True).values for row, keep in zip(x, valid)])
+
+
+def plain_layout(batch: int, seq_len: int, attention_mask: torch.Tensor | None = None) -> TokenLayout:
+    """A layout with no images, for tensors from any transformer: padding from the mask."""
+    keep = torch.ones(batch, seq_len, dtype=torch.long) if attention_mask is None else attention_mask.cpu()
+    samples = []
+    for row in keep:
+        real = row.nonzero().squeeze(1)
+        first = int(real[0]) if real.numel() else 0
+        samples.append(SampleLayout(length=seq_len, images=[], text=Span(first, seq_len),
+                                    padding=(row == 0).nonzero().squeeze(1),
+                                    layout=torch.empty(0, dtype=torch.long), first=first))
+    return TokenLayout(samples=samples, seq_len=seq_len, generated_from=seq_len)
+
+
+def token_roles(sample: SampleLayout) -> list[dict]:
+    """Per position: its role, and for visual tokens its image and grid cell."""
+    info = [{"role": role} for role in sample.roles()]
+    for index, image in enumerate(sample.images):
+        cols = image.grid[1]
+        for raster, position in enumerate(image.positions.tolist()):
+            info[position].update(image=index, row=raster // cols, col=raster % cols)
+    return info

@@ -1,0 +1,44 @@
+"""``vlmtools sinks``: load a model, run the detector on one image and question, show it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+from .detector import DEFAULT, SinkDetector
+from .report import SinkReport
+
+
+def load_vlm(name_or_path: str):
+    """(model, processor) for a zoo name (``llava-shapes``) or a Hugging Face folder."""
+    if name_or_path == "llava-shapes":
+        from ..zoo import llava
+        return llava.load()
+    if not Path(name_or_path).exists():
+        raise FileNotFoundError(f"{name_or_path!r} is neither a zoo model (llava-shapes) nor a model folder")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    return AutoModelForImageTextToText.from_pretrained(name_or_path).eval(), AutoProcessor.from_pretrained(name_or_path)
+
+
+def run_sinks_cli(model: str, image, question: str, out_dir, criteria: Iterable[str] = DEFAULT) -> SinkReport:
+    """Print the sink table of one prompt; write ``sinks.png`` and ``sinks.json`` to ``out_dir``.
+
+    ``image`` is a path or a PIL image; the prompt is the processor's chat template
+    with the image first, as LLaVA-1.5 was trained.
+    """
+    from PIL import Image
+
+    from .. import wrap
+
+    vlm_model, processor = load_vlm(model)
+    picture = Image.open(image).convert("RGB") if isinstance(image, (str, Path)) else image
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=picture, text=text, return_tensors="pt")
+    report = SinkDetector(criteria).detect(wrap(vlm_model, processor), dict(inputs))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report.plot(out / "sinks.png")
+    (out / "sinks.json").write_text(report.to_json())
+    print(report.table())
+    print(f"wrote {out / 'sinks.png'} and {out / 'sinks.json'}")
+    return report

@@ -1,0 +1,169 @@
+"""SinkReport: what the detector found, as findings, a summary table, JSON and a PNG."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .base import Finding
+
+ROLE_COLOURS = {"padding": "#dddddd", "first": "#d62728", "visual": "#2ca02c", "layout": "#9467bd",
+                "text": "#1f77b4", "generated": "#ff7f0e"}
+
+
+@dataclass
+class SinkReport:
+    """Findings of every criterion on one batch, with the settings that produced them.
+
+    ``scores[criterion]`` is a dense ``(B, layers, L)`` map (NaN where not evaluated):
+    the criterion's score per token, or for per-head criteria the share of heads that
+    fired. ``tokens[b][t]`` is token t's role (and image, row, col for visual tokens);
+    ``grids[b]`` the (rows, cols) of each image of sample b.
+
+    >>> report = SinkDetector().detect(vlm, inputs)
+    >>> print(report.table())
+    >>> report.plot("sinks.png")
+    """
+
+    findings: list[Finding]
+    scores: dict[str, torch.Tensor]
+    tokens: list[list[dict]]
+    grids: list[list[tuple[int, int]]]
+    settings: list[dict]
+    num_layers: int
+
+    def sinks(self, criterion: str | None = None, sample: int | None = None, role: str | None = None,
+              layer: int | None = None) -> list[Finding]:
+        """Findings filtered by criterion, sample, role and layer (None: any)."""
+        return [f for f in self.findings
+                if (criterion is None or f.criterion == criterion) and (sample is None or f.sample == sample)
+                and (role is None or f.role == role) and (layer is None or f.layer == layer)]
+
+    def summary(self) -> list[dict]:
+        """One row per (sample, criterion, token): layers where it fired and its score.
+
+        The score of a per-head criterion is the share of evaluated (layer, head) pairs
+        where the token fired (the column-mass sink score); otherwise the largest score
+        over layers (the smallest value-norm ratio for value drain).
+        """
+        groups: dict[tuple, list[Finding]] = defaultdict(list)
+        for f in self.findings:
+            groups[(f.sample, f.criterion, f.token)].append(f)
+        rows = []
+        for (sample, criterion, token), found in sorted(groups.items()):
+            if found[0].head is not None:
+                score = float(self.scores[criterion][sample, :, token].nanmean())
+            else:
+                score = max(f.score for f in found)
+            top = max(found, key=lambda f: f.score)
+            rows.append({"sample": sample, "criterion": criterion, "token": token, "role": _role(found[0]),
+                         "layers": sorted({f.layer for f in found if f.layer is not None}),
+                         "hits": len(found), "score": score,
+                         "dims": sorted({d for f in found for d in f.dims}), "label": top.label})
+        return rows
+
+    def table(self) -> str:
+        """The summary as fixed-width text."""
+        header = f"{'sample':>6}  {'criterion':<15}{'token':>6}  {'role':<16}{'layers':<14}{'hits':>5}{'score':>10}  dims/label"
+        lines = [header]
+        for r in self.summary():
+            extra = " ".join(filter(None, [",".join(map(str, r["dims"])), r["label"]]))
+            lines.append(f"{r['sample']:>6}  {r['criterion']:<15}{r['token']:>6}  {r['role']:<16}"
+                         f"{_ranges(r['layers']):<14}{r['hits']:>5}{r['score']:>10.3g}  {extra}")
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "num_layers": self.num_layers, "settings": self.settings, "tokens": self.tokens,
+            "grids": self.grids, "findings": [dataclasses.asdict(f) for f in self.findings],
+            "scores": {name: _nan_to_none(map_) for name, map_ in self.scores.items()},
+        })
+
+    @classmethod
+    def from_json(cls, text: str) -> SinkReport:
+        data = json.loads(text)
+        return cls(findings=[Finding(**{**f, "dims": tuple(f["dims"])}) for f in data["findings"]],
+                   scores={name: torch.from_numpy(np.array(map_, dtype=np.float32))
+                           for name, map_ in data["scores"].items()},
+                   tokens=data["tokens"], grids=[[tuple(g) for g in grids] for grids in data["grids"]],
+                   settings=data["settings"], num_layers=data["num_layers"])
+
+    def plot(self, path, sample: int = 0) -> None:
+        """Layer x token heatmap per criterion with sinks marked (x), a strip of token
+        roles with positional sinks (v), and each image's grid with how often each
+        visual token fired (criterion-layer pairs)."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
+        from matplotlib.ticker import MaxNLocator
+
+        names = list(self.scores)
+        grids = self.grids[sample]
+        rows = max(len(names), len(grids), 1) + 1
+        fig = plt.figure(figsize=(12 if grids else 9, 1.0 + 2.2 * rows))
+        spec = fig.add_gridspec(rows, 2 if grids else 1, width_ratios=[4, 1] if grids else None,
+                                height_ratios=[0.3] + [1] * (rows - 1))
+        roles = [t["role"] for t in self.tokens[sample]]
+        strip = fig.add_subplot(spec[0, 0])
+        order = list(ROLE_COLOURS)
+        strip.imshow([[order.index(r) for r in roles]], aspect="auto", cmap=ListedColormap(list(ROLE_COLOURS.values())),
+                     vmin=0, vmax=len(order) - 1, interpolation="nearest")
+        strip.set_yticks([])
+        strip.set_title("token roles: " + ", ".join(f"{r}" for r in order if r in roles) + "; v = positional sink",
+                        fontsize=8)
+        for f in self.sinks("positional", sample):
+            strip.plot(f.token, 0, "v", color="black")
+        for row, name in enumerate(names, start=1):
+            ax = fig.add_subplot(spec[row, 0], sharex=strip)
+            image = ax.imshow(self.scores[name][sample].numpy(), aspect="auto", origin="lower",
+                              interpolation="nearest", cmap="viridis")
+            fig.colorbar(image, ax=ax, fraction=0.02)
+            cells = {(f.token, f.layer) for f in self.sinks(name, sample)}
+            if cells:
+                ax.scatter(*zip(*cells), marker="x", color="red", s=12)
+            ax.set_ylabel(f"{name}\nlayer", fontsize=8)
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("token position")
+        for index, (grid_rows, grid_cols) in enumerate(grids):
+            count = np.zeros((grid_rows, grid_cols))
+            for f in self.findings:
+                if f.sample == sample and f.image == index:
+                    count[f.row, f.col] += 1
+            ax = fig.add_subplot(spec[index + 1, 1])
+            ax.imshow(count, cmap="magma", interpolation="nearest")
+            sinks = np.argwhere(count > 0)
+            if len(sinks):
+                ax.scatter(sinks[:, 1], sinks[:, 0], marker="o", facecolors="none", edgecolors="cyan", s=30)
+            ax.set_title(f"image {index}: sink hits per cell", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+
+def _role(f: Finding) -> str:
+    return f"visual {f.image}:({f.row},{f.col})" if f.role == "visual" else f.role
+
+
+def _ranges(layers: list[int]) -> str:
+    """[2, 3, 4, 7] -> '2-4,7'."""
+    if not layers:
+        return "-"
+    parts, start = [], layers[0]
+    for prev, cur in zip(layers, layers[1:] + [None]):
+        if cur is None or cur != prev + 1:
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ",".join(parts)
+
+
+def _nan_to_none(map_: torch.Tensor) -> list:
+    values = map_.numpy().astype(object)
+    values[np.isnan(map_.numpy())] = None
+    return values.tolist()
