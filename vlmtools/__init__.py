@@ -5,13 +5,13 @@
 >>> with vlm.use(vlmtools.RecordRows(["text.2"])) as trace:
 ...     model(**inputs)
 """
-from .layout import ImageTokens, SampleLayout, Span, TokenLayout
+from .layout import DiTLayout, ImageTokens, SampleLayout, Span, TokenLayout
 from .plan import ALL, AttentionCall, AttentionHook, AttentionSite, LayerHook, Plan, StopForward, Trace
 from .record import RecordBlock, RecordColumnMass, RecordHidden, RecordRows, RecordValueNorms
-from .wrap import WrappedModel, wrap
+from .wrap import WrappedDiT, WrappedModel, wrap
 
 __all__ = [
-    "ALL", "AttentionCall", "AttentionHook", "AttentionSite", "ImageTokens", "LayerHook", "Plan", "RecordBlock",
-    "RecordColumnMass", "RecordHidden", "RecordRows", "RecordValueNorms", "SampleLayout", "Span", "StopForward",
-    "TokenLayout", "Trace", "WrappedModel", "wrap",
+    "ALL", "AttentionCall", "AttentionHook", "AttentionSite", "DiTLayout", "ImageTokens", "LayerHook", "Plan",
+    "RecordBlock", "RecordColumnMass", "RecordHidden", "RecordRows", "RecordValueNorms", "SampleLayout", "Span",
+    "StopForward", "TokenLayout", "Trace", "WrappedDiT", "WrappedModel", "wrap",
 ]

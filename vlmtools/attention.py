@@ -174,7 +174,8 @@ class _Installation:
         if self.count == 0:
             try:
                 self.original = {key: _config(self.model, key)._attn_implementation for key in self.config_keys}
-                self.model.set_attn_implementation(_impl_dict(self.config_keys, SEAM))
+                if self.config_keys:  # diffusers models have no registry: their probes are processors
+                    self.model.set_attn_implementation(_impl_dict(self.config_keys, SEAM))
                 for index, layer in enumerate(self.layers):
                     self.handles.append(layer.register_forward_pre_hook(_layer_prehook(index), with_kwargs=True))
                 if self.watcher is not None:

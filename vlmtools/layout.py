@@ -108,3 +108,23 @@ class TokenLayout:
         missing = [i for i, s in enumerate(self.samples) if not s.images]
         if missing:
             raise ValueError(f"no image tokens in sample(s) {missing}: this method needs an image in every prompt")
+
+
+@dataclass(frozen=True)
+class DiTLayout:
+    """The joint sequence of a diffusion transformer's attention: one text span, one image grid.
+
+    The same for every sample of the batch. FLUX puts the text first, SD3 the image
+    first; ``image.positions.view(*image.grid)`` is the latent grid in raster order.
+    """
+
+    text: Span
+    image: ImageTokens
+
+    @classmethod
+    def of(cls, text_len: int, grid: tuple[int, int], image_first: bool) -> DiTLayout:
+        count = grid[0] * grid[1]
+        image_start, text_start = (0, count) if image_first else (text_len, 0)
+        image = Span(image_start, image_start + count)
+        return cls(text=Span(text_start, text_start + text_len),
+                   image=ImageTokens(positions=image.indices(), grid=tuple(grid), span=image))
