@@ -1,0 +1,281 @@
+"""Training of llava-shapes, in three resumable stages (see docs/zoo.md).
+
+1. ``tower``: the CLIP tower alone on the world's labels. A random tower gets
+   too weak a gradient through 30 frozen LM layers to learn anything (measured,
+   ZOO-NOTES), so it first learns per-patch colour x shape (the binding that
+   existence questions need) and object centres on the features the LM will
+   read (layer -2), and presence/count from CLS at the last layer.
+2. ``words``: the projector alone maps each patch to the sum of the SmolLM2
+   embeddings of its object's colour and shape words, so alignment starts from
+   visual tokens the frozen LM can already read.
+3. ``align``: tower, projector and a rank-8 LoRA on every LM linear layer,
+   trained through the LM on multi-turn chats (several one-word answers per
+   image, the loss and the LM head only at answer positions, bf16 autocast).
+
+Scene indices come from the step number, so resuming replays nothing.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import llava, world as W
+from .train_utils import Checkpoint, log
+
+GRID = llava.IMAGE_SIZE // llava.PATCH
+N_COMBO = len(W.COLOURS) * len(W.SHAPES)
+
+
+def patch_labels(scenes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per patch: colour x shape class (0 = background) and object-centre flag,
+    in the letterboxed 96 px frame; per image: presence (24) and count."""
+    combo = torch.zeros(len(scenes), GRID * GRID, dtype=torch.long)
+    centre = torch.zeros(len(scenes), GRID * GRID)
+    presence = torch.zeros(len(scenes), N_COMBO)
+    count = torch.zeros(len(scenes), dtype=torch.long)
+    colours, shapes = list(W.COLOURS), list(W.SHAPES)
+    for b, s in enumerate(scenes):
+        side = max(s.width, s.height)
+        ox, oy, k = (side - s.width) // 2, (side - s.height) // 2, llava.IMAGE_SIZE / side
+        masks = torch.zeros(len(s.objects), side, side)
+        masks[:, oy:oy + s.height, ox:ox + s.width] = torch.from_numpy(s.masks).float()
+        frac = F.adaptive_avg_pool2d(masks, GRID).flatten(1)  # (n, 144)
+        best, who = frac.max(0)
+        cls = torch.tensor([1 + colours.index(o.colour) * len(shapes) + shapes.index(o.shape)
+                            for o in s.objects])
+        combo[b] = torch.where(best >= 0.2, cls[who], 0)
+        for o, c in zip(s.objects, cls):
+            px = min(GRID - 1, int((o.cx + ox) * k // llava.PATCH))
+            py = min(GRID - 1, int((o.cy + oy) * k // llava.PATCH))
+            centre[b, py * GRID + px] = 1
+            presence[b, c - 1] = 1
+        count[b] = len(s.objects)
+    return combo, centre, presence, count
+
+
+class TowerHeads(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.combo, self.centre = nn.Linear(d, N_COMBO + 1), nn.Linear(d, 1)
+        self.presence, self.count = nn.Linear(d, N_COMBO), nn.Linear(d, 6)
+
+
+def tower_step(tower, heads, pixel_values, labels):
+    combo, centre, presence, count = labels
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tower(pixel_values=pixel_values, output_hidden_states=True)
+    patches = out.hidden_states[-2][:, 1:].float()
+    pooled = out.pooler_output.float()
+    logits = heads.combo(patches)
+    losses = {
+        "combo": F.cross_entropy(logits.flatten(0, 1), combo.flatten()),
+        "centre": F.binary_cross_entropy_with_logits(heads.centre(patches)[..., 0], centre),
+        "presence": F.binary_cross_entropy_with_logits(heads.presence(pooled), presence),
+        "count": F.cross_entropy(heads.count(pooled), count),
+    }
+    acc = {"acc_combo": ((logits.argmax(-1) == combo) | (combo == 0)).all(1).float().mean().item(),
+           "acc_count": (heads.count(pooled).argmax(-1) == count).float().mean().item(),
+           "acc_presence": ((heads.presence(pooled) > 0) == (presence > 0)).all(1).float().mean().item()}
+    return sum(losses.values()), losses, acc
+
+
+def train_tower(steps: int, batch: int = 32, lr: float = 1e-3):
+    from transformers import CLIPVisionModel
+
+    proc = llava.build_processor()
+    tower = CLIPVisionModel(llava.vision_config())
+    heads = TowerHeads(tower.config.hidden_size)
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    ck = Checkpoint("llava-shapes", "tower")
+    start = ck.load({"tower": tower, "heads": heads, "opt": opt})
+    t0 = time.time()
+    for step in range(start, steps):
+        set_lr(opt, lr, step, steps, warmup=30)
+        scenes = [W.scene("train", step * batch + i) for i in range(batch)]
+        pv = proc.image_processor([s.image for s in scenes], return_tensors="pt")["pixel_values"]
+        loss, parts, acc = tower_step(tower, heads, pv, patch_labels(scenes))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 25 == 0 or step == steps - 1:
+            log("tower", step, time.time() - t0, loss=loss.item(), **{k: v.item() for k, v in parts.items()}, **acc)
+        if (step + 1) % 50 == 0 or step == steps - 1:
+            ck.save(step + 1, {"tower": tower, "heads": heads, "opt": opt})
+    return tower
+
+
+def set_lr(opt, lr, step, steps, warmup):
+    f = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+    for g in opt.param_groups:
+        g["lr"] = g.get("base_lr", lr) * max(f, 0.05)
+
+
+# ---- stage 2: projector to word embeddings -----------------------------------
+def word_targets(model, tok) -> torch.Tensor:
+    """(25, 576): row 0 the embedding of ' background', row 1 + c*4 + s that of
+    ' {colour}' plus ' {shape}' (first sub-token of each)."""
+    emb = model.model.language_model.embed_tokens.weight.detach()
+
+    def e(word):
+        return emb[tok.encode(" " + word)[0]]
+
+    rows = [e("background")] + [e(c) + e(s) for c in W.COLOURS for s in W.SHAPES]
+    return torch.stack(rows)
+
+
+class LoRA(nn.Module):
+    """y = base(x) + scale * x A^T B^T; B starts at zero so training starts from SmolLM2."""
+
+    def __init__(self, base: nn.Linear, r: int = llava.LORA_RANK, alpha: int = llava.LORA_ALPHA):
+        super().__init__()
+        self.base, self.scale = base, alpha / r
+        self.A = nn.Parameter(torch.randn(r, base.in_features) / math.sqrt(base.in_features))
+        self.B = nn.Parameter(torch.zeros(base.out_features, r))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.A.t().to(x.dtype)) @ self.B.t().to(x.dtype) * self.scale
+
+
+def add_lora(model) -> dict[str, LoRA]:
+    lm = model.model.language_model
+    out = {}
+    for name, mod in list(lm.named_modules()):
+        if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in llava.LORA_TARGETS:
+            parent, attr = name.rsplit(".", 1)
+            out[name] = LoRA(mod)
+            setattr(lm.get_submodule(parent), attr, out[name])
+    return out
+
+
+def lora_state(loras: dict[str, LoRA]) -> dict:
+    return {f"{k}.{p}": getattr(m, p).detach() for k, m in loras.items() for p in ("A", "B")}
+
+
+def chat(proc, scene, rng, turns: int):
+    """A multi-turn chat of one-word answers about one scene: every type once, then again."""
+    qs = scene.questions()
+    by_type = {t: [q for q in qs if q.type == t] for t in W.QUESTION_TYPES}
+    types = [t for t in rng.permutation(W.QUESTION_TYPES) if by_type[t]]
+    types = (types + [t for t in rng.permutation(W.QUESTION_TYPES) if by_type[t]])[:turns]
+    msgs = []
+    for i, t in enumerate(types):
+        q = by_type[t][rng.integers(len(by_type[t]))]
+        text = q.question.replace("?", " in the image?") if t == "existence" and rng.random() < 0.5 else q.question
+        content = [{"type": "image"}, {"type": "text", "text": text}] if i == 0 else [{"type": "text", "text": text}]
+        msgs += [{"role": "user", "content": content}, {"role": "assistant", "content": q.answer}]
+    return proc.apply_chat_template(msgs)
+
+
+def answer_positions(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, position) of every token that predicts an answer token or its <|im_end|>."""
+    rows, pos = [], []
+    header = [1, 520, 9531, 198]  # <|im_start|>assistant\n
+    for b, seq in enumerate(ids.tolist()):
+        i = 0
+        while i < len(seq) - 4:
+            if seq[i:i + 4] == header:
+                j = i + 4
+                while j < len(seq) and seq[j - 1] != 2:
+                    rows.append(b)
+                    pos.append(j - 1)
+                    j += 1
+                i = j
+            else:
+                i += 1
+    return torch.tensor(rows), torch.tensor(pos)
+
+
+def align_batch(proc, step, batch, turns):
+    rng = np.random.default_rng(step)
+    scenes = [W.scene("train", 50_000_000 + step * batch + i) for i in range(batch)]
+    texts = [chat(proc, s, rng, turns) for s in scenes]
+    x = proc(images=[s.image for s in scenes], text=texts, return_tensors="pt", padding=True)
+    rows, pos = answer_positions(x["input_ids"])
+    return x, rows, pos, x["input_ids"][rows, pos + 1]
+
+
+def lm_loss(model, x, rows, pos, targets):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = model.model(**x).last_hidden_state
+        logits = model.lm_head(h[rows, pos]).float()
+    return F.cross_entropy(logits, targets), (logits.argmax(-1) == targets).float().mean().item()
+
+
+def train_align(tower_state, words_steps: int, steps: int, batch: int = 6, turns: int = 6):
+    proc = llava.build_processor()
+    model = llava.build_model()
+    model.model.vision_tower.load_state_dict(tower_state)
+    model.requires_grad_(False)
+    tower, proj = model.model.vision_tower, model.model.multi_modal_projector
+
+    # stage 2 (cheap: tower forward + projector only)
+    ck = Checkpoint("llava-shapes", "words")
+    opt = torch.optim.AdamW(proj.parameters(), lr=2e-3)
+    start = ck.load({"proj": proj, "opt": opt})
+    targets = word_targets(model, proc.tokenizer)
+    proj.requires_grad_(True)
+    t0 = time.time()
+    for step in range(start, words_steps):
+        scenes = [W.scene("train", 40_000_000 + step * 64 + i) for i in range(64)]
+        pv = proc.image_processor([s.image for s in scenes], return_tensors="pt")["pixel_values"]
+        combo = patch_labels(scenes)[0]
+        with torch.no_grad():
+            feats = tower(pixel_values=pv, output_hidden_states=True).hidden_states[-2][:, 1:]
+        loss = F.mse_loss(proj(feats), targets[combo]) / targets.pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == words_steps - 1:
+            log("words", step, time.time() - t0, rel_mse=loss.item())
+    if start < words_steps:
+        ck.save(words_steps, {"proj": proj, "opt": opt})
+
+    # stage 3
+    loras = add_lora(model)
+    tower.requires_grad_(True)
+    groups = [{"params": list(proj.parameters()), "base_lr": 5e-4},
+              {"params": list(tower.parameters()), "base_lr": 1e-4},
+              {"params": [p for m in loras.values() for p in (m.A, m.B)], "base_lr": 5e-4}]
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    lora_mod = nn.ModuleDict({k.replace(".", "_"): m for k, m in loras.items()})
+    ck = Checkpoint("llava-shapes", "align")
+    parts = {"tower": tower, "proj": proj, "lora": lora_mod, "opt": opt}
+    start = ck.load(parts)
+    t0 = time.time()
+    for step in range(start, steps):
+        set_lr(opt, 5e-4, step, steps, warmup=20)
+        x, rows, pos, tg = align_batch(proc, step, batch, turns)
+        loss, acc = lm_loss(model, x, rows, pos, tg)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        opt.step()
+        if step % 5 == 0 or step == steps - 1:
+            log("align", step, time.time() - t0, loss=loss.item(), token_acc=acc)
+        if (step + 1) % 25 == 0 or step == steps - 1:
+            ck.save(step + 1, parts)
+            export(model, loras)
+    return model, loras
+
+
+def export(model, loras):
+    from safetensors.torch import save_file
+
+    llava.WEIGHTS.mkdir(parents=True, exist_ok=True)
+    # the LoRA-wrapped modules hold the base weights; the shipped state is tower + projector + factors
+    save_file(llava.trained_state(model, lora_state(loras)), str(llava.WEIGHTS / "model.safetensors"))
+
+
+def main(tower_steps: int = 250, words_steps: int = 200, align_steps: int = 400):
+    torch.manual_seed(0)
+    tower = train_tower(tower_steps)
+    train_align(tower.state_dict(), words_steps, align_steps)

@@ -1,0 +1,29 @@
+"""``python -m vlmtools.zoo.train NAME``: reproduce a zoo model from scratch.
+
+Every stage checkpoints under ``<cache>/train/NAME/`` and resumes from there;
+the shipped weights are exported to ``vlmtools/zoo/weights/NAME/``.
+Step counts default to what fits in about two hours on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m vlmtools.zoo.train")
+    ap.add_argument("name", choices=["llava-shapes", "flux-shapes"])
+    ap.add_argument("--steps", type=int, nargs="*", help="step counts of each stage, in order")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.name == "llava-shapes":
+        from .llava_train import main as run
+    else:
+        from .flux_train import main as run
+    run(*(args.steps or []))
+
+
+if __name__ == "__main__":
+    main()

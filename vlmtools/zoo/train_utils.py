@@ -1,0 +1,39 @@
+"""Resumable checkpoints and one-line logs shared by the zoo's trainers."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import torch
+
+from .lm import cache_dir
+
+
+class Checkpoint:
+    """``<cache>/train/<model>/<stage>.pt``: the step reached and the state of named parts."""
+
+    def __init__(self, model: str, stage: str):
+        self.path = cache_dir() / "train" / model / f"{stage}.pt"
+
+    def load(self, parts: dict) -> int:
+        if not self.path.exists():
+            return 0
+        state = torch.load(self.path, weights_only=False)
+        for name, part in parts.items():
+            part.load_state_dict(state[name])
+        log("resume", state["step"], 0.0, path=str(self.path))
+        return state["step"]
+
+    def save(self, step: int, parts: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({"step": step, **{k: v.state_dict() for k, v in parts.items()}}, tmp)
+        os.replace(tmp, self.path)
+
+
+def log(stage: str, step: int, elapsed: float, **values) -> None:
+    vals = {k: round(v, 4) if isinstance(v, float) else v for k, v in values.items()}
+    print(json.dumps({"t": time.strftime("%H:%M:%S"), "stage": stage, "step": step,
+                      "s": round(elapsed, 1), **vals}), flush=True, file=sys.stdout)
