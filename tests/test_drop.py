@@ -101,3 +101,49 @@ def test_chooser_errors_are_clear_and_leave_the_model_unchanged():
     with pytest.raises(ValueError, match="layer indices"):
         DropTokens({})
     torch.testing.assert_close(model(**inputs).logits, plain, atol=0, rtol=0)
+
+
+def test_merging_chooser_replaces_the_kept_hidden_states():
+    """A chooser may return ``(positions, hidden)``: each kept even visual token becomes the mean of
+    itself and the odd token after it, in an order other than sorted (guards the reordering)."""
+    model, inputs = tiny_llava()
+    vlm = vlmtools.wrap(model)
+    layer = 1
+    keep_even = keep_every_other_visual(None)
+
+    def merge(state, hidden, kept):
+        keep = keep_even(state, hidden, kept).flip(1)
+        merged = hidden.gather(1, keep[..., None].expand(-1, -1, hidden.shape[-1])).clone()
+        for b, sample in enumerate(state.layout.samples):
+            visual = sample.visual_positions()
+            for even, odd in zip(visual[0::2].tolist(), visual[1::2].tolist()):
+                merged[b, (keep[b] == even).nonzero()[0, 0]] = (hidden[b, even] + hidden[b, odd]) / 2
+        return keep, merged
+
+    drop = DropTokens({layer: merge})
+    with torch.no_grad():
+        with vlm.use(vlmtools.RecordHidden([layer])) as trace:
+            model(**inputs)
+        hidden = trace[f"text.{layer}.resid_pre"][0]
+        with vlm.use(drop):
+            pruned = model(**inputs).logits
+        with vlm.use(DropTokens({layer: keep_even})):
+            plain_drop = model(**inputs).logits
+        kept = drop.kept_at(layer)
+        reference_in = hidden.gather(1, kept[..., None].expand(-1, -1, hidden.shape[-1])).clone()
+        for b in range(2):
+            visual = vlm.layout(inputs).samples[b].visual_positions()
+            for even, odd in zip(visual[0::2].tolist(), visual[1::2].tolist()):
+                reference_in[b, (kept[b] == even).nonzero()[0, 0]] = (hidden[b, even] + hidden[b, odd]) / 2
+        n = inputs["input_ids"].shape[1]
+        positions = torch.arange(n).expand(2, -1).gather(1, kept)
+        mask = inputs["attention_mask"].gather(1, kept)
+        tail = tail_model(model.model.language_model, layer)
+        expected = model.lm_head(tail(inputs_embeds=reference_in, position_ids=positions, attention_mask=mask,
+                                      use_cache=False).last_hidden_state)
+    real = mask.bool()
+    torch.testing.assert_close(pruned[real], expected[real], atol=1e-5, rtol=0)
+    assert (pruned - plain_drop).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="hidden states"):
+        with vlm.use(DropTokens({layer: lambda s, h, kept: (kept, h[:, :3])})):
+            model(**inputs)

@@ -21,11 +21,15 @@ from transformers.cache_utils import DynamicLayer
 
 from .plan import ForwardState, LayerHook, Plan
 
-Chooser = Callable[[ForwardState, torch.Tensor, torch.Tensor], torch.Tensor]
-"""``chooser(state, hidden, kept)`` -> the positions to keep, a sorted ``(B, n)`` subset of ``kept``.
+Chooser = Callable[[ForwardState, torch.Tensor, torch.Tensor],
+                   torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
+"""``chooser(state, hidden, kept)`` -> the positions to keep, a ``(B, n)`` subset of ``kept``.
 
 ``kept`` holds the original positions still present (``(B, L)`` before the first drop),
 ``hidden`` the residual stream entering the drop layer (one row per kept position).
+A chooser that merges tokens (VisionZip, SparseVLM recycling) returns
+``(positions, hidden_of_kept)`` instead: ``(B, n, D)`` rows, in the order of ``positions``,
+that replace the kept tokens' residual stream.
 """
 
 
@@ -91,14 +95,20 @@ class DropTokens(LayerHook):
             return hidden
         batch = hidden.shape[0]
         before = self.kept_at(index) if self.kept else torch.arange(hidden.shape[1], device=hidden.device).expand(batch, -1)
-        keep = self.stages[index](self.state, hidden, before)
+        choice = self.stages[index](self.state, hidden, before)
+        keep, merged = choice if isinstance(choice, tuple) else (choice, None)
         if keep.dim() != 2 or keep.shape[0] != batch or keep.shape[1] == 0:
             raise ValueError(f"chooser at layer {index} must return (batch, n >= 1) positions, got {tuple(keep.shape)}")
-        keep = keep.sort(1).values
+        if merged is not None and merged.shape != (*keep.shape, hidden.shape[-1]):
+            raise ValueError(f"chooser at layer {index} returned hidden states {tuple(merged.shape)} for "
+                             f"{tuple(keep.shape)} positions; expected {(*keep.shape, hidden.shape[-1])}")
+        keep, order = keep.sort(1)
         relative = torch.searchsorted(before.contiguous(), keep)
         if not torch.equal(before.gather(1, relative.clamp(max=before.shape[1] - 1)), keep):
             raise ValueError(f"chooser at layer {index} returned positions that were already dropped")
         self.kept[index] = keep
+        if merged is not None:
+            return merged.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1])).to(hidden.dtype)
         return hidden.gather(1, relative[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
