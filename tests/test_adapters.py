@@ -142,7 +142,10 @@ def test_llava_next_newlines_are_where_the_model_puts_image_newline(built):
     if family != "llava_next":
         pytest.skip("image newlines are LLaVA-NeXT's")
     newline = model.model.image_newline.detach()
-    images = [image for sample in vlm.layout(inputs).samples for image in sample.images]
+    samples = vlm.layout(inputs).samples
+    for sample in samples:  # newlines are the samples' only layout tokens
+        assert torch.equal(sample.layout, torch.cat([image.layout for image in sample.images]))
+    images = [image for sample in samples for image in sample.images]
     for image, feature in zip(images, image_features(model, inputs)):
         is_newline = (feature == newline).all(-1).nonzero().squeeze(1)
         assert is_newline.numel() == image.tiles[1][0] > 0

@@ -24,7 +24,7 @@ _CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atte
 _LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
               vocab_size=VOCAB)
 _QWEN_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=VOCAB,
+                  num_key_value_heads=2, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2,
                   rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0})
 _QWEN_IDS = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START,
                  vision_end_token_id=VISION_END)
