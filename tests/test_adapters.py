@@ -166,8 +166,9 @@ def test_qwen_layout_has_grid_thw_and_vision_markers(built):
         for image in sample.images:
             t, h, w = next(thw)
             assert image.thw == (t, h // 2, w // 2) and image.grid == (h // 2, w // 2)
-    with pytest.raises(NotImplementedError, match="video"):
-        vlm.layout({**inputs, "video_grid_thw": inputs["image_grid_thw"]})
+    for video in ({"video_grid_thw": inputs["image_grid_thw"]}, {"mm_encoder_outputs": {"video": object()}}):
+        with pytest.raises(NotImplementedError, match="video"):
+            vlm.layout({**inputs, **video})
 
 
 def describe(layout):

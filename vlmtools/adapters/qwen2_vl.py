@@ -23,7 +23,7 @@ from .base import Adapter, encoded_images, sequence_layout, span_of
 
 def qwen_vl_layout(model, inputs) -> TokenLayout:
     config = model.config
-    if inputs.get("video_grid_thw") is not None:
+    if inputs.get("video_grid_thw") is not None or (inputs.get("mm_encoder_outputs") or {}).get("video") is not None:
         raise NotImplementedError("vlmtools: Qwen-VL video inputs have no layout yet; pass images only")
     merge = config.vision_config.spatial_merge_size
     grids = inputs.get("image_grid_thw")
