@@ -1,0 +1,40 @@
+"""What the three redistribution methods share: key masks built from the prompt layout.
+
+Methods decide at prefill which prompt positions are visual, sinks, salient or
+question tokens, per sample (left padding shifts them), as ``(B, L)`` boolean masks
+over the prompt; a decoding step's keys are the prompt plus the tokens generated so
+far, which are none of these, so a mask only ever needs widening with False.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from vlmtools.layout import TokenLayout
+
+
+def key_mask(per_sample: Sequence[torch.Tensor], width: int) -> torch.Tensor:
+    """``(B, width)`` bool, True at each sample's listed positions."""
+    mask = torch.zeros(len(per_sample), width, dtype=torch.bool)
+    for b, positions in enumerate(per_sample):
+        mask[b, positions.long()] = True
+    return mask
+
+
+def visual_mask(layout: TokenLayout) -> torch.Tensor:
+    """``(B, L)`` True on every image content token (never on newlines or vision start/end)."""
+    layout.require_images()
+    return key_mask([sample.visual_positions() for sample in layout.samples], layout.seq_len)
+
+
+def widen(mask: torch.Tensor, k_len: int, device=None) -> torch.Tensor:
+    """A prompt mask ``(B, L)`` extended to ``k_len`` keys: generated tokens are False."""
+    if mask.shape[-1] < k_len:
+        mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], k_len - mask.shape[-1])], -1)
+    return mask[..., :k_len].to(device)
+
+
+def last_row(call) -> torch.Tensor:
+    """The row index of the query that predicts the next token."""
+    return torch.tensor([call.q_len - 1], device=call.query.device)

@@ -1,0 +1,228 @@
+"""GIFT ("Capturing Gaze Shifts for Guidance"): boost the image regions the question
+made the model look at.
+
+Why: while a model reads the question, the visual tokens whose attention *rises*
+from one word to the next are the ones the words point at. Summing those gaze
+shifts over the question's content words gives a saliency map of the image; at
+every decoding step the last query row's attention on salient visual tokens is then
+amplified in the heads that look at the image, and the question span is amplified by
+the same ratio so that the answer stays tied to what was asked.
+
+Saliency is read causally during the generate's own prefill (no second forward): an
+edited layer at or before the saliency layer is edited from the first decoding step on
+(with the published LLaVA settings every edited layer comes after it, so the prefill's
+last row is edited too); ``saliency_layer="auto"`` picks, per sample, the layer with
+the largest total shift among those before the first edited layer.
+"""
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+
+from vlmtools.plan import AttentionHook
+from vlmtools.text import content_words, word_ids_for_tokens
+
+from .common import key_mask, last_row, visual_mask, widen
+
+TINY = 1e-12
+
+
+def top_half(score: torch.Tensor) -> torch.Tensor:
+    """Bool mask, True for the ``max(1, H // 2)`` largest entries along dim 1 (heads)."""
+    keep = max(1, score.shape[1] // 2)
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    return mask.scatter(1, score.topk(keep, dim=1).indices, True)
+
+
+def gaze_shift(attn: torch.Tensor, previous: torch.Tensor, rows: torch.Tensor,
+               visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Saliency of one layer from the gaze shifts ``max(A[i, j] - A[i-1, j], 0)``.
+
+    ``attn`` ``(B, H, R, K)``: rows ``i`` (question content words), ``previous`` the rows
+    ``i - 1``; ``rows`` ``(B, R)`` bool marks the rows that are content words of each
+    sample; ``visual`` ``(B, K)``. Returns the map ``(B, K)`` (shift summed over rows,
+    averaged over the half of heads with the largest total shift; 0 off the image) and
+    the layer's total shift ``(B,)`` over all heads.
+    """
+    mask = rows[:, None, :, None] & visual[:, None, None]
+    shift = (attn - previous).clamp(min=0) * mask
+    per_row = shift.sum(2)  # (B, H, K)
+    per_head = per_row.sum(-1)  # (B, H)
+    kept = top_half(per_head)
+    return (per_row * kept[..., None]).sum(1) / kept.sum(1, keepdim=True), per_head.sum(1)
+
+
+def saliency_factor(saliency: torch.Tensor, visual: torch.Tensor, alpha: float, clamp_sd: float = 3.0) -> torch.Tensor:
+    """``F_j = exp(alpha * S_j)`` on each sample's visual keys (1 elsewhere), ``(B, K)``.
+
+    ``S`` is the map clamped to mean +- ``clamp_sd`` standard deviations (over the
+    sample's visual tokens) and min-max scaled to [0, 1] (0 when the map is flat).
+    """
+    factor = torch.ones_like(saliency)
+    for b in range(saliency.shape[0]):
+        values = saliency[b, visual[b]]
+        mean, sd = values.mean(), values.std(unbiased=False)
+        values = values.clamp(mean - clamp_sd * sd, mean + clamp_sd * sd)
+        low, high = values.min(), values.max()
+        scaled = (values - low) / (high - low) if high > low else torch.zeros_like(values)
+        factor[b, visual[b]] = torch.exp(alpha * scaled)
+    return factor
+
+
+def enhance(probs: torch.Tensor, factor: torch.Tensor, visual: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
+    """GIFT's edit of post-softmax rows ``(B, H, R, K)`` (the last query row).
+
+    In the half of heads with the most visual attention, visual attention is multiplied
+    by ``factor`` ``(B, K)``; every head's ratio ``r`` = boosted visual mass / visual mass;
+    in the half of heads with the most attention on the ``question`` span ``(B, K)``, that
+    span is multiplied by the head's ``r``; rows are renormalised to sum 1.
+    """
+    visual, question = visual[:, None, None], question[:, None, None]
+    factor = factor[:, None, None]
+    mass = (probs * visual).sum(-1)
+    ratio = (probs * visual * factor).sum(-1) / mass.clamp(min=TINY)
+    on_image = top_half(mass)[..., None] & visual
+    on_question = top_half((probs * question).sum(-1))[..., None] & question
+    scale = torch.where(on_image, factor, 1.0) * torch.where(on_question, ratio[..., None], 1.0)
+    edited = probs * scale
+    return edited / edited.sum(-1, keepdim=True)
+
+
+def question_tokens(ids: torch.Tensor, start: int, tokenizer, question: str | None,
+                    tagger: str) -> tuple[list[int], list[int], str]:
+    """Positions of the question's tokens and of its content-word tokens in one prompt.
+
+    ``ids`` are the prompt's text tokens from position ``start`` on. Without a
+    tokenizer every one of them is a question content token (tagger ``"none"``).
+    With one, the text is decoded (prefix by prefix, for character offsets) and the
+    tokens inside ``question`` (default: the whole text) mapped to words.
+    """
+    positions = list(range(start, start + len(ids)))
+    if tokenizer is None:
+        return positions, positions, "none"
+    ends = [len(tokenizer.decode(ids[: k + 1])) for k in range(len(ids))]
+    text = tokenizer.decode(ids)
+    offsets = list(zip([0] + ends[:-1], ends))
+    question = text if question is None else question
+    at = text.find(question)
+    if at < 0:
+        raise ValueError(f"GIFT: question {question!r} is not in the prompt's text {text!r}")
+    words = content_words(question, tagger)
+    word_ids = word_ids_for_tokens(question, offsets, words, start=at)
+    inside = [p for p, w in zip(positions, word_ids) if w is not None]
+    content = [p for p, w in zip(positions, word_ids) if w is not None and words[w].is_content]
+    return inside, content, words.tagger
+
+
+class GIFT(AttentionHook):
+    """Gaze-shift guided enhancement of the last query row on ``layers``.
+
+    ``questions``: the user's question per sample (or one for all); without them the
+    whole text after the image is the question. Presets: :attr:`PRESETS`
+    (0-indexed layers as the authors ship them), via :meth:`preset`.
+
+    >>> with vlm.use(GIFT.preset("llava-1.5-7b", questions=["Is there a dog?"])):
+    ...     out = model.generate(**inputs, max_new_tokens=32)
+    """
+
+    PRESETS = {
+        "llava-1.5-7b": dict(saliency_layer=11, layers=tuple(range(12, 23)), alpha=5.0),
+        "llava-1.5-13b": dict(saliency_layer=10, layers=tuple(range(14, 21)), alpha=5.0),
+        "qwen2-vl-7b": dict(saliency_layer=14, layers=tuple(range(5, 19)), alpha=4.0),
+    }
+
+    def __init__(self, alpha: float = 5.0, saliency_layer: int | Literal["auto"] = "auto",
+                 layers: Sequence[int] | None = None, questions: str | Sequence[str] | None = None,
+                 tagger: Literal["auto", "spacy", "stopwords"] = "auto"):
+        self.alpha, self.saliency_layer, self.layers, self.tagger = alpha, saliency_layer, layers, tagger
+        self.questions = [questions] if isinstance(questions, str) else questions
+        self.settings: dict = {}
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> GIFT:
+        if name not in cls.PRESETS:
+            raise KeyError(f"no GIFT preset {name!r}; presets are {sorted(cls.PRESETS)}")
+        return cls(**{**cls.PRESETS[name], **overrides})
+
+    def attach(self, vlm, plan) -> None:
+        num_layers = vlm.num_layers
+        edit = sorted(self.layers) if self.layers is not None else list(
+            range(round(num_layers * 12 / 32), round(num_layers * 23 / 32)))
+        if self.saliency_layer == "auto":
+            candidates = list(range(min(edit)))
+        else:
+            candidates = [int(self.saliency_layer)]
+        if not edit or not candidates or max(edit + candidates) >= num_layers:
+            raise ValueError(f"GIFT: layers {edit} / saliency layer(s) {candidates} do not fit a "
+                             f"{num_layers}-layer model; pass layers= and saliency_layer=")
+        self.edit, self.candidates, self.state = set(edit), candidates, plan.state
+        self.tokenizer = getattr(vlm.processor, "tokenizer", vlm.processor)
+        self.settings = {"method": "GIFT", "alpha": self.alpha, "saliency_layer": self.saliency_layer,
+                         "candidates": candidates, "layers": edit, "tagger": None, "chosen_layer": None}
+        self._layout = None
+        for index in sorted(self.edit | set(candidates)):
+            plan.attention(vlm.site(f"text.{index}"), self)
+
+    def _new_prompt(self) -> None:
+        """Question and content tokens of every sample; forget the previous prompt's saliency."""
+        layout, ids = self.state.layout, self.state.input_ids
+        questions = self.questions or [None] * len(layout)
+        if len(questions) == 1:
+            questions = questions * len(layout)
+        found = [question_tokens(ids[b, s.text.start:s.text.stop].tolist(), s.text.start, self.tokenizer, q,
+                                 self.tagger) for b, (s, q) in enumerate(zip(layout.samples, questions))]
+        if any(not content for _, content, _ in found):
+            raise ValueError("GIFT: a prompt's question has no content word to read gaze shifts from")
+        self.settings["tagger"] = found[0][2]
+        self.visual = visual_mask(layout)
+        self.question = key_mask([torch.tensor(q) for q, _, _ in found], layout.seq_len)
+        content = key_mask([torch.tensor(c) for _, c, _ in found], layout.seq_len)
+        self.content_rows = content.any(0).nonzero()[:, 0]
+        self.row_mask = content[:, self.content_rows]
+        self.saliency_rows = torch.unique(torch.cat([self.content_rows, self.content_rows - 1]))
+        self._layout, self._buffers, self._maps, self.factor = layout, {}, {}, None
+
+    def rows(self, call):
+        index, device = call.site.index, call.query.device
+        if self.state.step == 0:
+            if self._layout is not self.state.layout:
+                self._new_prompt()
+            wanted = [self.saliency_rows] if index in self.candidates and index not in self._maps else []
+            if index in self.edit and self.factor is not None:
+                wanted.append(torch.tensor([call.q_len - 1]))
+            return torch.unique(torch.cat(wanted)).to(device) if wanted else None
+        return last_row(call) if index in self.edit and self.factor is not None else None
+
+    def edit_probs(self, call, rows, probs):
+        last = (rows == call.q_len - 1).nonzero()[:, 0]
+        if call.site.index not in self.edit or self.factor is None or not last.numel():
+            return probs
+        device = probs.device
+        probs = probs.clone()
+        probs[:, :, last] = enhance(probs[:, :, last], widen(self.factor, call.k_len, device),
+                                    widen(self.visual, call.k_len, device), widen(self.question, call.k_len, device))
+        return probs
+
+    def record(self, call, rows, probs):
+        index = call.site.index
+        if self.state.step != 0 or index not in self.candidates or index in self._maps:
+            return
+        buffer = self._buffers.setdefault(index, {})
+        for position, row in zip(rows.tolist(), probs.unbind(2)):
+            buffer[position] = row.float().cpu()
+        if any(int(r) not in buffer for r in self.saliency_rows):
+            return  # the seam may hand rows over in chunks
+        del self._buffers[index]
+        attn = torch.stack([buffer[int(r)] for r in self.content_rows], 2)
+        previous = torch.stack([buffer[int(r) - 1] for r in self.content_rows], 2)
+        self._maps[index] = gaze_shift(attn, previous, self.row_mask, widen(self.visual, call.k_len))
+        if len(self._maps) == len(self.candidates):
+            self._choose()
+
+    def _choose(self) -> None:
+        totals = torch.stack([self._maps[index][1] for index in self.candidates], 1)  # (B, candidates)
+        chosen = totals.argmax(1)
+        maps = torch.stack([self._maps[self.candidates[int(c)]][0][b] for b, c in enumerate(chosen)])
+        self.settings["chosen_layer"] = [self.candidates[int(c)] for c in chosen]
+        self.factor = saliency_factor(maps, self.visual, self.alpha)
