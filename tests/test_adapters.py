@@ -1,16 +1,22 @@
 """Adapters on tiny real configs of every family: discovery, layout, parity with SDPA and eager."""
+
 import sys
 from contextlib import contextmanager
 
 import pytest
 import torch
-from transformers import AttentionInterface, AttentionMaskInterface, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AttentionInterface,
+    AttentionMaskInterface,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 from transformers.masking_utils import eager_mask
 
 import vlmtools
+from tests.tiny import BUILDERS
 from vlmtools.adapters import FAMILIES
 from vlmtools.plan import AttentionHook
-from tests.tiny import BUILDERS
 
 IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
 
@@ -50,13 +56,15 @@ def test_wrap_finds_the_family(built):
     assert vlm.family == family
     vision = vlm.adapter.blocks(model, "vision")
     assert len(vision) == model.config.vision_config.num_hidden_layers > 0
-    assert [s.name for s in vlm.sites] == ([f"text.{i}" for i in range(vlm.num_layers)]
-                                           + [f"vision.{i}" for i in range(len(vision))])
+    assert [s.name for s in vlm.sites] == (
+        [f"text.{i}" for i in range(vlm.num_layers)] + [f"vision.{i}" for i in range(len(vision))]
+    )
 
 
 def test_unsupported_model_names_the_families():
-    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         vocab_size=10)
+    config = LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=10
+    )
     with pytest.raises(TypeError) as error:
         vlmtools.wrap(LlamaForCausalLM(config))
     assert "LlamaForCausalLM" in str(error.value)
@@ -92,7 +100,7 @@ def test_sites_declare_the_real_head_shapes(built):
 
 
 def test_seam_takes_over_text_and_vision(built):
-    _, model, inputs, vlm = built
+    _, model, _, vlm = built
     with vlm.use():
         assert model.config.text_config._attn_implementation == vlmtools.attention.SEAM
         assert model.config.vision_config._attn_implementation == vlmtools.attention.SEAM
@@ -112,14 +120,15 @@ def image_features(model, inputs):
 def placeholder_positions(model, inputs, features):
     with torch.no_grad():
         embeds = model.get_input_embeddings()(inputs["input_ids"])
-        mask = model.model.get_placeholder_mask(inputs["input_ids"], inputs_embeds=embeds,
-                                                image_features=torch.cat(features))
+        mask = model.model.get_placeholder_mask(
+            inputs["input_ids"], inputs_embeds=embeds, image_features=torch.cat(features)
+        )
     mask = mask[0] if isinstance(mask, tuple) else mask
     return [row.nonzero().squeeze(1) for row in mask[..., 0]]
 
 
 def test_layout_matches_the_model_features(built):
-    family, model, inputs, vlm = built
+    _, model, inputs, vlm = built
     layout = vlm.layout(inputs)
     features = image_features(model, inputs)
     images = [image for sample in layout.samples for image in sample.images]
@@ -173,9 +182,11 @@ def test_qwen_layout_has_grid_thw_and_vision_markers(built):
 
 def describe(layout):
     """A layout as plain nested lists, for equality checks."""
-    return [[(s.padding.tolist(), s.layout.tolist(), s.text, s.first)]
-            + [(i.positions.tolist(), i.grid, i.span, i.thw, i.tiles, i.layout.tolist()) for i in s.images]
-            for s in layout.samples]
+    return [
+        [(s.padding.tolist(), s.layout.tolist(), s.text, s.first)]
+        + [(i.positions.tolist(), i.grid, i.span, i.thw, i.tiles, i.layout.tolist()) for i in s.images]
+        for s in layout.samples
+    ]
 
 
 def test_layout_under_generate_matches_the_prompt_layout(built):

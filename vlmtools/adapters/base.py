@@ -6,8 +6,9 @@ family means adding one module to this package that defines ``ADAPTER``.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 

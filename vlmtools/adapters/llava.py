@@ -3,6 +3,7 @@
 Each image becomes one run of ``image_token_id`` placeholders: (size / patch)^2
 tokens in raster order (plus CLS with the "full" feature strategy).
 """
+
 from __future__ import annotations
 
 import itertools

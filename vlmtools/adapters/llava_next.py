@@ -10,10 +10,14 @@ image size (``image_sizes``, (height, width)), as the processor computes it.
 Under ``generate`` the model gets the packed features instead of ``image_sizes``;
 the grids are then read back from where ``image_newline`` sits in them.
 """
+
 from __future__ import annotations
 
 import torch
-from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    unpad_image,
+)
 
 from ..layout import ImageTokens, TokenLayout
 from .base import Adapter, encoded_images, sequence_layout, span_of
@@ -45,8 +49,9 @@ def _image(base: tuple[int, int], stitched: tuple[int, int]):
     newline = (offsets >= base_count) & ((offsets - base_count) % (cols + 1) == cols)
 
     def build(sample, run):
-        return ImageTokens(positions=run[~newline], grid=base, span=span_of(run), tiles=[base, stitched],
-                           layout=run[newline])
+        return ImageTokens(
+            positions=run[~newline], grid=base, span=span_of(run), tiles=[base, stitched], layout=run[newline]
+        )
 
     return len(offsets), build
 
@@ -59,9 +64,11 @@ def _image_from_features(model, feature: torch.Tensor):
     rows = int(is_newline.sum())
     cols = (len(feature) - side * side) // max(rows, 1) - 1
     count, build = _image((side, side), (rows, cols))
-    if count != len(feature) or not is_newline[side * side + cols::cols + 1].all():
-        raise ValueError("vlmtools: LLaVA-NeXT image features are not packed as base grid + rows ending in "
-                         "image_newline; pass image_sizes")
+    if count != len(feature) or not is_newline[side * side + cols :: cols + 1].all():
+        raise ValueError(
+            "vlmtools: LLaVA-NeXT image features are not packed as base grid + rows ending in "
+            "image_newline; pass image_sizes"
+        )
     return count, build
 
 

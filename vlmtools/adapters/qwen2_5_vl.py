@@ -6,6 +6,7 @@ tower runs on tokens reordered window by window (``get_vision_window_index``),
 not in raster order; the merger's output is put back in raster order, so the
 text-side layout is the same as Qwen2-VL's.
 """
+
 from __future__ import annotations
 
 from .base import Adapter

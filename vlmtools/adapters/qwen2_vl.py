@@ -15,6 +15,7 @@ image_grid_thw, attention_mask=...)``; during generation the per-sample offset
 to the plain 1-D position lives in ``model.model.rope_deltas`` (anything that
 drops tokens must keep both consistent).
 """
+
 from __future__ import annotations
 
 from ..layout import ImageTokens, TokenLayout
@@ -31,8 +32,9 @@ def qwen_vl_layout(model, inputs) -> TokenLayout:
         images = (_image(t, h // merge, w // merge) for t, h, w in grids.tolist())
     else:
         images = _images_from_rope(inputs)
-    return sequence_layout(inputs, config.image_token_id, images,
-                           layout_ids=(config.vision_start_token_id, config.vision_end_token_id))
+    return sequence_layout(
+        inputs, config.image_token_id, images, layout_ids=(config.vision_start_token_id, config.vision_end_token_id)
+    )
 
 
 def _image(t: int, h: int, w: int):
