@@ -283,3 +283,19 @@ def test_vision_rows_match_eager(built):
     assert len(rows) == len(eager) == {"llava": 1, "llava_next": 1, "qwen2_vl": 2, "qwen2_5_vl": 6}[family]
     for row, weights in zip(rows, eager):
         torch.testing.assert_close(row, weights, atol=1e-5, rtol=0)
+
+
+def test_llava_full_strategy_keeps_cls_off_the_grid():
+    model, inputs = BUILDERS["llava"]()
+    model.config.vision_feature_select_strategy = "full"
+    image = model.config.image_token_id
+    ids = inputs["input_ids"]
+    # one more placeholder per image: insert it before each run
+    rows = [torch.cat([row[: int((row == image).nonzero()[0])], row.new_tensor([image]),
+                       row[int((row == image).nonzero()[0]):]]) for row in ids]
+    batch = {"input_ids": torch.stack(rows),
+             "attention_mask": torch.cat([inputs["attention_mask"][:, :1], inputs["attention_mask"]], 1)}
+    sample = vlmtools.wrap(model).layout(batch).samples[0]
+    (img,) = sample.images
+    assert img.positions.numel() == img.grid[0] * img.grid[1]
+    assert img.layout.tolist() == [img.span.start] and img.span.start in sample.layout.tolist()
