@@ -1,1 +1,20 @@
-"""pruning: built on vlmtools only."""
+"""pruning: visual token pruning hosts with debiasing, dropping tokens for real. Built on vlmtools only.
+
+>>> from pruning import FastV
+>>> with vlm.use(FastV(keep=64, layer=2, debias=True)):
+...     out = model.generate(**inputs)
+"""
+from .calibrate import calibrate
+from .debias import Debias, Trend, calibration_path, debiased, fit_trend, letterbox_padding, model_key
+from .host import Host
+from .hosts import DART, FastV, PDrop, RandomPrune, SparseVLM, UniformGrid
+from .vision import FasterVLM, VisionZip
+
+HOSTS = {host.name: host for host in (FastV, PDrop, SparseVLM, VisionZip, FasterVLM, DART, RandomPrune, UniformGrid)}
+"""Host name -> class, as used in calibration file names and benchmark tables."""
+
+__all__ = [
+    "DART", "Debias", "FastV", "FasterVLM", "HOSTS", "Host", "PDrop", "RandomPrune", "SparseVLM", "Trend",
+    "UniformGrid", "VisionZip", "calibrate", "calibration_path", "debiased", "fit_trend", "letterbox_padding",
+    "model_key",
+]
