@@ -1,1 +1,7 @@
-"""hallucination: built on vlmtools only."""
+"""hallucination: attention redistribution against hallucination (VAR, GIFT, PAINT) and
+its metrics (POPE, CHAIR); built on vlmtools only."""
+from .gift import GIFT
+from .paint import PAINT
+from .var import VAR
+
+__all__ = ["GIFT", "PAINT", "VAR"]

@@ -7,7 +7,7 @@ far, which are none of these, so a mask only ever needs widening with False.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -16,7 +16,8 @@ the largest total shift among those before the first edited layer.
 """
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import ClassVar, Literal
 
 import torch
 
@@ -126,10 +127,10 @@ class GIFT(AttentionHook):
     ...     out = model.generate(**inputs, max_new_tokens=32)
     """
 
-    PRESETS = {
-        "llava-1.5-7b": dict(saliency_layer=11, layers=tuple(range(12, 23)), alpha=5.0),
-        "llava-1.5-13b": dict(saliency_layer=10, layers=tuple(range(14, 21)), alpha=5.0),
-        "qwen2-vl-7b": dict(saliency_layer=14, layers=tuple(range(5, 19)), alpha=4.0),
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "llava-1.5-7b": {"saliency_layer": 11, "layers": tuple(range(12, 23)), "alpha": 5.0},
+        "llava-1.5-13b": {"saliency_layer": 10, "layers": tuple(range(14, 21)), "alpha": 5.0},
+        "qwen2-vl-7b": {"saliency_layer": 14, "layers": tuple(range(5, 19)), "alpha": 4.0},
     }
 
     def __init__(self, alpha: float = 5.0, saliency_layer: int | Literal["auto"] = "auto",

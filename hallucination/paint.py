@@ -78,7 +78,7 @@ class PAINT(AttentionHook):
             raise NotImplementedError(f"PAINT reads the vision encoder's CLS attention; the {vlm.family} vision "
                                       f"tower has no CLS token (supported: {', '.join(CLS_FAMILIES)})")
         depth = len(vlm.adapter.blocks(vlm.model, "vision"))
-        self.vision_sites = [f"vision.0", f"vision.{max(depth - 2, 0)}"]
+        self.vision_sites = ["vision.0", f"vision.{max(depth - 2, 0)}"]
         RecordRows(sorted(set(self.vision_sites)), queries=torch.tensor([0])).attach(vlm, plan)
         self.vlm, self.trace, self.state = vlm, plan.trace, plan.state
         self.layers = list(range(2, vlm.num_layers))

@@ -98,7 +98,7 @@ class VAR(AttentionHook, LayerHook):
 
     def before_layer(self, index, hidden, kwargs):
         if self.state.step != 0:
-            return None  # sinks are frozen after prefill
+            return  # sinks are frozen after prefill
         layout = self.state.layout
         if index == self.layers[0]:
             self._visual = visual_mask(layout)
@@ -107,7 +107,6 @@ class VAR(AttentionHook, LayerHook):
                                       dims=self.dims, layers=(index,))
         self.sinks[index] = sinks
         self._sink_masks[index] = key_mask(sinks, layout.seq_len)
-        return None
 
     def rows(self, call):
         if self.state.step > 0:

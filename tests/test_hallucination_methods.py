@@ -1,0 +1,350 @@
+"""VAR, GIFT and PAINT: each formula against a direct loop on planted attention, each hook
+against an eager attention that applies the formula by hand, and each method under
+``generate`` on the tiny families (batch 2, left padding)."""
+import math
+import statistics
+
+import numpy as np
+import pytest
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.masking_utils import eager_mask
+
+import vlmtools
+from hallucination import GIFT, PAINT, VAR
+from hallucination.common import key_mask, visual_mask
+from hallucination.gift import enhance, gaze_shift, question_tokens, saliency_factor
+from hallucination.paint import boost, token_sets, visual_sensitivity
+from hallucination.var import redistribute
+from tests import tiny
+
+LAYERS = 5  # VAR's layers 2 .. L-2 need more than the builders' 3
+
+
+@pytest.fixture(autouse=True)
+def five_layers(monkeypatch):
+    monkeypatch.setitem(tiny._LLAMA, "num_hidden_layers", LAYERS)
+    monkeypatch.setitem(tiny._QWEN_TEXT, "num_hidden_layers", LAYERS)
+
+
+def planted(batch=2, heads=4, rows=3, keys=10, seed=0):
+    """Random rows with a strong sink column (key 3) in heads 0-1 and an image-blind head 3."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch, heads, rows, keys, generator=g)
+    z[:, :2, :, 3] += 3.0
+    z[:, 3, :, 2:8] -= 6.0
+    visual = torch.zeros(batch, keys, dtype=torch.bool)
+    visual[:, 2:8] = True
+    return z, visual
+
+
+# ---------------------------------------------------------------- VAR formula
+def var_loop(probs, visual, sinks, moved, rho, min_image, rows):
+    out = probs.clone()
+    batch, heads, n_rows, keys = probs.shape
+    for b in range(batch):
+        image_keys = [k for k in range(keys) if visual[b, k]]
+        sink_keys = [k for k in image_keys if sinks[b, k]]
+        rest = [k for k in image_keys if not sinks[b, k]]
+        for h in range(heads):
+            for r in range(n_rows):
+                row = probs[b, h, r].tolist()
+                image = sum(row[k] for k in image_keys)
+                sink = sum(row[k] for k in sink_keys)
+                if not rows[b, r] or image < min_image or image - sink < rho * image or image - sink <= 0:
+                    continue
+                for k in sink_keys:
+                    out[b, h, r, k] = row[k] * (1 - moved)
+                for k in rest:
+                    out[b, h, r, k] = row[k] + moved * sink * row[k] / (image - sink)
+    return out
+
+
+@pytest.mark.parametrize("rho,moved", [(0.5, 0.6), (0.8, 0.4), (0.0, 1.0)])
+def test_var_redistribution_matches_a_direct_loop(rho, moved):
+    z, visual = planted()
+    probs = z.softmax(-1)
+    sinks = torch.zeros_like(visual)
+    sinks[0, 3] = sinks[1, [3, 6]] = True
+    rows = torch.tensor([[True, True, False], [False, True, True]])
+    edited, selected = redistribute(probs, visual, sinks, moved, rho, 0.2, rows)
+    torch.testing.assert_close(edited, var_loop(probs, visual, sinks, moved, rho, 0.2, rows), atol=1e-6, rtol=0)
+    torch.testing.assert_close(edited.sum(-1), probs.sum(-1), atol=1e-6, rtol=0)  # mass preserved
+    changed = (edited - probs).abs().amax(-1) > 0
+    assert changed.any() and not (changed & ~selected).any()
+    assert not changed[:, 3].any()  # the image-blind head is never image-centric
+    assert not changed[~rows[:, None].expand_as(changed)].any()
+    outside = ~visual[:, None, None].expand_as(probs)
+    assert torch.equal(edited[outside], probs[outside])
+
+
+# ---------------------------------------------------------------- GIFT formulas
+def top_half_loop(values):
+    keep = max(1, len(values) // 2)
+    return set(sorted(range(len(values)), key=lambda h: -values[h])[:keep])
+
+
+def test_gaze_shift_and_factor_match_a_direct_loop():
+    z, visual = planted(rows=4)
+    attn, previous = z.softmax(-1), (z + torch.randn_like(z)).softmax(-1)
+    rows = torch.tensor([[True, True, False, True], [True, False, True, True]])
+    saliency, total = gaze_shift(attn, previous, rows, visual)
+    factor = saliency_factor(saliency, visual, alpha=5.0)
+    batch, heads, n_rows, keys = attn.shape
+    for b in range(batch):
+        shift = [[sum(max(attn[b, h, r, k].item() - previous[b, h, r, k].item(), 0.0) for r in range(n_rows)
+                      if rows[b, r]) if visual[b, k] else 0.0 for k in range(keys)] for h in range(heads)]
+        kept = top_half_loop([sum(s) for s in shift])
+        expected = [sum(shift[h][k] for h in kept) / len(kept) for k in range(keys)]
+        torch.testing.assert_close(saliency[b], torch.tensor(expected), atol=1e-6, rtol=0)
+        assert math.isclose(total[b].item(), sum(map(sum, shift)), abs_tol=1e-5)
+        values = [expected[k] for k in range(keys) if visual[b, k]]
+        mean, sd = statistics.fmean(values), statistics.pstdev(values)
+        values = [min(max(v, mean - 3 * sd), mean + 3 * sd) for v in values]
+        low, high = min(values), max(values)
+        scaled = iter([(v - low) / (high - low) for v in values])
+        for k in range(keys):
+            want = math.exp(5.0 * next(scaled)) if visual[b, k] else 1.0
+            assert math.isclose(factor[b, k].item(), want, rel_tol=1e-5)
+
+
+def test_gift_enhancement_matches_a_direct_loop():
+    z, visual = planted(heads=6, rows=1)
+    probs = z.softmax(-1)
+    factor = torch.where(visual, torch.rand(visual.shape) * 4 + 1, torch.ones(visual.shape))
+    question = torch.zeros_like(visual)
+    question[:, 8:] = True
+    edited = enhance(probs, factor, visual, question)
+    batch, heads, _, keys = probs.shape
+    for b in range(batch):
+        rows = probs[b, :, 0].tolist()
+        image = [sum(row[k] for k in range(keys) if visual[b, k]) for row in rows]
+        asked = [sum(row[k] for k in range(keys) if question[b, k]) for row in rows]
+        on_image, on_question = top_half_loop(image), top_half_loop(asked)
+        for h, row in enumerate(rows):
+            ratio = sum(row[k] * factor[b, k].item() for k in range(keys) if visual[b, k]) / image[h]
+            new = [p * (factor[b, k].item() if h in on_image and visual[b, k] else 1.0)
+                   * (ratio if h in on_question and question[b, k] else 1.0) for k, p in enumerate(row)]
+            total = sum(new)
+            torch.testing.assert_close(edited[b, h, 0], torch.tensor([p / total for p in new]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(edited.sum(-1), torch.ones(batch, heads, 1), atol=1e-6, rtol=0)
+
+
+def test_question_tokens_map_content_words():
+    words = {11: "Is", 12: "there", 13: "a", 14: "red", 15: "car?", 16: "ASSISTANT:"}
+
+    class WordTokenizer:  # one word per token, joined by spaces
+        def decode(self, ids):
+            return " ".join(words[i] for i in ids)
+
+    ids = [11, 12, 13, 14, 15, 16]
+    inside, content, tagger = question_tokens(ids, 30, WordTokenizer(), "Is there a red car?", "stopwords")
+    assert inside == list(range(30, 35)) and content == [33, 34] and tagger == "stopwords"
+    assert question_tokens(ids, 30, None, None, "auto") == (list(range(30, 36)), list(range(30, 36)), "none")
+    with pytest.raises(ValueError, match="not in the prompt"):
+        question_tokens(ids, 30, WordTokenizer(), "Is there a dog?", "stopwords")
+
+
+# ---------------------------------------------------------------- PAINT formulas
+def test_paint_token_sets_match_numpy():
+    g = torch.Generator().manual_seed(1)
+    first, penultimate = torch.rand(36, generator=g), torch.rand(36, generator=g)
+    penultimate[[4, 20]] = 5.0
+    local, summary = token_sets(first, penultimate)
+    q1, q3 = np.percentile(penultimate.numpy(), [25, 75])
+    assert summary.nonzero()[:, 0].tolist() == [4, 20] == list(np.flatnonzero(penultimate.numpy() > q3 + 1.5 * (q3 - q1)))
+    top = set(np.argsort(-first.numpy())[:9].tolist())
+    assert set(local.nonzero()[:, 0].tolist()) == top - {4, 20}
+
+
+@pytest.mark.parametrize("modulate", [False, True])
+def test_paint_boost_matches_a_direct_loop(modulate):
+    z, visual = planted(rows=1)
+    local, summary = torch.zeros_like(visual), torch.zeros_like(visual)
+    local[:, [2, 5]] = True
+    summary[:, 7] = True
+    scale = visual_sensitivity(z, visual) if modulate else None
+    edited = boost(z, local, summary, 0.7, 0.4, scale)
+    batch, heads, _, keys = z.shape
+    for b in range(batch):
+        probs = z[b, :, 0].softmax(-1).tolist()
+        image = [sum(p[k] for k in range(keys) if visual[b, k]) for p in probs]
+        for h in range(heads):
+            alpha = 0.7 * (image[h] / statistics.fmean(image) if modulate else 1.0)
+            for k in range(keys):
+                x = z[b, h, 0, k].item()
+                want = x + alpha * abs(x) if local[b, k] else x + 0.4 * abs(x) if summary[b, k] else x
+                assert math.isclose(edited[b, h, 0, k].item(), want, rel_tol=1e-5, abs_tol=1e-6)
+
+
+# ---------------------------------------------------------------- hooks vs eager attention edited by hand
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def eager_edited(model, inputs, edit):
+    """Logits with every text layer on eager attention and ``edit(layer, z)`` -> probs applied by hand."""
+    def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        k, v = repeat_kv(key, module.num_key_value_groups), repeat_kv(value, module.num_key_value_groups)
+        z = (query.float() @ k.float().transpose(2, 3)) * scaling + attention_mask
+        p = edit(module.layer_idx, z)
+        return (p @ v.float()).to(query.dtype).transpose(1, 2).contiguous(), p
+
+    AttentionInterface.register("hand_edited", attention)
+    AttentionMaskInterface.register("hand_edited", eager_mask)
+    model.set_attn_implementation({"text_config": "hand_edited"})
+    try:
+        return logits(model, inputs)
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+
+
+def assert_same_on_real_tokens(got, want, inputs):
+    real = inputs["attention_mask"].bool()  # padding rows are undefined in eager and SDPA alike
+    torch.testing.assert_close(got[real], want[real], atol=2e-5, rtol=0)
+
+
+def test_var_hook_applies_the_formula_in_its_layers_and_rows():
+    model, inputs = tiny.tiny_llava()
+    vlm = vlmtools.wrap(model)
+    var = VAR(rho=0.3, tau=2.0, dims=(0, 1, 2, 3))
+    with vlm.use(var):
+        got = logits(model, inputs)
+    layout = vlm.layout(inputs)
+    visual, image_end = visual_mask(layout), torch.tensor([int(s.visual_positions().max()) for s in layout.samples])
+    assert var.layers == [2, 3] and any(s.numel() for sinks in var.sinks.values() for s in sinks)
+
+    def edit(layer, z):
+        p = z.softmax(-1)
+        if layer in var.layers:
+            sinks = key_mask(var.sinks[layer], z.shape[-1])
+            rows = torch.arange(z.shape[2])[None] > image_end[:, None]
+            p = redistribute(p, visual, sinks, var.moved, var.rho, var.min_image, rows)[0]
+        return p
+
+    assert_same_on_real_tokens(got, eager_edited(model, inputs, edit), inputs)
+    assert (got - logits(model, inputs)).abs().max() > 1e-4
+
+
+def test_gift_hook_applies_the_formula_to_the_last_row():
+    model, inputs = tiny.tiny_llava()
+    vlm = vlmtools.wrap(model)
+    gift = GIFT(alpha=5.0, saliency_layer=1, layers=[2, 3])
+    with vlm.use(gift):
+        got = logits(model, inputs)
+    assert gift.settings["chosen_layer"] == [1, 1] and gift.factor.amax() > 1
+
+    def edit(layer, z):
+        p = z.softmax(-1)
+        if layer in (2, 3):
+            p[:, :, -1:] = enhance(p[:, :, -1:], gift.factor, gift.visual, gift.question)
+        return p
+
+    assert_same_on_real_tokens(got, eager_edited(model, inputs, edit), inputs)
+
+
+@pytest.mark.parametrize("modulate", [True, False])
+def test_paint_hook_applies_the_formula_to_the_last_row(modulate):
+    model, inputs = tiny.tiny_llava()
+    vlm = vlmtools.wrap(model)
+    paint = PAINT(head_modulation=modulate)
+    with vlm.use(paint) as trace:
+        got = logits(model, inputs)
+    assert trace["vision.0.rows"][0].shape == (2, 4, 1, 17)  # the CLS row of each image
+    assert paint.local.any() and paint.settings["variant"] == ("paper" if modulate else "released")
+
+    def edit(layer, z):
+        if layer >= 2:
+            scale = visual_sensitivity(z[:, :, -1:], paint.visual) if modulate else None
+            z = z.clone()
+            z[:, :, -1:] = boost(z[:, :, -1:], paint.local, paint.summary, 0.7, 0.4, scale)
+        return z.softmax(-1)
+
+    assert_same_on_real_tokens(got, eager_edited(model, inputs, edit), inputs)
+
+
+# ---------------------------------------------------------------- under generate, every family
+def methods(family):
+    made = {"var": VAR(rho=0.3, tau=2.0, dims=(0, 1, 2, 3)), "var_released": VAR(tau=2.0, dims=(0, 1, 2, 3),
+                                                                                   rho=0.3, variant="released"),
+            "gift": GIFT(alpha=5.0, saliency_layer=1, layers=[2, 3])}
+    if family in ("llava", "llava_next"):
+        made["paint"] = PAINT()
+    return made
+
+
+def generate(model, inputs, steps=3):
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+EXPECTED_SITES = {"var": ["text.2", "text.3"], "var_released": ["text.2", "text.3", "text.4"],
+                  "gift": ["text.1", "text.2", "text.3"], "paint": ["text.2", "text.3", "text.4", "vision.0"]}
+
+
+@pytest.mark.parametrize("family", sorted(tiny.BUILDERS))
+def test_methods_change_generate_and_leave_the_model_as_it_was(family):
+    model, inputs = tiny.BUILDERS[family]()
+    vlm = vlmtools.wrap(model)
+    before = logits(model, inputs)
+    _, plain = generate(model, inputs)
+    for name, method in methods(family).items():
+        plan = vlmtools.Plan()
+        method.attach(vlm, plan)
+        assert plan.unfired() == EXPECTED_SITES[name]  # every other layer keeps the fused kernel
+        with vlm.use(method):
+            sequences, edited = generate(model, inputs)
+        assert sequences.shape == (2, inputs["input_ids"].shape[1] + 3)
+        assert (edited - plain).abs().amax((0, 2)).min() > 1e-6, name  # every step changes
+        assert method.settings["method"] == name.split("_")[0].upper()
+    assert model.config.text_config._attn_implementation == "sdpa"
+    torch.testing.assert_close(logits(model, inputs), before, atol=0, rtol=0)
+
+
+def test_var_settings_say_which_variant_and_dims():
+    model, inputs = tiny.tiny_llava()
+    vlm = vlmtools.wrap(model)
+    paper, released = VAR(p=0.6), VAR(p=0.6, variant="released")
+    with vlm.use(paper):
+        generate(model, inputs, 2)
+    with vlm.use(released):
+        generate(model, inputs, 2)
+    assert paper.settings["moved"] == pytest.approx(0.6) and released.settings["moved"] == pytest.approx(0.4)
+    assert paper.settings["layers"] == [2, 3] and released.settings["layers"] == [2, 3, 4]
+    assert paper.settings["dims_source"] == "discovered per layer at prefill"
+    with pytest.raises(ValueError, match="variant"):
+        VAR(variant="code")
+
+
+def test_gift_presets_and_auto_layer():
+    assert GIFT.preset("llava-1.5-7b").layers == tuple(range(12, 23))
+    assert GIFT.preset("qwen2-vl-7b", alpha=3.0).alpha == 3.0
+    with pytest.raises(KeyError, match="presets are"):
+        GIFT.preset("llava-2")
+    model, inputs = tiny.tiny_llava()
+    vlm = vlmtools.wrap(model)
+    gift = GIFT(layers=[3, 4])
+    with vlm.use(gift):
+        generate(model, inputs, 2)
+    assert gift.settings["candidates"] == [0, 1, 2] and set(gift.settings["chosen_layer"]) <= {0, 1, 2}
+    assert gift.settings["tagger"] == "none"  # no tokenizer: every text token is a question word
+
+
+def test_paint_refuses_towers_without_cls():
+    model, _ = tiny.tiny_qwen2_vl()
+    with pytest.raises(NotImplementedError, match="no CLS token"), vlmtools.wrap(model).use(PAINT()):
+        pass
+
+
+def test_methods_state_is_reset_per_prompt():
+    model, inputs = tiny.tiny_llava()
+    vlm = vlmtools.wrap(model)
+    gift = GIFT(alpha=5.0, saliency_layer=1, layers=[2, 3])
+    with vlm.use(gift):
+        _, first = generate(model, inputs)
+        _, again = generate(model, inputs)
+    torch.testing.assert_close(again, first, atol=1e-6, rtol=0)
