@@ -3,14 +3,16 @@
 Parity with the plain transformer guards against a probe that drifts from diffusers'
 own processor (projections, qk-norm, rotary, text/image order, output split).
 """
+import threading
+
 import pytest
 import torch
 from diffusers import UNet2DModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 import vlmtools
-from vlmtools.adapters.dit import Probe
 from tests.tiny_dit import GRID, TEXT, tiny_flux, tiny_sd3
+from vlmtools.adapters.dit import Probe
 
 BUILDERS = {"flux": tiny_flux, "sd3": tiny_sd3}
 
@@ -33,9 +35,12 @@ def explicit_probs(site, kwargs, family):
 
     query, key = attn.norm_q(heads(attn.to_q(image))), attn.norm_k(heads(attn.to_k(image)))
     if text is not None:
-        text_query, text_key = attn.norm_added_q(heads(attn.add_q_proj(text))), attn.norm_added_k(heads(attn.add_k_proj(text)))
-        order = (lambda a, b: (b, a)) if family == "flux" else (lambda a, b: (a, b))
-        query, key = torch.cat(order(query, text_query), 1), torch.cat(order(key, text_key), 1)
+        text_query = attn.norm_added_q(heads(attn.add_q_proj(text)))
+        text_key = attn.norm_added_k(heads(attn.add_k_proj(text)))
+        if family == "flux":  # text first
+            query, key = torch.cat([text_query, query], 1), torch.cat([text_key, key], 1)
+        else:
+            query, key = torch.cat([query, text_query], 1), torch.cat([key, text_key], 1)
     if family == "flux":
         query, key = rotate(query, kwargs["image_rotary_emb"]), rotate(key, kwargs["image_rotary_emb"])
     query, key = query.transpose(1, 2), key.transpose(1, 2)
@@ -146,20 +151,17 @@ def test_exception_inside_use_restores_processors_and_outputs(family):
     model, inputs = BUILDERS[family]()
     dit = vlmtools.wrap(model)
     plain, before = run(model, inputs), processors(dit)
-    with pytest.raises(ValueError, match="boom"):
-        with dit.use(vlmtools.RecordRows([s.name for s in dit.sites], "all")):
-            run(model, inputs)
-            raise ValueError("boom")
+    with pytest.raises(ValueError, match="boom"), dit.use(vlmtools.RecordRows([s.name for s in dit.sites], "all")):
+        run(model, inputs)
+        raise ValueError("boom")
     assert all(a is b for a, b in zip(processors(dit), before))
     assert (run(model, inputs) - plain).abs().max() == 0
 
 
 def test_planned_site_that_never_ran_raises():
-    model, inputs = tiny_sd3()
-    dit = vlmtools.wrap(model)
-    with pytest.raises(RuntimeError, match="dit.joint.1"):
-        with dit.use(vlmtools.RecordRows(["dit.joint.1"])):
-            pass
+    dit = vlmtools.wrap(tiny_sd3()[0])
+    with pytest.raises(RuntimeError, match="dit.joint.1"), dit.use(vlmtools.RecordRows(["dit.joint.1"])):
+        pass
 
 
 def test_nested_blocks_keep_the_probe_until_the_outer_exit():
@@ -175,14 +177,39 @@ def test_nested_blocks_keep_the_probe_until_the_outer_exit():
     assert len(trace["dit.double.0.rows"]) == 2 and len(trace["dit.double.0.column_mass"]) == 1
 
 
-def test_unknown_processor_is_refused_and_nothing_stays_installed():
-    model, inputs = tiny_sd3()
+def test_another_thread_runs_through_the_probe_unplanned():
+    model, inputs = tiny_flux()
     dit = vlmtools.wrap(model)
+    plain, module = run(model, inputs), dit.site("dit.double.0").module
+    installed, done, seen = threading.Event(), threading.Event(), {}
+
+    def planned():
+        with dit.use(vlmtools.RecordRows(["dit.double.0"])) as trace:
+            installed.set()
+            done.wait(60)
+            run(model, inputs)
+        seen["calls"] = len(trace["dit.double.0.rows"])
+
+    def unplanned():
+        installed.wait(60)
+        seen["probe"] = isinstance(module.processor, Probe)
+        seen["out"] = run(model, inputs)
+        done.set()
+
+    threads = [threading.Thread(target=planned), threading.Thread(target=unplanned)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert seen["probe"] and seen["calls"] == 1 and torch.equal(seen["out"], plain)
+
+
+def test_unknown_processor_is_refused_and_nothing_stays_installed():
+    dit = vlmtools.wrap(tiny_sd3()[0])
     dit.site("dit.joint.1").module.set_processor(AttnProcessor2_0())
-    before = processors(dit)
-    with pytest.raises(TypeError, match="AttnProcessor2_0"):
-        with dit.use(vlmtools.RecordRows(["dit.joint.0", "dit.joint.1"])):
-            pass
+    before, recorder = processors(dit), vlmtools.RecordRows(["dit.joint.0", "dit.joint.1"])
+    with pytest.raises(TypeError, match="AttnProcessor2_0"), dit.use(recorder):
+        pass
     assert all(a is b for a, b in zip(processors(dit), before))
 
 

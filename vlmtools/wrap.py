@@ -1,8 +1,9 @@
 """``vlmtools.wrap``: one object that knows a model's family, sites and layout."""
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, ContextManager, Iterator, Protocol
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Protocol
 
 import torch
 
@@ -17,7 +18,7 @@ from .plan import ACTIVE_PLAN, AttentionSite, Plan, StopForward, Trace
 class Intervention(Protocol):
     """Anything ``use`` accepts: it adds its hooks to the plan of the block."""
 
-    def attach(self, vlm: "Wrapped", plan: Plan) -> None: ...
+    def attach(self, vlm: Wrapped, plan: Plan) -> None: ...
 
 
 class Wrapped:
@@ -45,7 +46,7 @@ class Wrapped:
         raise LookupError(f"vlmtools: no site {name!r} in {self.family}; sites are "
                           + ", ".join(f"{p}.0..{p}.{n - 1}" for p, n in sorted(counts.items())))
 
-    def _installed(self, plan: Plan) -> ContextManager:
+    def _installed(self, plan: Plan) -> AbstractContextManager:
         """What routes this model's planned attention through the seam while ``plan`` is open."""
         raise NotImplementedError
 
@@ -104,7 +105,7 @@ class WrappedModel(Wrapped):
         else:
             plan.state.step += 1
 
-    def _installed(self, plan: Plan) -> ContextManager:
+    def _installed(self, plan: Plan) -> AbstractContextManager:
         return installed(self.model, self.adapter.config_keys, self.layers, self)
 
 

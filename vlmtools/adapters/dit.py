@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -93,7 +94,7 @@ class DiTAdapter(Adapter):
         return sites
 
 
-_PROBES: "weakref.WeakKeyDictionary[torch.nn.Module, list]" = weakref.WeakKeyDictionary()  # module -> [probe, count]
+_PROBES: weakref.WeakKeyDictionary[torch.nn.Module, list] = weakref.WeakKeyDictionary()  # module -> [probe, count]
 _LOCK = threading.Lock()
 
 
