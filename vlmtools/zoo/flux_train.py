@@ -33,7 +33,7 @@ def batch(pipe, step: int, size: int):
     return x_t, t, emb, pooled, txt_ids, target
 
 
-def main(steps: int = 1500, size: int = 16, lr: float = 5e-4):
+def main(steps: int = 1500, size: int = 16, lr: float = 1e-3):
     torch.manual_seed(0)
     pipe = flux.build_pipeline()
     dit = pipe.transformer.train()
@@ -43,7 +43,7 @@ def main(steps: int = 1500, size: int = 16, lr: float = 5e-4):
     t0 = time.time()
     for step in range(start, steps):
         for g in opt.param_groups:  # warmup, then linear decay to 10%
-            g["lr"] = lr * min(1.0, (step + 1) / 100) * (1 - 0.9 * step / steps)
+            g["lr"] = lr * min(1.0, (step + 1) / 20) * (1 - 0.9 * step / steps)
         x_t, t, emb, pooled, txt_ids, target = batch(pipe, step, size)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             pred = pipe.forward(x_t, t, emb, pooled, txt_ids)
@@ -52,8 +52,8 @@ def main(steps: int = 1500, size: int = 16, lr: float = 5e-4):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
         opt.step()
-        if step % 25 == 0 or step == steps - 1:
+        if step % 5 == 0 or step == steps - 1:
             log("flux", step, time.time() - t0, loss=loss.item())
-        if (step + 1) % 100 == 0 or step == steps - 1:
+        if (step + 1) % 25 == 0 or step == steps - 1:
             ck.save(step + 1, {"dit": dit, "opt": opt})
             dit.save_pretrained(flux.WEIGHTS / "transformer")

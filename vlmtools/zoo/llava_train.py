@@ -5,9 +5,12 @@
    ZOO-NOTES), so it first learns per-patch colour x shape (the binding that
    existence questions need) and object centres on the features the LM will
    read (layer -2), and presence/count from CLS at the last layer.
-2. ``words``: the projector alone maps each patch to the sum of the SmolLM2
-   embeddings of its object's colour and shape words, so alignment starts from
-   visual tokens the frozen LM can already read.
+2. ``words``: the projector alone learns to turn each object's centre patch
+   into the SmolLM2 embedding of its colour word and the next patch (raster
+   order) into that of its shape word, every other patch into a space; the
+   visual tokens then read like text ("... red circle ... blue cross ..."), so
+   alignment starts from something the frozen LM can already read (the tower
+   learns these "slots" in stage 1).
 3. ``align``: tower, projector and a rank-8 LoRA on every LM linear layer,
    trained through the LM on multi-turn chats (several one-word answers per
    image, the loss and the LM head only at answer positions, bf16 autocast).
@@ -29,13 +32,18 @@ from .train_utils import Checkpoint, log
 
 GRID = llava.IMAGE_SIZE // llava.PATCH
 N_COMBO = len(W.COLOURS) * len(W.SHAPES)
+N_SLOT = 1 + len(W.COLOURS) + len(W.SHAPES)
+SLOT_WEIGHT = torch.tensor([0.2] + [1.0] * (N_SLOT - 1))  # slots are rare: ~2 patches per object
 
 
-def patch_labels(scenes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per patch: colour x shape class (0 = background) and object-centre flag,
-    in the letterboxed 96 px frame; per image: presence (24) and count."""
+def patch_labels(scenes):
+    """Per patch, in the letterboxed 96 px frame: colour x shape class
+    (0 = background), object-centre flag and word slot (0 none, 1 + colour at
+    an object's centre patch, 1 + 6 + shape at the patch after it); per image:
+    presence (24) and count."""
     combo = torch.zeros(len(scenes), GRID * GRID, dtype=torch.long)
     centre = torch.zeros(len(scenes), GRID * GRID)
+    slot = torch.zeros(len(scenes), GRID * GRID, dtype=torch.long)
     presence = torch.zeros(len(scenes), N_COMBO)
     count = torch.zeros(len(scenes), dtype=torch.long)
     colours, shapes = list(W.COLOURS), list(W.SHAPES)
@@ -53,20 +61,23 @@ def patch_labels(scenes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torc
             px = min(GRID - 1, int((o.cx + ox) * k // llava.PATCH))
             py = min(GRID - 1, int((o.cy + oy) * k // llava.PATCH))
             centre[b, py * GRID + px] = 1
+            slot[b, py * GRID + px] = 1 + colours.index(o.colour)
+            slot[b, min(py * GRID + px + 1, GRID * GRID - 1)] = 1 + len(colours) + shapes.index(o.shape)
             presence[b, c - 1] = 1
         count[b] = len(s.objects)
-    return combo, centre, presence, count
+    return combo, centre, slot, presence, count
 
 
 class TowerHeads(nn.Module):
     def __init__(self, d: int):
         super().__init__()
         self.combo, self.centre = nn.Linear(d, N_COMBO + 1), nn.Linear(d, 1)
+        self.slot = nn.Linear(d, N_SLOT)
         self.presence, self.count = nn.Linear(d, N_COMBO), nn.Linear(d, 6)
 
 
 def tower_step(tower, heads, pixel_values, labels):
-    combo, centre, presence, count = labels
+    combo, centre, slot, presence, count = labels
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = tower(pixel_values=pixel_values, output_hidden_states=True)
     patches = out.hidden_states[-2][:, 1:].float()
@@ -75,10 +86,14 @@ def tower_step(tower, heads, pixel_values, labels):
     losses = {
         "combo": F.cross_entropy(logits.flatten(0, 1), combo.flatten()),
         "centre": F.binary_cross_entropy_with_logits(heads.centre(patches)[..., 0], centre),
+        "slot": F.cross_entropy(heads.slot(patches).flatten(0, 1), slot.flatten(),
+                                weight=SLOT_WEIGHT),
         "presence": F.binary_cross_entropy_with_logits(heads.presence(pooled), presence),
         "count": F.cross_entropy(heads.count(pooled), count),
     }
-    acc = {"acc_combo": ((logits.argmax(-1) == combo) | (combo == 0)).all(1).float().mean().item(),
+    slot_pred = heads.slot(patches).argmax(-1)
+    acc = {"acc_slot": ((slot_pred == slot) | (slot == 0)).all(1).float().mean().item(),
+           "acc_combo": ((logits.argmax(-1) == combo) | (combo == 0)).all(1).float().mean().item(),
            "acc_count": (heads.count(pooled).argmax(-1) == count).float().mean().item(),
            "acc_presence": ((heads.presence(pooled) > 0) == (presence > 0)).all(1).float().mean().item()}
     return sum(losses.values()), losses, acc
@@ -118,15 +133,11 @@ def set_lr(opt, lr, step, steps, warmup):
 
 # ---- stage 2: projector to word embeddings -----------------------------------
 def word_targets(model, tok) -> torch.Tensor:
-    """(25, 576): row 0 the embedding of ' background', row 1 + c*4 + s that of
-    ' {colour}' plus ' {shape}' (first sub-token of each)."""
+    """(N_SLOT, 576) SmolLM2 input embeddings: row 0 a space (no word), then the
+    colour words, then the shape words (first sub-token, with a leading space)."""
     emb = model.model.language_model.embed_tokens.weight.detach()
-
-    def e(word):
-        return emb[tok.encode(" " + word)[0]]
-
-    rows = [e("background")] + [e(c) + e(s) for c in W.COLOURS for s in W.SHAPES]
-    return torch.stack(rows)
+    words = [""] + list(W.COLOURS) + list(W.SHAPES)
+    return torch.stack([emb[tok.encode(" " + w)[0]] for w in words])
 
 
 class LoRA(nn.Module):
@@ -224,10 +235,10 @@ def train_align(tower_state, words_steps: int, steps: int, batch: int = 6, turns
     for step in range(start, words_steps):
         scenes = [W.scene("train", 40_000_000 + step * 64 + i) for i in range(64)]
         pv = proc.image_processor([s.image for s in scenes], return_tensors="pt")["pixel_values"]
-        combo = patch_labels(scenes)[0]
+        slot = patch_labels(scenes)[2]
         with torch.no_grad():
             feats = tower(pixel_values=pv, output_hidden_states=True).hidden_states[-2][:, 1:]
-        loss = F.mse_loss(proj(feats), targets[combo]) / targets.pow(2).mean()
+        loss = F.mse_loss(proj(feats), targets[slot]) / targets.pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -99,7 +99,8 @@ class Scene:
         for i, o in enumerate(self.objects):
             for text in _candidates(self, i):
                 if text is not None:
-                    out.append(RefExp(text, i, [o.size, o.colour, o.shape]))
+                    head = text.split(" on the ")[0].split(" left of ")[0].split(" right of ")[0]
+                    out.append(RefExp(text, i, head.split()[1:]))
                     break
         return out
 
@@ -136,7 +137,7 @@ class Scene:
 class RefExp:
     text: str
     target: int  # index into scene.objects
-    content_words: list  # the referent's attribute words (size, colour, shape)
+    content_words: list  # the words of the referent's own noun phrase ('red', 'circle')
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,102 @@
+"""The zoo: the shapes world's guarantees, and loading + a forward pass of each model."""
+import numpy as np
+import pytest
+import torch
+
+from vlmtools.zoo import world as W
+
+
+def test_scenes_are_deterministic_and_splits_disjoint():
+    a, b = W.scene("val", 5), W.scene("val", 5)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert a.objects == b.objects
+    assert W.scene("train", 5).seed != W.scene("val", 5).seed
+    with pytest.raises(ValueError):
+        W.scene("train", 10**9)  # would reach held-out seeds
+
+
+def test_masks_match_pixels_and_do_not_overlap():
+    for i in range(30):
+        s = W.scene("train", i)
+        assert 1 <= len(s.objects) <= 5
+        assert s.masks.sum(0).max() == 1
+        img = np.asarray(s.image)
+        for o, m in zip(s.objects, s.masks):
+            assert m.sum() > 20
+            assert (img[m] == W.COLOURS[o.colour]).all()
+
+
+def test_some_canvases_are_not_square():
+    assert any(W.scene("train", i).width != W.scene("train", i).height for i in range(40))
+
+
+def test_referring_expressions_have_unique_referents():
+    for i in range(60):
+        s = W.scene("test", i)
+        for e in s.referring_expressions():
+            words = e.text.split()
+            o = s.objects[e.target]
+            assert o.shape in words and set(e.content_words) <= set(words)
+            if len(words) == 2:  # "the circle"
+                assert sum(p.shape == o.shape for p in s.objects) == 1
+            if len(words) == 3 and words[1] in W.COLOURS:
+                assert sum(p.name == o.name for p in s.objects) == 1
+
+
+def test_answers_follow_from_the_scene():
+    for i in range(60):
+        s = W.scene("val", i)
+        names = {o.name for o in s.objects}
+        for q in s.questions():
+            if q.type == "existence":
+                name = q.question[len("Is there a"):].strip(" ?").removeprefix("n ").strip()
+                assert (name in names) == (q.answer == "yes")
+            if q.type == "count" and "shapes" in q.question:
+                assert q.answer == str(len(s.objects))
+
+
+def test_pope_negatives_are_absent_and_balanced():
+    for kind in ("random", "popular", "adversarial"):
+        triples = W.pope("test", 20, kind)
+        assert sum(a == "yes" for *_, a in triples) * 2 == len(triples)
+        for idx, q, a in triples:
+            name = q.split("Is there a")[1].removeprefix("n ").split(" in the")[0].strip()
+            assert (name in {o.name for o in W.scene("test", idx).objects}) == (a == "yes")
+
+
+def test_qa_items_balance_types():
+    types = [q.type for _, q in W.qa_items("test", 50)]
+    assert {t: types.count(t) for t in W.QUESTION_TYPES} == {t: 10 for t in W.QUESTION_TYPES}
+
+
+def test_llava_shapes_loads_and_reads_the_image():
+    from vlmtools.zoo import load
+    from vlmtools.zoo.llava import NUM_PATCHES, prompt
+
+    model, processor = load("llava-shapes")
+    s = W.scene("test", 0)
+    x = processor(images=[s.image], text=[prompt(processor, "How many shapes are there?")], return_tensors="pt")
+    assert (x["input_ids"] == model.config.image_token_id).sum() == NUM_PATCHES >= 144
+    assert x["pixel_values"].shape[-2:] == (96, 96)
+    with torch.no_grad():
+        out = model(**x)
+        blank = model(**{**x, "pixel_values": torch.zeros_like(x["pixel_values"])})
+    assert torch.isfinite(out.logits).all()
+    # the answer distribution depends on the image
+    assert (out.logits[0, -1] - blank.logits[0, -1]).abs().max() > 0.1
+
+
+def test_flux_shapes_loads_and_predicts_a_velocity():
+    from vlmtools.zoo import load
+    from vlmtools.zoo.flux import letterbox
+
+    pipe = load("flux-shapes")
+    img = letterbox(W.scene("test", 0))[0][None]
+    emb, pooled, txt_ids = pipe.encode_prompt("a red circle")
+    assert emb.shape == (1, 32, 576) and txt_ids.shape == (32, 3)
+    assert pipe.token_strings("a red circle")[-1] == pipe.tokenizer.pad_token  # padded, as FLUX
+    x_t, target = pipe.denoise_input(img, torch.tensor([0.5]), torch.zeros(1, 256, 48))
+    with torch.no_grad():
+        v = pipe.forward(x_t, torch.tensor([0.5]), emb, pooled, txt_ids)
+    assert v.shape == target.shape == (1, 256, 48)
+    assert torch.isfinite(v).all()
