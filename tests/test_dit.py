@@ -164,6 +164,25 @@ def test_planned_site_that_never_ran_raises():
         pass
 
 
+class Stop(vlmtools.AttentionHook):
+    def attach(self, vlm, plan):
+        plan.attention(vlm.site("dit.double.1"), self)
+
+    def observe(self, call):
+        raise vlmtools.StopForward
+
+
+def test_stop_forward_ends_a_probe_run_quietly_and_restores():
+    model, inputs = tiny_flux()
+    dit = vlmtools.wrap(model)
+    before = processors(dit)
+    with dit.use(vlmtools.RecordRows(["dit.double.0"]), Stop()) as trace:
+        run(model, inputs)
+        pytest.fail("the forward should have stopped")
+    assert len(trace["dit.double.0.rows"]) == 1
+    assert all(a is b for a, b in zip(processors(dit), before))
+
+
 def test_nested_blocks_keep_the_probe_until_the_outer_exit():
     model, inputs = tiny_flux()
     dit = vlmtools.wrap(model)
