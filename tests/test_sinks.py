@@ -1,5 +1,6 @@
 """Sink detector: every criterion on planted tensors (with near misses), discovery of
 planted massive dimensions in an edited tiny Llama, and detect() through the seam."""
+
 import json
 import math
 
@@ -8,12 +9,23 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
 import vlmtools
+from tests.tiny_dit import GRID, TEXT, tiny_flux
 from vlmtools.layout import ImageTokens, SampleLayout, Span, TokenLayout
 from vlmtools.record import RecordHidden
-from vlmtools.sinks import (PUBLISHED_SINK_DIMS, ColumnMassSink, GlobalSink, MassiveActivation, PrimaryCosine,
-                            SinkDetector, SinkDimensions, SinkReport, ValueDrain, model_signature,
-                            visual_sink_positions)
-from vlmtools.sinks import command
+from vlmtools.sinks import (
+    PUBLISHED_SINK_DIMS,
+    ColumnMassSink,
+    GlobalSink,
+    MassiveActivation,
+    PrimaryCosine,
+    SinkDetector,
+    SinkDimensions,
+    SinkReport,
+    ValueDrain,
+    command,
+    model_signature,
+    visual_sink_positions,
+)
 
 
 def tokens(report, criterion):
@@ -71,7 +83,7 @@ def plant(vector: torch.Tensor, phis: dict[int, float]) -> torch.Tensor:
     """Set ``vector[d]`` so that ``|v[d]| / rms(v) == phis[d]`` exactly."""
     vector = vector.clone()
     vector[list(phis)] = 0
-    rms = (vector.pow(2).sum() / (vector.numel() - sum(p ** 2 for p in phis.values()))).sqrt()
+    rms = (vector.pow(2).sum() / (vector.numel() - sum(p**2 for p in phis.values()))).sqrt()
     for dim, phi in phis.items():
         vector[dim] = phi * rms
     return vector
@@ -110,7 +122,7 @@ def test_published_table_is_keyed_by_model_signature():
 def aligned(direction: torch.Tensor, cos: float, norm: float) -> torch.Tensor:
     other = torch.randn_like(direction)
     other -= (other @ direction) * direction
-    return norm * (cos * direction + math.sqrt(1 - cos ** 2) * other / other.norm())
+    return norm * (cos * direction + math.sqrt(1 - cos**2) * other / other.norm())
 
 
 def test_primary_cosine_lifetime_classes():
@@ -157,13 +169,34 @@ def test_global_sink_needs_high_and_even_attention():
         attn[i] = (1 - sum(planted.values())) / (keys - len(planted))
         attn[i, list(planted)] = torch.tensor(list(planted.values()))
     attn = attn[None, None].expand(1, 2, queries, keys)
-    report = SinkDetector([GlobalSink()]).detect_tensors(joint_attention=[attn],
-                                                         image_queries=torch.arange(text, queries))
+    report = SinkDetector([GlobalSink()]).detect_tensors(
+        joint_attention=[attn], image_queries=torch.arange(text, queries)
+    )
     assert tokens(report, "global_sink") == [(0, 1)]
     ratio = report.scores["global_sink"][0, 0]
     assert ratio[9] > 5 and 2 < ratio[12] < 5
     with pytest.raises(ValueError, match="image_queries"):
         SinkDetector([GlobalSink()]).detect_tensors(joint_attention=[attn])
+
+
+def test_detect_on_flux_streams_what_full_maps_give():
+    model, inputs = tiny_flux()
+    dit = vlmtools.wrap(model)
+    detector = SinkDetector([GlobalSink(ratio=1.2, max_cv=1.0)])
+    report = detector.detect(dit, inputs)
+    names = [site.name for site in dit.sites]
+    with torch.no_grad(), dit.use(vlmtools.RecordRows(names, "all")) as trace:
+        model(**inputs)
+    maps = [torch.cat(trace[f"{name}.rows"], 2) for name in names]
+    full = detector.detect_tensors(joint_attention=maps, layout=dit.layout(TEXT, GRID))
+    torch.testing.assert_close(report.scores["global_sink"], full.scores["global_sink"])
+    assert report.findings and [(f.sample, f.layer, f.token) for f in report.findings] == [
+        (f.sample, f.layer, f.token) for f in full.findings
+    ]
+    assert report.layer_names == names
+    image = [f for f in report.findings if f.role == "visual"]
+    assert all(TEXT + f.row * GRID[1] + f.col == f.token for f in image)
+    assert {f.role for f in report.findings} <= {"first", "text", "visual"}
 
 
 def edited_llama():
@@ -174,8 +207,14 @@ def edited_llama():
     """
     torch.manual_seed(0)
     feature, unit, dims = 3, 5, (100, 900)
-    config = LlamaConfig(hidden_size=1536, intermediate_size=32, num_hidden_layers=5, num_attention_heads=4,
-                         num_key_value_heads=1, vocab_size=16)
+    config = LlamaConfig(
+        hidden_size=1536,
+        intermediate_size=32,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        vocab_size=16,
+    )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         embed = model.model.embed_tokens.weight
@@ -208,8 +247,11 @@ def test_discovery_finds_planted_dims_in_edited_llama():
     assert {f.layer for f in report.sinks("massive")} == {2, 3, 4}
     # the question VAR asks: positions 3..6 are an image here, token 4 is its sink
     image = ImageTokens(positions=torch.arange(3, 7), grid=(2, 2), span=Span(3, 7))
-    layout = TokenLayout([SampleLayout(8, [image], Span(7, 8), torch.empty(0, dtype=torch.long),
-                                       torch.empty(0, dtype=torch.long), 0)], 8, 8)
+    layout = TokenLayout(
+        [SampleLayout(8, [image], Span(7, 8), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), 0)],
+        8,
+        8,
+    )
     [sinks] = visual_sink_positions(hidden, layout)
     assert sinks.tolist() == [4]
 
@@ -217,21 +259,29 @@ def test_discovery_finds_planted_dims_in_edited_llama():
 @pytest.fixture(scope="module")
 def llava():
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=32, patch_size=8)
-    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=100)
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    text = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
     model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=99))
     ids = torch.tensor([[1, 2] + [99] * 16 + [3, 4, 5], [0, 0, 1] + [99] * 16 + [3, 4]])
     mask = torch.tensor([[1] * 21, [0, 0] + [1] * 19])
-    inputs = dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 32, 32))
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(2, 3, 32, 32)}
     return vlmtools.wrap(model.eval()), inputs
 
 
 def test_detect_on_llava_reports_layout_roles(llava, tmp_path):
     vlm, inputs = llava
-    detector = SinkDetector([ColumnMassSink(eps=0.05), "positional", "massive", "sink_dims", "primary_cosine",
-                             ValueDrain(ratio=0.5)])
+    detector = SinkDetector(
+        [ColumnMassSink(eps=0.05), "positional", "massive", "sink_dims", "primary_cosine", ValueDrain(ratio=0.5)]
+    )
     report = detector.detect(vlm, inputs)
     layout = vlm.layout(inputs)
     assert {f.criterion for f in report.findings} >= {"column_mass", "positional", "primary_cosine"}
@@ -263,8 +313,9 @@ def test_detect_column_mass_matches_eager_attention(llava):
     finally:
         model.set_attn_implementation({"text_config": "sdpa"})
     eager = detector.detect_tensors(attn=attentions, layout=vlm.layout(inputs))
-    assert [(f.sample, f.layer, f.head, f.token) for f in eager.findings] == \
-        [(f.sample, f.layer, f.head, f.token) for f in seam.findings]
+    assert [(f.sample, f.layer, f.head, f.token) for f in eager.findings] == [
+        (f.sample, f.layer, f.head, f.token) for f in seam.findings
+    ]
     torch.testing.assert_close(eager.scores["column_mass"], seam.scores["column_mass"], equal_nan=True)
 
 
@@ -285,8 +336,11 @@ class ChatProcessor:
         return "prompt"
 
     def __call__(self, images, text, return_tensors):
-        return {"input_ids": torch.tensor([[1, 2] + [99] * 16 + [3]]), "attention_mask": torch.ones(1, 19, dtype=torch.long),
-                "pixel_values": torch.randn(1, 3, 32, 32)}
+        return {
+            "input_ids": torch.tensor([[1, 2] + [99] * 16 + [3]]),
+            "attention_mask": torch.ones(1, 19, dtype=torch.long),
+            "pixel_values": torch.randn(1, 3, 32, 32),
+        }
 
 
 def test_run_sinks_cli_prints_table_and_writes_png(llava, tmp_path, monkeypatch, capsys):

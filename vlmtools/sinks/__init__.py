@@ -4,16 +4,37 @@
 >>> report = SinkDetector().detect(vlm, inputs)
 >>> print(report.table()); report.plot("sinks.png")
 """
-from .attention import ColumnMassSink, GlobalSink, Positional, ValueDrain
+
+from .attention import ColumnMassSink, Positional, ValueDrain
 from .base import Criterion, Evaluation, Finding, SinkTensors, plain_layout
 from .detector import CRITERIA, DEFAULT, HIDDEN, SinkDetector
 from .dims import PUBLISHED_SINK_DIMS, SinkDimensions, discover_sink_dims, model_signature, visual_sink_positions
+from .dit import GlobalSink, JointColumns, RecordJointColumns
 from .hidden import MassiveActivation, PrimaryCosine
 from .report import SinkReport
 
 __all__ = [
-    "CRITERIA", "ColumnMassSink", "Criterion", "DEFAULT", "Evaluation", "Finding", "GlobalSink", "HIDDEN",
-    "MassiveActivation", "PUBLISHED_SINK_DIMS", "Positional", "PrimaryCosine", "SinkDetector", "SinkDimensions",
-    "SinkReport", "SinkTensors", "ValueDrain", "discover_sink_dims", "model_signature", "plain_layout",
+    "CRITERIA",
+    "DEFAULT",
+    "HIDDEN",
+    "PUBLISHED_SINK_DIMS",
+    "ColumnMassSink",
+    "Criterion",
+    "Evaluation",
+    "Finding",
+    "GlobalSink",
+    "JointColumns",
+    "MassiveActivation",
+    "Positional",
+    "PrimaryCosine",
+    "RecordJointColumns",
+    "SinkDetector",
+    "SinkDimensions",
+    "SinkReport",
+    "SinkTensors",
+    "ValueDrain",
+    "discover_sink_dims",
+    "model_signature",
+    "plain_layout",
     "visual_sink_positions",
 ]

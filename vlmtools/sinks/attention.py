@@ -1,9 +1,8 @@
-"""Criteria read from attention: position, column mass, value drain, DiT global sinks."""
+"""Criteria read from attention in a VLM's language model: position, column mass, value drain."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
 
 from .base import Criterion, Evaluation, Finding, SinkTensors, median_over_tokens
 
@@ -17,8 +16,13 @@ class Positional(Criterion):
 
     def evaluate(self, tensors: SinkTensors) -> Evaluation:
         valid = tensors.valid()
-        return Evaluation([Finding(self.name, b, token, 1.0)
-                           for b in range(tensors.batch) for token in valid[b].nonzero()[:self.k, 0].tolist()])
+        return Evaluation(
+            [
+                Finding(self.name, b, token, 1.0)
+                for b in range(tensors.batch)
+                for token in valid[b].nonzero()[: self.k, 0].tolist()
+            ]
+        )
 
 
 @dataclass
@@ -44,8 +48,10 @@ class ColumnMassSink(Criterion):
             seen = (mass.queries.cpu() >= self.min_queries) & valid[:, None]
             fired = (alpha > self.eps) & seen
             dense[:, layer] = fired.float().mean(1).masked_fill(~valid, float("nan"))
-            findings += [Finding(self.name, b, k, float(alpha[b, h, k]), layer=layer, head=h)
-                         for b, h, k in fired.nonzero().tolist()]
+            findings += [
+                Finding(self.name, b, k, float(alpha[b, h, k]), layer=layer, head=h)
+                for b, h, k in fired.nonzero().tolist()
+            ]
         return Evaluation(findings, dense)
 
 
@@ -66,38 +72,8 @@ class ValueDrain(Criterion):
             ratio = norms / median_over_tokens(norms, valid).clamp(min=1e-12)
             fired = (ratio < self.ratio) & valid[:, None]
             dense[:, layer] = fired.float().mean(1).masked_fill(~valid, float("nan"))
-            findings += [Finding(self.name, b, k, float(ratio[b, h, k]), layer=layer, head=h)
-                         for b, h, k in fired.nonzero().tolist()]
-        return Evaluation(findings, dense)
-
-
-@dataclass
-class GlobalSink(Criterion):
-    """A DiT key that every query attends to, a lot and evenly (RefAM's global sinks).
-
-    Ours (the paper gives no formula): mean received attention over all queries above
-    ``ratio`` times the median over keys, and coefficient of variation of its column
-    over the image queries below ``max_cv``. Score: the ratio; label: the CV.
-    """
-
-    name = "global_sink"
-    needs = "joint_attention"
-    ratio: float = 5.0
-    max_cv: float = 0.5
-    layers: tuple[int, ...] | None = None
-
-    def evaluate(self, tensors: SinkTensors) -> Evaluation:
-        if tensors.image_queries is None:
-            raise ValueError("global_sink needs the image-query rows: pass image_queries=")
-        dense, findings, valid = tensors.dense(), [], tensors.valid()
-        for layer in self.layer_range(tensors.num_layers):
-            attn = tensors.joint_attention[layer].float().cpu()
-            received = attn.mean(1)
-            ratio = received / median_over_tokens(received, valid).clamp(min=1e-12)
-            image = attn[:, tensors.image_queries.cpu()]
-            cv = image.std(1, correction=0) / image.mean(1).clamp(min=1e-12)
-            fired = (ratio > self.ratio) & (cv < self.max_cv) & valid
-            dense[:, layer] = ratio.masked_fill(~valid, float("nan"))
-            findings += [Finding(self.name, b, k, float(ratio[b, k]), layer=layer, label=f"cv {cv[b, k]:.2f}")
-                         for b, k in fired.nonzero().tolist()]
+            findings += [
+                Finding(self.name, b, k, float(ratio[b, h, k]), layer=layer, head=h)
+                for b, h, k in fired.nonzero().tolist()
+            ]
         return Evaluation(findings, dense)

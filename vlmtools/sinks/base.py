@@ -5,18 +5,22 @@ tensor it reads (or None), ``layers`` the layers it reads it on, and
 ``evaluate`` turns :class:`SinkTensors` into an :class:`Evaluation`. Tokens are
 addressed by sequence position, never by token id (Qwen2 tokenizers add no BOS).
 """
+
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 
 from ..layout import SampleLayout, Span, TokenLayout
 from ..record import ColumnMass
 
-Need = Literal["hidden", "column_mass", "value_norms", "joint_attention"]
+if TYPE_CHECKING:
+    from .dit import JointColumns
+
+Need = Literal["hidden", "column_mass", "value_norms", "joint_columns"]
 
 
 @dataclass(frozen=True)
@@ -60,8 +64,8 @@ class SinkTensors:
 
     ``hidden[l]``: residual stream entering layer ``l``, ``(B, L, D)``;
     ``column_mass[l]``: :class:`~vlmtools.record.ColumnMass` of layer ``l``;
-    ``value_norms[l]``: ``(B, H, L)``; ``joint_attention[l]``: a DiT block's
-    head-mean attention ``(B, Lq, Lk)`` with ``image_queries`` its image-query rows.
+    ``value_norms[l]``: ``(B, H, L)``; ``joint_columns[l]``: a DiT block's
+    :class:`~vlmtools.sinks.dit.JointColumns`. ``layer_names`` name the layers (sites);
     ``signature`` identifies the base LLM for the published sink-dimension table.
     """
 
@@ -70,9 +74,10 @@ class SinkTensors:
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     column_mass: dict[int, ColumnMass] = field(default_factory=dict)
     value_norms: dict[int, torch.Tensor] = field(default_factory=dict)
-    joint_attention: dict[int, torch.Tensor] = field(default_factory=dict)
-    image_queries: torch.Tensor | None = None
+    joint_columns: dict[int, JointColumns] = field(default_factory=dict)
+    layer_names: list[str] | None = None
     signature: tuple | None = None
+    _norms: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def batch(self) -> int:
@@ -89,8 +94,16 @@ class SinkTensors:
         """``(B,)`` position of each sample's first real token (the primary sink's place)."""
         return torch.tensor([sample.first for sample in self.layout.samples])
 
-    def dense(self, fill: float = float("nan")) -> torch.Tensor:
-        return torch.full((self.batch, self.num_layers, self.layout.seq_len), fill)
+    def norms(self, layer: int) -> torch.Tensor:
+        """``(B, L)`` fp32 L2 norm of each token entering ``layer``, on the hidden states'
+        device, computed once for all criteria (one pass over the layer)."""
+        if layer not in self._norms:
+            self._norms[layer] = torch.linalg.vector_norm(self.hidden[layer], dim=-1, dtype=torch.float32)
+        return self._norms[layer]
+
+    def dense(self) -> torch.Tensor:
+        """An empty ``(B, layers, L)`` score map: NaN where a criterion does not look."""
+        return torch.full((self.batch, self.num_layers, self.layout.seq_len), float("nan"))
 
 
 class Criterion:
@@ -116,7 +129,7 @@ class Criterion:
 
 def median_over_tokens(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Median of ``x (B, ..., L)`` over each sample's valid positions: ``(B, ..., 1)``."""
-    return torch.stack([row[..., keep].median(-1, keepdim=True).values for row, keep in zip(x, valid)])
+    return torch.stack([row[..., keep.to(row.device)].median(-1, keepdim=True).values for row, keep in zip(x, valid)])
 
 
 def plain_layout(batch: int, seq_len: int, attention_mask: torch.Tensor | None = None) -> TokenLayout:
@@ -126,9 +139,16 @@ def plain_layout(batch: int, seq_len: int, attention_mask: torch.Tensor | None =
     for row in keep:
         real = row.nonzero().squeeze(1)
         first = int(real[0]) if real.numel() else 0
-        samples.append(SampleLayout(length=seq_len, images=[], text=Span(first, seq_len),
-                                    padding=(row == 0).nonzero().squeeze(1),
-                                    layout=torch.empty(0, dtype=torch.long), first=first))
+        samples.append(
+            SampleLayout(
+                length=seq_len,
+                images=[],
+                text=Span(first, seq_len),
+                padding=(row == 0).nonzero().squeeze(1),
+                layout=torch.empty(0, dtype=torch.long),
+                first=first,
+            )
+        )
     return TokenLayout(samples=samples, seq_len=seq_len, generated_from=seq_len)
 
 

@@ -1,8 +1,9 @@
 """``vlmtools sinks``: load a model, run the detector on one image and question, show it."""
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from .detector import DEFAULT, SinkDetector
 from .report import SinkReport
@@ -12,10 +13,12 @@ def load_vlm(name_or_path: str):
     """(model, processor) for a zoo name (``llava-shapes``) or a Hugging Face folder."""
     if name_or_path == "llava-shapes":
         from ..zoo import llava
+
         return llava.load()
     if not Path(name_or_path).exists():
         raise FileNotFoundError(f"{name_or_path!r} is neither a zoo model (llava-shapes) nor a model folder")
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
     return AutoModelForImageTextToText.from_pretrained(name_or_path).eval(), AutoProcessor.from_pretrained(name_or_path)
 
 

@@ -1,21 +1,28 @@
-"""SinkDetector: choose criteria, record only what they need in one prefill, report."""
+"""SinkDetector: choose criteria, record only what they need in one forward, report."""
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
+from ..layout import DiTLayout, TokenLayout
 from ..record import ColumnMass, RecordColumnMass, RecordHidden, RecordValueNorms
-from .attention import ColumnMassSink, GlobalSink, Positional, ValueDrain
+from .attention import ColumnMassSink, Positional, ValueDrain
 from .base import Criterion, SinkTensors, plain_layout, token_roles
 from .dims import SinkDimensions, model_signature
+from .dit import GlobalSink, JointColumns, RecordJointColumns, joint_token_layout
 from .hidden import MassiveActivation, PrimaryCosine
 from .report import SinkReport
 
-CRITERIA: dict[str, type[Criterion]] = {c.name: c for c in (
-    Positional, ColumnMassSink, MassiveActivation, SinkDimensions, PrimaryCosine, ValueDrain, GlobalSink)}
+CRITERIA: dict[str, type[Criterion]] = {
+    c.name: c
+    for c in (Positional, ColumnMassSink, MassiveActivation, SinkDimensions, PrimaryCosine, ValueDrain, GlobalSink)
+}
 DEFAULT = ("positional", "column_mass", "massive", "sink_dims", "primary_cosine", "value_drain")
+"""Every criterion that applies to a VLM's language model."""
 HIDDEN = ("positional", "massive", "sink_dims", "primary_cosine")
 """Criteria that read no attention probabilities: every attention call stays fused."""
 
@@ -24,10 +31,10 @@ _TOKEN_AXIS = {"attn": -1, "hidden": 1, "values": 2, "joint": -1}
 
 
 class SinkDetector:
-    """Runs the chosen criteria on one prefill (``detect``) or on given tensors.
+    """Runs the chosen criteria on one forward (``detect``) or on given tensors.
 
-    >>> report = SinkDetector().detect(vlm, inputs)
-    >>> print(report.table())
+    >>> report = SinkDetector().detect(vlm, inputs)        # a wrapped VLM and a processor's batch
+    >>> report = SinkDetector(["global_sink"]).detect(dit, transformer_kwargs)
     >>> report = SinkDetector(["sink_dims"]).detect_tensors(hidden=out.hidden_states[:-1])
     """
 
@@ -48,11 +55,19 @@ class SinkDetector:
         chosen = (set(c.layer_range(num_layers)) for c in self.criteria if c.needs == need)
         return sorted(set().union(*chosen))
 
-    def recorders(self, vlm) -> list:
+    def recorders(self, vlm, layout: DiTLayout | None = None) -> list:
         """The recorders ``detect`` attaches: only what the chosen criteria read."""
-        if any(c.needs == "joint_attention" for c in self.criteria):
-            raise ValueError("global_sink reads a DiT's joint attention: record it and call "
-                             "detect_tensors(joint_attention=..., image_queries=...)")
+        dit = vlm.adapter.kind == "dit"
+        wrong = [c.name for c in self.criteria if c.needs is not None and (c.needs == "joint_columns") != dit]
+        if wrong:
+            where = "a DiT's joint attention" if dit else "a VLM's language model"
+            raise ValueError(
+                f"criteria {wrong} do not read {where}: use global_sink on a DiT, the others on a VLM "
+                "(or detect_tensors on tensors you recorded)"
+            )
+        if dit:
+            blocks = self.layers("joint_columns", len(vlm.sites))
+            return [RecordJointColumns([vlm.sites[i].name for i in blocks], layout.image.positions)] if blocks else []
         recorders = []
         if hidden := self.layers("hidden", vlm.num_layers):
             recorders.append(RecordHidden(hidden))
@@ -63,41 +78,82 @@ class SinkDetector:
         return recorders
 
     def detect(self, vlm, inputs: dict[str, Any]) -> SinkReport:
-        """One prefill of the wrapped model on ``inputs`` (a processor's output)."""
-        with torch.no_grad(), vlm.use(*self.recorders(vlm)) as trace:
+        """One forward of the wrapped model on ``inputs``: a VLM's prefill (a processor's
+        batch) or one call of a DiT (the transformer's keyword arguments)."""
+        dit = vlm.adapter.kind == "dit"
+        layout = vlm.layout(*vlm.adapter.sizes(vlm.model, inputs)) if dit else vlm.layout(inputs)
+        with torch.no_grad(), vlm.use(*self.recorders(vlm, layout)) as trace:
             vlm.model(**inputs)
-        return self.evaluate(SinkTensors(
-            layout=vlm.layout(inputs), num_layers=vlm.num_layers,
-            hidden=_recorded(trace, "resid_pre"), column_mass=_recorded(trace, "column_mass"),
-            value_norms=_recorded(trace, "value_norms"), signature=model_signature(vlm.model.config)))
+        if dit:
+            names = [site.name for site in vlm.sites]
+            return self.evaluate(
+                SinkTensors(
+                    layout=joint_token_layout(layout, inputs["hidden_states"].shape[0]),
+                    num_layers=len(names),
+                    joint_columns=_recorded(trace, names, "joint_columns"),
+                    layer_names=names,
+                )
+            )
+        names = [f"text.{layer}" for layer in range(vlm.num_layers)]
+        return self.evaluate(
+            SinkTensors(
+                layout=layout,
+                num_layers=vlm.num_layers,
+                hidden=_recorded(trace, names, "resid_pre"),
+                column_mass=_recorded(trace, names, "column_mass"),
+                value_norms=_recorded(trace, names, "value_norms"),
+                layer_names=names,
+                signature=model_signature(vlm.model.config),
+            )
+        )
 
-    def detect_tensors(self, *, attn: PerLayer | None = None, hidden: PerLayer | None = None,
-                       values: PerLayer | None = None, joint_attention: PerLayer | None = None,
-                       image_queries: torch.Tensor | None = None, layout=None,
-                       attention_mask: torch.Tensor | None = None, causal: bool = True,
-                       num_layers: int | None = None, signature: tuple | None = None) -> SinkReport:
+    def detect_tensors(
+        self,
+        *,
+        attn: PerLayer | None = None,
+        hidden: PerLayer | None = None,
+        values: PerLayer | None = None,
+        joint_attention: PerLayer | None = None,
+        image_queries: torch.Tensor | None = None,
+        layout: TokenLayout | DiTLayout | None = None,
+        attention_mask: torch.Tensor | None = None,
+        causal: bool = True,
+        num_layers: int | None = None,
+        signature: tuple | None = None,
+    ) -> SinkReport:
         """Criteria on tensors from any transformer, keyed (or listed) by layer.
 
         ``attn``: post-softmax ``(B, H, L, L)``; ``hidden``: inputs of the layers
         ``(B, L, D)`` (``output_hidden_states[:-1]``); ``values``: value norms
         ``(B, H, L)`` or vectors ``(B, H, L, Dh)``; ``joint_attention``: a DiT block's
-        ``(B, H, Lq, Lk)`` or head-mean ``(B, Lq, Lk)``, with ``image_queries`` its image
-        rows. Without a ``layout`` every token is text (padding from ``attention_mask``).
+        ``(B, H, Lq, Lk)`` or head-mean ``(B, Lq, Lk)`` with ``image_queries`` its image
+        rows (or a ``DiTLayout``). Without a ``layout`` every token is text (padding
+        from ``attention_mask``).
         """
-        given = {name: _by_layer(x) for name, x in (("attn", attn), ("hidden", hidden), ("values", values),
-                                                    ("joint", joint_attention)) if x is not None}
+        given = {
+            name: _by_layer(x)
+            for name, x in (("attn", attn), ("hidden", hidden), ("values", values), ("joint", joint_attention))
+            if x is not None
+        }
         if not given:
             raise ValueError("detect_tensors needs at least one of attn=, hidden=, values=, joint_attention=")
         kind, per_layer = next(iter(given.items()))
         some = next(iter(per_layer.values()))
-        layout = layout or plain_layout(some.shape[0], some.shape[_TOKEN_AXIS[kind]], attention_mask)
-        tensors = SinkTensors(layout=layout, signature=signature, image_queries=image_queries,
-                              num_layers=num_layers or max(max(x) for x in given.values()) + 1,
-                              hidden=given.get("hidden", {}))
+        if isinstance(layout, DiTLayout):
+            image_queries = layout.image.positions if image_queries is None else image_queries
+            layout = joint_token_layout(layout, some.shape[0])
+        if "joint" in given and image_queries is None:
+            raise ValueError("global sinks need the image-query rows: pass image_queries= or a DiTLayout")
+        tensors = SinkTensors(
+            layout=layout or plain_layout(some.shape[0], some.shape[_TOKEN_AXIS[kind]], attention_mask),
+            num_layers=num_layers or max(max(x) for x in given.values()) + 1,
+            hidden=given.get("hidden", {}),
+            signature=signature,
+        )
         valid = tensors.valid()
         tensors.column_mass = {l: _column_mass(a, valid, causal) for l, a in given.get("attn", {}).items()}
         tensors.value_norms = {l: v.norm(dim=-1) if v.dim() == 4 else v for l, v in given.get("values", {}).items()}
-        tensors.joint_attention = {l: a.mean(1) if a.dim() == 4 else a for l, a in given.get("joint", {}).items()}
+        tensors.joint_columns = {l: JointColumns.of(a, image_queries) for l, a in given.get("joint", {}).items()}
         return self.evaluate(tensors)
 
     def evaluate(self, tensors: SinkTensors) -> SinkReport:
@@ -111,13 +167,13 @@ class SinkDetector:
                 scores[criterion.name] = evaluation.scores
             settings.append({**criterion.settings(), **evaluation.derived})
         grids = [[image.grid for image in sample.images] for sample in tensors.layout.samples]
-        return SinkReport(findings, scores, tokens, grids, settings, tensors.num_layers)
+        names = tensors.layer_names or [f"layer.{layer}" for layer in range(tensors.num_layers)]
+        return SinkReport(findings, scores, tokens, grids, settings, names)
 
 
-def _recorded(trace, what: str) -> dict[int, Any]:
-    """``{layer: record}`` of the one forward from trace keys ``text.{layer}.{what}``."""
-    return {int(key.split(".")[1]): records[0] for key, records in trace.items()
-            if key.startswith("text.") and key.endswith(f".{what}")}
+def _recorded(trace, names: list[str], what: str) -> dict[int, Any]:
+    """``{layer: record}`` of the one forward, for the layers whose ``{name}.{what}`` was recorded."""
+    return {index: trace[f"{name}.{what}"][0] for index, name in enumerate(names) if f"{name}.{what}" in trace}
 
 
 def _by_layer(tensors: PerLayer) -> dict[int, torch.Tensor]:

@@ -1,9 +1,10 @@
 """VAR's sink dimensions: the published table, discovery for other models, and the
 question other methods ask ("which visual tokens are sinks at this prefill?")."""
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
 
@@ -21,8 +22,7 @@ PUBLISHED_SINK_DIMS: dict[tuple, tuple[int, ...]] = {
 def model_signature(config) -> tuple:
     """The key of :data:`PUBLISHED_SINK_DIMS` for a transformers config (VLM or LM)."""
     text = config.get_text_config()
-    return (text.model_type.removesuffix("_text"), text.hidden_size, text.num_hidden_layers,
-            text.intermediate_size)
+    return (text.model_type.removesuffix("_text"), text.hidden_size, text.num_hidden_layers, text.intermediate_size)
 
 
 def normalised(h: torch.Tensor) -> torch.Tensor:
@@ -31,13 +31,14 @@ def normalised(h: torch.Tensor) -> torch.Tensor:
     return h.abs() / h.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-12)
 
 
-def discover_sink_dims(tensors: SinkTensors, layers: Sequence[int], tau: float = 20.0,
-                       consistency: float = 0.5) -> tuple[int, ...]:
+def discover_sink_dims(
+    tensors: SinkTensors, layers: Sequence[int], tau: float = 20.0, consistency: float = 0.5
+) -> tuple[int, ...]:
     """Dimensions where the first token's normalised magnitude (mean over samples)
     exceeds ``tau`` in at least ``consistency`` of ``layers``."""
     first = tensors.first()
     rows = torch.arange(tensors.batch)
-    ratios = torch.stack([normalised(tensors.hidden[layer][rows, first].cpu()).mean(0) for layer in layers])
+    ratios = torch.stack([normalised(tensors.hidden[layer][rows, first]).mean(0).cpu() for layer in layers])
     extreme = (ratios > tau).float().mean(0) >= consistency
     return tuple(extreme.nonzero()[:, 0].tolist())
 
@@ -70,19 +71,33 @@ class SinkDimensions(Criterion):
         dims, source = self.resolve_dims(tensors)
         dense, findings, valid = tensors.dense(), [], tensors.valid()
         for layer in self.layer_range(tensors.num_layers):
-            ratios = normalised(tensors.hidden[layer].cpu())[..., list(dims)]
+            rms = tensors.norms(layer) / tensors.hidden[layer].shape[-1] ** 0.5
+            ratios = (tensors.hidden[layer][..., list(dims)].float().abs() / rms[..., None].clamp(min=1e-12)).cpu()
             phi = ratios.amax(-1) if dims else torch.zeros(valid.shape)
             dense[:, layer] = phi.masked_fill(~valid, float("nan"))
-            findings += [Finding(self.name, b, t, float(phi[b, t]), layer=layer,
-                                 dims=tuple(d for d, r in zip(dims, ratios[b, t].tolist()) if r > self.tau))
-                         for b, t in ((phi > self.tau) & valid).nonzero().tolist()]
-        return Evaluation(findings, dense, {"dims": list(dims), "dims_source": source,
-                                            "signature": list(tensors.signature or ())})
+            findings += [
+                Finding(
+                    self.name,
+                    b,
+                    t,
+                    float(phi[b, t]),
+                    layer=layer,
+                    dims=tuple(d for d, r in zip(dims, ratios[b, t].tolist()) if r > self.tau),
+                )
+                for b, t in ((phi > self.tau) & valid).nonzero().tolist()
+            ]
+        return Evaluation(
+            findings, dense, {"dims": list(dims), "dims_source": source, "signature": list(tensors.signature or ())}
+        )
 
 
-def visual_sink_positions(hidden: Mapping[int, torch.Tensor] | Sequence[torch.Tensor], layout: TokenLayout,
-                          signature: tuple | None = None, num_layers: int | None = None,
-                          **settings) -> list[torch.Tensor]:
+def visual_sink_positions(
+    hidden: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
+    layout: TokenLayout,
+    signature: tuple | None = None,
+    num_layers: int | None = None,
+    **settings,
+) -> list[torch.Tensor]:
     """Visual tokens that are sink-dimension sinks in any of the layers, per sample.
 
     ``hidden[l]`` is the input of layer ``l`` (``RecordHidden``, or
@@ -95,5 +110,7 @@ def visual_sink_positions(hidden: Mapping[int, torch.Tensor] | Sequence[torch.Te
     hidden = dict(hidden) if isinstance(hidden, Mapping) else dict(enumerate(hidden))
     tensors = SinkTensors(layout, num_layers or max(hidden) + 1, hidden=hidden, signature=signature)
     tokens = {(f.sample, f.token) for f in SinkDimensions(**settings).evaluate(tensors).findings}
-    return [torch.tensor(sorted(t for t in sample.visual_positions().tolist() if (b, t) in tokens), dtype=torch.long)
-            for b, sample in enumerate(layout.samples)]
+    return [
+        torch.tensor(sorted(t for t in sample.visual_positions().tolist() if (b, t) in tokens), dtype=torch.long)
+        for b, sample in enumerate(layout.samples)
+    ]

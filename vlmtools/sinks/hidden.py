@@ -1,14 +1,15 @@
 """Criteria read from the residual stream: massive activations and primary-cosine sinks.
 
 They need no attention probabilities: the detector records hidden states with a layer
-pre-hook and every attention call stays on the fused kernel.
+pre-hook and every attention call stays on the fused kernel. Each reads a layer in
+one or two passes on the tensors' own device and moves only per-token results.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .base import Criterion, Evaluation, Finding, SinkTensors, median_over_tokens
 
@@ -27,13 +28,25 @@ class MassiveActivation(Criterion):
     def evaluate(self, tensors: SinkTensors) -> Evaluation:
         dense, findings, valid = tensors.dense(), [], tensors.valid()
         for layer in self.layer_range(tensors.num_layers):
-            for b, (h, keep) in enumerate(zip(tensors.hidden[layer].float().abs().cpu(), valid)):
-                fired = (h > self.magnitude) & (h > self.ratio * h[keep].median()) & keep[:, None]
-                peak = h.amax(-1)
-                dense[b, layer] = peak.masked_fill(~keep, float("nan"))
-                findings += [Finding(self.name, b, t, float(peak[t]), layer=layer,
-                                     dims=tuple(fired[t].nonzero()[:, 0].tolist()))
-                             for t in fired.any(-1).nonzero()[:, 0].tolist()]
+            hidden = tensors.hidden[layer]
+            low, high = torch.aminmax(hidden, dim=-1)
+            peak = torch.maximum(high, -low).float().cpu().masked_fill(~valid, float("nan"))
+            dense[:, layer] = peak
+            for b in (peak > self.magnitude).any(-1).nonzero()[:, 0].tolist():
+                # the median is only needed where something passes the magnitude test
+                h = hidden[b].abs().float()
+                floor = max(self.magnitude, self.ratio * float(h[valid[b].to(h.device)].median()))
+                for t in (peak[b] > floor).nonzero()[:, 0].tolist():
+                    findings.append(
+                        Finding(
+                            self.name,
+                            b,
+                            t,
+                            float(peak[b, t]),
+                            layer=layer,
+                            dims=tuple((h[t] > floor).nonzero()[:, 0].tolist()),
+                        )
+                    )
         return Evaluation(findings, dense)
 
 
@@ -59,17 +72,27 @@ class PrimaryCosine(Criterion):
         rows = torch.arange(tensors.batch)
         fired = {}
         for layer in self.layer_range(tensors.num_layers):
-            h = tensors.hidden[layer].float().cpu()
-            primary = h[rows, first]
-            norms = h.norm(dim=-1)
+            hidden = tensors.hidden[layer]
+            norms = tensors.norms(layer).cpu()
+            primary = hidden[rows, first].float()
+            dots = torch.einsum("bld,bd->bl", hidden.float(), primary).cpu()
+            cos = (dots / (norms * norms[rows, first][:, None]).clamp(min=1e-12)).abs()
             raised = norms[rows, first] > self.norm_ratio * median_over_tokens(norms, valid)[:, 0]
-            cos = F.cosine_similarity(h, primary[:, None], dim=-1).abs()
             dense[:, layer] = cos.masked_fill(~(valid & raised[:, None]), float("nan"))
             fired[layer] = (cos > self.threshold) & valid & raised[:, None]
         lifetime = sum(fired.values(), torch.zeros_like(valid, dtype=torch.long))
-        findings = [Finding(self.name, b, t, float(dense[b, layer, t]), layer=layer,
-                            label=self.lifetime_class(int(lifetime[b, t]), tensors.num_layers))
-                    for layer, hits in fired.items() for b, t in hits.nonzero().tolist()]
+        findings = [
+            Finding(
+                self.name,
+                b,
+                t,
+                float(dense[b, layer, t]),
+                layer=layer,
+                label=self.lifetime_class(int(lifetime[b, t]), tensors.num_layers),
+            )
+            for layer, hits in fired.items()
+            for b, t in hits.nonzero().tolist()
+        ]
         return Evaluation(findings, dense)
 
     def lifetime_class(self, lifetime: int, num_layers: int) -> str:

@@ -1,4 +1,5 @@
 """SinkReport: what the detector found, as findings, a summary table, JSON and a PNG."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,8 +12,14 @@ import torch
 
 from .base import Finding
 
-ROLE_COLOURS = {"padding": "#dddddd", "first": "#d62728", "visual": "#2ca02c", "layout": "#9467bd",
-                "text": "#1f77b4", "generated": "#ff7f0e"}
+ROLE_COLOURS = {
+    "padding": "#dddddd",
+    "first": "#d62728",
+    "visual": "#2ca02c",
+    "layout": "#9467bd",
+    "text": "#1f77b4",
+    "generated": "#ff7f0e",
+}
 
 
 @dataclass
@@ -22,7 +29,8 @@ class SinkReport:
     ``scores[criterion]`` is a dense ``(B, layers, L)`` map (NaN where not evaluated):
     the criterion's score per token, or for per-head criteria the share of heads that
     fired. ``tokens[b][t]`` is token t's role (and image, row, col for visual tokens);
-    ``grids[b]`` the (rows, cols) of each image of sample b.
+    ``grids[b]`` the (rows, cols) of each image of sample b; ``layer_names[l]`` the site
+    of layer l (``text.3``, ``dit.double.1``).
 
     >>> report = SinkDetector().detect(vlm, inputs)
     >>> print(report.table())
@@ -34,14 +42,20 @@ class SinkReport:
     tokens: list[list[dict]]
     grids: list[list[tuple[int, int]]]
     settings: list[dict]
-    num_layers: int
+    layer_names: list[str]
 
-    def sinks(self, criterion: str | None = None, sample: int | None = None, role: str | None = None,
-              layer: int | None = None) -> list[Finding]:
+    def sinks(
+        self, criterion: str | None = None, sample: int | None = None, role: str | None = None, layer: int | None = None
+    ) -> list[Finding]:
         """Findings filtered by criterion, sample, role and layer (None: any)."""
-        return [f for f in self.findings
-                if (criterion is None or f.criterion == criterion) and (sample is None or f.sample == sample)
-                and (role is None or f.role == role) and (layer is None or f.layer == layer)]
+        return [
+            f
+            for f in self.findings
+            if (criterion is None or f.criterion == criterion)
+            and (sample is None or f.sample == sample)
+            and (role is None or f.role == role)
+            and (layer is None or f.layer == layer)
+        ]
 
     def summary(self) -> list[dict]:
         """One row per (sample, criterion, token): layers where it fired and its score.
@@ -60,10 +74,19 @@ class SinkReport:
             else:
                 score = max(f.score for f in found)
             top = max(found, key=lambda f: f.score)
-            rows.append({"sample": sample, "criterion": criterion, "token": token, "role": _role(found[0]),
-                         "layers": sorted({f.layer for f in found if f.layer is not None}),
-                         "hits": len(found), "score": score,
-                         "dims": sorted({d for f in found for d in f.dims}), "label": top.label})
+            rows.append(
+                {
+                    "sample": sample,
+                    "criterion": criterion,
+                    "token": token,
+                    "role": _role(found[0]),
+                    "layers": sorted({f.layer for f in found if f.layer is not None}),
+                    "hits": len(found),
+                    "score": score,
+                    "dims": sorted({d for f in found for d in f.dims}),
+                    "label": top.label,
+                }
+            )
         return rows
 
     def table(self) -> str:
@@ -72,31 +95,42 @@ class SinkReport:
         lines = [header]
         for r in self.summary():
             extra = " ".join(filter(None, [",".join(map(str, r["dims"])), r["label"]]))
-            lines.append(f"{r['sample']:>6}  {r['criterion']:<15}{r['token']:>6}  {r['role']:<16}"
-                         f"{_ranges(r['layers']):<14}{r['hits']:>5}{r['score']:>10.3g}  {extra}")
+            lines.append(
+                f"{r['sample']:>6}  {r['criterion']:<15}{r['token']:>6}  {r['role']:<16}"
+                f"{_ranges(r['layers']):<14}{r['hits']:>5}{r['score']:>10.3g}  {extra}"
+            )
         return "\n".join(lines)
 
     def to_json(self) -> str:
-        return json.dumps({
-            "num_layers": self.num_layers, "settings": self.settings, "tokens": self.tokens,
-            "grids": self.grids, "findings": [dataclasses.asdict(f) for f in self.findings],
-            "scores": {name: _nan_to_none(map_) for name, map_ in self.scores.items()},
-        })
+        return json.dumps(
+            {
+                "layer_names": self.layer_names,
+                "settings": self.settings,
+                "tokens": self.tokens,
+                "grids": self.grids,
+                "findings": [dataclasses.asdict(f) for f in self.findings],
+                "scores": {name: _nan_to_none(map_) for name, map_ in self.scores.items()},
+            }
+        )
 
     @classmethod
     def from_json(cls, text: str) -> SinkReport:
         data = json.loads(text)
-        return cls(findings=[Finding(**{**f, "dims": tuple(f["dims"])}) for f in data["findings"]],
-                   scores={name: torch.from_numpy(np.array(map_, dtype=np.float32))
-                           for name, map_ in data["scores"].items()},
-                   tokens=data["tokens"], grids=[[tuple(g) for g in grids] for grids in data["grids"]],
-                   settings=data["settings"], num_layers=data["num_layers"])
+        return cls(
+            findings=[Finding(**{**f, "dims": tuple(f["dims"])}) for f in data["findings"]],
+            scores={name: torch.from_numpy(np.array(map_, dtype=np.float32)) for name, map_ in data["scores"].items()},
+            tokens=data["tokens"],
+            grids=[[tuple(g) for g in grids] for grids in data["grids"]],
+            settings=data["settings"],
+            layer_names=data["layer_names"],
+        )
 
     def plot(self, path, sample: int = 0) -> None:
         """Layer x token heatmap per criterion with sinks marked (x), a strip of token
         roles with positional sinks (v), and each image's grid with how often each
         visual token fired (criterion-layer pairs)."""
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         from matplotlib.colors import ListedColormap
@@ -106,22 +140,35 @@ class SinkReport:
         grids = self.grids[sample]
         rows = max(len(names), len(grids), 1) + 1
         fig = plt.figure(figsize=(12 if grids else 9, 1.0 + 2.2 * rows))
-        spec = fig.add_gridspec(rows, 2 if grids else 1, width_ratios=[4, 1] if grids else None,
-                                height_ratios=[0.3] + [1] * (rows - 1))
+        spec = fig.add_gridspec(
+            rows, 2 if grids else 1, width_ratios=[4, 1] if grids else None, height_ratios=[0.3] + [1] * (rows - 1)
+        )
         roles = [t["role"] for t in self.tokens[sample]]
         strip = fig.add_subplot(spec[0, 0])
         order = list(ROLE_COLOURS)
-        strip.imshow([[order.index(r) for r in roles]], aspect="auto", cmap=ListedColormap(list(ROLE_COLOURS.values())),
-                     vmin=0, vmax=len(order) - 1, interpolation="nearest")
+        strip.imshow(
+            [[order.index(r) for r in roles]],
+            aspect="auto",
+            cmap=ListedColormap(list(ROLE_COLOURS.values())),
+            vmin=0,
+            vmax=len(order) - 1,
+            interpolation="nearest",
+        )
         strip.set_yticks([])
-        strip.set_title("token roles: " + ", ".join(f"{r}" for r in order if r in roles) + "; v = positional sink",
-                        fontsize=8)
+        strip.set_title(
+            "token roles: " + ", ".join(f"{r}" for r in order if r in roles) + "; v = positional sink", fontsize=8
+        )
         for f in self.sinks("positional", sample):
             strip.plot(f.token, 0, "v", color="black")
         for row, name in enumerate(names, start=1):
             ax = fig.add_subplot(spec[row, 0], sharex=strip)
-            image = ax.imshow(self.scores[name][sample].numpy(), aspect="auto", origin="lower",
-                              interpolation="nearest", cmap="viridis")
+            image = ax.imshow(
+                self.scores[name][sample].numpy(),
+                aspect="auto",
+                origin="lower",
+                interpolation="nearest",
+                cmap="viridis",
+            )
             fig.colorbar(image, ax=ax, fraction=0.02)
             cells = {(f.token, f.layer) for f in self.sinks(name, sample)}
             if cells:

@@ -1,0 +1,58 @@
+"""Cost of the sink detector on a LLaVA-1.5-shaped random model (576 visual + 64 text tokens).
+
+Prints ``name: value`` lines; the last is ``sinks_hidden_overhead: R``: one
+``detect`` with the hidden-state criteria (positional, massive, sink_dims,
+primary_cosine: recording plus evaluation) over one plain prefill, median of
+interleaved rounds. Run: ``python benchmarks/sinks.py [--full]`` (``--full``:
+LLaVA-1.5-7B sizes in bf16, needs a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import ratios
+from seam import build, inputs
+
+import vlmtools
+from vlmtools.sinks import DEFAULT, HIDDEN, SinkDetector
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--full", action="store_true", help="LLaVA-1.5-7B shapes, bf16, on CUDA")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    device = "cuda" if args.full else "cpu"
+    dtype = torch.bfloat16 if args.full else torch.float32
+    torch.manual_seed(0)
+    model = build(args.full).to(device, dtype)
+    batch = inputs(device, dtype)
+    vlm = vlmtools.wrap(model)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def plain():
+        model(**batch)
+        sync()
+
+    def detect(criteria):
+        detector = SinkDetector(criteria)
+
+        def run():
+            detector.detect(vlm, batch)
+            sync()
+
+        return run
+
+    base, r = ratios(plain, {"hidden": detect(HIDDEN), "all": detect(DEFAULT)}, repeats=args.repeats)
+    print(f"device: {device}")
+    print(f"dtype: {str(dtype).removeprefix('torch.')}")
+    print(f"tokens: {batch['input_ids'].shape[1]}")
+    print(f"plain_prefill_s: {base:.4f}")
+    print(f"sinks_all_criteria_ratio: {r['all']:.4f}")
+    print(f"sinks_hidden_overhead: {r['hidden']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
