@@ -1,0 +1,230 @@
+"""RefAM: referring segmentation from a diffusion transformer's joint attention, as pipeline steps.
+
+``segment`` reads as the steps of METHODS.md section 4: check the inputs, encode the
+image, build the prompt, probe (one forward per timestep and seed, averaged in a
+:class:`~grounding.refam.maps.MapAccumulator`), aggregate the content words' maps,
+then turn the heatmap into a mask (training-free, or SAM when one is given).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+import vlmtools
+from grounding.masks import heatmap_to_mask, overlay, peak_point, upsample
+from vlmtools.plan import AttentionHook, StopForward
+from vlmtools.sinks import RecordJointColumns
+
+from .maps import MapAccumulator, PaddingMode, RecordImageText, SinkMode, WordMode, global_sinks, word_maps
+from .prompt import DEFAULT_MAGNETS, PromptTokens, build_prompt, check_expression, token_roles
+from .source import EncodedPrompt, source_for
+
+
+@dataclass(frozen=True)
+class RefAMSettings:
+    """Every choice RefAM makes; recorded in each result (``seg.settings``).
+
+    ``blocks`` are site names (``dit.double.0``); None takes :func:`default_blocks`.
+    ``heads`` index the heads averaged (None: all). ``words``: ``content`` reads the
+    content words, ``expression`` every word of the expression (no stop-word
+    filtering), ``all`` every real token (magnets and special tokens too).
+    ``padding="budget"`` keeps pad keys' mass in each query's text budget (they act
+    as magnets, as FLUX's T5 padding does); ``"exclude"`` renormalises without it.
+    ``threshold`` is ``"otsu"`` or a level in [0, 1) of the min-max-normalised heatmap.
+    """
+
+    timesteps: tuple[float, ...] = (0.3,)
+    seeds: tuple[int, ...] = (0,)
+    magnets: tuple[str, ...] = DEFAULT_MAGNETS
+    colour: str | None = None
+    sinks: SinkMode = "suppress"
+    sink_ratio: float = 5.0
+    sink_max_cv: float = 0.5
+    words: WordMode = "content"
+    padding: PaddingMode = "budget"
+    blocks: tuple[str, ...] | None = None
+    heads: tuple[int, ...] | None = None
+    threshold: Literal["otsu"] | float = "otsu"
+    keep: Literal["largest", "peak", "all"] = "largest"
+    tagger: Literal["auto", "spacy", "stopwords"] = "auto"
+
+    def __post_init__(self):
+        if not self.timesteps or not all(0 < t < 1 for t in self.timesteps):
+            raise ValueError(f"timesteps must be flow-matching times in (0, 1), got {self.timesteps}")
+        if not self.seeds:
+            raise ValueError("seeds must name at least one noise seed")
+        for name, allowed in (("sinks", SinkMode), ("words", WordMode), ("padding", PaddingMode)):
+            if getattr(self, name) not in allowed.__args__:
+                raise ValueError(f"{name} must be one of {allowed.__args__}, got {getattr(self, name)!r}")
+        if self.threshold != "otsu" and not 0 <= float(self.threshold) < 1:
+            raise ValueError(f"threshold must be 'otsu' or in [0, 1), got {self.threshold!r}")
+
+
+def default_blocks(dit) -> tuple[str, ...]:
+    """FLUX: the first half of the double-stream blocks; SD3: the middle third of the joint blocks.
+
+    Measured on flux-shapes (benchmarks/grounding_quality.py --sweep-blocks): only its early
+    double blocks localise. For SD3 nothing was measured here; the middle third follows the
+    paper's "middle-to-late" advice.
+    """
+    names = [site.name for site in dit.sites]
+    double = [n for n in names if n.startswith("dit.double.")]
+    if double:
+        return tuple(double[:max(1, len(double) // 2)])
+    return tuple(names[len(names) // 3:max(len(names) // 3 + 1, 2 * len(names) // 3)])
+
+
+@dataclass
+class Segmentation:
+    """One RefAM result: ``mask`` (H, W) bool, ``heatmap`` (H, W), ``point`` (x, y), and how they came about."""
+
+    mask: np.ndarray
+    heatmap: np.ndarray
+    point: tuple[int, int]
+    grid_heatmap: np.ndarray
+    word_maps: dict[str, np.ndarray]
+    tokens: PromptTokens
+    sinks: list[dict]
+    settings: dict
+    image: Image.Image | None = field(default=None, repr=False)
+
+    def save(self, folder: str | Path) -> dict[str, Path]:
+        """Write ``mask.png``, ``heatmap.png`` (overlay on the image) and ``segmentation.json``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = {name: folder / name for name in ("mask.png", "heatmap.png", "segmentation.json")}
+        Image.fromarray(self.mask.astype(np.uint8) * 255).save(paths["mask.png"])
+        background = self.image if self.image is not None else Image.new("RGB", self.mask.shape[::-1])
+        overlay(background, self.heatmap, self.mask).save(paths["heatmap.png"])
+        info = {"point": list(self.point), "settings": self.settings, "sinks": self.sinks,
+                "tokens": [{"position": i, "role": r, "word": None if w is None else self.tokens.words[w].word}
+                           for i, (r, w) in enumerate(zip(self.tokens.roles, self.tokens.word_of)) if r != "padding"]}
+        paths["segmentation.json"].write_text(json.dumps(info, indent=1))
+        return paths
+
+
+class StopAfter(AttentionHook):
+    """Ends the forward once ``site``, the last block read, has run (nothing later is needed)."""
+
+    def __init__(self, site: str):
+        self.site = site
+
+    def attach(self, vlm, plan) -> None:
+        plan.attention(vlm.site(self.site), self)
+
+    def rows(self, call):
+        return torch.tensor([call.q_len - 1], device=call.query.device)  # in the last chunk of rows
+
+    def record(self, call, rows, probs):
+        raise StopForward
+
+
+class RefAM:
+    """Zero-shot referring segmentation with a FLUX or SD3 pipeline (or the zoo's flux-shapes).
+
+    >>> refam = RefAM(vlmtools.zoo.load("flux-shapes"))
+    >>> seg = refam.segment(image, "the large red circle on the left")
+    >>> seg.mask, seg.heatmap, seg.point; seg.save("out/")
+
+    ``sam=(model, processor)`` (transformers ``SamModel``/``Sam2Model`` and its processor)
+    refines the mask from the peak point; ``source_options`` go to the pipeline's source
+    (FLUX: ``guidance``, ``max_sequence_length``).
+    """
+
+    def __init__(self, model, settings: RefAMSettings | None = None, sam=None, **source_options):
+        self.source = source_for(model, **source_options)
+        self.dit = vlmtools.wrap(self.source.transformer)
+        self.settings = settings or RefAMSettings()
+        self.blocks = self.settings.blocks or default_blocks(self.dit)
+        order = [site.name for site in self.dit.sites]
+        for name in self.blocks:
+            self.dit.site(name)  # LookupError naming the sites
+        self.last_block = max(self.blocks, key=order.index)
+        self.sam = sam
+        self.accumulator = MapAccumulator()
+
+    def segment(self, image: Image.Image, expression: str) -> Segmentation:
+        """Mask, heatmap and peak point of ``expression`` in ``image``."""
+        check_expression(expression, self.settings.tagger)
+        image = self.source.check_image(image)
+        with torch.no_grad():
+            latents, grid = self.source.latents(image)
+            prompt = self.source.prompt(self.prompt(expression))
+        return self.segment_encoded(latents, grid, prompt, expression, image=image)
+
+    def prompt(self, expression: str) -> str:
+        return build_prompt(expression, self.settings.magnets, self.settings.colour)
+
+    def segment_encoded(self, latents: torch.Tensor, grid: tuple[int, int], prompt: EncodedPrompt, expression: str,
+                        image: Image.Image | None = None, size: tuple[int, int] | None = None) -> Segmentation:
+        """RefAM on clean ``latents`` as the transformer takes them and ``prompt`` encoded from
+        ``self.prompt(expression)``; the mask has ``image``'s size, else ``size`` (H, W), else the grid's."""
+        s = self.settings
+        tokens = token_roles(expression, self.prompt(expression), prompt.segments,
+                             check_expression(expression, s.tagger))
+        if len(tokens.roles) != prompt.embeds.shape[1]:
+            raise ValueError(f"RefAM: the prompt has {prompt.embeds.shape[1]} text positions but its segments "
+                             f"describe {len(tokens.roles)}")
+        maps, sinks = self.probe(latents, grid, prompt, tokens)
+        grid_heatmap = maps.pop("heatmap").view(grid).cpu().numpy()
+        size = image.size[::-1] if image is not None else size or grid
+        heatmap = upsample(grid_heatmap, size)
+        point = peak_point(heatmap)
+        if self.sam is not None and image is not None:
+            from .sam import refine
+
+            mask = refine(self.sam, image, point)
+        else:
+            method = "otsu" if s.threshold == "otsu" else "threshold"
+            mask = heatmap_to_mask(heatmap, method, 0.5 if s.threshold == "otsu" else float(s.threshold), s.keep)
+        settings = {**dataclasses.asdict(s), "blocks": list(self.blocks), "family": self.source.family,
+                    "prompt": tokens.text, "tagger": tokens.words.tagger,
+                    "mask_from": "sam" if self.sam is not None and image is not None else "heatmap"}
+        return Segmentation(mask, heatmap, point, grid_heatmap,
+                            {k: v.view(grid).cpu().numpy() for k, v in maps.items()}, tokens, sinks, settings, image)
+
+    def probe(self, latents, grid, prompt: EncodedPrompt, tokens: PromptTokens):
+        """Averaged maps ``{"heatmap", word keys...}`` (flat over the grid) and the sinks found per call."""
+        s = self.settings
+        layout = self.dit.layout(prompt.embeds.shape[1], grid)
+        recorders = [RecordImageText(self.blocks, s.heads)]
+        if s.sinks != "none":
+            recorders.append(RecordJointColumns(list(self.blocks), layout.image.positions))
+        recorders.append(StopAfter(self.last_block))
+        self.accumulator.reset()
+        found = []
+        for t in s.timesteps:
+            for seed in s.seeds:
+                noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+                x_t = (1 - t) * latents + t * noise.to(latents)
+                with torch.no_grad(), self.dit.use(*recorders) as trace:
+                    self.dit.model(**self.source.call(x_t, t, prompt, grid))
+                sinks = {}
+                if s.sinks != "none":
+                    columns = {i: trace[f"{name}.joint_columns"][0] for i, name in enumerate(self.blocks)}
+                    sinks = global_sinks(columns, layout, s.sink_ratio, s.sink_max_cv)
+                words: dict[str, list[torch.Tensor]] = {}
+                for i, name in enumerate(self.blocks):
+                    text = []
+                    for p in sinks.get(i, []):
+                        in_text = layout.text.start <= p < layout.text.stop
+                        role = tokens.roles[p - layout.text.start] if in_text else "image"
+                        found.append({"t": t, "seed": seed, "block": name, "position": p, "role": role})
+                        text += [p - layout.text.start] if in_text else []
+                    block = trace[f"{name}.image_text"][0][0]
+                    for key, value in word_maps(block, tokens, text, s.words, s.sinks, s.padding).items():
+                        words.setdefault(key, []).append(value)
+                if not words:
+                    raise RuntimeError(f"RefAM: every token read was a global sink in every block at t={t}, "
+                                       f"seed={seed}; use sinks='none' or other blocks")
+                words = {key: torch.stack(maps).mean(0) for key, maps in words.items()}
+                self.accumulator.add({"heatmap": torch.stack(list(words.values())).mean(0), **words})
+        return self.accumulator.mean(), found
+

@@ -1,0 +1,214 @@
+"""Sources: how a pipeline turns a real image and a prompt into one transformer call.
+
+RefAM needs four things from a pipeline, each done by the pipeline's own public
+pieces so that the numbers are the pipeline's: the clean latents of the image (its
+VAE; the zoo DiT's exact pixel autoencoder), the prompt's text features
+(``encode_prompt``), what each text position stands for (its tokenizers, with
+character offsets), and the keyword arguments of one transformer call at
+flow-matching time ``t``. A bare transformer has no VAE or text encoder: its source
+only builds calls, from latents and text features the caller encoded
+(:meth:`RefAM.segment_encoded`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .prompt import Segment
+
+
+@dataclass
+class EncodedPrompt:
+    """Text features of one prompt as the transformer takes them, and the token segments they stand for."""
+
+    embeds: torch.Tensor  # (1, T, D)
+    pooled: torch.Tensor  # (1, P)
+    segments: list[Segment]
+    text_ids: torch.Tensor | None = None  # FLUX only: (T, 3)
+
+
+class Source:
+    """A bare transformer: builds calls; encoding images and prompts needs a pipeline."""
+
+    family = ""
+    multiple = 1  # image sides must be multiples of this
+
+    def __init__(self, transformer: torch.nn.Module):
+        self.transformer = transformer
+
+    def check_image(self, image) -> Image.Image:
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"RefAM: the image must be a PIL image, got {type(image).__name__}; "
+                            "use PIL.Image.fromarray(array) for an (H, W, 3) uint8 array")
+        if image.mode != "RGB":
+            raise ValueError(f"RefAM: the image is in mode {image.mode!r}; convert it with image.convert('RGB')")
+        width, height = image.size
+        if width % self.multiple or height % self.multiple:
+            raise ValueError(f"RefAM: {self.family} needs image sides that are multiples of {self.multiple}, got "
+                             f"{width}x{height}; resize to e.g. {_round(width, self.multiple)}x"
+                             f"{_round(height, self.multiple)} (image.resize) and resize the mask back")
+        return image
+
+    def latents(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        raise TypeError("RefAM: a bare transformer has no VAE; pass its pipeline, or encode the image yourself and "
+                        "call RefAM.segment_encoded(latents, grid, prompt, expression)")
+
+    def prompt(self, text: str) -> EncodedPrompt:
+        raise TypeError("RefAM: a bare transformer has no tokenizer or text encoder; pass its pipeline, or call "
+                        "RefAM.segment_encoded with an EncodedPrompt")
+
+    def call(self, x_t: torch.Tensor, t: float, prompt: EncodedPrompt, grid: tuple[int, int]) -> dict:
+        raise NotImplementedError
+
+    def _tensor(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(device=self.transformer.device, dtype=self.transformer.dtype)
+
+
+class FluxTransformerSource(Source):
+    """FLUX calls: packed latents, (0, row, col) image ids, timestep = t, guidance when embedded."""
+
+    family = "flux"
+
+    def __init__(self, transformer, guidance: float = 3.5):
+        super().__init__(transformer)
+        self.guidance = guidance
+
+    def call(self, x_t, t, prompt, grid):
+        from diffusers import FluxPipeline
+
+        batch = x_t.shape[0]
+        ids = FluxPipeline._prepare_latent_image_ids(batch, *grid, x_t.device, x_t.dtype)
+        text_ids = prompt.text_ids if prompt.text_ids is not None else x_t.new_zeros(prompt.embeds.shape[1], 3)
+        kwargs = {"hidden_states": x_t, "encoder_hidden_states": self._tensor(prompt.embeds),
+                      "pooled_projections": self._tensor(prompt.pooled), "timestep": x_t.new_full((batch,), t),
+                      "img_ids": ids, "txt_ids": text_ids.to(x_t.device), "return_dict": False}
+        if self.transformer.config.guidance_embeds:
+            kwargs["guidance"] = x_t.new_full((batch,), self.guidance)
+        return kwargs
+
+
+class SD3TransformerSource(Source):
+    """SD3 calls: (B, C, h, w) latents, timestep = 1000 t (the scheduler's sigmas x 1000)."""
+
+    family = "sd3"
+
+    def call(self, x_t, t, prompt, grid):
+        batch = x_t.shape[0]
+        return {"hidden_states": x_t, "encoder_hidden_states": self._tensor(prompt.embeds),
+                    "pooled_projections": self._tensor(prompt.pooled), "timestep": x_t.new_full((batch,), 1000.0 * t),
+                    "return_dict": False}
+
+
+class FluxSource(FluxTransformerSource):
+    """A diffusers ``FluxPipeline``: its VAE, CLIP (pooled) and T5 (sequence, padded to 512, no mask)."""
+
+    def __init__(self, pipe, guidance: float = 3.5, max_sequence_length: int = 512):
+        super().__init__(pipe.transformer, guidance)
+        self.pipe, self.max_length = pipe, max_sequence_length
+        self.multiple = pipe.vae_scale_factor * 2
+
+    def latents(self, image):
+        latents = _vae_latents(self.pipe.vae, self.pipe.image_processor.preprocess(image))
+        batch, channels, height, width = latents.shape
+        return self.pipe._pack_latents(latents, batch, channels, height, width), (height // 2, width // 2)
+
+    def prompt(self, text):
+        embeds, pooled, text_ids = self.pipe.encode_prompt(prompt=text, prompt_2=None,
+                                                           max_sequence_length=self.max_length)
+        segment = _segment(self.pipe.tokenizer_2, text, self.max_length)
+        return EncodedPrompt(embeds, pooled, [segment], text_ids)
+
+
+class ZooFluxSource(FluxTransformerSource):
+    """The zoo's ``flux-shapes``: 64 x 64 RGB images, SmolLM2 prompts padded to 32 without a mask."""
+
+    def __init__(self, pipe):
+        super().__init__(pipe.transformer)
+        self.pipe = pipe
+
+    def check_image(self, image):
+        from vlmtools.zoo.flux import IMAGE_SIZE
+
+        image = super().check_image(image)
+        if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+            raise ValueError(f"RefAM: flux-shapes was trained on {IMAGE_SIZE}x{IMAGE_SIZE} images, got "
+                             f"{image.size[0]}x{image.size[1]}; letterbox and resize it first "
+                             "(vlmtools.zoo.flux.letterbox does this for world scenes)")
+        return image
+
+    def latents(self, image):
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+        tokens = self.pipe.image_tokens(pixels)
+        side = int(tokens.shape[1] ** 0.5)
+        return tokens, (side, side)
+
+    def prompt(self, text):
+        embeds, pooled, text_ids = self.pipe.encode_prompt(text)
+        return EncodedPrompt(embeds, pooled, [_segment(self.pipe.tokenizer, text, self.pipe.tokenizer_max_length)],
+                             text_ids)
+
+
+class SD3Source(SD3TransformerSource):
+    """A diffusers ``StableDiffusion3Pipeline``: CLIP-L/G tokens (77) then T5 tokens (zeros without T5)."""
+
+    def __init__(self, pipe, max_sequence_length: int = 256):
+        super().__init__(pipe.transformer)
+        self.pipe, self.max_length = pipe, max_sequence_length
+        self.multiple = pipe.vae_scale_factor * pipe.patch_size
+
+    def latents(self, image):
+        latents = _vae_latents(self.pipe.vae, self.pipe.image_processor.preprocess(image))
+        patch = self.pipe.patch_size
+        return latents, (latents.shape[2] // patch, latents.shape[3] // patch)
+
+    def prompt(self, text):
+        embeds, _, pooled, _ = self.pipe.encode_prompt(prompt=text, prompt_2=None, prompt_3=None,
+                                                       do_classifier_free_guidance=False,
+                                                       max_sequence_length=self.max_length)
+        segments = [_segment(self.pipe.tokenizer, text, self.pipe.tokenizer_max_length)]
+        if self.pipe.text_encoder_3 is None:  # the pipeline feeds zeros there: nothing real
+            segments.append(Segment([(0, 0)] * self.max_length, [0] * self.max_length))
+        else:
+            segments.append(_segment(self.pipe.tokenizer_3, text, self.max_length))
+        return EncodedPrompt(embeds, pooled, segments)
+
+
+def _vae_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """The pipelines' own latent normalisation of a VAE's posterior mode (SD3/FLUX VAEs have a shift)."""
+    latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
+    return (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+
+def _segment(tokenizer, text: str, max_length: int) -> Segment:
+    """The positions ``tokenizer`` gives ``text`` as the pipeline pads it; refuses truncation."""
+    full = tokenizer(text)["input_ids"]
+    if len(full) > max_length:
+        raise ValueError(f"RefAM: the prompt {text!r} takes {len(full)} tokens, more than the {max_length} the "
+                         "text encoder sees; shorten the expression or use fewer magnets")
+    enc = tokenizer(text, padding="max_length", max_length=max_length, truncation=True, return_offsets_mapping=True)
+    return Segment([tuple(o) for o in enc["offset_mapping"]], list(enc["attention_mask"]))
+
+
+def source_for(model, **options) -> Source:
+    """The source for a zoo/FLUX/SD3 pipeline or a bare FLUX/SD3 transformer; ``TypeError`` for anything else."""
+    names = {cls.__name__ for cls in type(model).__mro__}
+    if "ShapesFluxPipeline" in names:
+        return ZooFluxSource(model)
+    if "FluxPipeline" in names:
+        return FluxSource(model, **options)
+    if "StableDiffusion3Pipeline" in names:
+        return SD3Source(model, **options)
+    if "FluxTransformer2DModel" in names:
+        return FluxTransformerSource(model, **options)
+    if "SD3Transformer2DModel" in names:
+        return SD3TransformerSource(model)
+    raise TypeError(f"RefAM: unsupported model {type(model).__name__}; RefAM reads the joint attention of FLUX "
+                    "(FluxPipeline, FluxTransformer2DModel, the zoo's flux-shapes) and SD3 "
+                    "(StableDiffusion3Pipeline, SD3Transformer2DModel)")
+
+
+def _round(value: int, multiple: int) -> int:
+    return max(multiple, round(value / multiple) * multiple)

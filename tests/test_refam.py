@@ -1,0 +1,207 @@
+"""RefAM on tiny random FLUX / SD3 transformers and pipelines.
+
+The probe parity test guards against a RefAM map that drifts from the attention the
+model computes (wrong text/image order, a chunk written to the wrong rows, heads
+mixed up); the others check the steps, the settings and the refusals.
+"""
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DModel
+from PIL import Image
+
+import vlmtools
+import vlmtools.attention
+from grounding import RefAM, RefAMSettings
+from grounding.refam import EncodedPrompt, MapAccumulator, RecordImageText, build_prompt
+from grounding.refam.maps import word_maps
+from grounding.refam.prompt import PromptTokens, Segment, token_roles
+from grounding.refam.source import source_for
+from tests.test_dit import BUILDERS, attention_inputs, explicit_probs
+from tests.tiny_pipelines import SIZE, tiny_flux_pipeline, tiny_sd3_pipeline
+from vlmtools.text import content_words
+
+GRID = (3, 4)
+EXPRESSION = "the red circle"
+PROMPT = "the red circle . a with"
+# word-level offsets of PROMPT, one EOS-like special token, two pads
+OFFSETS = [(0, 3), (4, 7), (8, 14), (15, 16), (17, 18), (19, 23), (0, 0), (0, 0), (0, 0)]
+REAL = [1] * 7 + [0, 0]
+PIPELINES = {"flux": lambda: tiny_flux_pipeline(), "sd3": tiny_sd3_pipeline}
+
+
+def tiny(family):
+    model, inputs = BUILDERS[family](grid=GRID, text=len(OFFSETS))
+    prompt = EncodedPrompt(inputs["encoder_hidden_states"][:1], inputs["pooled_projections"][:1],
+                           [Segment(OFFSETS, REAL)])
+    return model, inputs["hidden_states"][:1], prompt
+
+
+def image(size=SIZE, mode="RGB"):
+    return Image.fromarray((np.random.default_rng(0).random((size, size, 3)) * 255).astype(np.uint8)).convert(mode)
+
+
+def processors(dit):
+    return [site.module.processor for site in dit.sites]
+
+
+@pytest.mark.parametrize("family,name", [("flux", "dit.double.1"), ("flux", "dit.single.0"), ("sd3", "dit.joint.1")])
+@pytest.mark.parametrize("heads", [None, (1,)])
+def test_chunked_probe_and_word_maps_equal_explicit_attention(family, name, heads, monkeypatch):
+    monkeypatch.setattr(vlmtools.attention, "CHUNK_BYTES", 4 * 2 * 5 * 21)  # 5 rows per chunk: several chunks
+    model, latents, prompt = tiny(family)
+    refam = RefAM(model, RefAMSettings(blocks=(name,), heads=heads, sinks="none"))
+    site, layout = refam.dit.site(name), refam.dit.layout(len(OFFSETS), GRID)
+
+    def explicit(kwargs):
+        with torch.no_grad():
+            probs = explicit_probs(site, kwargs, family)[0]  # (H, L, L), the full attention
+        probs = probs if heads is None else probs[list(heads)]
+        return probs.mean(0)[layout.image.positions][:, layout.text.indices()]
+
+    seen, handle = attention_inputs(site)
+    with refam.dit.use(RecordImageText([name], heads)) as trace, torch.no_grad():
+        model(**refam.source.call(latents, 0.5, prompt, GRID))
+    tokens = token_roles(EXPRESSION, PROMPT, prompt.segments, content_words(EXPRESSION))
+    maps, _ = refam.probe(latents, GRID, prompt, tokens)
+    handle.remove()
+    assert (trace[f"{name}.image_text"][0][0] - explicit(seen[0])).abs().max() <= 1e-5
+    block = explicit(seen[1])
+    budget = block.sum(-1)  # padding="budget": every text key, pads included
+    assert (maps["1:red"] - block[:, 1] / budget).abs().max() <= 1e-5
+    assert (maps["2:circle"] - block[:, 2] / budget).abs().max() <= 1e-5
+    assert (maps["heatmap"] - (block[:, 1] + block[:, 2]) / 2 / budget).abs().max() <= 1e-5
+
+
+def test_roles_of_expression_magnets_special_and_padding():
+    tokens = token_roles(EXPRESSION, PROMPT, [Segment(OFFSETS, REAL)], content_words(EXPRESSION))
+    assert tokens.roles == ["stop", "content", "content", "magnet", "magnet", "magnet", "special", "padding",
+                            "padding"]
+    assert tokens.word_of[:3] == [0, 1, 2] and tokens.positions("content") == [1, 2]
+    assert build_prompt("the red circle", (".",), colour="green") == "the red circle . green"
+
+
+def _tokens(roles, words=("red", "circle")):
+    ws = content_words(" ".join(words))
+    return PromptTokens("", "", ws, roles, [i if r == "content" else None for i, r in enumerate(roles)])
+
+
+def test_sink_modes_and_padding_budget():
+    block = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.2, 0.2, 0.2, 0.2]])  # 2 image queries x (red, circle, magnet, pad)
+    tokens = _tokens(["content", "content", "magnet", "padding"])
+    plain = word_maps(block, tokens, [], sink_mode="none")
+    assert torch.allclose(plain["0:red"], block[:, 0] / block.sum(-1))
+    # "circle" is a sink: none keeps its map; redirect drops it and keeps its mass; suppress also renormalises
+    assert set(word_maps(block, tokens, [1], sink_mode="none")) == {"0:red", "1:circle"}
+    redirect = word_maps(block, tokens, [1], sink_mode="redirect")
+    suppress = word_maps(block, tokens, [1], sink_mode="suppress")
+    assert set(redirect) == set(suppress) == {"0:red"}
+    assert torch.allclose(redirect["0:red"], plain["0:red"])
+    assert torch.allclose(suppress["0:red"], block[:, 0] / (block.sum(-1) - block[:, 1]))
+    excluded = word_maps(block, tokens, [], padding="exclude")
+    assert torch.allclose(excluded["0:red"], block[:, 0] / block[:, :3].sum(-1))
+    assert set(word_maps(block, tokens, [], words="all")) == {"0:red", "1:circle", "2:magnet"}
+
+
+def test_accumulator_averages_and_resets():
+    acc = MapAccumulator()
+    acc.add({"h": torch.ones(2)})
+    acc.add({"h": torch.zeros(2)})
+    assert torch.equal(acc.mean()["h"], torch.full((2,), 0.5)) and acc.calls == 2
+    acc.reset()
+    with pytest.raises(RuntimeError, match="nothing"):
+        acc.mean()
+
+
+def test_several_timesteps_and_seeds_average_the_single_runs():
+    model, latents, prompt = tiny("flux")
+    runs = [RefAM(model, RefAMSettings(timesteps=(t,), seeds=(s,))).segment_encoded(latents, GRID, prompt, EXPRESSION)
+            for t in (0.3, 0.6) for s in (0, 1)]
+    both = RefAM(model, RefAMSettings(timesteps=(0.3, 0.6), seeds=(0, 1))).segment_encoded(latents, GRID, prompt,
+                                                                                           EXPRESSION)
+    expected = np.mean([r.grid_heatmap for r in runs], 0)
+    assert np.abs(both.grid_heatmap - expected).max() <= 1e-6
+
+
+def test_forward_stops_after_the_last_block_read():
+    model, latents, prompt = tiny("flux")
+    calls = []
+    handle = model.single_transformer_blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    RefAM(model, RefAMSettings(blocks=("dit.double.0",))).segment_encoded(latents, GRID, prompt, EXPRESSION)
+    handle.remove()
+    assert calls == []
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_pipeline_end_to_end_and_save(family, tmp_path):
+    pipe = PIPELINES[family]()
+    dit = vlmtools.wrap(pipe.transformer)
+    before = processors(dit)
+    options = {"max_sequence_length": 12} if family == "flux" else {}
+    seg = RefAM(pipe, **options).segment(image(), "the large red circle on the left")
+    assert seg.mask.shape == seg.heatmap.shape == (SIZE, SIZE) and seg.mask.dtype == bool
+    assert 0 <= seg.point[0] < SIZE and 0 <= seg.point[1] < SIZE
+    assert seg.settings["prompt"] == "the large red circle on the left . a with"
+    assert seg.settings["family"] == family and seg.settings["sinks"] == "suppress"
+    assert sorted(seg.word_maps) == ["1:large", "2:red", "3:circle", "6:left"]
+    assert all(a is b for a, b in zip(processors(dit), before))
+    paths = seg.save(tmp_path)
+    assert Image.open(paths["mask.png"]).size == (SIZE, SIZE) and paths["segmentation.json"].read_text()
+
+
+@pytest.mark.parametrize("expression,match", [("", "empty"), ("   ", "empty"), ("this and that .", "no content")])
+def test_bad_expressions_are_refused(expression, match):
+    pipe = tiny_flux_pipeline()
+    dit = vlmtools.wrap(pipe.transformer)
+    before = processors(dit)
+    with pytest.raises(ValueError, match=match):
+        RefAM(pipe, max_sequence_length=12).segment(image(), expression)
+    assert all(a is b for a, b in zip(processors(dit), before))
+
+
+@pytest.mark.parametrize("picture,error,match", [
+    (image(mode="L"), ValueError, "convert"),
+    (image(mode="RGBA"), ValueError, "convert"),
+    (image(size=18), ValueError, "multiples of 4"),
+    (np.zeros((16, 16, 3), np.uint8), TypeError, "fromarray"),
+])
+def test_bad_images_are_refused(picture, error, match):
+    with pytest.raises(error, match=match):
+        RefAM(tiny_flux_pipeline(), max_sequence_length=12).segment(picture, EXPRESSION)
+
+
+def test_too_long_prompt_is_refused():
+    with pytest.raises(ValueError, match="more than the 12"):
+        RefAM(tiny_flux_pipeline(), max_sequence_length=12).segment(image(), "the red circle " * 4)
+
+
+@pytest.mark.parametrize("model", [
+    UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 8),
+                norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "UpBlock2D")),
+    object(),
+])
+def test_unsupported_family_names_the_supported_ones(model):
+    with pytest.raises(TypeError, match="FLUX.*SD3"):
+        RefAM(model)
+
+
+def test_bare_transformer_needs_encoded_inputs_and_bad_settings_are_named():
+    model, latents, prompt = tiny("sd3")
+    refam = RefAM(model)
+    with pytest.raises(TypeError, match="segment_encoded"):
+        refam.segment(image(), EXPRESSION)
+    with pytest.raises(LookupError, match="dit.joint"):
+        RefAM(model, RefAMSettings(blocks=("dit.double.0",)))
+    with pytest.raises(ValueError, match="heads"):
+        RefAM(model, RefAMSettings(heads=(5,))).segment_encoded(latents, GRID, prompt, EXPRESSION)
+    with pytest.raises(ValueError, match="timesteps"):
+        RefAMSettings(timesteps=(1.5,))
+    with pytest.raises(ValueError, match="sinks"):
+        RefAMSettings(sinks="drop")
+
+
+def test_source_for_a_pipeline_reads_its_tokenizer():
+    source = source_for(tiny_flux_pipeline(), max_sequence_length=12)
+    encoded = source.prompt(PROMPT)
+    assert encoded.embeds.shape[1] == 12 and len(encoded.segments[0].offsets) == 12
