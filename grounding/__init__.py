@@ -3,6 +3,7 @@
 >>> from grounding import RefAM
 >>> seg = RefAM(vlmtools.zoo.load("flux-shapes")).segment(image, "the large red circle")
 """
+
 _LAZY = {"RefAM", "RefAMSettings", "Segmentation"}
 
 

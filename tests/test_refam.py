@@ -4,6 +4,7 @@ The probe parity test guards against a RefAM map that drifts from the attention 
 model computes (wrong text/image order, a chunk written to the wrong rows, heads
 mixed up); the others check the steps, the settings and the refusals.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -32,8 +33,9 @@ PIPELINES = {"flux": lambda: tiny_flux_pipeline(), "sd3": tiny_sd3_pipeline}
 
 def tiny(family):
     model, inputs = BUILDERS[family](grid=GRID, text=len(OFFSETS))
-    prompt = EncodedPrompt(inputs["encoder_hidden_states"][:1], inputs["pooled_projections"][:1],
-                           [Segment(OFFSETS, REAL)])
+    prompt = EncodedPrompt(
+        inputs["encoder_hidden_states"][:1], inputs["pooled_projections"][:1], [Segment(OFFSETS, REAL)]
+    )
     return model, inputs["hidden_states"][:1], prompt
 
 
@@ -75,8 +77,7 @@ def test_chunked_probe_and_word_maps_equal_explicit_attention(family, name, head
 
 def test_roles_of_expression_magnets_special_and_padding():
     tokens = token_roles(EXPRESSION, PROMPT, [Segment(OFFSETS, REAL)], content_words(EXPRESSION))
-    assert tokens.roles == ["stop", "content", "content", "magnet", "magnet", "magnet", "special", "padding",
-                            "padding"]
+    assert tokens.roles == ["stop", "content", "content", "magnet", "magnet", "magnet", "special", "padding", "padding"]
     assert tokens.word_of[:3] == [0, 1, 2] and tokens.positions("content") == [1, 2]
     assert build_prompt("the red circle", (".",), colour="green") == "the red circle . green"
 
@@ -115,10 +116,14 @@ def test_accumulator_averages_and_resets():
 
 def test_several_timesteps_and_seeds_average_the_single_runs():
     model, latents, prompt = tiny("flux")
-    runs = [RefAM(model, RefAMSettings(timesteps=(t,), seeds=(s,))).segment_encoded(latents, GRID, prompt, EXPRESSION)
-            for t in (0.3, 0.6) for s in (0, 1)]
-    both = RefAM(model, RefAMSettings(timesteps=(0.3, 0.6), seeds=(0, 1))).segment_encoded(latents, GRID, prompt,
-                                                                                           EXPRESSION)
+    runs = [
+        RefAM(model, RefAMSettings(timesteps=(t,), seeds=(s,))).segment_encoded(latents, GRID, prompt, EXPRESSION)
+        for t in (0.3, 0.6)
+        for s in (0, 1)
+    ]
+    both = RefAM(model, RefAMSettings(timesteps=(0.3, 0.6), seeds=(0, 1))).segment_encoded(
+        latents, GRID, prompt, EXPRESSION
+    )
     expected = np.mean([r.grid_heatmap for r in runs], 0)
     assert np.abs(both.grid_heatmap - expected).max() <= 1e-6
 
@@ -159,12 +164,15 @@ def test_bad_expressions_are_refused(expression, match):
     assert all(a is b for a, b in zip(processors(dit), before))
 
 
-@pytest.mark.parametrize("picture,error,match", [
-    (image(mode="L"), ValueError, "convert"),
-    (image(mode="RGBA"), ValueError, "convert"),
-    (image(size=18), ValueError, "multiples of 4"),
-    (np.zeros((16, 16, 3), np.uint8), TypeError, "fromarray"),
-])
+@pytest.mark.parametrize(
+    "picture,error,match",
+    [
+        (image(mode="L"), ValueError, "convert"),
+        (image(mode="RGBA"), ValueError, "convert"),
+        (image(size=18), ValueError, "multiples of 4"),
+        (np.zeros((16, 16, 3), np.uint8), TypeError, "fromarray"),
+    ],
+)
 def test_bad_images_are_refused(picture, error, match):
     with pytest.raises(error, match=match):
         RefAM(tiny_flux_pipeline(), max_sequence_length=12).segment(picture, EXPRESSION)
@@ -175,12 +183,22 @@ def test_too_long_prompt_is_refused():
         RefAM(tiny_flux_pipeline(), max_sequence_length=12).segment(image(), "the red circle " * 4)
 
 
-@pytest.mark.parametrize("model", [
-    UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 8),
-                norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "UpBlock2D")),
-    object(),
-])
+@pytest.mark.parametrize(
+    "model",
+    [
+        UNet2DModel(
+            sample_size=8,
+            in_channels=1,
+            out_channels=1,
+            layers_per_block=1,
+            block_out_channels=(8, 8),
+            norm_num_groups=4,
+            down_block_types=("DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D"),
+        ),
+        object(),
+    ],
+)
 def test_unsupported_family_names_the_supported_ones(model):
     with pytest.raises(TypeError, match="FLUX.*SD3"):
         RefAM(model)

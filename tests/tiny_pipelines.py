@@ -5,6 +5,7 @@ tokenizer standing in for CLIP's and T5's (only its offsets and ids matter to
 RefAM), random CLIP / T5 text encoders, a 2-block AutoencoderKL (scale factor 2),
 and the transformers of ``tests.tiny_dit``. Images are 16 x 16 RGB: a 4 x 4 grid.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,7 +22,27 @@ from transformers import (
 
 from tests.tiny_dit import tiny_flux, tiny_sd3
 
-WORDS = ["the", "a", "an", "large", "small", "red", "blue", "green", "circle", "square", "cross", "on", "of", "with", "left", "right", "top", ".", ","]
+WORDS = [
+    "the",
+    "a",
+    "an",
+    "large",
+    "small",
+    "red",
+    "blue",
+    "green",
+    "circle",
+    "square",
+    "cross",
+    "on",
+    "of",
+    "with",
+    "left",
+    "right",
+    "top",
+    ".",
+    ",",
+]
 SIZE = 16
 
 
@@ -31,43 +52,72 @@ def tiny_tokenizer(max_length: int) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=max_length)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=max_length
+    )
 
 
 def _clip(cls, hidden: int, projection: int = 8):
-    config = CLIPTextConfig(vocab_size=len(WORDS) + 3, hidden_size=hidden, intermediate_size=2 * hidden,
-                            num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
-                            projection_dim=projection, eos_token_id=1, pad_token_id=0)
+    config = CLIPTextConfig(
+        vocab_size=len(WORDS) + 3,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        projection_dim=projection,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
     return cls(config).eval()
 
 
 def _t5(d_model: int = 32):
-    return T5EncoderModel(T5Config(vocab_size=len(WORDS) + 3, d_model=d_model, d_kv=8, d_ff=32, num_layers=1,
-                                   num_heads=2)).eval()
+    return T5EncoderModel(
+        T5Config(vocab_size=len(WORDS) + 3, d_model=d_model, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    ).eval()
 
 
 def _vae(latent_channels: int):
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
-                         latent_channels=latent_channels, norm_num_groups=4, layers_per_block=1).eval()
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        layers_per_block=1,
+    ).eval()
 
 
 def tiny_flux_pipeline(max_sequence_length: int = 12) -> FluxPipeline:
     """CLIP (pooled, 16 dims) and T5 (sequence, 32 dims) as FLUX uses them; T5 pads to ``max_sequence_length``."""
     torch.manual_seed(0)
     transformer, _ = tiny_flux()
-    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(2),
-                        text_encoder=_clip(CLIPTextModel, 16), tokenizer=tiny_tokenizer(16),
-                        text_encoder_2=_t5(), tokenizer_2=tiny_tokenizer(max_sequence_length),
-                        transformer=transformer)
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_vae(2),
+        text_encoder=_clip(CLIPTextModel, 16),
+        tokenizer=tiny_tokenizer(16),
+        text_encoder_2=_t5(),
+        tokenizer_2=tiny_tokenizer(max_sequence_length),
+        transformer=transformer,
+    )
 
 
 def tiny_sd3_pipeline() -> StableDiffusion3Pipeline:
     """Two CLIPs (hidden 8 + 8, projections 8 + 8 = pooled 16) and T5 (32 = joint_attention_dim)."""
     torch.manual_seed(0)
     transformer, _ = tiny_sd3()
-    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
-                                    vae=_vae(4), text_encoder=_clip(CLIPTextModelWithProjection, 8),
-                                    tokenizer=tiny_tokenizer(16), text_encoder_2=_clip(CLIPTextModelWithProjection, 8),
-                                    tokenizer_2=tiny_tokenizer(16), text_encoder_3=_t5(), tokenizer_3=tiny_tokenizer(16))
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_vae(4),
+        text_encoder=_clip(CLIPTextModelWithProjection, 8),
+        tokenizer=tiny_tokenizer(16),
+        text_encoder_2=_clip(CLIPTextModelWithProjection, 8),
+        tokenizer_2=tiny_tokenizer(16),
+        text_encoder_3=_t5(),
+        tokenizer_3=tiny_tokenizer(16),
+    )

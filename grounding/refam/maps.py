@@ -16,6 +16,7 @@ remaining text attention renormalised) or ``redirect`` (their maps dropped and t
 mass handed to the magnets, whose maps are never read: it stays in the budget).
 Sinks among the image keys do not enter a text-normalised map; they are reported.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -64,7 +65,7 @@ class RecordImageText(AttentionHook):
         layout = self.state.layout
         heads = probs if self.heads is None else probs[:, self.heads]
         block = self.trace[f"{call.site.name}.{self.what}"][-1]
-        block[:, rows - layout.image.span.start] = heads.mean(1)[..., layout.text.start:layout.text.stop]
+        block[:, rows - layout.image.span.start] = heads.mean(1)[..., layout.text.start : layout.text.stop]
 
 
 def global_sinks(columns: dict[int, JointColumns], layout, ratio: float, max_cv: float) -> dict[int, list[int]]:
@@ -72,8 +73,11 @@ def global_sinks(columns: dict[int, JointColumns], layout, ratio: float, max_cv:
     criterion = GlobalSink(ratio=ratio, max_cv=max_cv, layers=tuple(columns))
     batch = next(iter(columns.values())).total.shape[0]
     # every key of the joint sequence may be a sink, pads included: a layout with no padding
-    tensors = SinkTensors(layout=plain_layout(batch, len(layout.text) + len(layout.image)),
-                          num_layers=max(columns) + 1, joint_columns=columns)
+    tensors = SinkTensors(
+        layout=plain_layout(batch, len(layout.text) + len(layout.image)),
+        num_layers=max(columns) + 1,
+        joint_columns=columns,
+    )
     found: dict[int, list[int]] = {block: [] for block in columns}
     for finding in criterion.evaluate(tensors).findings:
         if finding.sample == 0:
@@ -81,8 +85,14 @@ def global_sinks(columns: dict[int, JointColumns], layout, ratio: float, max_cv:
     return found
 
 
-def word_maps(block: torch.Tensor, tokens: PromptTokens, sinks: Sequence[int], words: WordMode = "content",
-              sink_mode: SinkMode = "suppress", padding: PaddingMode = "budget") -> dict[str, torch.Tensor]:
+def word_maps(
+    block: torch.Tensor,
+    tokens: PromptTokens,
+    sinks: Sequence[int],
+    words: WordMode = "content",
+    sink_mode: SinkMode = "suppress",
+    padding: PaddingMode = "budget",
+) -> dict[str, torch.Tensor]:
     """Text-normalised maps ``(N_image,)`` of the words read, from one block ``(N_image, T)``.
 
     ``sinks`` are text positions (0 = first text token). Keys are ``"{index}:{word}"``
@@ -90,8 +100,11 @@ def word_maps(block: torch.Tensor, tokens: PromptTokens, sinks: Sequence[int], w
     tokens (read only with ``words="all"``); padding is never read.
     """
     sinks = set(sinks)
-    budget = [i for i, role in enumerate(tokens.roles)
-              if not (role == "padding" and padding == "exclude") and not (i in sinks and sink_mode == "suppress")]
+    budget = [
+        i
+        for i, role in enumerate(tokens.roles)
+        if not (role == "padding" and padding == "exclude") and not (i in sinks and sink_mode == "suppress")
+    ]
     share = block[:, budget].sum(-1).clamp(min=1e-12)
     grouped: dict[str, list[int]] = {}
     for i, role in enumerate(tokens.roles):

@@ -5,6 +5,7 @@ image, build the prompt, probe (one forward per timestep and seed, averaged in a
 :class:`~grounding.refam.maps.MapAccumulator`), aggregate the content words' maps,
 then turn the heatmap into a mask (training-free, or SAM when one is given).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,8 +78,8 @@ def default_blocks(dit) -> tuple[str, ...]:
     names = [site.name for site in dit.sites]
     double = [n for n in names if n.startswith("dit.double.")]
     if double:
-        return tuple(double[:max(1, len(double) // 2)])
-    return tuple(names[len(names) // 3:max(len(names) // 3 + 1, 2 * len(names) // 3)])
+        return tuple(double[: max(1, len(double) // 2)])
+    return tuple(names[len(names) // 3 : max(len(names) // 3 + 1, 2 * len(names) // 3)])
 
 
 @dataclass
@@ -103,9 +104,16 @@ class Segmentation:
         Image.fromarray(self.mask.astype(np.uint8) * 255).save(paths["mask.png"])
         background = self.image if self.image is not None else Image.new("RGB", self.mask.shape[::-1])
         overlay(background, self.heatmap, self.mask).save(paths["heatmap.png"])
-        info = {"point": list(self.point), "settings": self.settings, "sinks": self.sinks,
-                "tokens": [{"position": i, "role": r, "word": None if w is None else self.tokens.words[w].word}
-                           for i, (r, w) in enumerate(zip(self.tokens.roles, self.tokens.word_of)) if r != "padding"]}
+        info = {
+            "point": list(self.point),
+            "settings": self.settings,
+            "sinks": self.sinks,
+            "tokens": [
+                {"position": i, "role": r, "word": None if w is None else self.tokens.words[w].word}
+                for i, (r, w) in enumerate(zip(self.tokens.roles, self.tokens.word_of))
+                if r != "padding"
+            ],
+        }
         paths["segmentation.json"].write_text(json.dumps(info, indent=1))
         return paths
 
@@ -162,16 +170,26 @@ class RefAM:
     def prompt(self, expression: str) -> str:
         return build_prompt(expression, self.settings.magnets, self.settings.colour)
 
-    def segment_encoded(self, latents: torch.Tensor, grid: tuple[int, int], prompt: EncodedPrompt, expression: str,
-                        image: Image.Image | None = None, size: tuple[int, int] | None = None) -> Segmentation:
+    def segment_encoded(
+        self,
+        latents: torch.Tensor,
+        grid: tuple[int, int],
+        prompt: EncodedPrompt,
+        expression: str,
+        image: Image.Image | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> Segmentation:
         """RefAM on clean ``latents`` as the transformer takes them and ``prompt`` encoded from
         ``self.prompt(expression)``; the mask has ``image``'s size, else ``size`` (H, W), else the grid's."""
         s = self.settings
-        tokens = token_roles(expression, self.prompt(expression), prompt.segments,
-                             check_expression(expression, s.tagger))
+        tokens = token_roles(
+            expression, self.prompt(expression), prompt.segments, check_expression(expression, s.tagger)
+        )
         if len(tokens.roles) != prompt.embeds.shape[1]:
-            raise ValueError(f"RefAM: the prompt has {prompt.embeds.shape[1]} text positions but its segments "
-                             f"describe {len(tokens.roles)}")
+            raise ValueError(
+                f"RefAM: the prompt has {prompt.embeds.shape[1]} text positions but its segments "
+                f"describe {len(tokens.roles)}"
+            )
         maps, sinks = self.probe(latents, grid, prompt, tokens)
         grid_heatmap = maps.pop("heatmap").view(grid).cpu().numpy()
         size = image.size[::-1] if image is not None else size or grid
@@ -184,11 +202,25 @@ class RefAM:
         else:
             method = "otsu" if s.threshold == "otsu" else "threshold"
             mask = heatmap_to_mask(heatmap, method, 0.5 if s.threshold == "otsu" else float(s.threshold), s.keep)
-        settings = {**dataclasses.asdict(s), "blocks": list(self.blocks), "family": self.source.family,
-                    "prompt": tokens.text, "tagger": tokens.words.tagger,
-                    "mask_from": "sam" if self.sam is not None and image is not None else "heatmap"}
-        return Segmentation(mask, heatmap, point, grid_heatmap,
-                            {k: v.view(grid).cpu().numpy() for k, v in maps.items()}, tokens, sinks, settings, image)
+        settings = {
+            **dataclasses.asdict(s),
+            "blocks": list(self.blocks),
+            "family": self.source.family,
+            "prompt": tokens.text,
+            "tagger": tokens.words.tagger,
+            "mask_from": "sam" if self.sam is not None and image is not None else "heatmap",
+        }
+        return Segmentation(
+            mask,
+            heatmap,
+            point,
+            grid_heatmap,
+            {k: v.view(grid).cpu().numpy() for k, v in maps.items()},
+            tokens,
+            sinks,
+            settings,
+            image,
+        )
 
     def probe(self, latents, grid, prompt: EncodedPrompt, tokens: PromptTokens):
         """Averaged maps ``{"heatmap", word keys...}`` (flat over the grid) and the sinks found per call."""
@@ -222,9 +254,10 @@ class RefAM:
                     for key, value in word_maps(block, tokens, text, s.words, s.sinks, s.padding).items():
                         words.setdefault(key, []).append(value)
                 if not words:
-                    raise RuntimeError(f"RefAM: every token read was a global sink in every block at t={t}, "
-                                       f"seed={seed}; use sinks='none' or other blocks")
+                    raise RuntimeError(
+                        f"RefAM: every token read was a global sink in every block at t={t}, "
+                        f"seed={seed}; use sinks='none' or other blocks"
+                    )
                 words = {key: torch.stack(maps).mean(0) for key, maps in words.items()}
                 self.accumulator.add({"heatmap": torch.stack(list(words.values())).mean(0), **words})
         return self.accumulator.mean(), found
-

@@ -14,6 +14,7 @@ position the transformer sees gets one role:
   Their maps are never read; whether their mass stays in each image query's text
   budget is RefAM's ``padding`` setting.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -64,8 +65,10 @@ def check_expression(expression: str, tagger: str = "auto") -> Words:
         raise ValueError("RefAM: the referring expression is empty; describe the object, e.g. 'the red circle'")
     words = content_words(expression.strip(), tagger=tagger)
     if not any(w.is_content for w in words):
-        raise ValueError(f"RefAM: {expression!r} has no content word (tagger {words.tagger}): only stop words and "
-                         "punctuation, whose attention maps carry no location; name the object or its attributes")
+        raise ValueError(
+            f"RefAM: {expression!r} has no content word (tagger {words.tagger}): only stop words and "
+            "punctuation, whose attention maps carry no location; name the object or its attributes"
+        )
     return words
 
 

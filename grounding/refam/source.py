@@ -9,6 +9,7 @@ flow-matching time ``t``. A bare transformer has no VAE or text encoder: its sou
 only builds calls, from latents and text features the caller encoded
 (:meth:`RefAM.segment_encoded`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,24 +42,32 @@ class Source:
 
     def check_image(self, image) -> Image.Image:
         if not isinstance(image, Image.Image):
-            raise TypeError(f"RefAM: the image must be a PIL image, got {type(image).__name__}; "
-                            "use PIL.Image.fromarray(array) for an (H, W, 3) uint8 array")
+            raise TypeError(
+                f"RefAM: the image must be a PIL image, got {type(image).__name__}; "
+                "use PIL.Image.fromarray(array) for an (H, W, 3) uint8 array"
+            )
         if image.mode != "RGB":
             raise ValueError(f"RefAM: the image is in mode {image.mode!r}; convert it with image.convert('RGB')")
         width, height = image.size
         if width % self.multiple or height % self.multiple:
-            raise ValueError(f"RefAM: {self.family} needs image sides that are multiples of {self.multiple}, got "
-                             f"{width}x{height}; resize to e.g. {_round(width, self.multiple)}x"
-                             f"{_round(height, self.multiple)} (image.resize) and resize the mask back")
+            raise ValueError(
+                f"RefAM: {self.family} needs image sides that are multiples of {self.multiple}, got "
+                f"{width}x{height}; resize to e.g. {_round(width, self.multiple)}x"
+                f"{_round(height, self.multiple)} (image.resize) and resize the mask back"
+            )
         return image
 
     def latents(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
-        raise TypeError("RefAM: a bare transformer has no VAE; pass its pipeline, or encode the image yourself and "
-                        "call RefAM.segment_encoded(latents, grid, prompt, expression)")
+        raise TypeError(
+            "RefAM: a bare transformer has no VAE; pass its pipeline, or encode the image yourself and "
+            "call RefAM.segment_encoded(latents, grid, prompt, expression)"
+        )
 
     def prompt(self, text: str) -> EncodedPrompt:
-        raise TypeError("RefAM: a bare transformer has no tokenizer or text encoder; pass its pipeline, or call "
-                        "RefAM.segment_encoded with an EncodedPrompt")
+        raise TypeError(
+            "RefAM: a bare transformer has no tokenizer or text encoder; pass its pipeline, or call "
+            "RefAM.segment_encoded with an EncodedPrompt"
+        )
 
     def call(self, x_t: torch.Tensor, t: float, prompt: EncodedPrompt, grid: tuple[int, int]) -> dict:
         raise NotImplementedError
@@ -82,9 +91,15 @@ class FluxTransformerSource(Source):
         batch = x_t.shape[0]
         ids = FluxPipeline._prepare_latent_image_ids(batch, *grid, x_t.device, x_t.dtype)
         text_ids = prompt.text_ids if prompt.text_ids is not None else x_t.new_zeros(prompt.embeds.shape[1], 3)
-        kwargs = {"hidden_states": x_t, "encoder_hidden_states": self._tensor(prompt.embeds),
-                      "pooled_projections": self._tensor(prompt.pooled), "timestep": x_t.new_full((batch,), t),
-                      "img_ids": ids, "txt_ids": text_ids.to(x_t.device), "return_dict": False}
+        kwargs = {
+            "hidden_states": x_t,
+            "encoder_hidden_states": self._tensor(prompt.embeds),
+            "pooled_projections": self._tensor(prompt.pooled),
+            "timestep": x_t.new_full((batch,), t),
+            "img_ids": ids,
+            "txt_ids": text_ids.to(x_t.device),
+            "return_dict": False,
+        }
         if self.transformer.config.guidance_embeds:
             kwargs["guidance"] = x_t.new_full((batch,), self.guidance)
         return kwargs
@@ -97,9 +112,13 @@ class SD3TransformerSource(Source):
 
     def call(self, x_t, t, prompt, grid):
         batch = x_t.shape[0]
-        return {"hidden_states": x_t, "encoder_hidden_states": self._tensor(prompt.embeds),
-                    "pooled_projections": self._tensor(prompt.pooled), "timestep": x_t.new_full((batch,), 1000.0 * t),
-                    "return_dict": False}
+        return {
+            "hidden_states": x_t,
+            "encoder_hidden_states": self._tensor(prompt.embeds),
+            "pooled_projections": self._tensor(prompt.pooled),
+            "timestep": x_t.new_full((batch,), 1000.0 * t),
+            "return_dict": False,
+        }
 
 
 class FluxSource(FluxTransformerSource):
@@ -116,8 +135,9 @@ class FluxSource(FluxTransformerSource):
         return self.pipe._pack_latents(latents, batch, channels, height, width), (height // 2, width // 2)
 
     def prompt(self, text):
-        embeds, pooled, text_ids = self.pipe.encode_prompt(prompt=text, prompt_2=None,
-                                                           max_sequence_length=self.max_length)
+        embeds, pooled, text_ids = self.pipe.encode_prompt(
+            prompt=text, prompt_2=None, max_sequence_length=self.max_length
+        )
         segment = _segment(self.pipe.tokenizer_2, text, self.max_length)
         return EncodedPrompt(embeds, pooled, [segment], text_ids)
 
@@ -134,9 +154,11 @@ class ZooFluxSource(FluxTransformerSource):
 
         image = super().check_image(image)
         if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-            raise ValueError(f"RefAM: flux-shapes was trained on {IMAGE_SIZE}x{IMAGE_SIZE} images, got "
-                             f"{image.size[0]}x{image.size[1]}; letterbox and resize it first "
-                             "(vlmtools.zoo.flux.letterbox does this for world scenes)")
+            raise ValueError(
+                f"RefAM: flux-shapes was trained on {IMAGE_SIZE}x{IMAGE_SIZE} images, got "
+                f"{image.size[0]}x{image.size[1]}; letterbox and resize it first "
+                "(vlmtools.zoo.flux.letterbox does this for world scenes)"
+            )
         return image
 
     def latents(self, image):
@@ -147,8 +169,9 @@ class ZooFluxSource(FluxTransformerSource):
 
     def prompt(self, text):
         embeds, pooled, text_ids = self.pipe.encode_prompt(text)
-        return EncodedPrompt(embeds, pooled, [_segment(self.pipe.tokenizer, text, self.pipe.tokenizer_max_length)],
-                             text_ids)
+        return EncodedPrompt(
+            embeds, pooled, [_segment(self.pipe.tokenizer, text, self.pipe.tokenizer_max_length)], text_ids
+        )
 
 
 class SD3Source(SD3TransformerSource):
@@ -165,9 +188,13 @@ class SD3Source(SD3TransformerSource):
         return latents, (latents.shape[2] // patch, latents.shape[3] // patch)
 
     def prompt(self, text):
-        embeds, _, pooled, _ = self.pipe.encode_prompt(prompt=text, prompt_2=None, prompt_3=None,
-                                                       do_classifier_free_guidance=False,
-                                                       max_sequence_length=self.max_length)
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=text,
+            prompt_2=None,
+            prompt_3=None,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_length,
+        )
         segments = [_segment(self.pipe.tokenizer, text, self.pipe.tokenizer_max_length)]
         if self.pipe.text_encoder_3 is None:  # the pipeline feeds zeros there: nothing real
             segments.append(Segment([(0, 0)] * self.max_length, [0] * self.max_length))
@@ -186,8 +213,10 @@ def _segment(tokenizer, text: str, max_length: int) -> Segment:
     """The positions ``tokenizer`` gives ``text`` as the pipeline pads it; refuses truncation."""
     full = tokenizer(text)["input_ids"]
     if len(full) > max_length:
-        raise ValueError(f"RefAM: the prompt {text!r} takes {len(full)} tokens, more than the {max_length} the "
-                         "text encoder sees; shorten the expression or use fewer magnets")
+        raise ValueError(
+            f"RefAM: the prompt {text!r} takes {len(full)} tokens, more than the {max_length} the "
+            "text encoder sees; shorten the expression or use fewer magnets"
+        )
     enc = tokenizer(text, padding="max_length", max_length=max_length, truncation=True, return_offsets_mapping=True)
     return Segment([tuple(o) for o in enc["offset_mapping"]], list(enc["attention_mask"]))
 
@@ -205,9 +234,11 @@ def source_for(model, **options) -> Source:
         return FluxTransformerSource(model, **options)
     if "SD3Transformer2DModel" in names:
         return SD3TransformerSource(model)
-    raise TypeError(f"RefAM: unsupported model {type(model).__name__}; RefAM reads the joint attention of FLUX "
-                    "(FluxPipeline, FluxTransformer2DModel, the zoo's flux-shapes) and SD3 "
-                    "(StableDiffusion3Pipeline, SD3Transformer2DModel)")
+    raise TypeError(
+        f"RefAM: unsupported model {type(model).__name__}; RefAM reads the joint attention of FLUX "
+        "(FluxPipeline, FluxTransformer2DModel, the zoo's flux-shapes) and SD3 "
+        "(StableDiffusion3Pipeline, SD3Transformer2DModel)"
+    )
 
 
 def _round(value: int, multiple: int) -> int:
