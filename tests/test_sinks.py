@@ -256,6 +256,22 @@ def test_discovery_finds_planted_dims_in_edited_llama():
     assert sinks.tolist() == [4]
 
 
+@pytest.mark.slow
+def test_smollm2_first_token_sink_dimension_is_discovered():
+    """The pretrained LM of llava-shapes: dimension 507 is massive on the first token (ZOO-NOTES)."""
+    from vlmtools.zoo.lm import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    ids = tokenizer("<|im_start|>user\nHow many red circles are in the picture?<|im_end|>", return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**ids, output_hidden_states=True).hidden_states[:-1]
+    report = SinkDetector(["massive", "sink_dims"]).detect_tensors(
+        hidden=hidden, signature=model_signature(model.config)
+    )
+    assert 507 in report.settings[1]["dims"] and report.settings[1]["dims_source"] == "discovered"
+    assert (0, 0) in tokens(report, "sink_dims") and (0, 0) in tokens(report, "massive")
+
+
 @pytest.fixture(scope="module")
 def llava():
     torch.manual_seed(0)

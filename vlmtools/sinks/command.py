@@ -10,13 +10,19 @@ from .report import SinkReport
 
 
 def load_vlm(name_or_path: str):
-    """(model, processor) for a zoo name (``llava-shapes``) or a Hugging Face folder."""
-    if name_or_path == "llava-shapes":
-        from ..zoo import llava
+    """(model, processor) for a zoo VLM (``llava-shapes``) or a Hugging Face folder."""
+    from .. import zoo
 
-        return llava.load()
+    if name_or_path in zoo.MODELS:
+        loaded = zoo.load(name_or_path)
+        if not isinstance(loaded, tuple):
+            raise ValueError(
+                f"{name_or_path} is a DiT: `vlmtools sinks` reads a VLM; a DiT's global sinks are "
+                "reported by RefAM (SinkDetector(['global_sink']).detect(dit, transformer_kwargs))"
+            )
+        return loaded
     if not Path(name_or_path).exists():
-        raise FileNotFoundError(f"{name_or_path!r} is neither a zoo model (llava-shapes) nor a model folder")
+        raise FileNotFoundError(f"{name_or_path!r} is neither a zoo model ({', '.join(zoo.MODELS)}) nor a model folder")
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     return AutoModelForImageTextToText.from_pretrained(name_or_path).eval(), AutoProcessor.from_pretrained(name_or_path)

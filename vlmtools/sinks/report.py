@@ -91,15 +91,23 @@ class SinkReport:
 
     def table(self) -> str:
         """The summary as fixed-width text."""
-        header = f"{'sample':>6}  {'criterion':<15}{'token':>6}  {'role':<16}{'layers':<14}{'hits':>5}{'score':>10}  dims/label"
-        lines = [header]
+        rows = [["sample", "criterion", "token", "role", "layers", "hits", "score", "dims/label"]]
         for r in self.summary():
             extra = " ".join(filter(None, [",".join(map(str, r["dims"])), r["label"]]))
-            lines.append(
-                f"{r['sample']:>6}  {r['criterion']:<15}{r['token']:>6}  {r['role']:<16}"
-                f"{_ranges(r['layers']):<14}{r['hits']:>5}{r['score']:>10.3g}  {extra}"
+            rows.append(
+                [
+                    str(r["sample"]),
+                    r["criterion"],
+                    str(r["token"]),
+                    r["role"],
+                    _ranges(r["layers"]),
+                    str(r["hits"]),
+                    f"{r['score']:.3g}",
+                    extra,
+                ]
             )
-        return "\n".join(lines)
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -143,31 +151,35 @@ class SinkReport:
         spec = fig.add_gridspec(
             rows, 2 if grids else 1, width_ratios=[4, 1] if grids else None, height_ratios=[0.3] + [1] * (rows - 1)
         )
-        roles = [t["role"] for t in self.tokens[sample]]
-        strip = fig.add_subplot(spec[0, 0])
         order = list(ROLE_COLOURS)
-        strip.imshow(
-            [[order.index(r) for r in roles]],
+        ax = strip = fig.add_subplot(spec[0, 0])
+        roles = strip.imshow(
+            [[order.index(t["role"]) for t in self.tokens[sample]]],
             aspect="auto",
             cmap=ListedColormap(list(ROLE_COLOURS.values())),
-            vmin=0,
-            vmax=len(order) - 1,
+            vmin=-0.5,
+            vmax=len(order) - 0.5,
             interpolation="nearest",
         )
+        legend = fig.colorbar(roles, ax=strip, fraction=0.02, ticks=range(len(order)))
+        legend.ax.set_yticklabels(order, fontsize=6)
         strip.set_yticks([])
-        strip.set_title(
-            "token roles: " + ", ".join(f"{r}" for r in order if r in roles) + "; v = positional sink", fontsize=8
-        )
+        strip.set_title("token roles; v = positional sink, x = sink in that layer", fontsize=8)
         for f in self.sinks("positional", sample):
             strip.plot(f.token, 0, "v", color="black")
         for row, name in enumerate(names, start=1):
+            values = self.scores[name][sample].numpy()
+            seen = values[np.isfinite(values)]
+            # magnitudes that span decades (massive activations) read better on a log scale
+            log = seen.size and seen.min() > 0 and seen.max() > 100 * np.median(seen)
             ax = fig.add_subplot(spec[row, 0], sharex=strip)
             image = ax.imshow(
-                self.scores[name][sample].numpy(),
+                values,
                 aspect="auto",
                 origin="lower",
                 interpolation="nearest",
                 cmap="viridis",
+                norm="log" if log else None,
             )
             fig.colorbar(image, ax=ax, fraction=0.02)
             cells = {(f.token, f.layer) for f in self.sinks(name, sample)}
