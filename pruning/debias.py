@@ -106,13 +106,17 @@ class Debias:
     ``trend``: ``"calibrated"`` loads the file made by :func:`pruning.calibrate` for
     this (model, host, layer) from ``directory`` (default: ``$PRUNING_CALIBRATION``, else
     the package's ``pruning/calibration``), a :class:`Trend` or path uses that one for
-    every stage, None skips the trend. ``padding``/``sinks`` switch the ``m = 0`` terms.
+    every stage, None skips the trend. ``padding``/``sinks`` switch the ``m = 0`` terms; sinks are
+    the visual tokens that :func:`vlmtools.sinks.visual_sink_positions` (VAR's sink dimensions)
+    finds in the hidden states entering the drop layer.
     """
 
     trend: Trend | str | Path | None = "calibrated"
     padding: bool = True
     sinks: bool = True
     directory: str | Path | None = None
+    sink_settings: dict = field(default_factory=dict)
+    """Settings of the shared detector's sink-dimension criterion (``tau``, ``dims``)."""
 
     def trend_for(self, key: str) -> Trend | None:
         if self.trend is None or isinstance(self.trend, Trend):
@@ -128,7 +132,8 @@ class Debias:
 
     def settings(self) -> dict:
         trend = (self.trend.key or "given") if isinstance(self.trend, Trend) else str(self.trend)
-        return {"trend": trend, "padding": self.padding, "sinks": self.sinks}
+        return {"trend": trend, "padding": self.padding, "sinks": self.sinks and {"criterion": "sink_dims",
+                                                                                  **self.sink_settings}}
 
 
 def calibration_path(key: str, directory: str | Path | None = None) -> Path:

@@ -220,7 +220,8 @@ class Host:
         full.scatter_(1, kept[..., None].expand(-1, -1, hidden.shape[-1]), hidden)
         layer = self.layers[stage]
         sinks = visual_sink_positions({layer: full}, layout, signature=model_signature(self.vlm.model.config),
-                                      num_layers=self.vlm.num_layers, layers=(layer,))
+                                      num_layers=self.vlm.num_layers, layers=(layer,),
+                                      **self.debias.sink_settings)
         return [(p, s.to(kept.device)) for p, s in zip(padded, sinks)]
 
     def _padded(self, layout, device) -> list[torch.Tensor]:

@@ -68,9 +68,10 @@ class SparseVLM(Host):
     over the question) vote with their head-mean attention in the layer before each stage.
 
     Stages at ``layers`` (paper: 2/6/15 for 32 layers) with the geometric schedule of :class:`PDrop`.
-    ``recycle > 0`` merges the top ``recycle`` fraction of each stage's dropped tokens into
-    ``ceil(merged * target)`` tokens (each the mean of a group gathered by hidden-state cosine
-    around the best recycled tokens); they count towards the budget, so token counts stay comparable.
+    ``recycle > 0`` keeps ``ceil(merged * target)`` of the budget for merged tokens: the best-ranked
+    tokens not kept as they are become group centres, and the top ``recycle`` fraction of those
+    tokens joins the centre it is most similar to (hidden-state cosine; the mean of each group
+    replaces its centre). Merged tokens count towards the budget, so token counts stay comparable.
     """
 
     name = "sparsevlm"
@@ -113,11 +114,10 @@ class SparseVLM(Host):
             return super().select(sample, scores, columns, hidden, target)
         order = columns[scores.argsort(descending=True, stable=True)]
         count = min(target - 1, math.ceil(self.merged * target)) if target > 1 else 0
-        dropped = order[target - count:]
-        recycled = dropped[:math.ceil(self.recycle * len(dropped))]
-        count = min(count, len(recycled))
         if not count:
             return order[:target], None
+        dropped = order[target - count:]  # the tokens not kept as they are
+        recycled = dropped[:max(count, math.ceil(self.recycle * len(dropped)))]
         centres, sources = recycled[:count], recycled[count:]
         merged = merge_into(hidden, centres, sources, hidden, mode="mean")
         return torch.cat([order[:target - count], centres]), torch.cat([hidden[order[:target - count]].float(),

@@ -1,0 +1,139 @@
+"""Debiasing: the formula against a direct tensor implementation, a planted trend removed,
+calibration files made, found by name and used; padding and sink suppression."""
+import json
+
+import pytest
+import torch
+
+import vlmtools
+from pruning import Debias, FastV, Trend, calibrate, debiased, fit_trend, letterbox_padding
+from tests.tiny import tiny_llava
+
+
+def planted(samples=400, count=144, slope=3.0, seed=0):
+    """Random positive scores times ``exp(slope * i / (count - 1))``."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.rand(samples, count, generator=generator) + 0.5
+    return noise * torch.exp(slope * torch.linspace(0, 1, count)), noise
+
+
+def test_the_formula_matches_a_direct_implementation():
+    scores, _ = planted(samples=1)
+    scores = scores[0]
+    trend = Trend(fit="exponential", coef=[2.5, -1.0])
+    index = torch.arange(0, 144, 3)
+    flags = torch.zeros(len(index), dtype=torch.bool)
+    flags[[0, 5]] = True
+    direct = scores[index] * (~flags).float() / torch.exp(-1.0 + 2.5 * index / 143)
+    torch.testing.assert_close(debiased(scores[index], index, 144, trend, flags), direct, rtol=1e-5, atol=0)
+    cubic = Trend(fit="cubic", coef=[1.0, -2.0, 0.5, 3.0])
+    x = index / 143
+    torch.testing.assert_close(debiased(scores[index], index, 144, cubic, None),
+                               scores[index] / (x ** 3 - 2 * x ** 2 + 0.5 * x + 3), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("fit", ["exponential", "cubic"])
+def test_a_planted_exponential_trend_is_removed(fit):
+    scores, noise = planted()
+    trend = fit_trend(scores.mean(0), fit)
+    index = torch.arange(144)
+    before = scores[:, 108:].mean() / scores[:, :36].mean()
+    after = torch.stack([debiased(s, index, 144, trend, None) for s in scores])
+    assert before > 8
+    assert abs(float(after[:, 108:].mean() / after[:, :36].mean()) - 1) < (0.05 if fit == "exponential" else 0.3)
+    if fit == "exponential":
+        assert trend.coef[0] == pytest.approx(3.0, abs=0.05)
+        # what remains is the planted noise: the ranking follows it, not the position
+        correlation = torch.corrcoef(torch.stack([after.flatten(), noise.flatten()]))[0, 1]
+        assert correlation > 0.99
+
+
+def test_calibrate_writes_a_file_that_debias_finds_by_name(tmp_path, capsys):
+    model, inputs = tiny_llava()
+    vlm = vlmtools.wrap(model)
+    samples = [{k: v[b:b + 1] for k, v in inputs.items()} for b in range(2)]
+    for sample in samples:  # drop the left padding of the shorter prompt
+        real = sample["attention_mask"][0].bool()
+        sample["input_ids"], sample["attention_mask"] = sample["input_ids"][:, real], sample["attention_mask"][:, real]
+    trends = calibrate(vlm, FastV(keep=4, layer=1), samples, directory=tmp_path)
+    assert "calibrating fastv" in capsys.readouterr().err  # the progress bar
+    path = tmp_path / "llava-h64-l3__fastv__L1.json"
+    stored = json.loads(path.read_text())
+    assert stored["fit"] == "exponential" and stored["samples"] == 2 and len(stored["rows"]) == 4
+    assert Trend.load(path) == trends[0]
+    host = FastV(keep=4, layer=1, debias=Debias(directory=tmp_path))
+    with torch.no_grad(), vlm.use(host):
+        model(**inputs)
+    assert host.trends[0] == trends[0] and host.settings["debias"]["trend"] == "calibrated"
+    with pytest.raises(FileNotFoundError, match="pruning.calibrate"):
+        with vlm.use(FastV(keep=4, layer=2, debias=Debias(directory=tmp_path))):
+            model(**inputs)
+
+
+def test_debiasing_moves_the_choice_away_from_the_trend():
+    """A steep trend divides late tokens' scores: the debiased choice keeps earlier tokens."""
+    model, inputs = tiny_llava()
+    vlm = vlmtools.wrap(model)
+    steep = Trend(fit="exponential", coef=[30.0, 0.0])
+    chosen = {}
+    for name, debias in (("plain", False), ("debiased", Debias(trend=steep, sinks=False))):
+        host = FastV(keep=4, layer=1, debias=debias)
+        with torch.no_grad(), vlm.use(host):
+            model(**inputs)
+        visual = vlm.layout(inputs).visual_positions()
+        kept = host.drop.kept_at(1)
+        chosen[name] = torch.stack([k[torch.isin(k, v)] - v[0] for k, v in zip(kept, visual)]).float().mean()
+    assert chosen["debiased"] < chosen["plain"]
+    assert chosen["debiased"] <= 1.5  # the first four-ish tokens
+
+
+def test_letterbox_padding_lowers_the_budget_and_is_never_kept():
+    model, inputs = tiny_llava()
+    vlm = vlmtools.wrap(model)
+    pixels = inputs["pixel_values"].clone()
+    pixels[0, :, :12] = 0.0  # top 12 of 32 rows padded: patch rows 0 (all) and 1 (4 of 8 rows: not > half)
+    pixels[1, :, :, 20:] = 0.01  # right 12 columns: patch columns 3 (all) and 2 (4 of 8: not > half)
+    padding = letterbox_padding(pixels, patch=8)
+    assert padding.view(2, 4, 4)[0].nonzero()[:, 0].unique().tolist() == [0]
+    assert padding.view(2, 4, 4)[1].nonzero()[:, 1].unique().tolist() == [3]
+    host = FastV(keep=14, layer=1, debias=Debias(trend=None, sinks=False), padding=padding)
+    with torch.no_grad(), vlm.use(host):
+        model(**{**inputs, "pixel_values": pixels})
+    layout = vlm.layout(inputs)
+    for b, (sample, kept) in enumerate(zip(layout.samples, host.drop.kept_at(1))):
+        visual = sample.visual_positions()
+        kept_visual = kept[torch.isin(kept, visual)]
+        assert len(kept_visual) == 12  # min(14, 16 - 4 padded)
+        assert not torch.isin(kept_visual, visual[padding[b]]).any()
+
+
+def test_visual_sinks_from_the_shared_detector_are_suppressed():
+    """Plant a sink-dimension outlier (as on the first token of real LMs) on one visual token
+    entering the drop layer: with sink suppression it is dropped (m = 0), without it is kept.
+    tau = 5: with 64 dimensions a normalised magnitude can never reach the default 20."""
+    model, inputs = tiny_llava()
+    vlm = vlmtools.wrap(model)
+    layout = vlm.layout(inputs)
+    target = layout.visual_positions()[:, 5]
+    first = torch.tensor([sample.first for sample in layout.samples])
+
+    class Plant(vlmtools.LayerHook):
+        def attach(self, vlm, plan):
+            plan.layer(1, vlm.layers[1], self)
+
+        def before_layer(self, index, hidden, kwargs):
+            hidden = hidden.clone()
+            rows = torch.arange(len(hidden))
+            hidden[:, :, 7] = 0
+            hidden[rows, first, 7] = 400.0
+            hidden[rows, target, 7] = 400.0
+            return hidden, kwargs
+
+    kept = {}
+    for sinks in (False, True):
+        host = FastV(keep=15, layer=1, debias=Debias(trend=None, sinks=sinks, sink_settings={"tau": 5.0}))
+        with torch.no_grad(), vlm.use(Plant(), host):
+            model(**inputs)
+        kept[sinks] = [int(t) in k.tolist() for t, k in zip(target, host.drop.kept_at(1))]
+    assert kept[True] == [False, False]
+    assert any(kept[False])
