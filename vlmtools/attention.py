@@ -63,24 +63,32 @@ def run_planned(call: AttentionCall, hooks: Sequence[AttentionHook], fused: Call
     key_t = call.key.float().transpose(-1, -2)
     value = call.value.float()
     for group in _row_groups(wanted, call):
-        logits = (q[:, :, group].float() @ key_t) * call.scaling
+        logits = q.index_select(2, group).float() @ key_t
+        logits.mul_(call.scaling)
         visible = call.visible_rows(group)
         if visible is not None:
-            logits = logits.masked_fill(~visible, torch.finfo(logits.dtype).min)
-        selected = [(hook, _positions(group, rows)) for hook, rows in wanted]
-        selected = [(hook, pos) for hook, pos in selected if pos.numel()]
+            logits.masked_fill_(~visible, torch.finfo(logits.dtype).min)
+        selected = [(hook, pos) for hook, rows in wanted if (pos := _positions(group, rows)) is None or pos.numel()]
         for hook, pos in selected:
-            logits[:, :, pos] = hook.edit_logits(call, group[pos], logits[:, :, pos])
-        probs = logits.softmax(-1)
+            if hook.edits_logits:
+                _put(logits, pos, hook.edit_logits(call, _take(group, pos, 0), _take(logits, pos)))
+        probs = _softmax_(logits)
         for hook, pos in selected:
-            probs[:, :, pos] = hook.edit_probs(call, group[pos], probs[:, :, pos])
+            if hook.edits_probs:
+                _put(probs, pos, hook.edit_probs(call, _take(group, pos, 0), _take(probs, pos)))
         for hook, pos in selected:
-            hook.record(call, group[pos], probs[:, :, pos])
+            hook.record(call, _take(group, pos, 0), _take(probs, pos))
         edited = [pos for hook, pos in selected if hook.edits]
         if edited:
-            pos = torch.unique(torch.cat(edited))
-            out[:, :, group[pos]] = (probs[:, :, pos] @ value).to(out.dtype)
+            pos = None if any(p is None for p in edited) else torch.unique(torch.cat(edited))
+            out[:, :, _take(group, pos, 0)] = (_take(probs, pos) @ value).to(out.dtype)
     return out
+
+
+def _softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim, in place (the explicit path holds one logits buffer per chunk)."""
+    logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+    return logits.div_(logits.sum(-1, keepdim=True))
 
 
 def _row_groups(wanted, call: AttentionCall) -> Iterator[torch.Tensor]:
@@ -90,14 +98,30 @@ def _row_groups(wanted, call: AttentionCall) -> Iterator[torch.Tensor]:
     else:
         rows = torch.unique(torch.cat([r.to(device).flatten() for _, r in wanted]))
     batch, heads = call.query.shape[:2]
-    chunk = max(1, CHUNK_BYTES // (4 * batch * heads * call.k_len))
+    # a logits chunk never outgrows the keys and values themselves (nor CHUNK_BYTES)
+    budget = min(CHUNK_BYTES, max(2**20, 4 * call.key.numel() + 4 * call.value.numel()))
+    chunk = max(1, budget // (4 * batch * heads * call.k_len))
     yield from rows.split(chunk)
 
 
-def _positions(group: torch.Tensor, rows) -> torch.Tensor:
+def _positions(group: torch.Tensor, rows) -> torch.Tensor | None:
+    """Where ``rows`` sit in ``group``; None means all of the group (no copy needed)."""
     if rows is ALL:
-        return torch.arange(group.numel(), device=group.device)
-    return torch.isin(group, rows.to(group.device)).nonzero().squeeze(1)
+        return None
+    pos = torch.isin(group, rows.to(group.device)).nonzero().squeeze(1)
+    return None if pos.numel() == group.numel() else pos
+
+
+def _take(t: torch.Tensor, pos: torch.Tensor | None, dim: int = 2) -> torch.Tensor:
+    return t if pos is None else t.index_select(dim, pos)
+
+
+def _put(t: torch.Tensor, pos: torch.Tensor | None, value: torch.Tensor) -> None:
+    if pos is None:
+        if value is not t:
+            t.copy_(value)
+    else:
+        t[:, :, pos] = value
 
 
 def visibility(mask: torch.Tensor | None, q_len: int, k_len: int, causal: bool, device) -> torch.Tensor | None:

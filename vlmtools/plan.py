@@ -110,9 +110,16 @@ class AttentionHook:
         """Read the probabilities that the model uses for ``rows`` (after edits)."""
 
     @property
+    def edits_logits(self) -> bool:
+        return type(self).edit_logits is not AttentionHook.edit_logits
+
+    @property
+    def edits_probs(self) -> bool:
+        return type(self).edit_probs is not AttentionHook.edit_probs
+
+    @property
     def edits(self) -> bool:
-        cls = type(self)
-        return cls.edit_logits is not AttentionHook.edit_logits or cls.edit_probs is not AttentionHook.edit_probs
+        return self.edits_logits or self.edits_probs
 
 
 class LayerHook:
@@ -127,8 +134,22 @@ class LayerHook:
         return None
 
 
+class Chunks(list):
+    """The row chunks of one call's record, joined along the query dim when first read."""
+
+
 class Trace(dict):
-    """Records of one ``use`` block, keyed by site or layer name (``trace["text.3"]``)."""
+    """Records of one ``use`` block: ``trace["text.3.rows"]`` is a list, one entry per call.
+
+    Recorders write with ``setdefault``; reading an entry joins its row chunks.
+    """
+
+    def __getitem__(self, key):
+        entries = super().__getitem__(key)
+        for index, entry in enumerate(entries):
+            if isinstance(entry, Chunks):
+                entries[index] = torch.cat(entry, 2)
+        return entries
 
 
 class StopForward(Exception):

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Union
 import torch
 
 from .layout import Span
-from .plan import ALL, AttentionCall, AttentionHook, AttentionSite, ForwardState, LayerHook, Plan
+from .plan import ALL, AttentionCall, AttentionHook, AttentionSite, Chunks, ForwardState, LayerHook, Plan
 
 Sites = Iterable[Union[str, AttentionSite]]
 Queries = Union[str, Span, torch.Tensor, Callable[[AttentionCall, ForwardState], torch.Tensor]]
@@ -46,24 +46,40 @@ class _SiteRecorder(AttentionHook):
         for name in self.site_names:
             plan.attention(vlm.site(name), self)
 
+    def _entries(self, call: AttentionCall) -> list:
+        return self.trace.setdefault(f"{call.site.name}.{self.what}", [])
+
     def _store(self, call: AttentionCall, value) -> None:
-        self.trace.setdefault(f"{call.site.name}.{self.what}", []).append(value)
+        self._entries(call).append(value)
 
 
-class RecordRows(_SiteRecorder):
-    """Post-softmax attention rows ``(B, H, rows, Lk)`` for chosen queries (default: the last)."""
+class _RowRecorder(_SiteRecorder):
+    """Keeps (a function of) the probability rows of its queries, one joined tensor per call."""
 
-    what = "rows"
-
-    def __init__(self, sites: Sites, queries: Queries = "last"):
+    def __init__(self, sites: Sites, queries: Queries):
         super().__init__(sites)
         self.queries = queries
 
     def rows(self, call):
         return resolve_rows(self.queries, call, self.state)
 
+    def observe(self, call):
+        self._store(call, Chunks())
+
     def record(self, call, rows, probs):
-        self._store(call, probs.detach().clone())
+        self._entries(call)[-1].append(self.keep(probs).detach())
+
+    def keep(self, probs: torch.Tensor) -> torch.Tensor:
+        return probs
+
+
+class RecordRows(_RowRecorder):
+    """Post-softmax attention rows ``(B, H, rows, Lk)`` for chosen queries (default: the last)."""
+
+    what = "rows"
+
+    def __init__(self, sites: Sites, queries: Queries = "last"):
+        super().__init__(sites, queries)
 
 
 @dataclass
@@ -99,40 +115,35 @@ class RecordColumnMass(_SiteRecorder):
             visible = torch.ones(1, 1, len(rows), call.k_len, dtype=torch.bool, device=probs.device)
         # rows that see no key at all (left-padding queries) hold no attention
         visible = visible & visible.any(-1, keepdim=True)
-        mass = self.trace[f"{call.site.name}.{self.what}"][-1]
+        mass = self._entries(call)[-1]
         mass.total += (probs * visible).sum(2)
         mass.queries += visible[:, :1].float().sum(2)
 
 
-class RecordBlock(_SiteRecorder):
-    """A query-span x key-span block ``(B, H, nq, nk)``, optionally head-averaged or keys on a grid."""
+class RecordBlock(_RowRecorder):
+    """A query-span x key-span block ``(B, H, nq, nk)``, optionally head-averaged or keys on a grid.
 
-    what = "block"
+    ``name`` sets the trace key (``{site}.{name}``), so several blocks of one site can be kept.
+    """
 
     def __init__(self, sites: Sites, queries: Queries, keys: Span | torch.Tensor,
-                 grid: tuple[int, int] | None = None, mean_heads: bool = False):
-        super().__init__(sites)
-        self.queries, self.keys, self.grid, self.mean_heads = queries, keys, grid, mean_heads
+                 grid: tuple[int, int] | None = None, mean_heads: bool = False, name: str = "block"):
+        super().__init__(sites, queries)
+        self.keys, self.grid, self.mean_heads, self.what = keys, grid, mean_heads, name
 
-    def rows(self, call):
-        return resolve_rows(self.queries, call, self.state)
-
-    def observe(self, call):
-        self._store(call, [])
-
-    def record(self, call, rows, probs):
+    def keep(self, probs):
         keys = self.keys.indices() if isinstance(self.keys, Span) else self.keys
         block = probs[..., keys.to(probs.device)]
         if self.mean_heads:
             block = block.mean(1, keepdim=True)
         if self.grid is not None:
             block = block.reshape(*block.shape[:3], *self.grid)
-        self.trace[f"{call.site.name}.{self.what}"][-1].append(block.detach())
+        return block
 
     @staticmethod
-    def collect(trace, site: str) -> list[torch.Tensor]:
-        """The recorded blocks of ``site``, chunks joined: one ``(B, H, nq, ...)`` tensor per call."""
-        return [torch.cat(chunks, 2) for chunks in trace[f"{site}.block"]]
+    def collect(trace, site: str, name: str = "block") -> list[torch.Tensor]:
+        """The recorded blocks of ``site``: one ``(B, H, nq, ...)`` tensor per call."""
+        return trace[f"{site}.{name}"]
 
 
 class RecordValueNorms(_SiteRecorder):
