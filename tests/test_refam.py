@@ -5,6 +5,8 @@ model computes (wrong text/image order, a chunk written to the wrong rows, heads
 mixed up); the others check the steps, the settings and the refusals.
 """
 
+import argparse
+
 import numpy as np
 import pytest
 import torch
@@ -223,3 +225,123 @@ def test_source_for_a_pipeline_reads_its_tokenizer():
     source = source_for(tiny_flux_pipeline(), max_sequence_length=12)
     encoded = source.prompt(PROMPT)
     assert encoded.embeds.shape[1] == 12 and len(encoded.segments[0].offsets) == 12
+
+
+def tiny_sam():
+    """A random SamModel on 64 px inputs with its processor (no files needed)."""
+    from transformers import (
+        SamConfig,
+        SamImageProcessor,
+        SamMaskDecoderConfig,
+        SamModel,
+        SamProcessor,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
+
+    torch.manual_seed(0)
+    vision = SamVisionConfig(
+        hidden_size=16,
+        output_channels=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=64,
+        patch_size=16,
+        mlp_dim=32,
+        global_attn_indexes=[0],
+        window_size=2,
+        num_pos_feats=8,
+    )
+    prompt = SamPromptEncoderConfig(hidden_size=16, image_size=64, patch_size=16, mask_input_channels=4)
+    decoder = SamMaskDecoderConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_dim=32, iou_head_hidden_dim=16
+    )
+    model = SamModel(SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder))
+    return model.eval(), SamProcessor(
+        SamImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})
+    )
+
+
+def test_sam_refines_from_the_peak_point():
+    from grounding.refam.sam import refine
+
+    sam = tiny_sam()
+    pipe = tiny_flux_pipeline()
+    seg = RefAM(pipe, sam=sam, max_sequence_length=12).segment(image(), EXPRESSION)
+    assert seg.settings["mask_from"] == "sam" and seg.mask.shape == (SIZE, SIZE) and seg.mask.dtype == bool
+    assert np.array_equal(seg.mask, refine(sam, image(), seg.point))
+
+
+def test_video_smoothing_is_a_moving_average_of_normalised_heatmaps():
+    from grounding.metrics import SegmentationScores
+    from grounding.refam.video import segment_video
+
+    refam = RefAM(tiny_flux_pipeline(), max_sequence_length=12)
+    frames = [image(), image().rotate(90), image().rotate(180)]
+    single = segment_video(refam, frames, EXPRESSION, smoothing=0.0)
+    smooth = segment_video(refam, frames, EXPRESSION, smoothing=0.5)
+    expected = 0.5 * single[1].grid_heatmap + 0.5 * single[0].grid_heatmap
+    assert np.abs(smooth[1].grid_heatmap - expected).max() <= 1e-6
+    assert smooth[2].settings["smoothing"] == 0.5 and smooth[2].mask.shape == (SIZE, SIZE)
+    scores = SegmentationScores()
+    for seg in smooth:
+        scores.add(seg.mask, single[0].mask, sequence="clip/object")
+    assert 0 <= scores.summary()["J&F"] <= 1
+    with pytest.raises(ValueError, match="smoothing"):
+        segment_video(refam, frames, EXPRESSION, smoothing=1.0)
+
+
+def test_baselines_and_scores():
+    from grounding.refam.evaluate import Sample, baseline, score, table
+
+    mask, point = baseline("centre box", (8, 8))
+    assert mask.sum() == 16 and mask[2:6, 2:6].all() and point == (4, 4)
+    gt = np.zeros((8, 8), bool)
+    gt[:4, :4] = True
+    scores, _ = score(lambda s: baseline("whole image", s.mask.shape), [Sample(None, "x", gt)])
+    assert scores.summary()["miou"] == 0.25 and scores.summary()["point_acc"] == 0.0
+    assert "| whole image | 0.250 | 0.250 | 0.000 | - |" in table({"whole image": scores})
+    with pytest.raises(ValueError, match="centre box"):
+        baseline("corner", (8, 8))
+
+
+def test_cli_segment_and_bench(tmp_path, monkeypatch, capsys):
+    import grounding.cli
+    from grounding.refam.evaluate import Sample
+
+    def build_parser():  # as vlmtools.cli does, with only this package's commands
+        parser = argparse.ArgumentParser(prog="vlmtools")
+        grounding.cli.register(parser.add_subparsers(dest="command", required=True))
+        return parser
+
+    monkeypatch.setattr(grounding.cli, "load_model", lambda name: tiny_flux_pipeline())
+    path = tmp_path / "in.png"
+    image(size=20).save(path)
+    args = build_parser().parse_args(
+        [
+            "segment",
+            str(path),
+            EXPRESSION,
+            "--out",
+            str(tmp_path / "a"),
+            "--resize",
+            "16",
+            "16",
+            "--sinks",
+            "redirect",
+            "--magnets",
+            ".",
+        ]
+    )
+    assert args.run(args) == 0 and Image.open(tmp_path / "a" / "mask.png").size == (20, 20)
+    image().save(path)
+    args = build_parser().parse_args(["segment", str(path), EXPRESSION, "--out", str(tmp_path / "b")])
+    assert args.run(args) == 0
+    assert '"sinks": "suppress"' in (tmp_path / "b" / "segmentation.json").read_text()
+    gt = np.zeros((SIZE, SIZE), bool)
+    gt[4:12, 4:12] = True
+    monkeypatch.setattr("grounding.refam.evaluate.zoo_samples", lambda n, split: [Sample(image(), EXPRESSION, gt)] * n)
+    args = build_parser().parse_args(["segment-bench", "--n", "1", "--out", str(tmp_path / "table.md")])
+    assert args.run(args) == 0
+    text = (tmp_path / "table.md").read_text()
+    assert all(name in text for name in ("| full |", "| no magnets |", "| all words |", "| centre box |"))

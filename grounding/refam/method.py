@@ -194,14 +194,7 @@ class RefAM:
         grid_heatmap = maps.pop("heatmap").view(grid).cpu().numpy()
         size = image.size[::-1] if image is not None else size or grid
         heatmap = upsample(grid_heatmap, size)
-        point = peak_point(heatmap)
-        if self.sam is not None and image is not None:
-            from .sam import refine
-
-            mask = refine(self.sam, image, point)
-        else:
-            method = "otsu" if s.threshold == "otsu" else "threshold"
-            mask = heatmap_to_mask(heatmap, method, 0.5 if s.threshold == "otsu" else float(s.threshold), s.keep)
+        mask, point = self.mask(heatmap, image)
         settings = {
             **dataclasses.asdict(s),
             "blocks": list(self.blocks),
@@ -221,6 +214,18 @@ class RefAM:
             settings,
             image,
         )
+
+    def mask(self, heatmap: np.ndarray, image: Image.Image | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+        """Mask and peak point of a full-size heatmap: SAM from the peak when given (and an image), else
+        the training-free threshold and connected components."""
+        point = peak_point(heatmap)
+        if self.sam is not None and image is not None:
+            from .sam import refine
+
+            return refine(self.sam, image, point), point
+        s = self.settings
+        method = "otsu" if s.threshold == "otsu" else "threshold"
+        return heatmap_to_mask(heatmap, method, 0.5 if s.threshold == "otsu" else float(s.threshold), s.keep), point
 
     def probe(self, latents, grid, prompt: EncodedPrompt, tokens: PromptTokens):
         """Averaged maps ``{"heatmap", word keys...}`` (flat over the grid) and the sinks found per call."""

@@ -1,0 +1,141 @@
+"""``vlmtools segment`` and ``vlmtools segment-bench``: RefAM from the shell.
+
+vlmtools segment scene.png "the large red circle on the left" --out out/
+vlmtools segment photo.jpg "the dog on the left" --model /models/FLUX.1-dev --resize 512 512
+vlmtools segment-bench --n 300                       # zoo held-out expressions, ablations, baselines
+vlmtools segment-bench --model PATH --refs refs.p --instances instances.json --images DIR --split val
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+ZOO = "flux-shapes"
+
+
+def load_model(name_or_path: str):
+    """The zoo's flux-shapes pipeline, or a diffusers pipeline folder (FLUX, SD3)."""
+    if name_or_path == ZOO:
+        from vlmtools import zoo
+
+        return zoo.load(ZOO)
+    if not Path(name_or_path).exists():
+        raise FileNotFoundError(f"{name_or_path!r} is neither the zoo model ({ZOO}) nor a pipeline folder")
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(name_or_path)
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    from .refam import DEFAULT_MAGNETS
+
+    parser.add_argument("--model", default=ZOO, help=f"{ZOO} (default) or a FLUX / SD3 pipeline folder")
+    parser.add_argument("--timesteps", type=float, nargs="+", default=[0.3], help="flow-matching times, averaged")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="noise seeds, averaged")
+    parser.add_argument("--magnets", nargs="*", default=list(DEFAULT_MAGNETS), help="appended stop words")
+    parser.add_argument("--colour", help="a colour word appended as an extra magnet")
+    parser.add_argument("--sinks", choices=["suppress", "redirect", "none"], default="suppress")
+    parser.add_argument("--words", choices=["content", "expression", "all"], default="content")
+    parser.add_argument("--padding", choices=["budget", "exclude"], default="budget")
+    parser.add_argument("--blocks", nargs="+", help="site names, e.g. dit.double.0 (default: measured per family)")
+    parser.add_argument("--heads", type=int, nargs="+", help="head indices averaged (default: all)")
+    parser.add_argument("--threshold", default="otsu", help="'otsu' or a level in [0, 1)")
+    parser.add_argument(
+        "--resize",
+        type=int,
+        nargs=2,
+        metavar=("W", "H"),
+        help="resize images to W x H for the model; masks are mapped back",
+    )
+
+
+def settings_from(args: argparse.Namespace, **changes):
+    from .refam import RefAMSettings
+
+    threshold = args.threshold if args.threshold == "otsu" else float(args.threshold)
+    settings = RefAMSettings(
+        timesteps=tuple(args.timesteps),
+        seeds=tuple(args.seeds),
+        magnets=tuple(args.magnets),
+        colour=args.colour,
+        sinks=args.sinks,
+        words=args.words,
+        padding=args.padding,
+        blocks=tuple(args.blocks) if args.blocks else None,
+        heads=tuple(args.heads) if args.heads else None,
+        threshold=threshold,
+    )
+    return dataclasses.replace(settings, **changes)
+
+
+def segment_command(args: argparse.Namespace) -> int:
+    """Segment one image; write mask.png, heatmap.png and segmentation.json to ``--out``."""
+    from PIL import Image
+
+    from .refam import RefAM
+    from .refam.evaluate import Sample, refam_segmenter
+
+    refam = RefAM(load_model(args.model), settings_from(args))
+    image = Image.open(args.image)
+    if args.resize:
+        image = image.convert("RGB")
+        mask, point = refam_segmenter(refam, tuple(args.resize))(Sample(image, args.expression, None))
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask).save(Path(args.out) / "mask.png")
+        print(f"point (x, y): {point}; wrote {Path(args.out) / 'mask.png'}")
+        return 0
+    seg = refam.segment(image, args.expression)
+    paths = seg.save(args.out)
+    print(f"point (x, y): {seg.point}; mask area {seg.mask.mean():.1%}; wrote " + ", ".join(map(str, paths.values())))
+    return 0
+
+
+def segment_bench_command(args: argparse.Namespace) -> int:
+    """mIoU, oIoU and point accuracy of RefAM, its ablations and two baselines, as a Markdown table."""
+    from .refam import RefAM
+    from .refam.evaluate import ABLATIONS, baseline, refam_segmenter, refcoco_samples, score, table, zoo_samples
+
+    if args.refs:
+        samples = list(refcoco_samples(args.refs, args.instances, args.images, args.split or "val", args.n))
+    else:
+        samples = zoo_samples(args.n, split=args.split or "test")
+    pipeline = load_model(args.model)
+    rows, seconds = {}, {}
+    for name, changes in ABLATIONS.items() if args.ablations else [("full", {})]:
+        refam = RefAM(pipeline, settings_from(args, **changes))
+        rows[name], seconds[name] = score(refam_segmenter(refam, tuple(args.resize) if args.resize else None), samples)
+        print(f"{name}: {rows[name].summary()}", flush=True)
+    for kind in ("whole image", "centre box"):
+        rows[kind], _ = score(lambda s, kind=kind: baseline(kind, s.mask.shape), samples)
+    text = table(rows, seconds)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def register(subparsers) -> None:
+    segment = subparsers.add_parser(
+        "segment", help="referring segmentation of one image with RefAM", description=segment_command.__doc__
+    )
+    segment.add_argument("image")
+    segment.add_argument("expression")
+    segment.add_argument("--out", default="refam-out")
+    add_settings_arguments(segment)
+    segment.set_defaults(run=segment_command)
+    bench = subparsers.add_parser(
+        "segment-bench",
+        help="RefAM scores on held-out zoo expressions or RefCOCO",
+        description=segment_bench_command.__doc__,
+    )
+    bench.add_argument("--n", type=int, default=300, help="number of expressions")
+    bench.add_argument("--split", help="zoo: test (default) or val; RefCOCO: val, testA, ...")
+    bench.add_argument("--refs", help="REFER refs(*).p file (RefCOCO/+/g); default: zoo held-out scenes")
+    bench.add_argument("--instances", help="COCO instances.json of the refs")
+    bench.add_argument("--images", help="folder of the COCO images")
+    bench.add_argument("--no-ablations", dest="ablations", action="store_false", help="the full method only")
+    bench.add_argument("--out", help="also write the table to this file")
+    add_settings_arguments(bench)
+    bench.set_defaults(run=segment_bench_command)
