@@ -370,6 +370,18 @@ def test_run_sinks_cli_prints_table_and_writes_png(llava, tmp_path, monkeypatch,
     assert SinkReport.from_json((tmp_path / "sinks.json").read_text()).findings == report.findings
 
 
+def test_sinks_subcommand_defaults_to_a_zoo_scene(llava, tmp_path, monkeypatch, capsys):
+    import argparse
+
+    vlm, _ = llava
+    monkeypatch.setattr(command, "load_vlm", lambda name: (vlm.model, ChatProcessor()))
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["sinks", "--criteria", "positional", "massive", "--out", str(tmp_path)])
+    assert args.run(args) == 0
+    assert "positional" in capsys.readouterr().out and (tmp_path / "sinks.png").exists()
+
+
 def test_load_vlm_names_the_choices():
     with pytest.raises(FileNotFoundError, match="llava-shapes"):
         command.load_vlm("no-such-model")

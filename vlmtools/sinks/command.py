@@ -1,4 +1,8 @@
-"""``vlmtools sinks``: load a model, run the detector on one image and question, show it."""
+"""``vlmtools sinks``: load a model, run the detector on one image and question, show it.
+
+vlmtools sinks                                   # llava-shapes on a held-out zoo scene
+vlmtools sinks photo.jpg --question "What is on the table?" --model /models/llava-1.5-7b-hf --out out/
+"""
 
 from __future__ import annotations
 
@@ -51,3 +55,24 @@ def run_sinks_cli(model: str, image, question: str, out_dir, criteria: Iterable[
     print(report.table())
     print(f"wrote {out / 'sinks.png'} and {out / 'sinks.json'}")
     return report
+
+
+def sinks_command(args) -> int:
+    """Sinks of one prompt, by every chosen criterion: a table on stdout, sinks.png and sinks.json in --out."""
+    from ..zoo import scene
+
+    image = args.image or scene("test", 0).image
+    run_sinks_cli(args.model, image, args.question, args.out, args.criteria)
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "sinks", help="attention sinks of one image and question: table and heatmap", description=sinks_command.__doc__
+    )
+    parser.add_argument("image", nargs="?", help="an image file (default: a held-out zoo scene)")
+    parser.add_argument("--question", default="What is in the picture?")
+    parser.add_argument("--model", default="llava-shapes", help="llava-shapes (default) or a VLM folder")
+    parser.add_argument("--criteria", nargs="+", default=list(DEFAULT), choices=DEFAULT)
+    parser.add_argument("--out", default="sinks-out")
+    parser.set_defaults(run=sinks_command)
