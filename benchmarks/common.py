@@ -8,15 +8,18 @@ from typing import Callable
 import torch
 
 
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def timed(fn: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> float:
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def ratios(baseline: Callable[[], object], variants: dict[str, Callable[[], object]], repeats: int = 7,
-           warmup: int = 1) -> tuple[float, dict[str, float]]:
+           warmup: int = 1, clock: Callable[[], float] = time.perf_counter) -> tuple[float, dict[str, float]]:
     """Median baseline seconds and, per variant, the median of per-round time ratios.
+
+    ``clock=time.process_time`` counts this process's CPU seconds instead of wall time:
+    on a machine shared with other jobs it is far less noisy (but hides idle waits).
 
     Rounds interleave baseline and variants so that machine noise hits both alike.
     """
@@ -27,8 +30,8 @@ def ratios(baseline: Callable[[], object], variants: dict[str, Callable[[], obje
                 fn()
         base_times, per_variant = [], {name: [] for name in variants}
         for _ in range(repeats):
-            base = timed(baseline)
+            base = timed(baseline, clock)
             base_times.append(base)
             for name, fn in variants.items():
-                per_variant[name].append(timed(fn) / base)
+                per_variant[name].append(timed(fn, clock) / base)
     return statistics.median(base_times), {name: statistics.median(r) for name, r in per_variant.items()}
