@@ -9,6 +9,7 @@ addressed by sequence position, never by token id (Qwen2 tokenizers add no BOS).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -20,6 +21,7 @@ from ..record import ColumnMass
 if TYPE_CHECKING:
     from .dit import JointColumns
 
+PerLayer = Mapping[int, torch.Tensor] | Sequence[torch.Tensor]
 Need = Literal["hidden", "column_mass", "value_norms", "joint_columns"]
 
 
@@ -130,6 +132,11 @@ class Criterion:
 def median_over_tokens(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Median of ``x (B, ..., L)`` over each sample's valid positions: ``(B, ..., 1)``."""
     return torch.stack([row[..., keep.to(row.device)].median(-1, keepdim=True).values for row, keep in zip(x, valid)])
+
+
+def by_layer(tensors: PerLayer) -> dict[int, torch.Tensor]:
+    """``{layer: tensor}`` from a mapping or a per-layer sequence (``output_hidden_states[:-1]``)."""
+    return dict(tensors) if isinstance(tensors, Mapping) else dict(enumerate(tensors))
 
 
 def plain_layout(batch: int, seq_len: int, attention_mask: torch.Tensor | None = None) -> TokenLayout:

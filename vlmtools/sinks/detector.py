@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -11,7 +11,7 @@ import torch
 from ..layout import DiTLayout, TokenLayout
 from ..record import ColumnMass, RecordColumnMass, RecordHidden, RecordValueNorms
 from .attention import ColumnMassSink, Positional, ValueDrain
-from .base import Criterion, SinkTensors, plain_layout, token_roles
+from .base import Criterion, PerLayer, SinkTensors, by_layer, plain_layout, token_roles
 from .dims import SinkDimensions, model_signature
 from .dit import GlobalSink, JointColumns, RecordJointColumns, joint_token_layout
 from .hidden import MassiveActivation, PrimaryCosine
@@ -26,7 +26,6 @@ DEFAULT = ("positional", "column_mass", "massive", "sink_dims", "primary_cosine"
 HIDDEN = ("positional", "massive", "sink_dims", "primary_cosine")
 """Criteria that read no attention probabilities: every attention call stays fused."""
 
-PerLayer = Mapping[int, torch.Tensor] | Sequence[torch.Tensor]
 _TOKEN_AXIS = {"attn": -1, "hidden": 1, "values": 2, "joint": -1}
 
 
@@ -131,7 +130,7 @@ class SinkDetector:
         from ``attention_mask``).
         """
         given = {
-            name: _by_layer(x)
+            name: by_layer(x)
             for name, x in (("attn", attn), ("hidden", hidden), ("values", values), ("joint", joint_attention))
             if x is not None
         }
@@ -174,10 +173,6 @@ class SinkDetector:
 def _recorded(trace, names: list[str], what: str) -> dict[int, Any]:
     """``{layer: record}`` of the one forward, for the layers whose ``{name}.{what}`` was recorded."""
     return {index: trace[f"{name}.{what}"][0] for index, name in enumerate(names) if f"{name}.{what}" in trace}
-
-
-def _by_layer(tensors: PerLayer) -> dict[int, torch.Tensor]:
-    return dict(tensors) if isinstance(tensors, Mapping) else dict(enumerate(tensors))
 
 
 def _column_mass(probs: torch.Tensor, valid: torch.Tensor, causal: bool) -> ColumnMass:

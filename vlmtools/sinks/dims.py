@@ -3,13 +3,13 @@ question other methods ask ("which visual tokens are sinks at this prefill?").""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..layout import TokenLayout
-from .base import Criterion, Evaluation, Finding, SinkTensors
+from .base import Criterion, Evaluation, Finding, PerLayer, SinkTensors, by_layer
 
 PUBLISHED_SINK_DIMS: dict[tuple, tuple[int, ...]] = {
     # (text model_type, hidden size, layers, MLP size): D
@@ -92,7 +92,7 @@ class SinkDimensions(Criterion):
 
 
 def visual_sink_positions(
-    hidden: Mapping[int, torch.Tensor] | Sequence[torch.Tensor],
+    hidden: PerLayer,
     layout: TokenLayout,
     signature: tuple | None = None,
     num_layers: int | None = None,
@@ -107,7 +107,7 @@ def visual_sink_positions(
     ...     model(**inputs)
     >>> sinks = visual_sink_positions({l: trace[f"text.{l}.resid_pre"][0] for l in range(vlm.num_layers)}, layout)
     """
-    hidden = dict(hidden) if isinstance(hidden, Mapping) else dict(enumerate(hidden))
+    hidden = by_layer(hidden)
     tensors = SinkTensors(layout, num_layers or max(hidden) + 1, hidden=hidden, signature=signature)
     tokens = {(f.sample, f.token) for f in SinkDimensions(**settings).evaluate(tensors).findings}
     return [

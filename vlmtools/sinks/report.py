@@ -61,8 +61,8 @@ class SinkReport:
         """One row per (sample, criterion, token): layers where it fired and its score.
 
         The score of a per-head criterion is the share of evaluated (layer, head) pairs
-        where the token fired (the column-mass sink score); otherwise the largest score
-        over layers (the smallest value-norm ratio for value drain).
+        where the token fired (for column mass: the published sink score); otherwise the
+        largest score over layers.
         """
         groups: dict[tuple, list[Finding]] = defaultdict(list)
         for f in self.findings:
