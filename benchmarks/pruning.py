@@ -1,0 +1,135 @@
+"""Speed of pruning for real: FastV 576 -> 64 visual tokens at K = 2 on a LLaVA-1.5-shaped random model.
+
+Prints ``name: value`` lines: prefill ``speedup_measured`` against ``speedup_predicted`` (the
+FLOPs of the unpruned over the pruned prefill, counted by ``torch.utils.flop_counter`` on the
+same forwards), per-token decode latency with the cache, KV-cache bytes, and the scoring
+overhead of debiasing (on vs off, a share of the prefill). Timings are medians of interleaved
+rounds in one process (``common.ratios``).
+Run: ``python benchmarks/pruning.py [--full]`` (``--full``: LLaVA-1.5-7B sizes in bf16, needs a GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+import vlmtools
+
+HERE = sys.path.pop(0)  # this script shares the package's name: find the package first
+from pruning import Debias, FastV, Trend  # noqa: E402
+
+sys.path.insert(0, HERE)
+from common import ratios, timed  # noqa: E402
+
+IMAGE_TOKEN = 31999
+VISUAL, TEXT = 576, 64
+
+
+def build(full: bool):
+    if full:
+        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                  num_attention_heads=16, image_size=336, patch_size=14)
+        text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=32, vocab_size=32064)
+    else:
+        vision = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                  num_attention_heads=4, image_size=336, patch_size=14)
+        text = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=12, num_attention_heads=8,
+                           num_key_value_heads=8, vocab_size=32064)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def inputs(device, dtype):
+    ids = torch.randint(0, 31000, (1, VISUAL + TEXT))
+    ids[0, 5:5 + VISUAL] = IMAGE_TOKEN
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "pixel_values": torch.randn(1, 3, 336, 336, dtype=dtype, device=device)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--full", action="store_true", help="LLaVA-1.5-7B shapes, bf16, on CUDA")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--keep", type=int, default=64)
+    parser.add_argument("--layer", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    args = parser.parse_args()
+    device = "cuda" if args.full else "cpu"
+    dtype = torch.bfloat16 if args.full else torch.float32
+    torch.manual_seed(0)
+    model = build(args.full).to(device, dtype)
+    batch = inputs(device, dtype)
+    vlm = vlmtools.wrap(model)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    trend = Trend(fit="exponential", coef=[1.2, -7.0], key="benchmark")
+    hosts = {"plain": None, "fastv": lambda: FastV(keep=args.keep, layer=args.layer),
+             "fastv_debias": lambda: FastV(keep=args.keep, layer=args.layer, debias=Debias(trend=trend))}
+
+    def under(name, fn):
+        def run():
+            if hosts[name] is None:
+                out = fn()
+            else:
+                with vlm.use(hosts[name]()):
+                    out = fn()
+            sync()
+            return out
+        return run
+
+    def prefill():
+        return model(**batch, logits_to_keep=1)
+
+    def generate(tokens):
+        return lambda: model.generate(**batch, max_new_tokens=tokens, do_sample=False, return_dict_in_generate=True)
+
+    with torch.inference_mode():
+        flops = {}
+        for name in ("plain", "fastv"):
+            with FlopCounterMode(display=False) as counter:
+                under(name, prefill)()
+            flops[name] = counter.get_total_flops()
+        cache_bytes = {name: _cache_bytes(under(name, generate(1))().past_key_values) for name in ("plain", "fastv")}
+
+    base, r = ratios(under("plain", prefill), {"fastv": under("fastv", prefill),
+                                               "fastv_debias": under("fastv_debias", prefill)}, repeats=args.repeats)
+    decode = {name: _per_token(under(name, generate(1)), under(name, generate(1 + args.new_tokens)),
+                               args.new_tokens, args.repeats) for name in ("plain", "fastv")}
+    print(f"device: {device}")
+    print(f"dtype: {str(dtype).removeprefix('torch.')}")
+    print(f"model: {'LLaVA-1.5-7B sizes' if args.full else 'LLaVA-1.5 shapes, CPU-sized'} random weights, "
+          f"{vlm.num_layers} layers, hidden {model.config.text_config.hidden_size}")
+    print(f"tokens: {VISUAL} visual + {TEXT} text -> {args.keep} visual from layer {args.layer}")
+    print(f"plain_prefill_s: {base:.4f}")
+    print(f"prefill_flops_plain: {flops['plain']:.3e}")
+    print(f"prefill_flops_pruned: {flops['fastv']:.3e}")
+    print(f"decode_s_per_token_plain: {decode['plain']:.5f}")
+    print(f"decode_s_per_token_pruned: {decode['fastv']:.5f}")
+    print(f"kv_cache_bytes_plain: {cache_bytes['plain']}")
+    print(f"kv_cache_bytes_pruned: {cache_bytes['fastv']}")
+    print(f"debias_overhead: {(r['fastv_debias'] / r['fastv'] - 1):.4f}")
+    print(f"speedup_predicted: {flops['plain'] / flops['fastv']:.3f}")
+    print(f"speedup_measured: {1 / r['fastv']:.3f}")
+
+
+def _cache_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if t is not None)
+
+
+def _per_token(short, long, tokens: int, repeats: int) -> float:
+    """Median over interleaved rounds of (long generate - short generate) / extra tokens."""
+    with torch.inference_mode():
+        short(), long()
+        return statistics.median((timed(long) - timed(short)) / tokens for _ in range(repeats))
+
+
+if __name__ == "__main__":
+    main()
