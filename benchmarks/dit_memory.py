@@ -1,8 +1,9 @@
 """Peak memory of recording one FLUX block's image x text attention, against a plain forward.
 
-A FLUX-shaped random transformer (2 double + 2 single blocks, 4 heads x 64, T5-sized
-text features) on a 64 x 64 latent grid (4096 image tokens) with 512 text tokens,
-fp32 on CPU. The probe records ``dit.double.1``'s image-query x text-key block with
+A FLUX-shaped random transformer (FLUX.1's block width: 24 heads x 128, T5-sized text
+features; one double and one single block, so that it runs on a CPU) on a 64 x 64
+latent grid (4096 image tokens) with 512 text tokens, fp32. The probe records
+``dit.double.0``'s image-query x text-key block with
 heads averaged, the map RefAM reads: over all 512 text keys (``text``, which R
 reports) and over the 8 tokens of a referring expression (``expression``).
 The explicit path's chunk budget is ``vlmtools.attention.CHUNK_BYTES`` unless
@@ -36,16 +37,16 @@ import vlmtools.attention
 
 GRID = (64, 64)
 TEXT = 512
-SITE = "dit.double.1"
+SITE = "dit.double.0"
 EXPRESSION = 8
 VARIANTS = ("plain", "expression", "text")
 
 
 def build():
     torch.manual_seed(0)
-    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2,
-                                   attention_head_dim=64, num_attention_heads=4, joint_attention_dim=4096,
-                                   pooled_projection_dim=768, axes_dims_rope=(16, 24, 24)).eval()
+    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                   pooled_projection_dim=768, axes_dims_rope=(16, 56, 56)).eval()
     inputs = {
         "hidden_states": torch.randn(1, GRID[0] * GRID[1], 64),
         "encoder_hidden_states": torch.randn(1, TEXT, 4096),
@@ -109,7 +110,7 @@ def main():
     print(f"tokens: {GRID[0] * GRID[1]} image + {TEXT} text")
     print(f"chunk_mib: {median['plain']['chunk_mib']:g}")
     print(f"model_loaded_mib: {median['plain']['before_mib']:.1f}")
-    print(f"full_attention_would_be_mib: {4 * (GRID[0] * GRID[1] + TEXT) ** 2 * 4 / 2**20:.1f}")
+    print(f"full_attention_would_be_mib: {24 * (GRID[0] * GRID[1] + TEXT) ** 2 * 4 / 2**20:.1f}")
     print(f"plain_forward_peak_mib: {forward['plain']:.1f}")
     for v in ("expression", "text"):
         print(f"{v}_probe_forward_peak_mib: {forward[v]:.1f}")
