@@ -192,3 +192,22 @@ def test_bad_input_is_a_clear_error_and_the_model_is_unchanged():
     with pytest.raises(ValueError, match="no \\[CLS\\] token"):
         with vlmtools.wrap(qwen).use(VisionZip(keep=4)):
             qwen(**qwen_inputs)
+
+
+def test_next_tiles_land_where_the_model_packs_them():
+    """``visual_order`` puts per-tile values where LLaVA-NeXT packs each tile's features (base grid,
+    then the stitched, unpadded grid without its newlines): checked on the features themselves."""
+    from pruning.vision import visual_order
+
+    model, inputs = tiny("llava_next")
+    vlm = vlmtools.wrap(model)
+    layout = vlm.layout(inputs)
+    with torch.no_grad():
+        tiles = torch.cat([pixels[:3] for pixels in inputs["pixel_values"]])  # 3 tiles per image here
+        hidden = model.model.vision_tower(tiles, output_hidden_states=True).hidden_states[-2][:, 1:]
+        per_tile = model.model.multi_modal_projector(hidden)
+        packed = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+        ordered = visual_order(per_tile, layout)
+    for sample, features, mine in zip(layout.samples, packed, ordered):
+        newline = torch.isin(sample.images[0].span.indices(), sample.images[0].layout)
+        torch.testing.assert_close(mine, features[~newline], atol=1e-5, rtol=0)
