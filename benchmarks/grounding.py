@@ -15,6 +15,7 @@ forward of the whole transformer, and the same two recorders through a whole for
 
 Prints ``name: value`` lines. Run: ``python benchmarks/grounding.py``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,8 +83,9 @@ def measure(variant: str) -> dict[str, float]:
 
 def in_subprocess(variant: str) -> dict[str, float]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-    done = subprocess.run([sys.executable, __file__, "--variant", variant], env=env, check=True,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, __file__, "--variant", variant], env=env, check=True, capture_output=True, text=True
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

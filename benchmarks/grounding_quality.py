@@ -10,6 +10,7 @@ settings (``--extra``), and the whole-image and centre-box baselines.
 
 Run: ``python benchmarks/grounding_quality.py --n 300 --extra --sweep-blocks --write``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,8 +76,9 @@ def main():
     rows, seconds, sinks_seen = {}, {}, []
     variants = {**ABLATIONS, **(EXTRA if args.extra else {})}
     for name, changes in variants.items():
-        rows[name], seconds[name] = run(pipeline, samples, dataclasses.replace(default, **changes),
-                                        sinks_seen if name == "full" else None)
+        rows[name], seconds[name] = run(
+            pipeline, samples, dataclasses.replace(default, **changes), sinks_seen if name == "full" else None
+        )
         print(name, rows[name].summary(), flush=True)
     for kind in ("whole image", "centre box"):
         rows[kind], _ = score(lambda s, kind=kind: baseline(kind, s.mask.shape), samples)
@@ -102,7 +104,8 @@ def main():
             print(site.name, sweep[f"{site.name} alone"].summary(), flush=True)
         text += ["", "Each block alone (full method otherwise):", "", table(sweep)]
     command = "python benchmarks/grounding_quality.py --n {} {}{}{}".format(
-        args.n, "--extra " if args.extra else "", "--sweep-blocks " if args.sweep_blocks else "", "--write")
+        args.n, "--extra " if args.extra else "", "--sweep-blocks " if args.sweep_blocks else "", "--write"
+    )
     text += ["", f"Command: `{command.strip()}`"]
     print("\n".join(text))
     if args.write:

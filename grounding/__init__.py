@@ -1,7 +1,8 @@
 """grounding: built on vlmtools only.
 
 >>> from grounding import RefAM
->>> seg = RefAM(vlmtools.zoo.load("flux-shapes")).segment(image, "the large red circle")
+>>> from vlmtools import zoo
+>>> seg = RefAM(zoo.load("flux-shapes")).segment(image, "the large red circle")
 """
 
 _LAZY = {"RefAM", "RefAMSettings", "Segmentation"}

@@ -345,3 +345,18 @@ def test_cli_segment_and_bench(tmp_path, monkeypatch, capsys):
     assert args.run(args) == 0
     text = (tmp_path / "table.md").read_text()
     assert all(name in text for name in ("| full |", "| no magnets |", "| all words |", "| centre box |"))
+
+
+def test_refcoco_samples_are_scored_at_their_own_resolution(tmp_path):
+    from grounding.refam.evaluate import refam_segmenter, refcoco_samples, score
+    from tests.test_grounding_refcoco import write_dataset
+
+    refs, instances = write_dataset(tmp_path)
+    (tmp_path / "train2014").mkdir()
+    Image.new("RGB", (40, 30), (200, 40, 40)).save(tmp_path / "train2014" / "COCO_train2014_000000000007.jpg")
+    samples = list(refcoco_samples(refs, instances, tmp_path / "train2014", "val", n=2))
+    assert [s.expression for s in samples] == ["man in the middle", "center guy"]
+    segment = refam_segmenter(RefAM(tiny_flux_pipeline(), max_sequence_length=12), size=(16, 16))
+    mask, point = segment(samples[0])
+    assert mask.shape == (30, 40) and mask.dtype == bool and 0 <= point[0] < 40 and 0 <= point[1] < 30
+    assert score(segment, samples)[0].summary()["n"] == 2

@@ -71,9 +71,10 @@ class RefAMSettings:
 def default_blocks(dit) -> tuple[str, ...]:
     """FLUX: the first half of the double-stream blocks; SD3: the middle third of the joint blocks.
 
-    Measured on flux-shapes (benchmarks/grounding_quality.py --sweep-blocks): only its early
-    double blocks localise. For SD3 nothing was measured here; the middle third follows the
-    paper's "middle-to-late" advice.
+    FLUX: from ZOO-NOTES.md, measured on a 3-double-block FLUX-architecture DiT trained on the
+    shapes world (only its first two double blocks localised); check on a model with
+    ``benchmarks/grounding_quality.py --sweep-blocks``. SD3: nothing measured here; the middle
+    third follows the paper's "middle-to-late blocks".
     """
     names = [site.name for site in dit.sites]
     double = [n for n in names if n.startswith("dit.double.")]
@@ -137,7 +138,7 @@ class StopAfter(AttentionHook):
 class RefAM:
     """Zero-shot referring segmentation with a FLUX or SD3 pipeline (or the zoo's flux-shapes).
 
-    >>> refam = RefAM(vlmtools.zoo.load("flux-shapes"))
+    >>> refam = RefAM(zoo.load("flux-shapes"))  # from vlmtools import zoo
     >>> seg = refam.segment(image, "the large red circle on the left")
     >>> seg.mask, seg.heatmap, seg.point; seg.save("out/")
 
