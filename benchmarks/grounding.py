@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from dit_memory import GRID, SITE, TEXT, build, resident_kib
 
 # this script shares the grounding package's name: drop its folder so that `import grounding` finds the package

@@ -24,8 +24,8 @@ import torch
 # benchmarks/grounding.py shares the grounding package's name: drop this folder from the path
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from grounding.refam import RefAM, RefAMSettings  # noqa: E402
-from grounding.refam.evaluate import ABLATIONS, baseline, score, table, zoo_samples  # noqa: E402
+from grounding.refam import RefAM, RefAMSettings
+from grounding.refam.evaluate import ABLATIONS, baseline, score, table, zoo_samples
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 EXTRA = {
@@ -86,16 +86,20 @@ def main():
     text = [
         "## Grounding",
         "",
-        f"RefAM on the zoo DiT flux-shapes, {args.n} held-out referring expressions (world `test` scenes, "
-        "64 x 64 letterboxed), CPU. Full method: default `RefAMSettings()` (blocks "
-        f"{', '.join(blocks)}, all heads, t = 0.3, seed 0, magnets `. a with`, global sinks suppressed, "
-        "content words, Otsu + largest component). Ablations change one setting each "
-        "(`grounding.refam.evaluate.ABLATIONS`; `all words` also reads magnets and special tokens).",
+        (
+            f"RefAM on the zoo DiT flux-shapes, {args.n} held-out referring expressions (world `test` scenes, "
+            "64 x 64 letterboxed), CPU. Full method: default `RefAMSettings()` (blocks "
+            f"{', '.join(blocks)}, all heads, t = 0.3, seed 0, magnets `. a with`, global sinks suppressed, "
+            "content words, Otsu + largest component). Ablations change one setting each "
+            "(`grounding.refam.evaluate.ABLATIONS`; `all words` also reads magnets and special tokens)."
+        ),
         "",
         table(rows, seconds),
         "",
-        f"Global sinks found per image (full method, over the blocks read): mean "
-        f"{statistics.mean(sinks_seen):.2f}, max {max(sinks_seen)}.",
+        (
+            "Global sinks found per image (full method, over the blocks read): mean "
+            f"{statistics.mean(sinks_seen):.2f}, max {max(sinks_seen)}."
+        ),
     ]
     if args.sweep_blocks:
         sweep = {}

@@ -360,3 +360,10 @@ def test_refcoco_samples_are_scored_at_their_own_resolution(tmp_path):
     mask, point = segment(samples[0])
     assert mask.shape == (30, 40) and mask.dtype == bool and 0 <= point[0] < 40 and 0 <= point[1] < 30
     assert score(segment, samples)[0].summary()["n"] == 2
+
+
+def test_cli_refuses_a_missing_model_path(tmp_path):
+    from grounding.cli import load_model
+
+    with pytest.raises(FileNotFoundError, match="flux-shapes"):
+        load_model(str(tmp_path / "nowhere"))
