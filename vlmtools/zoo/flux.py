@@ -57,7 +57,7 @@ def letterbox(scene, size: int = IMAGE_SIZE):
     ox, oy = (side - scene.width) // 2, (side - scene.height) // 2
     img = torch.tensor(scene.bg_colour, dtype=torch.float32).view(3, 1, 1).repeat(1, side, side) / 255
     img[:, oy:oy + scene.height, ox:ox + scene.width] = torch.from_numpy(
-        np.asarray(scene.image)).permute(2, 0, 1).float() / 255
+        np.array(scene.image)).permute(2, 0, 1).float() / 255
     masks = torch.zeros(len(scene.objects), side, side)
     masks[:, oy:oy + scene.height, ox:ox + scene.width] = torch.from_numpy(scene.masks).float()
     if side != size:

@@ -286,7 +286,7 @@ def export(model, loras):
     save_file(llava.trained_state(model, lora_state(loras)), str(llava.WEIGHTS / "model.safetensors"))
 
 
-def main(tower_steps: int = 250, words_steps: int = 200, align_steps: int = 400):
+def main(tower_steps: int = 1000, words_steps: int = 200, align_steps: int = 500):
     torch.manual_seed(0)
     tower = train_tower(tower_steps)
     train_align(tower.state_dict(), words_steps, align_steps)
