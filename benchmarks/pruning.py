@@ -63,8 +63,12 @@ def main():
     parser.add_argument("--keep", type=int, default=64)
     parser.add_argument("--layer", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: on a shared CPU, per-op waits for a second thread are fixed "
+                             "costs that no FLOPs count sees)")
     args = parser.parse_args()
     device = "cuda" if args.full else "cpu"
+    torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.full else torch.float32
     torch.manual_seed(0)
     model = build(args.full).to(device, dtype)
@@ -104,7 +108,8 @@ def main():
                                                "fastv_debias": under("fastv_debias", prefill)}, repeats=args.repeats)
     decode = _per_token({name: (under(name, generate(1)), under(name, generate(1 + args.new_tokens)))
                          for name in ("plain", "fastv")}, args.new_tokens, args.repeats)
-    print(f"device: {device} (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus)")
+    print(f"device: {device} (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus, "
+          f"{torch.get_num_threads()} torch threads)")
     print(f"dtype: {str(dtype).removeprefix('torch.')}")
     print(f"model: {'LLaVA-1.5-7B sizes' if args.full else 'LLaVA-1.5 shapes, CPU-sized'} random weights, "
           f"{vlm.num_layers} layers, hidden {model.config.text_config.hidden_size}")

@@ -77,6 +77,8 @@ class Host:
 
     name: ClassVar[str] = ""
     attention_based: ClassVar[bool] = True
+    reads_previous_layer: ClassVar[bool] = False
+    """The score reads the layer before each drop layer (which must then be >= 1)."""
     families: ClassVar[tuple[str, ...]] = FAMILIES
 
     def __init__(self, keep: int | float, layers: tuple[int, ...], debias: bool | Debias = False,
@@ -84,8 +86,10 @@ class Host:
         if isinstance(keep, bool) or not isinstance(keep, (int, float)) or keep <= 0 or (
                 isinstance(keep, float) and keep > 1):
             raise ValueError(f"keep must be a positive token count or a fraction in (0, 1], got {keep!r}")
-        if not layers or min(layers) < 0:
-            raise ValueError(f"{self.name}: layers must be decoder-layer indices >= 0, got {layers!r}")
+        lowest = 1 if self.reads_previous_layer else 0
+        if not layers or min(layers) < lowest:
+            raise ValueError(f"{self.name}: layers must be decoder-layer indices >= {lowest}, got {layers!r}"
+                             + (" (the score reads the layer before each drop)" if lowest else ""))
         self.keep, self.layers = keep, tuple(sorted(layers))
         self.debias = Debias() if debias is True else (debias or None)
         if self.debias is not None and not self.attention_based:

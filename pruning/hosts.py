@@ -18,7 +18,19 @@ def _last_row(call):
     return torch.tensor([call.q_len - 1], device=call.query.device)
 
 
-class FastV(Host):
+class _LastQuery(Host):
+    """Ranks by the last prompt token's head-mean attention in the layer before each drop."""
+
+    reads_previous_layer = True
+
+    def add_scorers(self, vlm, plan):
+        self.sites = [plan.attention(vlm.site(f"text.{layer - 1}"), SiteRows(_last_row)) for layer in self.layers]
+
+    def score(self, stage, hidden, kept, layout, targets):
+        return self.sites[stage].latest()[1][:, -1]
+
+
+class FastV(_LastQuery):
     """FastV: at layer ``K`` rank by the last prompt token's head-mean attention in layer ``K - 1``.
 
     >>> with vlm.use(FastV(keep=64, layer=2, debias=True)):
@@ -28,22 +40,14 @@ class FastV(Host):
     name = "fastv"
 
     def __init__(self, keep: int | float = 64, layer: int = 2, **kwargs):
-        if layer < 1:
-            raise ValueError(f"{self.name} ranks by the attention of the layer before the drop: layer must be >= 1")
         super().__init__(keep, (layer,), **kwargs)
-
-    def add_scorers(self, vlm, plan):
-        self.sites = [plan.attention(vlm.site(f"text.{layer - 1}"), SiteRows(_last_row)) for layer in self.layers]
-
-    def score(self, stage, hidden, kept, layout, targets):
-        return self.sites[stage].latest()[1][:, -1]
 
     def options(self):
         return {"query": "last prompt token (paper and released code)", "heads": "mean",
                 "K": f"{self.layers[0]} (paper: 2 for LLaVA-1.5-7B)"}
 
 
-class PDrop(FastV):
+class PDrop(_LastQuery):
     """PyramidDrop: stages at ``layers`` (paper: after layers 8/16/24 of 32), each ranked by the
     last prompt token's attention in the layer just run, recomputed in fp32 from its q/k.
 
@@ -54,9 +58,7 @@ class PDrop(FastV):
     name = "pdrop"
 
     def __init__(self, keep: int | float = 72, layers: tuple[int, ...] = (8, 16, 24), **kwargs):
-        if min(layers) < 1:
-            raise ValueError(f"{self.name} ranks by the attention of the layer before each drop: layers must be >= 1")
-        Host.__init__(self, keep, tuple(layers), **kwargs)
+        super().__init__(keep, tuple(layers), **kwargs)
 
     def options(self):
         return {"query": "last prompt token (the released code's last instruction token is the prompt's last)",
@@ -75,11 +77,10 @@ class SparseVLM(Host):
     """
 
     name = "sparsevlm"
+    reads_previous_layer = True
 
     def __init__(self, keep: int | float = 64, layers: tuple[int, ...] = (2, 6, 15), recycle: float = 0.0,
                  merged: float = 0.1, **kwargs):
-        if min(layers) < 1:
-            raise ValueError(f"{self.name} ranks by the attention of the layer before each drop: layers must be >= 1")
         if not 0 <= recycle <= 1 or not 0 < merged < 1:
             raise ValueError("recycle must be in [0, 1] and merged in (0, 1)")
         super().__init__(keep, tuple(layers), **kwargs)
@@ -140,10 +141,9 @@ class DART(Host):
 
     name = "dart"
     attention_based = False
+    reads_previous_layer = True
 
     def __init__(self, keep: int | float = 64, layer: int = 2, pivots: int = 4, **kwargs):
-        if layer < 1:
-            raise ValueError(f"{self.name} reads key norms of the layer before the drop: layer must be >= 1")
         super().__init__(keep, (layer,), **kwargs)
         self.pivots = pivots
 
