@@ -367,3 +367,11 @@ def test_cli_refuses_a_missing_model_path(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="flux-shapes"):
         load_model(str(tmp_path / "nowhere"))
+
+
+def test_when_every_word_is_a_sink_the_heatmap_is_flat_and_the_mask_empty():
+    model, latents, prompt = tiny("flux")
+    settings = RefAMSettings(sink_ratio=0.0, sink_max_cv=float("inf"))  # every key fires
+    seg = RefAM(model, settings).segment_encoded(latents, GRID, prompt, EXPRESSION)
+    assert not seg.grid_heatmap.any() and not seg.mask.any() and seg.word_maps == {}
+    assert {s["role"] for s in seg.sinks} >= {"content", "image"}

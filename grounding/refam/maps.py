@@ -120,7 +120,8 @@ class MapAccumulator:
     """Running sums of named maps over the forward passes of one segmentation (timesteps x seeds).
 
     Resettable and independent of the model, so one RefAM instance serves many images
-    (and video frames) without state in module attributes.
+    (and video frames) without state in module attributes. A key missing from a pass
+    (a word that was a global sink there) counts as zero in that pass.
     """
 
     def __init__(self):

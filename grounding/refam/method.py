@@ -259,11 +259,10 @@ class RefAM:
                     block = trace[f"{name}.image_text"][0][0]
                     for key, value in word_maps(block, tokens, text, s.words, s.sinks, s.padding).items():
                         words.setdefault(key, []).append(value)
-                if not words:
-                    raise RuntimeError(
-                        f"RefAM: every token read was a global sink in every block at t={t}, "
-                        f"seed={seed}; use sinks='none' or other blocks"
-                    )
                 words = {key: torch.stack(maps).mean(0) for key, maps in words.items()}
-                self.accumulator.add({"heatmap": torch.stack(list(words.values())).mean(0), **words})
+                # every word read was a global sink in every block: its attention is uniform over the image,
+                # so this pass locates nothing (a flat map; seg.sinks says why)
+                flat = torch.zeros(len(layout.image), device=block.device)
+                heatmap = torch.stack(list(words.values())).mean(0) if words else flat
+                self.accumulator.add({"heatmap": heatmap, **words})
         return self.accumulator.mean(), found
