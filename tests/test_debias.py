@@ -1,6 +1,7 @@
 """Debiasing: the formula against a direct tensor implementation, a planted trend removed,
 calibration files made, found by name and used; padding and sink suppression."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -137,3 +138,18 @@ def test_visual_sinks_from_the_shared_detector_are_suppressed():
         kept[sinks] = [int(t) in k.tolist() for t, k in zip(target, host.drop.kept_at(1))]
     assert kept[True] == [False, False]
     assert any(kept[False])
+
+
+def test_calibration_on_2d_positions_reports_row_and_column_residuals(tmp_path):
+    """Qwen2-VL (M-RoPE): prompts with different grids share one trend over the normalised index;
+    the file keeps the residual per tenth of rows and columns to check the 1-D trend against."""
+    from tests.tiny import tiny_qwen2_vl
+
+    model, inputs = tiny_qwen2_vl()
+    vlm = vlmtools.wrap(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a random model's residual may vary: the check is the point
+        (trend,) = calibrate(vlm, FastV(keep=2, layer=1), [inputs], fit="cubic", directory=tmp_path, progress=False)
+    assert trend.fit == "cubic" and trend.samples == 2
+    assert len(trend.rows) == 4 and len(trend.columns) == 6  # tenths that the 2x3 and 4x4 grids reach
+    assert (tmp_path / "qwen2_vl-h64-l3__fastv__L1.json").exists()
