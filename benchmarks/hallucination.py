@@ -88,24 +88,25 @@ def main():
             sync()
         return go
 
-    generate_all = {name: run(args.tokens, m) for name, m in methods.items()}
-    base, wall = ratios(run(args.tokens), generate_all, repeats=args.repeats)
-    base_cpu, cpu = ratios(run(args.tokens), generate_all, repeats=args.repeats, clock=time.process_time)
     print(f"device: {device}")
     print(f"dtype: {str(dtype).removeprefix('torch.')}")
     print(f"batch: {batch['input_ids'].shape[0]} x {batch['input_ids'].shape[1]} tokens (left-padded)")
-    print(f"generated_tokens: {args.tokens}")
-    print(f"greedy_seconds_per_token: {base / args.tokens:.4f}")
+    print(f"generated_tokens: {args.tokens}", flush=True)
+    generate_all = {name: run(args.tokens, m) for name, m in methods.items()}
+    base_cpu, cpu = ratios(run(args.tokens), generate_all, repeats=args.repeats, clock=time.process_time)
     print(f"greedy_cpu_seconds_per_token: {base_cpu / args.tokens:.4f}")
+    for name, method in methods.items():
+        print(f"{name}_settings: {method.settings}")
+        print(f"{name}_cpu_ratio: {cpu[name]:.3f}", flush=True)
     if args.decode:
         prefill, first = ratios(run(1), {name: run(1, m) for name, m in methods.items()}, repeats=args.repeats,
                                 clock=time.process_time)
         print(f"greedy_prefill_cpu_seconds: {prefill:.4f}")
         for name in methods:
-            print(f"{name}_decode_cpu_ratio: {(cpu[name] * base_cpu - first[name] * prefill) / (base_cpu - prefill):.3f}")
-    for name, method in methods.items():
-        print(f"{name}_settings: {method.settings}")
-        print(f"{name}_cpu_ratio: {cpu[name]:.3f}")
+            decode = (cpu[name] * base_cpu - first[name] * prefill) / (base_cpu - prefill)
+            print(f"{name}_decode_cpu_ratio: {decode:.3f}", flush=True)
+    base, wall = ratios(run(args.tokens), generate_all, repeats=args.repeats)
+    print(f"greedy_seconds_per_token: {base / args.tokens:.4f}")
     for name in methods:
         print(f"{name}_latency_ratio: {wall[name]:.3f}")
 

@@ -119,9 +119,10 @@ def question_tokens(ids: torch.Tensor, start: int, tokenizer, question: str | No
 class GIFT(AttentionHook):
     """Gaze-shift guided enhancement of the last query row on ``layers``.
 
-    ``questions``: the user's question per sample (or one for all); without them the
-    whole text after the image is the question. Presets: :attr:`PRESETS`
-    (0-indexed layers as the authors ship them), via :meth:`preset`.
+    ``saliency_layer="auto"`` is the paper's choice (largest total shift), an int the
+    released code's (fixed per model). ``questions``: the user's question per sample
+    (or one for all); without them the whole text after the image is the question.
+    Presets: :attr:`PRESETS` (0-indexed layers as the authors ship them), via :meth:`preset`.
 
     >>> with vlm.use(GIFT.preset("llava-1.5-7b", questions=["Is there a dog?"])):
     ...     out = model.generate(**inputs, max_new_tokens=32)
@@ -159,7 +160,8 @@ class GIFT(AttentionHook):
                              f"{num_layers}-layer model; pass layers= and saliency_layer=")
         self.edit, self.candidates, self.state = set(edit), candidates, plan.state
         self.tokenizer = getattr(vlm.processor, "tokenizer", vlm.processor)
-        self.settings = {"method": "GIFT", "alpha": self.alpha, "saliency_layer": self.saliency_layer,
+        self.settings = {"method": "GIFT", "variant": "paper" if self.saliency_layer == "auto" else "released",
+                         "alpha": self.alpha, "saliency_layer": self.saliency_layer,
                          "candidates": candidates, "layers": edit, "tagger": None, "chosen_layer": None}
         self._layout = None
         for index in sorted(self.edit | set(candidates)):

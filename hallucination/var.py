@@ -20,7 +20,8 @@ from typing import Literal
 import torch
 
 from vlmtools.plan import AttentionHook, LayerHook
-from vlmtools.sinks.dims import PUBLISHED_SINK_DIMS, model_signature, visual_sink_positions
+from vlmtools.sinks.base import SinkTensors
+from vlmtools.sinks.dims import PUBLISHED_SINK_DIMS, SinkDimensions, model_signature, visual_sink_positions
 
 from .common import key_mask, visual_mask, widen
 
@@ -90,7 +91,7 @@ class VAR(AttentionHook, LayerHook):
                          "p_meaning": "moved" if self.variant == "paper" else "kept", "moved": self.moved,
                          "tau": self.tau, "min_image": self.min_image, "layers": self.layers,
                          "dims": list(self.dims or PUBLISHED_SINK_DIMS.get(self.signature, ())),
-                         "dims_source": source}
+                         "dims_source": source, "dims_by_layer": {}}
         self.sinks, self._sink_masks, self._visual, self._image_end = {}, {}, None, None
         for index in self.layers:
             plan.layer(index, vlm.layers[index], self)
@@ -103,8 +104,11 @@ class VAR(AttentionHook, LayerHook):
         if index == self.layers[0]:
             self._visual = visual_mask(layout)
             self._image_end = torch.tensor([int(s.visual_positions().max()) for s in layout.samples])
+        tensors = SinkTensors(layout, self.num_layers, hidden={index: hidden}, signature=self.signature)
+        dims, _ = SinkDimensions(tau=self.tau, dims=self.dims, layers=(index,)).resolve_dims(tensors)
+        self.settings["dims_by_layer"][index] = list(dims)
         sinks = visual_sink_positions({index: hidden}, layout, self.signature, self.num_layers, tau=self.tau,
-                                      dims=self.dims, layers=(index,))
+                                      dims=dims, layers=(index,))
         self.sinks[index] = sinks
         self._sink_masks[index] = key_mask(sinks, layout.seq_len)
 

@@ -316,6 +316,7 @@ def test_var_settings_say_which_variant_and_dims():
     assert paper.settings["moved"] == pytest.approx(0.6) and released.settings["moved"] == pytest.approx(0.4)
     assert paper.settings["layers"] == [2, 3] and released.settings["layers"] == [2, 3, 4]
     assert paper.settings["dims_source"] == "discovered per layer at prefill"
+    assert set(paper.settings["dims_by_layer"]) == {2, 3}  # what each layer's discovery found
     with pytest.raises(ValueError, match="variant"):
         VAR(variant="code")
 
@@ -331,6 +332,7 @@ def test_gift_presets_and_auto_layer():
     with vlm.use(gift):
         generate(model, inputs, 2)
     assert gift.settings["candidates"] == [0, 1, 2] and set(gift.settings["chosen_layer"]) <= {0, 1, 2}
+    assert gift.settings["variant"] == "paper"  # the released code fixes the saliency layer per model
     assert gift.settings["tagger"] == "none"  # no tokenizer: every text token is a question word
 
 
