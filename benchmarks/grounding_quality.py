@@ -5,10 +5,10 @@ Samples are the first ``--n`` referring expressions of the world's ``test`` scen
 targets are the referents' exact masks. Rows: the full method (default settings),
 each ablation of ``grounding.refam.evaluate.ABLATIONS``, a few alternative
 settings (``--extra``), and the whole-image and centre-box baselines.
-``--sweep-blocks`` scores each block alone (how the default blocks were chosen).
+``--sweep-blocks`` / ``--sweep-heads`` score each block / head alone (how defaults are chosen).
 ``--write`` puts the table under the "Grounding" heading of benchmarks/RESULTS.md.
 
-Run: ``python benchmarks/grounding_quality.py --n 300 --extra --sweep-blocks --write``.
+Run: ``python benchmarks/grounding_quality.py --n 300 --extra --sweep-blocks --sweep-heads --write``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -65,12 +66,21 @@ def main():
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--extra", action="store_true", help="also score alternative settings")
     parser.add_argument("--sweep-blocks", action="store_true", help="score each block alone")
+    parser.add_argument("--sweep-heads", action="store_true", help="score each head alone")
+    parser.add_argument("--sweep-n", type=int, default=None, help="expressions for the sweep (default: --n)")
     parser.add_argument("--write", action="store_true", help="write the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(2)
     from vlmtools import zoo
+    from vlmtools.zoo import flux, lm
 
     pipeline = zoo.load("flux-shapes")
+    weights = flux.WEIGHTS / "transformer" / "diffusion_pytorch_model.safetensors"
+    checkpoint = lm.cache_dir() / "train" / "flux-shapes" / "dit.pt"
+    step = torch.load(checkpoint, weights_only=False)["step"] if checkpoint.exists() else "unknown"
+    trained = (
+        f"weights of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(weights.stat().st_mtime))}, training step {step}"
+    )
     samples = zoo_samples(args.n)
     default = RefAMSettings()
     rows, seconds, sinks_seen = {}, {}, []
@@ -82,12 +92,13 @@ def main():
         print(name, rows[name].summary(), flush=True)
     for kind in ("whole image", "centre box"):
         rows[kind], _ = score(lambda s, kind=kind: baseline(kind, s.mask.shape), samples)
-    blocks = RefAM(pipeline).blocks
+    refam = RefAM(pipeline)
+    blocks = refam.blocks
     text = [
         "## Grounding",
         "",
         (
-            f"RefAM on the zoo DiT flux-shapes, {args.n} held-out referring expressions (world `test` scenes, "
+            f"RefAM on the zoo DiT flux-shapes ({trained}), {args.n} held-out referring expressions (world `test` scenes, "
             "64 x 64 letterboxed), CPU. Full method: default `RefAMSettings()` (blocks "
             f"{', '.join(blocks)}, all heads, t = 0.3, seed 0, magnets `. a with`, global sinks suppressed, "
             "content words, Otsu + largest component). Ablations change one setting each "
@@ -101,16 +112,28 @@ def main():
             f"{statistics.mean(sinks_seen):.2f}, max {max(sinks_seen)}."
         ),
     ]
+    few = samples[: args.sweep_n or args.n]
+    sweeps = {}
     if args.sweep_blocks:
-        sweep = {}
-        for site in RefAM(pipeline).dit.sites:
-            sweep[f"{site.name} alone"], _ = run(pipeline, samples, dataclasses.replace(default, blocks=(site.name,)))
-            print(site.name, sweep[f"{site.name} alone"].summary(), flush=True)
-        text += ["", "Each block alone (full method otherwise):", "", table(sweep)]
-    command = "python benchmarks/grounding_quality.py --n {} {}{}{}".format(
-        args.n, "--extra " if args.extra else "", "--sweep-blocks " if args.sweep_blocks else "", "--write"
-    )
-    text += ["", f"Command: `{command.strip()}`"]
+        sweeps["Each block alone"] = {f"{site.name} alone": {"blocks": (site.name,)} for site in refam.dit.sites}
+    if args.sweep_heads:
+        heads = refam.dit.site(refam.blocks[0]).heads
+        sweeps["Each head alone (default blocks)"] = {f"head {h} alone": {"heads": (h,)} for h in range(heads)}
+    for title, variants in sweeps.items():
+        rows = {}
+        for name, changes in variants.items():
+            rows[name], _ = run(pipeline, few, dataclasses.replace(default, **changes))
+            print(name, rows[name].summary(), flush=True)
+        text += ["", f"{title} (full method otherwise), first {len(few)} expressions:", "", table(rows)]
+    flags = [
+        f"--n {args.n}",
+        "--extra" * args.extra,
+        "--sweep-blocks" * args.sweep_blocks,
+        "--sweep-heads" * args.sweep_heads,
+        f"--sweep-n {len(few)}" * bool(sweeps),
+        "--write" * args.write,
+    ]
+    text += ["", f"Command: `python benchmarks/grounding_quality.py {' '.join(f for f in flags if f)}`"]
     print("\n".join(text))
     if args.write:
         write_section("\n".join(text))
