@@ -263,16 +263,15 @@ def train_align(tower_state, words_steps: int, steps: int, batch: int = 6, turns
     start = ck.load(parts)
     t0 = time.time()
     for step in range(start, steps):
-        set_lr(opt, 5e-4, step, steps, warmup=20)
+        set_lr(opt, 5e-4, step, steps, warmup=5)
         x, rows, pos, tg = align_batch(proc, step, batch, turns)
         loss, acc = lm_loss(model, x, rows, pos, tg)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         opt.step()
-        if step % 5 == 0 or step == steps - 1:
-            log("align", step, time.time() - t0, loss=loss.item(), token_acc=acc)
-        if (step + 1) % 25 == 0 or step == steps - 1:
+        log("align", step, time.time() - t0, loss=loss.item(), token_acc=acc)
+        if (step + 1) % 5 == 0 or step == steps - 1:
             ck.save(step + 1, parts)
             export(model, loras)
     return model, loras
@@ -286,7 +285,7 @@ def export(model, loras):
     save_file(llava.trained_state(model, lora_state(loras)), str(llava.WEIGHTS / "model.safetensors"))
 
 
-def main(tower_steps: int = 1000, words_steps: int = 200, align_steps: int = 500):
+def main(tower_steps: int = 1000, words_steps: int = 200, align_steps: int = 500, align_batch: int = 6):
     torch.manual_seed(0)
     tower = train_tower(tower_steps)
-    train_align(tower.state_dict(), words_steps, align_steps)
+    train_align(tower.state_dict(), words_steps, align_steps, batch=align_batch)
