@@ -262,10 +262,55 @@ def tiny_sam():
     )
 
 
-def test_sam_refines_from_the_peak_point():
+def tiny_sam2():
+    """A random Sam2Model (4-stage Hiera, 64 px) with its processor."""
+    from transformers import (
+        Sam2Config,
+        Sam2HieraDetConfig,
+        Sam2ImageProcessor,
+        Sam2MaskDecoderConfig,
+        Sam2Model,
+        Sam2Processor,
+        Sam2PromptEncoderConfig,
+        Sam2VisionConfig,
+    )
+
+    torch.manual_seed(0)
+    hiera = Sam2HieraDetConfig(
+        hidden_size=8,
+        num_attention_heads=1,
+        image_size=[64, 64],
+        patch_kernel_size=[7, 7],
+        patch_stride=[4, 4],
+        patch_padding=[3, 3],
+        query_stride=[2, 2],
+        window_positional_embedding_background_size=[2, 2],
+        num_query_pool_stages=3,
+        blocks_per_stage=[1, 1, 2, 1],
+        embed_dim_per_stage=[8, 16, 32, 64],
+        num_attention_heads_per_stage=[1, 1, 1, 1],
+        window_size_per_stage=[4, 4, 4, 4],
+        global_attention_blocks=[3],
+    )
+    vision = Sam2VisionConfig(
+        backbone_config=hiera,
+        backbone_channel_list=[64, 32, 16, 8],
+        backbone_feature_sizes=[[16, 16], [8, 8], [4, 4]],
+        fpn_hidden_size=16,
+    )
+    prompt = Sam2PromptEncoderConfig(hidden_size=16, image_size=64, patch_size=16, mask_input_channels=4)
+    decoder = Sam2MaskDecoderConfig(
+        hidden_size=16, mlp_dim=32, num_hidden_layers=1, num_attention_heads=2, iou_head_hidden_dim=16
+    )
+    model = Sam2Model(Sam2Config(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder))
+    return model.eval(), Sam2Processor(Sam2ImageProcessor(size={"height": 64, "width": 64}))
+
+
+@pytest.mark.parametrize("build", [tiny_sam, tiny_sam2])
+def test_sam_refines_from_the_peak_point(build):
     from grounding.refam.sam import refine
 
-    sam = tiny_sam()
+    sam = build()
     pipe = tiny_flux_pipeline()
     seg = RefAM(pipe, sam=sam, max_sequence_length=12).segment(image(), EXPRESSION)
     assert seg.settings["mask_from"] == "sam" and seg.mask.shape == (SIZE, SIZE) and seg.mask.dtype == bool
