@@ -71,6 +71,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, processor = vlmtools.zoo.load("llava-shapes")
+    processor.tokenizer.padding_side = "left"  # not kept by the saved processor
     vlm = vlmtools.wrap(model, processor)
     hosts = args.hosts.split(",")
     start = time.time()
@@ -79,7 +80,8 @@ def main():
         if pruning.HOSTS[name].attention_based:
             stage_layers = HOSTS[name]
             pruning.calibrate(vlm, pruning.HOSTS[name](keep=1.0, **stage_layers), held_out,
-                              directory=args.calibration)
+                              directory=args.calibration, padding=lambda inputs: letterbox_padding(
+                                  inputs["pixel_values"], model.config.vision_config.patch_size))
     items = W.qa_items("test", args.n)
     rows = {"none": {"100%": accuracy(vlm, processor, items, None, 1.0, False, args.batch, args.calibration)}}
     for name in hosts:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -18,12 +18,15 @@ RESIDUAL_WARNING = 1.5
 
 
 def calibrate(vlm, host: Host, samples: Iterable[dict], fit: Fit = "exponential",
-              directory: str | Path | None = None, save: bool = True, progress: bool = True) -> list[Trend]:
+              directory: str | Path | None = None, save: bool = True, progress: bool = True,
+              padding: Callable[[dict], torch.Tensor] | None = None) -> list[Trend]:
     """One trend per stage of ``host`` from prefills on ``samples`` (never the evaluation set).
 
     Runs the host's scorers with nothing dropped, averages the raw score per visual
     index (indices are normalised, so prompts may hold different token counts), fits it
     and, with ``save``, writes ``<model>__<host>__L<layer>.json`` where ``Debias`` finds it.
+    ``padding(inputs)`` gives a sample's letterbox mask (e.g. ``letterbox_padding``): padded
+    patches then stay out of the average (else the layout's ``ImageTokens.padding``, if known).
 
     >>> trends = pruning.calibrate(vlm, FastV(keep=64), held_out_inputs)
     >>> with vlm.use(FastV(keep=64, debias=True)):
@@ -33,6 +36,7 @@ def calibrate(vlm, host: Host, samples: Iterable[dict], fit: Fit = "exponential"
     probe.keep, probe.debias = 1.0, None
     probe.collected = {stage: [] for stage in range(len(host.layers))}
     for inputs in tqdm(samples, desc=f"calibrating {host.name}", disable=not progress):
+        probe.padding = padding(inputs) if padding is not None else host.padding
         with torch.no_grad(), vlm.use(probe):
             vlm.model(**inputs)
     trends = []

@@ -177,9 +177,10 @@ class Host:
         for b, present in enumerate(kept):
             columns = torch.isin(present, visual[b]).nonzero().squeeze(1)
             index = torch.searchsorted(visual[b], present[columns])
-            if self.collected is not None:
-                self.collected[stage].append((layout.samples[b], index.cpu(), raw[b, columns].detach().float().cpu(),
-                                              len(visual[b])))
+            if self.collected is not None:  # calibration: raw scores of real (non-padding) patches
+                real = ~torch.isin(present[columns], self._padded(layout, kept.device)[b])
+                self.collected[stage].append((layout.samples[b], index[real].cpu(),
+                                              raw[b, columns[real]].detach().float().cpu(), len(visual[b])))
                 continue
             padded, sinks = suppress[b]
             flags = torch.isin(present[columns], torch.cat([padded, sinks])) if self.debias else None

@@ -153,3 +153,14 @@ def test_calibration_on_2d_positions_reports_row_and_column_residuals(tmp_path):
     assert trend.fit == "cubic" and trend.samples == 2
     assert len(trend.rows) == 4 and len(trend.columns) == 6  # tenths that the 2x3 and 4x4 grids reach
     assert (tmp_path / "qwen2_vl-h64-l3__fastv__L1.json").exists()
+
+
+def test_calibration_leaves_padded_patches_out():
+    model, inputs = tiny_llava()
+    vlm = vlmtools.wrap(model)
+    pixels = inputs["pixel_values"].clone()
+    pixels[:, :, :16] = 0.0  # the top half of both images is letterbox padding
+    padded = {**inputs, "pixel_values": pixels}
+    (trend,) = calibrate(vlm, FastV(keep=4, layer=1), [padded], save=False, progress=False,
+                         padding=lambda x: letterbox_padding(x["pixel_values"], patch=8))
+    assert trend.rows and len(trend.rows) == 2  # only the real lower two patch rows contribute
