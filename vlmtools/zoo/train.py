@@ -2,7 +2,8 @@
 
 Every stage checkpoints under ``<cache>/train/NAME/`` and resumes from there;
 the shipped weights are exported to ``vlmtools/zoo/weights/NAME/``.
-Step counts default to what fits in about two hours on 2 CPU cores.
+The default step counts are sized for about two hours on 2 idle CPU cores
+(estimated from ZOO-NOTES' measurements, see docs/zoo.md).
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m vlmtools.zoo.train")
     ap.add_argument("name", choices=["llava-shapes", "flux-shapes"])
-    ap.add_argument("--steps", type=int, nargs="*", help="step counts of each stage, in order")
+    ap.add_argument("--steps", type=int, nargs="*",
+                    help="llava-shapes: TOWER WORDS ALIGN [ALIGN_BATCH]; flux-shapes: STEPS [BATCH]")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
