@@ -88,7 +88,7 @@ class FluxTransformerSource(Source):
     def call(self, x_t, t, prompt, grid):
         from diffusers import FluxPipeline
 
-        batch = x_t.shape[0]
+        x_t, batch = self._tensor(x_t), x_t.shape[0]
         ids = FluxPipeline._prepare_latent_image_ids(batch, *grid, x_t.device, x_t.dtype)
         text_ids = prompt.text_ids if prompt.text_ids is not None else x_t.new_zeros(prompt.embeds.shape[1], 3)
         kwargs = {
@@ -111,7 +111,7 @@ class SD3TransformerSource(Source):
     family = "sd3"
 
     def call(self, x_t, t, prompt, grid):
-        batch = x_t.shape[0]
+        x_t, batch = self._tensor(x_t), x_t.shape[0]
         return {
             "hidden_states": x_t,
             "encoder_hidden_states": self._tensor(prompt.embeds),
