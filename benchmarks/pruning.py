@@ -21,10 +21,10 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 import vlmtools
 
 HERE = sys.path.pop(0)  # this script shares the package's name: find the package first
-from pruning import Debias, FastV, Trend, debiased  # noqa: E402
+from pruning import Debias, FastV, Trend, debiased
 
 sys.path.insert(0, HERE)
-from common import ratios, timed  # noqa: E402
+from common import ratios, timed
 
 IMAGE_TOKEN = 31999
 VISUAL, TEXT = 576, 64

@@ -19,14 +19,14 @@ import vlmtools
 from vlmtools.zoo import world as W
 
 HERE = sys.path.pop(0)  # benchmarks/pruning.py shares the package's name: find the package first
-import pruning  # noqa: E402
-from pruning import Debias, letterbox_padding  # noqa: E402
+import pruning
+from pruning import Debias, letterbox_padding
 
 sys.path.insert(0, HERE)
 
 KEEP = {"100%": 1.0, "33%": 1 / 3, "22%": 2 / 9, "11%": 1 / 9}
-HOSTS = {"fastv": dict(layer=2), "pdrop": dict(layers=(8, 16, 24)), "sparsevlm": dict(layers=(2, 6, 15)),
-         "visionzip": {}, "fastervlm": {}, "dart": dict(layer=2), "random": dict(layer=2)}
+HOSTS = {"fastv": {"layer": 2}, "pdrop": {"layers": (8, 16, 24)}, "sparsevlm": {"layers": (2, 6, 15)},
+         "visionzip": {}, "fastervlm": {}, "dart": {"layer": 2}, "random": {"layer": 2}}
 
 
 def batches(processor, split, items, size):

@@ -14,7 +14,22 @@ HOSTS = {host.name: host for host in (FastV, PDrop, SparseVLM, VisionZip, Faster
 """Host name -> class, as used in calibration file names and benchmark tables."""
 
 __all__ = [
-    "DART", "Debias", "FastV", "FasterVLM", "HOSTS", "Host", "PDrop", "RandomPrune", "SparseVLM", "Trend",
-    "UniformGrid", "VisionZip", "calibrate", "calibration_path", "debiased", "fit_trend", "letterbox_padding",
+    "DART",
+    "HOSTS",
+    "Debias",
+    "FastV",
+    "FasterVLM",
+    "Host",
+    "PDrop",
+    "RandomPrune",
+    "SparseVLM",
+    "Trend",
+    "UniformGrid",
+    "VisionZip",
+    "calibrate",
+    "calibration_path",
+    "debiased",
+    "fit_trend",
+    "letterbox_padding",
     "model_key",
 ]

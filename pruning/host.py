@@ -16,8 +16,9 @@ different visual counts).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vlmtools
-from pruning import DART, FastV, FasterVLM, PDrop, RandomPrune, SparseVLM, UniformGrid, VisionZip
+from pruning import DART, FasterVLM, FastV, PDrop, RandomPrune, SparseVLM, UniformGrid, VisionZip
 from tests.tiny import BUILDERS, IMAGE, VIDEO, VISION_END, VISION_START
 from vlmtools.drop import DropTokens
 from vlmtools.plan import LayerHook
