@@ -100,3 +100,16 @@ def test_flux_shapes_loads_and_predicts_a_velocity():
         v = pipe.forward(x_t, torch.tensor([0.5]), emb, pooled, txt_ids)
     assert v.shape == target.shape == (1, 256, 48)
     assert torch.isfinite(v).all()
+
+
+def test_qwen2vl_text_port_reproduces_smollm2_logits():
+    from vlmtools.zoo import qwen2vl
+    from vlmtools.zoo.lm import load_smollm2
+
+    lm, tok = load_smollm2()
+    port = qwen2vl.port()
+    ids = tok("The red circle is left of the", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        ref, got = lm(ids).logits, port(input_ids=ids).logits
+    assert (ref - got).abs().max() < 1e-4
+    assert port.model.language_model.layers[0].self_attn.q_proj.bias.abs().max() == 0
