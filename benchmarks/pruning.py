@@ -71,7 +71,11 @@ def main():
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.full else torch.float32
     torch.manual_seed(0)
-    model = build(args.full).to(device, dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # a 7B model is built in place, in bf16, on the GPU
+    with torch.device(device):
+        model = build(args.full)
+    torch.set_default_dtype(previous)
     batch = inputs(device, dtype)
     vlm = vlmtools.wrap(model)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
