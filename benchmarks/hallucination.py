@@ -65,7 +65,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--decode", action="store_true", help="also time prefill alone: the decoding steps' ratio")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: on a shared machine OpenMP waits between small ops are noise)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = "cuda" if args.full else "cpu"
     dtype = torch.bfloat16 if args.full else torch.float32
     torch.manual_seed(0)
@@ -91,7 +94,8 @@ def main():
     print(f"device: {device}")
     print(f"dtype: {str(dtype).removeprefix('torch.')}")
     print(f"batch: {batch['input_ids'].shape[0]} x {batch['input_ids'].shape[1]} tokens (left-padded)")
-    print(f"generated_tokens: {args.tokens}", flush=True)
+    print(f"generated_tokens: {args.tokens}")
+    print(f"threads: {torch.get_num_threads()}", flush=True)
     generate_all = {name: run(args.tokens, m) for name, m in methods.items()}
     base_cpu, cpu = ratios(run(args.tokens), generate_all, repeats=args.repeats, clock=time.process_time)
     print(f"greedy_cpu_seconds_per_token: {base_cpu / args.tokens:.4f}")

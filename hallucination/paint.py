@@ -9,6 +9,11 @@ tokens). The LLM, in contrast, drifts away from the image as it generates; addin
 ``alpha*|z|`` to the last query row's pre-softmax logits on local tokens and
 ``beta*|z|`` on summary tokens pulls it back to both kinds of evidence.
 
+Qwen2-VL and Qwen2.5-VL towers have no CLS token; there (our substitute, recorded in
+``settings["scores"]``) a patch's score is the mean attention it receives from the
+patches of its image (window, for Qwen2.5-VL's windowed layers), averaged over the
+2x2 patches the merger fuses into one LLM token.
+
 Head-specific modulation (in the paper, not in the released code; the definition is
 ours): a head's visual sensitivity is its attention mass on the image in the row being
 edited, before the edit, divided by the mean of that mass over the layer's heads;
@@ -21,12 +26,15 @@ import math
 
 import torch
 
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import get_vision_window_index
+
 from vlmtools.plan import AttentionHook
-from vlmtools.record import RecordRows
+from vlmtools.record import RecordColumnMass, RecordRows
 
 from .common import key_mask, last_row, visual_mask, widen
 
 CLS_FAMILIES = ("llava", "llava_next")
+MEAN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 
 def token_sets(first: torch.Tensor, penultimate: torch.Tensor, top: float = 0.25,
@@ -62,7 +70,7 @@ def boost(logits: torch.Tensor, local: torch.Tensor, summary: torch.Tensor, alph
 
 
 class PAINT(AttentionHook):
-    """PAINT on LLM layers 2 .. L-1, last query row, every step (LLaVA-1.5 and LLaVA-NeXT).
+    """PAINT on LLM layers 2 .. L-1, last query row, every step.
 
     >>> with vlm.use(PAINT(alpha=0.7, beta=0.4)):
     ...     out = model.generate(**inputs, max_new_tokens=32)
@@ -74,26 +82,32 @@ class PAINT(AttentionHook):
         self.settings: dict = {}
 
     def attach(self, vlm, plan) -> None:
-        if vlm.family not in CLS_FAMILIES:
-            raise NotImplementedError(f"PAINT reads the vision encoder's CLS attention; the {vlm.family} vision "
-                                      f"tower has no CLS token (supported: {', '.join(CLS_FAMILIES)})")
+        if vlm.family not in CLS_FAMILIES + MEAN_FAMILIES:
+            raise NotImplementedError(f"PAINT reads the vision encoder's attention; {vlm.family} is not supported "
+                                      f"({', '.join(CLS_FAMILIES + MEAN_FAMILIES)} are)")
         depth = len(vlm.adapter.blocks(vlm.model, "vision"))
         self.vision_sites = ["vision.0", f"vision.{max(depth - 2, 0)}"]
-        RecordRows(sorted(set(self.vision_sites)), queries=torch.tensor([0])).attach(vlm, plan)
+        sites = sorted(set(self.vision_sites))
+        if vlm.family in CLS_FAMILIES:
+            RecordRows(sites, queries=torch.tensor([0])).attach(vlm, plan)
+        else:
+            RecordColumnMass(sites).attach(vlm, plan)
         self.vlm, self.trace, self.state = vlm, plan.trace, plan.state
         self.layers = list(range(2, vlm.num_layers))
         self.settings = {"method": "PAINT", "alpha": self.alpha, "beta": self.beta,
                          "head_modulation": self.head_modulation, "top": self.top, "whisker": self.whisker,
                          "vision_sites": self.vision_sites, "layers": self.layers,
+                         "scores": "CLS attention" if vlm.family in CLS_FAMILIES else "mean attention received",
                          "variant": "paper" if self.head_modulation else "released"}
-        self._layout = None
+        self._layout, self._seen = None, dict.fromkeys(sites, 0)
         for index in self.layers:
             plan.attention(vlm.site(f"text.{index}"), self)
 
     def _new_prompt(self) -> None:
         layout = self._layout = self.state.layout
         images = [image for sample in layout.samples for image in sample.images]
-        first, penultimate = (self._scores(self.trace[f"{site}.rows"][-1], images) for site in self.vision_sites)
+        scores = {site: self._scores(site, images) for site in set(self.vision_sites)}
+        first, penultimate = (scores[site] for site in self.vision_sites)
         local, summary = [], []
         for image, scores0, scores1 in zip(images, first, penultimate):
             loc, summ = token_sets(scores0, scores1, self.top, self.whisker)
@@ -104,10 +118,15 @@ class PAINT(AttentionHook):
         self.summary = key_mask([torch.cat(p) for p in _regroup(summary, per_sample)], layout.seq_len)
         self.visual = visual_mask(layout)
 
-    def _scores(self, rows: torch.Tensor, images) -> list[torch.Tensor]:
-        """Head-mean CLS attention on each image's content tokens, in layout order."""
-        cls = rows.float().mean(1)[:, 0].cpu()  # (tiles, 1 + patches)
+    def _scores(self, site: str, images) -> list[torch.Tensor]:
+        """Each image's token scores at a vision site, head-averaged, in layout order."""
         config = self.vlm.model.config
+        if self.vlm.family in MEAN_FAMILIES:
+            calls = self.trace[f"{site}.column_mass"]
+            fresh, self._seen[site] = calls[self._seen[site]:], len(calls)  # this prompt's images / windows
+            received = torch.cat([mass.mean.mean(1)[0] for mass in fresh]).cpu()
+            return _merged_scores(received, images, config.vision_config, self.vlm.family == "qwen2_5_vl")
+        cls = self.trace[f"{site}.rows"][-1].float().mean(1)[:, 0].cpu()  # (tiles, 1 + patches)
         if config.vision_feature_select_strategy == "default":
             cls = cls[:, 1:]
         if self.vlm.family == "llava":
@@ -150,3 +169,16 @@ def _anyres_scores(cls: torch.Tensor, images, side: int) -> list[torch.Tensor]:
         raise ValueError(f"PAINT: {cls.shape[0]} vision tiles recorded but the layout's grids account for {tile}; "
                          "this image's anyres padding spans a whole tile")
     return scores
+
+
+def _merged_scores(received: torch.Tensor, images, vision, windowed: bool) -> list[torch.Tensor]:
+    """Qwen-VL: per-patch scores of the whole batch (window order for Qwen2.5-VL) to each
+    image's merged tokens, averaging each merge group of ``m x m`` patches."""
+    group = vision.spatial_merge_size ** 2
+    merged = received.view(-1, group).mean(-1)
+    if windowed:  # the tower runs on tokens reordered window by window
+        m = vision.spatial_merge_size
+        grid = torch.tensor([[t, h * m, w * m] for t, h, w in (image.thw for image in images)])
+        order, _ = get_vision_window_index(grid, m, vision.window_size, vision.patch_size)
+        merged = torch.empty_like(merged).index_copy_(0, order.cpu(), merged)
+    return list(merged.split([len(image) for image in images]))

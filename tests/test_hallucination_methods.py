@@ -10,12 +10,13 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import eager_mask
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import get_vision_window_index
 
 import vlmtools
 from hallucination import GIFT, PAINT, VAR
 from hallucination.common import key_mask, visual_mask
 from hallucination.gift import enhance, gaze_shift, question_tokens, saliency_factor
-from hallucination.paint import boost, token_sets, visual_sensitivity
+from hallucination.paint import _merged_scores, boost, token_sets, visual_sensitivity
 from hallucination.var import redistribute
 from tests import tiny
 
@@ -267,12 +268,9 @@ def test_paint_hook_applies_the_formula_to_the_last_row(modulate):
 
 # ---------------------------------------------------------------- under generate, every family
 def methods(family):
-    made = {"var": VAR(rho=0.3, tau=2.0, dims=(0, 1, 2, 3)), "var_released": VAR(tau=2.0, dims=(0, 1, 2, 3),
+    return {"var": VAR(rho=0.3, tau=2.0, dims=(0, 1, 2, 3)), "var_released": VAR(tau=2.0, dims=(0, 1, 2, 3),
                                                                                    rho=0.3, variant="released"),
-            "gift": GIFT(alpha=5.0, saliency_layer=1, layers=[2, 3])}
-    if family in ("llava", "llava_next"):
-        made["paint"] = PAINT()
-    return made
+            "gift": GIFT(alpha=5.0, saliency_layer=1, layers=[2, 3]), "paint": PAINT()}
 
 
 def generate(model, inputs, steps=3):
@@ -336,10 +334,19 @@ def test_gift_presets_and_auto_layer():
     assert gift.settings["tagger"] == "none"  # no tokenizer: every text token is a question word
 
 
-def test_paint_refuses_towers_without_cls():
-    model, _ = tiny.tiny_qwen2_vl()
-    with pytest.raises(NotImplementedError, match="no CLS token"), vlmtools.wrap(model).use(PAINT()):
-        pass
+def test_paint_maps_qwen2_5_window_order_back_to_each_image():
+    model, inputs = tiny.tiny_qwen2_5_vl()
+    visual, config = model.model.visual, model.config.vision_config
+    grid = inputs["image_grid_thw"]
+    order, _ = get_vision_window_index(grid, config.spatial_merge_size, config.window_size, config.patch_size)
+    patches = int(grid.prod(-1).sum())
+    raster = torch.arange(patches, dtype=torch.float32)  # a patch's score = its place in the processor's order
+    in_window_order = visual.permute_input_for_window_attn(raster[:, None], order, seq_len=patches)[:, 0]
+    images = [image for sample in vlmtools.wrap(model).layout(inputs).samples for image in sample.images]
+    got = _merged_scores(in_window_order, images, config, windowed=True)
+    want = raster.view(-1, config.spatial_merge_size**2).mean(-1).split([len(image) for image in images])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
 def test_methods_state_is_reset_per_prompt():
