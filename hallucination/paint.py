@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import get_vision_window_index
 
 from vlmtools.plan import AttentionHook
