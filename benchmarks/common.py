@@ -35,3 +35,18 @@ def ratios(baseline: Callable[[], object], variants: dict[str, Callable[[], obje
             for name, fn in variants.items():
                 per_variant[name].append(timed(fn, clock) / base)
     return statistics.median(base_times), {name: statistics.median(r) for name, r in per_variant.items()}
+
+
+def write_section(path, heading: str, text: str) -> None:
+    """Replace the ``## {heading}`` section of a Markdown file with ``text`` (or append it), leaving the rest."""
+    from pathlib import Path
+
+    path = Path(path)
+    lines = path.read_text().splitlines() if path.exists() else ["# Benchmark results"]
+    out, skipping = [], False
+    for line in lines:
+        if line.startswith("## "):
+            skipping = line.strip() == f"## {heading}"
+        if not skipping:
+            out.append(line)
+    path.write_text("\n".join(out).rstrip() + "\n\n" + text.rstrip() + "\n")

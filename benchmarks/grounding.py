@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import write_section
 from dit_memory import GRID, SITE, TEXT, build, resident_kib
 
 # this script shares the grounding package's name: drop its folder so that `import grounding` finds the package
@@ -112,23 +113,46 @@ def main():
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--images", type=int, default=10)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--write", action="store_true", help="write the lines to benchmarks/RESULTS.md")
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(measure(args.variant)))
         return
     torch.set_num_threads(2)
+    lines = []
     if not args.skip_speed:
         seconds, which = zoo_speed(args.images)
-        print(f"zoo_model: flux-shapes ({which}), 64x64 images, {args.images} images, CPU threads 2")
-        print(f"zoo_seconds_per_image: {seconds:.3f}")
+        lines += [
+            (
+                f"zoo_model: flux-shapes ({which}), 64x64 images, {args.images} images, CPU threads 2, "
+                f"load average {os.getloadavg()[0]:.1f}"
+            ),
+            f"zoo_seconds_per_image: {seconds:.3f}",
+        ]
+        print("\n".join(lines[-2:]), flush=True)
     runs = {v: [in_subprocess(v) for _ in range(args.repeats)] for v in VARIANTS}
     forward = {v: statistics.median(r["forward_mib"] for r in rs) for v, rs in runs.items()}
-    print(f"memory_model: dit_memory.build(), {GRID[0] * GRID[1]} image + {TEXT} text tokens, probe {SITE}")
-    print(f"plain_forward_peak_mib: {forward['plain']:.1f}")
-    print(f"refam_probe_peak_mib: {forward['refam']:.1f}")
-    print(f"recorders_whole_forward_peak_mib: {forward['recorders']:.1f}")
-    print(f"recorders_whole_forward_peak_ratio: {forward['recorders'] / forward['plain']:.4f}")
-    print(f"refam_probe_peak_ratio: {forward['refam'] / forward['plain']:.4f}")
+    lines += [
+        f"memory_model: dit_memory.build(), {GRID[0] * GRID[1]} image + {TEXT} text tokens, probe {SITE}",
+        f"plain_forward_peak_mib: {forward['plain']:.1f}",
+        f"refam_probe_peak_mib: {forward['refam']:.1f}",
+        f"recorders_whole_forward_peak_mib: {forward['recorders']:.1f}",
+        f"recorders_whole_forward_peak_ratio: {forward['recorders'] / forward['plain']:.4f}",
+        f"refam_probe_peak_ratio: {forward['refam'] / forward['plain']:.4f}",
+    ]
+    print("\n".join(lines[-6:]))
+    if args.write:
+        command = "python benchmarks/grounding.py" + " --skip-speed" * args.skip_speed + " --write"
+        body = [
+            "## Grounding speed and memory",
+            "",
+            f"Command: `{command}` (what each line means: the script's docstring).",
+            "",
+            "```",
+            *lines,
+            "```",
+        ]
+        write_section(Path(__file__).parent / "RESULTS.md", "Grounding speed and memory", "\n".join(body))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import write_section
 
 # benchmarks/grounding.py shares the grounding package's name: drop this folder from the path
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
@@ -47,18 +48,6 @@ def run(pipeline, samples, settings: RefAMSettings, sinks_seen: list | None = No
         return seg.mask, seg.point
 
     return score(segment, samples)
-
-
-def write_section(text: str) -> None:
-    """Replace (or add) the "## Grounding" section of RESULTS.md, leaving the other sections as they are."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    lines, out, skipping = old.splitlines(), [], False
-    for line in lines:
-        if line.startswith("## "):
-            skipping = line.strip() == "## Grounding"
-        if not skipping:
-            out.append(line)
-    RESULTS.write_text("\n".join(out).rstrip() + "\n\n" + text.rstrip() + "\n")
 
 
 def main():
@@ -136,7 +125,7 @@ def main():
     text += ["", f"Command: `python benchmarks/grounding_quality.py {' '.join(f for f in flags if f)}`"]
     print("\n".join(text))
     if args.write:
-        write_section("\n".join(text))
+        write_section(RESULTS, "Grounding", "\n".join(text))
 
 
 if __name__ == "__main__":
