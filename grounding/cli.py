@@ -36,9 +36,12 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="noise seeds, averaged")
     parser.add_argument("--magnets", nargs="*", default=list(DEFAULT_MAGNETS), help="appended stop words")
     parser.add_argument("--colour", help="a colour word appended as an extra magnet")
-    parser.add_argument("--sinks", choices=["suppress", "redirect", "none"], default="suppress")
-    parser.add_argument("--words", choices=["content", "expression", "all"], default="content")
-    parser.add_argument("--padding", choices=["budget", "exclude"], default="budget")
+    parser.add_argument("--sinks", choices=["suppress", "redirect", "none"], default="suppress",
+                        help="global attention sinks: suppress their maps, redirect their mass, or leave them")
+    parser.add_argument("--words", choices=["content", "expression", "all"], default="content",
+                        help="maps aggregated: content words, every expression word, or every real token")
+    parser.add_argument("--padding", choices=["budget", "exclude"], default="budget",
+                        help="padding keys: keep their mass in each query's text budget, or renormalise without it")
     parser.add_argument("--blocks", nargs="+", help="site names, e.g. dit.double.0 (default: measured per family)")
     parser.add_argument("--heads", type=int, nargs="+", help="head indices averaged (default: all)")
     parser.add_argument("--threshold", default="otsu", help="'otsu' or a level in [0, 1)")
@@ -122,7 +125,7 @@ def register(subparsers) -> None:
     )
     segment.add_argument("image")
     segment.add_argument("expression")
-    segment.add_argument("--out", default="refam-out")
+    segment.add_argument("--out", default="refam-out", help="folder for mask.png, heatmap.png, segmentation.json")
     add_settings_arguments(segment)
     segment.set_defaults(run=segment_command)
     bench = subparsers.add_parser(

@@ -3,6 +3,7 @@ planted massive dimensions in an edited tiny Llama, and detect() through the sea
 
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -348,10 +349,12 @@ def test_hidden_criteria_record_only_hidden_states(llava):
 class ChatProcessor:
     """Stands in for a processor: a fixed prompt with 16 image tokens."""
 
+    tokenizer = types.SimpleNamespace(padding_side="right")
+
     def apply_chat_template(self, messages, add_generation_prompt):
         return "prompt"
 
-    def __call__(self, images, text, return_tensors):
+    def __call__(self, images, text, return_tensors, padding):
         return {
             "input_ids": torch.tensor([[1, 2] + [99] * 16 + [3]]),
             "attention_mask": torch.ones(1, 19, dtype=torch.long),

@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("vlmtools.demo", "vlmtools.sinks.command", "pruning.cli", "hallucination.cli", "grounding.cli")
+COMMAND_MODULES = ("vlmtools.demo", "vlmtools.sinks.command", "pruning.cli", "grounding.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,13 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "embedded zoo models by default; --model PATH takes a local Hugging Face folder.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name != name:
-                raise
-            continue
-        module.register(subparsers)
+        importlib.import_module(name).register(subparsers)
     return parser
 
 

@@ -9,27 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..inputs import chat_inputs, load_vlm
 from .detector import DEFAULT, SinkDetector
 from .report import SinkReport
-
-
-def load_vlm(name_or_path: str):
-    """(model, processor) for a zoo VLM (``llava-shapes``) or a Hugging Face folder."""
-    from .. import zoo
-
-    if name_or_path in zoo.MODELS:
-        loaded = zoo.load(name_or_path)
-        if not isinstance(loaded, tuple):
-            raise ValueError(
-                f"{name_or_path} is a DiT: `vlmtools sinks` reads a VLM; a DiT's global sinks are "
-                "reported by RefAM (SinkDetector(['global_sink']).detect(dit, transformer_kwargs))"
-            )
-        return loaded
-    if not Path(name_or_path).exists():
-        raise FileNotFoundError(f"{name_or_path!r} is neither a zoo model ({', '.join(zoo.MODELS)}) nor a model folder")
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    return AutoModelForImageTextToText.from_pretrained(name_or_path).eval(), AutoProcessor.from_pretrained(name_or_path)
 
 
 def run_sinks_cli(model: str, image, question: str, out_dir, criteria: Iterable[str] = DEFAULT) -> SinkReport:
@@ -44,10 +26,8 @@ def run_sinks_cli(model: str, image, question: str, out_dir, criteria: Iterable[
 
     vlm_model, processor = load_vlm(model)
     picture = Image.open(image).convert("RGB") if isinstance(image, (str, Path)) else image
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=picture, text=text, return_tensors="pt")
-    report = SinkDetector(criteria).detect(wrap(vlm_model, processor), dict(inputs))
+    inputs = chat_inputs(processor, [picture], [question])
+    report = SinkDetector(criteria).detect(wrap(vlm_model, processor), inputs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report.plot(out / "sinks.png")
@@ -71,8 +51,9 @@ def register(subparsers) -> None:
         "sinks", help="attention sinks of one image and question: table and heatmap", description=sinks_command.__doc__
     )
     parser.add_argument("image", nargs="?", help="an image file (default: a held-out zoo scene)")
-    parser.add_argument("--question", default="What is in the picture?")
+    parser.add_argument("--question", default="What is in the picture?", help="the question asked with the image")
     parser.add_argument("--model", default="llava-shapes", help="llava-shapes (default) or a VLM folder")
-    parser.add_argument("--criteria", nargs="+", default=list(DEFAULT), choices=DEFAULT)
-    parser.add_argument("--out", default="sinks-out")
+    parser.add_argument("--criteria", nargs="+", default=list(DEFAULT), choices=DEFAULT,
+                        help="sink criteria to evaluate (default: all that apply to a VLM)")
+    parser.add_argument("--out", default="sinks-out", help="folder for sinks.png and sinks.json")
     parser.set_defaults(run=sinks_command)

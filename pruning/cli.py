@@ -1,0 +1,105 @@
+"""``vlmtools prune`` and ``vlmtools calibrate``: pruning from the shell.
+
+vlmtools prune                                   # a held-out zoo scene, FastV keeping 16 of 144 tokens
+vlmtools prune photo.jpg "What is on the table?" --model /models/llava-1.5-7b-hf --host fastv --keep 64 --debias
+vlmtools calibrate --host fastv --samples 64     # fit the recency trend on the zoo's val split
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+HOST_OPTIONS = {"layer": ("fastv", "dart", "random", "grid"), "layers": ("pdrop", "sparsevlm")}
+
+
+def _host(args, debias):
+    from . import HOSTS
+
+    options = {}
+    if args.layers:
+        key = "layers" if args.host in HOST_OPTIONS["layers"] else "layer"
+        options[key] = tuple(args.layers) if key == "layers" else args.layers[0]
+    return HOSTS[args.host](keep=args.keep, debias=debias, **options)
+
+
+def _add_common(parser, keep_default) -> None:
+    from . import HOSTS
+
+    parser.add_argument("--model", default="llava-shapes", help="llava-shapes (default) or a VLM folder")
+    parser.add_argument("--host", default="fastv", choices=sorted(HOSTS), help="the scoring host")
+    parser.add_argument("--keep", type=float, default=keep_default,
+                        help="visual tokens kept: a count (64) or a fraction (0.11)")
+    parser.add_argument("--layers", type=int, nargs="+",
+                        help="drop layer(s): FastV/DART/random/grid take one, PDrop/SparseVLM several")
+
+
+def _keep(value: float) -> int | float:
+    return int(value) if value >= 1 else value
+
+
+def prune_command(args) -> int:
+    """Answer one question about one image, plainly and pruned; print both answers and times."""
+    from PIL import Image
+
+    import vlmtools
+    from vlmtools.inputs import chat_inputs, load_vlm
+    from vlmtools.zoo import world
+
+    args.keep = _keep(args.keep)
+    model, processor = load_vlm(args.model)
+    vlm = vlmtools.wrap(model, processor)
+    image = Image.open(args.image).convert("RGB") if args.image else world.scene("test", 0).image
+    inputs = chat_inputs(processor, [image], [args.question])
+    host = _host(args, args.debias)
+    for name, interventions in (("plain", ()), (args.host, (host,))):
+        start = time.perf_counter()
+        with torch.no_grad(), vlm.use(*interventions):
+            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        seconds = time.perf_counter() - start
+        text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        print(f"{name:>10} ({seconds:.2f} s): {text.strip()}")
+    layout = host.state.layout.samples[0]
+    kept = torch.isin(layout.visual_positions(), host.drop.kept_at(host.layers[-1])[0]).sum()
+    print(f"kept {int(kept)} of {len(layout.visual_positions())} visual tokens from layer {host.layers[0]}; "
+          f"settings: {host.settings}")
+    return 0
+
+
+def calibrate_command(args) -> int:
+    """Fit the host's recency trend on held-out zoo scenes (val split, never test) and store it by name."""
+    import vlmtools
+    from vlmtools.inputs import chat_inputs, load_vlm
+    from vlmtools.zoo import world
+
+    from . import calibrate
+
+    model, processor = load_vlm(args.model)
+    vlm = vlmtools.wrap(model, processor)
+    items = world.qa_items("val", args.samples)
+    samples = (chat_inputs(processor, [world.scene("val", i).image], [q.question]) for i, q in items)
+    args.keep = 1.0
+    trends = calibrate(vlm, _host(args, False), samples, fit=args.fit, directory=args.directory)
+    for trend in trends:
+        print(trend)
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("prune", help="answer one question on one image, plainly and pruned",
+                                   description=prune_command.__doc__)
+    parser.add_argument("image", nargs="?", help="an image file (default: a held-out zoo scene)")
+    parser.add_argument("question", nargs="?", default="How many shapes are there?")
+    _add_common(parser, keep_default=16)
+    parser.add_argument("--debias", action="store_true", help="debias the scores (calibrated trend, padding, sinks)")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens generated per answer")
+    parser.set_defaults(run=prune_command)
+
+    parser = subparsers.add_parser("calibrate", help="fit a host's recency trend on held-out inputs",
+                                   description=calibrate_command.__doc__)
+    _add_common(parser, keep_default=1.0)
+    parser.add_argument("--samples", type=int, default=64, help="held-out prompts averaged")
+    parser.add_argument("--fit", choices=["exponential", "cubic"], default="exponential",
+                        help="trend shape: exponential (four released hosts) or cubic (FastV's released weights)")
+    parser.add_argument("--directory", help="where the trend file goes (default: the package's calibration folder)")
+    parser.set_defaults(run=calibrate_command)

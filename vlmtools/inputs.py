@@ -1,0 +1,30 @@
+"""Loading a VLM by zoo name or folder, and turning images and questions into its inputs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def load_vlm(name_or_path: str):
+    """(model, processor) for a zoo VLM (``llava-shapes``) or a Hugging Face folder."""
+    from . import zoo
+
+    if name_or_path in zoo.MODELS:
+        loaded = zoo.load(name_or_path)
+        if not isinstance(loaded, tuple):
+            raise ValueError(f"{name_or_path} is a DiT, not a VLM; the VLMs are: "
+                             + ", ".join(m for m in zoo.MODELS if m != "flux-shapes"))
+        return loaded
+    if not Path(name_or_path).exists():
+        raise FileNotFoundError(f"{name_or_path!r} is neither a zoo model ({', '.join(zoo.MODELS)}) nor a model folder")
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    return AutoModelForImageTextToText.from_pretrained(name_or_path).eval(), AutoProcessor.from_pretrained(name_or_path)
+
+
+def chat_inputs(processor, images: list, questions: list[str]) -> dict:
+    """A left-padded batch: one image then one question per user turn, through the processor's chat template."""
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True)
+        for q in questions]
+    processor.tokenizer.padding_side = "left"
+    return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
