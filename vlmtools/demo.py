@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .inputs import chat_inputs
+
 KEEP, LAYER = 16, 2  # 144 -> 16 visual tokens (11%, LLaVA-1.5's 576 -> 64), dropped from layer 2
 
 
@@ -74,16 +76,13 @@ class QuestionRunner:
 
     def __init__(self, vlm, n: int):
         from .zoo import world
-        from .zoo.llava import prompt
 
-        self.vlm, self.prompt = vlm, prompt
+        self.vlm = vlm
         self.items = world.qa_items("test", n)
         self.images = [world.scene("test", i).image for i, _ in self.items]
 
     def inputs(self, index: int) -> dict:
-        processor = self.vlm.processor
-        text = self.prompt(processor, self.items[index][1].question)
-        return dict(processor(images=self.images[index], text=text, return_tensors="pt"))
+        return chat_inputs(self.vlm.processor, [self.images[index]], [self.items[index][1].question])
 
     @torch.no_grad()
     def answer(self, *interventions) -> tuple[list[str], float]:
