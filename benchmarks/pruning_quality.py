@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -37,6 +40,20 @@ def batches(processor, split, items, size):
         inputs = processor(images=[W.scene(split, s).image for s, _ in chunk],
                            text=[prompt(processor, q.question) for _, q in chunk], return_tensors="pt", padding=True)
         yield chunk, inputs
+
+
+def load(snapshot: bool):
+    if not snapshot:
+        return vlmtools.zoo.load("llava-shapes")
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from vlmtools.zoo import llava
+
+    copy = Path(tempfile.mkdtemp(prefix="llava-shapes-snapshot-"))
+    shutil.copy(llava.WEIGHTS / "model.safetensors", copy / "model.safetensors")
+    folder = llava.assemble(copy / "llava-shapes", weights=copy)  # the folder's name is the calibration key
+    print(f"weights: snapshot of {llava.WEIGHTS} taken {time.strftime('%H:%M:%S')}", file=sys.stderr)
+    return LlavaForConditionalGeneration.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
 
 
 def make(name, keep, debias, pixels, patch, directory):
@@ -68,9 +85,11 @@ def main():
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--calibration", default=None, help="folder of calibration files")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest on a shared CPU)")
+    parser.add_argument("--snapshot", action="store_true",
+                        help="evaluate a copy of the shipped weights (a training run may rewrite them meanwhile)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, processor = vlmtools.zoo.load("llava-shapes")
+    model, processor = load(args.snapshot)
     processor.tokenizer.padding_side = "left"  # not kept by the saved processor
     vlm = vlmtools.wrap(model, processor)
     hosts = args.hosts.split(",")
