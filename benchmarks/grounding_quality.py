@@ -5,7 +5,8 @@ Samples are the first ``--n`` referring expressions of the world's ``test`` scen
 targets are the referents' exact masks. Rows: the full method (default settings),
 each ablation of ``grounding.refam.evaluate.ABLATIONS``, a few alternative
 settings (``--extra``), and the whole-image and centre-box baselines.
-``--sweep-blocks`` / ``--sweep-heads`` score each block / head alone (how defaults are chosen).
+``--sweep-blocks`` / ``--sweep-heads`` score each block / head alone on ``val`` scenes (how the
+defaults are chosen: on ``val``, never on the ``test`` expressions of the table).
 ``--write`` puts the table under the "Grounding" heading of benchmarks/RESULTS.md.
 
 Run: ``python benchmarks/grounding_quality.py --n 300 --extra --sweep-blocks --sweep-heads --write``.
@@ -101,7 +102,7 @@ def main():
             f"{statistics.mean(sinks_seen):.2f}, max {max(sinks_seen)}."
         ),
     ]
-    few = samples[: args.sweep_n or args.n]
+    few = zoo_samples(args.sweep_n or args.n, split="val")  # defaults are chosen on val, reported on test
     sweeps = {}
     if args.sweep_blocks:
         sweeps["Each block alone"] = {f"{site.name} alone": {"blocks": (site.name,)} for site in refam.dit.sites}
@@ -113,7 +114,7 @@ def main():
         for name, changes in variants.items():
             rows[name], _ = run(pipeline, few, dataclasses.replace(default, **changes))
             print(name, rows[name].summary(), flush=True)
-        text += ["", f"{title} (full method otherwise), first {len(few)} expressions:", "", table(rows)]
+        text += ["", f"{title} (full method otherwise), {len(few)} `val` expressions:", "", table(rows)]
     flags = [
         f"--n {args.n}",
         "--extra" * args.extra,
