@@ -6,6 +6,7 @@ Run: ``python benchmarks/seam.py [--full]`` (``--full``: LLaVA-1.5-7B sizes in b
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
@@ -42,7 +43,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--full", action="store_true", help="LLaVA-1.5-7B shapes, bf16, on CUDA")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (one: least noise when shared)")
+    parser.add_argument("--clock", choices=["process", "wall"], default="process",
+                        help="process CPU time (default, robust to other jobs) or wall clock")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "process" and not args.full else time.perf_counter
     device = "cuda" if args.full else "cpu"
     dtype = torch.bfloat16 if args.full else torch.float32
     torch.manual_seed(0)
@@ -75,8 +81,9 @@ def main():
         "last_row_one_layer": under(vlmtools.RecordRows(["text.2"], "last")),
         "column_mass_one_layer": under(vlmtools.RecordColumnMass(["text.2"])),
         "eager_every_layer": eager_everywhere,
-    }, repeats=args.repeats)
+    }, repeats=args.repeats, clock=clock)
     print(f"device: {device}")
+    print(f"clock: {'process CPU time' if clock is time.process_time else 'wall'}, threads: {args.threads}")
     print(f"dtype: {str(dtype).removeprefix('torch.')}")
     print(f"tokens: {batch['input_ids'].shape[1]}")
     print(f"plain_prefill_s: {base:.4f}")
