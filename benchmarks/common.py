@@ -50,3 +50,31 @@ def write_section(path, heading: str, text: str) -> None:
         if not skipping:
             out.append(line)
     path.write_text("\n".join(out).rstrip() + "\n\n" + text.rstrip() + "\n")
+
+
+IMAGE_TOKEN = 31999
+
+
+def llava_shaped(full: bool, text_hidden: int = 512, text_intermediate: int = 1408, vision_hidden: int = 128,
+                 vision_layers: int = 2):
+    """A random LLaVA-1.5-shaped model: 336 px / patch 14 (576 visual tokens), a Llama LM of 8 layers.
+
+    ``full``: LLaVA-1.5-7B's sizes (CLIP ViT-L/14-336, a 32-layer 4096-wide LM), for a GPU.
+    """
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    if full:
+        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                  num_attention_heads=16, image_size=336, patch_size=14)
+        text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=32, vocab_size=32064)
+    else:
+        vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                                  num_hidden_layers=vision_layers, num_attention_heads=max(2, vision_hidden // 32),
+                                  image_size=336, patch_size=14)
+        text = LlamaConfig(hidden_size=text_hidden, intermediate_size=text_intermediate, num_hidden_layers=8,
+                           num_attention_heads=8, num_key_value_heads=8, vocab_size=32064)
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+                                                      image_token_id=IMAGE_TOKEN)).eval()
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None
+    return model

@@ -19,34 +19,13 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import vlmtools
-from common import ratios
+from common import IMAGE_TOKEN, llava_shaped, ratios
 
 # this file's name shadows the package while its folder is first on the path
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 from hallucination import GIFT, PAINT, VAR
-
-IMAGE_TOKEN = 31999
-
-
-def build(full: bool):
-    if full:
-        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                  num_attention_heads=16, image_size=336, patch_size=14)
-        text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                           num_key_value_heads=32, vocab_size=32064)
-    else:
-        vision = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                                  num_attention_heads=4, image_size=336, patch_size=14)
-        text = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-                           num_key_value_heads=8, vocab_size=32064)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None
-    return model
-
 
 def inputs(device, dtype):
     """Two prompts (system text, 576 image tokens, a question), the second 8 tokens shorter, left-padded."""
@@ -72,7 +51,7 @@ def main():
     device = "cuda" if args.full else "cpu"
     dtype = torch.bfloat16 if args.full else torch.float32
     torch.manual_seed(0)
-    model = build(args.full).to(device, dtype)
+    model = llava_shaped(args.full, vision_layers=3).to(device, dtype)
     batch = inputs(device, dtype)
     vlm = vlmtools.wrap(model)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

@@ -9,28 +9,9 @@ import argparse
 import time
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import vlmtools
-from common import ratios
-
-IMAGE_TOKEN = 31999
-
-
-def build(full: bool):
-    if full:
-        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                  num_attention_heads=16, image_size=336, patch_size=14)
-        text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                           num_key_value_heads=32, vocab_size=32064)
-    else:
-        vision = CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                  num_attention_heads=4, image_size=336, patch_size=14)
-        text = LlamaConfig(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-                           num_key_value_heads=8, vocab_size=32064)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
-    return LlavaForConditionalGeneration(config).eval()
-
+from common import IMAGE_TOKEN, llava_shaped, ratios
 
 def inputs(device, dtype):
     ids = torch.randint(0, 31000, (1, 640))
@@ -52,7 +33,7 @@ def main():
     device = "cuda" if args.full else "cpu"
     dtype = torch.bfloat16 if args.full else torch.float32
     torch.manual_seed(0)
-    model = build(args.full).to(device, dtype)
+    model = llava_shaped(args.full).to(device, dtype)
     batch = inputs(device, dtype)
     vlm = vlmtools.wrap(model)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

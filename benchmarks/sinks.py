@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import ratios
-from seam import build, inputs
+from common import llava_shaped, ratios
+from seam import inputs
 
 import vlmtools
 from vlmtools.sinks import DEFAULT, HIDDEN, SinkDetector
@@ -27,7 +27,7 @@ def main():
     device = "cuda" if args.full else "cpu"
     dtype = torch.bfloat16 if args.full else torch.float32
     torch.manual_seed(0)
-    model = build(args.full).to(device, dtype)
+    model = llava_shaped(args.full).to(device, dtype)
     batch = inputs(device, dtype)
     vlm = vlmtools.wrap(model)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
