@@ -74,6 +74,7 @@ def test_llava_shapes_loads_and_reads_the_image():
     from vlmtools.zoo.llava import NUM_PATCHES, prompt
 
     model, processor = load("llava-shapes")
+    assert processor.tokenizer.padding_side == "left"  # batched generate needs it
     s = W.scene("test", 0)
     x = processor(images=[s.image], text=[prompt(processor, "How many shapes are there?")], return_tensors="pt")
     assert (x["input_ids"] == model.config.image_token_id).sum() == NUM_PATCHES >= 144

@@ -134,7 +134,9 @@ def load(folder: Path | None = None):
 
     folder = assemble(folder)
     model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
-    return model, AutoProcessor.from_pretrained(folder)
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.tokenizer.padding_side = "left"  # batched generation; not kept by save_pretrained
+    return model, processor
 
 
 def prompt(processor, question: str) -> str:
