@@ -78,3 +78,11 @@ def llava_shaped(full: bool, text_hidden: int = 512, text_intermediate: int = 14
                                                       image_token_id=IMAGE_TOKEN)).eval()
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None
     return model
+
+
+def llava_prompt(device="cpu", dtype=torch.float32, visual: int = 576, text: int = 64) -> dict:
+    """One random prompt for :func:`llava_shaped`: 5 text tokens, ``visual`` image tokens, the rest text."""
+    ids = torch.randint(0, 31000, (1, visual + text))
+    ids[0, 5:5 + visual] = IMAGE_TOKEN
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+            "pixel_values": torch.randn(1, 3, 336, 336, dtype=dtype, device=device)}

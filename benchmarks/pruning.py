@@ -16,7 +16,6 @@ import sys
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import vlmtools
 
@@ -24,36 +23,8 @@ HERE = sys.path.pop(0)  # this script shares the package's name: find the packag
 from pruning import Debias, FastV, Trend, debiased
 
 sys.path.insert(0, HERE)
-from common import ratios, timed
+from common import llava_prompt, llava_shaped, ratios, timed
 
-IMAGE_TOKEN = 31999
-VISUAL, TEXT = 576, 64
-
-
-def build(full: bool):
-    if full:
-        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                  num_attention_heads=16, image_size=336, patch_size=14)
-        text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                           num_key_value_heads=32, vocab_size=32064)
-    else:
-        # the LM's matmuls dominate, as in LLaVA-1.5-7B (a tiny tower, a 7B-proportioned LM)
-        vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=2, image_size=336, patch_size=14)
-        text = LlamaConfig(hidden_size=1024, intermediate_size=2752, num_hidden_layers=8, num_attention_heads=8,
-                           num_key_value_heads=8, vocab_size=32064)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model
-
-
-def inputs(device, dtype):
-    ids = torch.randint(0, 31000, (1, VISUAL + TEXT))
-    ids[0, 5:5 + VISUAL] = IMAGE_TOKEN
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-            "pixel_values": torch.randn(1, 3, 336, 336, dtype=dtype, device=device)}
 
 
 def main():
@@ -74,9 +45,10 @@ def main():
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # a 7B model is built in place, in bf16, on the GPU
     with torch.device(device):
-        model = build(args.full)
+        # the LM's matmuls dominate, as in LLaVA-1.5-7B (a tiny tower, a 7B-proportioned LM)
+        model = llava_shaped(args.full, text_hidden=1024, text_intermediate=2752, vision_hidden=64)
     torch.set_default_dtype(previous)
-    batch = inputs(device, dtype)
+    batch = llava_prompt(device, dtype)
     vlm = vlmtools.wrap(model)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     trend = Trend(fit="exponential", coef=[1.2, -7.0], key="benchmark")
@@ -118,7 +90,7 @@ def main():
     print(f"dtype: {str(dtype).removeprefix('torch.')}")
     print(f"model: {'LLaVA-1.5-7B sizes' if args.full else 'LLaVA-1.5 shapes, CPU-sized'} random weights, "
           f"{vlm.num_layers} layers, hidden {model.config.text_config.hidden_size}")
-    print(f"tokens: {VISUAL} visual + {TEXT} text -> {args.keep} visual from layer {args.layer}")
+    print(f"tokens: 576 visual + 64 text -> {args.keep} visual from layer {args.layer}")
     print(f"plain_prefill_s: {base:.4f}")
     print(f"prefill_flops_plain: {flops['plain']:.3e}")
     print(f"prefill_flops_pruned: {flops['fastv']:.3e}")

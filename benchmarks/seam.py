@@ -11,14 +11,7 @@ import time
 import torch
 
 import vlmtools
-from common import IMAGE_TOKEN, llava_shaped, ratios
-
-def inputs(device, dtype):
-    ids = torch.randint(0, 31000, (1, 640))
-    ids[0, 5:5 + 576] = IMAGE_TOKEN
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-            "pixel_values": torch.randn(1, 3, 336, 336, dtype=dtype, device=device)}
-
+from common import llava_prompt, llava_shaped, ratios
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
@@ -34,7 +27,7 @@ def main():
     dtype = torch.bfloat16 if args.full else torch.float32
     torch.manual_seed(0)
     model = llava_shaped(args.full).to(device, dtype)
-    batch = inputs(device, dtype)
+    batch = llava_prompt(device, dtype)
     vlm = vlmtools.wrap(model)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import llava_shaped, ratios
-from seam import inputs
+from common import llava_prompt, llava_shaped, ratios
 
 import vlmtools
 from vlmtools.sinks import DEFAULT, HIDDEN, SinkDetector
@@ -28,7 +27,7 @@ def main():
     dtype = torch.bfloat16 if args.full else torch.float32
     torch.manual_seed(0)
     model = llava_shaped(args.full).to(device, dtype)
-    batch = inputs(device, dtype)
+    batch = llava_prompt(device, dtype)
     vlm = vlmtools.wrap(model)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
