@@ -21,10 +21,14 @@ from vlmtools.plan import AttentionHook
 IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
 
 
+def build(family):
+    model, inputs = BUILDERS[family]()
+    return family, model, inputs, vlmtools.wrap(model)
+
+
 @pytest.fixture(scope="module", params=list(BUILDERS))
 def built(request):
-    model, inputs = BUILDERS[request.param]()
-    return request.param, model, inputs, vlmtools.wrap(model)
+    return build(request.param)
 
 
 @contextmanager
@@ -146,10 +150,8 @@ def test_layout_matches_the_model_features(built):
         assert sample.text.stop == layout.seq_len and sample.text.start > int(sample.visual_positions().max())
 
 
-def test_llava_next_newlines_are_where_the_model_puts_image_newline(built):
-    family, model, inputs, vlm = built
-    if family != "llava_next":
-        pytest.skip("image newlines are LLaVA-NeXT's")
+def test_llava_next_newlines_are_where_the_model_puts_image_newline():
+    family, model, inputs, vlm = build("llava_next")
     newline = model.model.image_newline.detach()
     samples = vlm.layout(inputs).samples
     for sample in samples:  # newlines are the samples' only layout tokens
@@ -163,10 +165,9 @@ def test_llava_next_newlines_are_where_the_model_puts_image_newline(built):
     assert images[0].tiles[1] != images[1].tiles[1]  # a wide and a tall image: unpadding is exercised
 
 
-def test_qwen_layout_has_grid_thw_and_vision_markers(built):
-    family, model, inputs, vlm = built
-    if not family.startswith("qwen"):
-        pytest.skip("Qwen-VL only")
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_layout_has_grid_thw_and_vision_markers(family):
+    family, model, inputs, vlm = build(family)
     layout = vlm.layout(inputs)
     thw = iter(inputs["image_grid_thw"].tolist())
     for sample, ids in zip(layout.samples, inputs["input_ids"]):
