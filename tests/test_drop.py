@@ -21,6 +21,15 @@ def keep_every_other_visual(layout):
     return choose
 
 
+@torch.no_grad()
+def hidden_then_pruned(vlm, inputs, layer, drop):
+    """The residual stream entering ``layer`` unpruned, then the logits under ``drop``."""
+    with vlm.use(vlmtools.RecordHidden([layer])) as trace:
+        vlm.model(**inputs)
+    with vlm.use(drop):
+        return trace[f"text.{layer}.resid_pre"][0], vlm.model(**inputs).logits
+
+
 def tail_model(language_model, start):
     """The decoder layers from ``start`` on, as a model of their own (independent reference)."""
     tail = copy.deepcopy(language_model)
@@ -35,12 +44,8 @@ def test_pruned_forward_equals_the_kept_tokens_alone(layer):
     vlm = vlmtools.wrap(model)
     chooser = keep_every_other_visual(None)
     drop = DropTokens({layer: chooser})
+    hidden, pruned = hidden_then_pruned(vlm, inputs, layer, drop)
     with torch.no_grad():
-        with vlm.use(vlmtools.RecordHidden([layer])) as trace:
-            model(**inputs)
-        hidden = trace[f"text.{layer}.resid_pre"][0]
-        with vlm.use(drop):
-            pruned = model(**inputs).logits
         kept = drop.kept_at(layer)
         n = inputs["input_ids"].shape[1]
         positions = torch.arange(n).expand(2, -1).gather(1, kept)
@@ -121,12 +126,8 @@ def test_merging_chooser_replaces_the_kept_hidden_states():
         return keep, merged
 
     drop = DropTokens({layer: merge})
+    hidden, pruned = hidden_then_pruned(vlm, inputs, layer, drop)
     with torch.no_grad():
-        with vlm.use(vlmtools.RecordHidden([layer])) as trace:
-            model(**inputs)
-        hidden = trace[f"text.{layer}.resid_pre"][0]
-        with vlm.use(drop):
-            pruned = model(**inputs).logits
         with vlm.use(DropTokens({layer: keep_even})):
             plain_drop = model(**inputs).logits
         kept = drop.kept_at(layer)
