@@ -86,3 +86,14 @@ def llava_prompt(device="cpu", dtype=torch.float32, visual: int = 576, text: int
     ids[0, 5:5 + visual] = IMAGE_TOKEN
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
             "pixel_values": torch.randn(1, 3, 336, 336, dtype=dtype, device=device)}
+
+
+def llava_bench(full: bool):
+    """``(model, prompt, sync)`` of the seam-cost benchmarks: the default :func:`llava_shaped` model on one
+    :func:`llava_prompt`, fp32 on CPU or (``full``) LLaVA-1.5-7B sizes in bf16 on CUDA; ``sync`` waits for the device."""
+    device = "cuda" if full else "cpu"
+    dtype = torch.bfloat16 if full else torch.float32
+    torch.manual_seed(0)
+    model = llava_shaped(full).to(device, dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    return model, llava_prompt(device, dtype), sync

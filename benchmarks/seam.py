@@ -11,7 +11,7 @@ import time
 import torch
 
 import vlmtools
-from common import llava_prompt, llava_shaped, ratios
+from common import llava_bench, ratios
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
@@ -23,13 +23,8 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "process" and not args.full else time.perf_counter
-    device = "cuda" if args.full else "cpu"
-    dtype = torch.bfloat16 if args.full else torch.float32
-    torch.manual_seed(0)
-    model = llava_shaped(args.full).to(device, dtype)
-    batch = llava_prompt(device, dtype)
+    model, batch, sync = llava_bench(args.full)
     vlm = vlmtools.wrap(model)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def plain():
         model(**batch)
@@ -56,9 +51,9 @@ def main():
         "column_mass_one_layer": under(vlmtools.RecordColumnMass(["text.2"])),
         "eager_every_layer": eager_everywhere,
     }, repeats=args.repeats, clock=clock)
-    print(f"device: {device}")
+    print(f"device: {batch['input_ids'].device.type}")
     print(f"clock: {'process CPU time' if clock is time.process_time else 'wall'}, threads: {args.threads}")
-    print(f"dtype: {str(dtype).removeprefix('torch.')}")
+    print(f"dtype: {str(batch['pixel_values'].dtype).removeprefix('torch.')}")
     print(f"tokens: {batch['input_ids'].shape[1]}")
     print(f"plain_prefill_s: {base:.4f}")
     print(f"last_row_overhead: {r['last_row_one_layer']:.4f}")

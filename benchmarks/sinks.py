@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import llava_prompt, llava_shaped, ratios
+from common import llava_bench, ratios
 
 import vlmtools
 from vlmtools.sinks import DEFAULT, HIDDEN, SinkDetector
@@ -23,13 +23,8 @@ def main():
     parser.add_argument("--full", action="store_true", help="LLaVA-1.5-7B shapes, bf16, on CUDA")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
-    device = "cuda" if args.full else "cpu"
-    dtype = torch.bfloat16 if args.full else torch.float32
-    torch.manual_seed(0)
-    model = llava_shaped(args.full).to(device, dtype)
-    batch = llava_prompt(device, dtype)
+    model, batch, sync = llava_bench(args.full)
     vlm = vlmtools.wrap(model)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def plain():
         model(**batch)
@@ -45,8 +40,8 @@ def main():
         return run
 
     base, r = ratios(plain, {"hidden": detect(HIDDEN), "all": detect(DEFAULT)}, repeats=args.repeats)
-    print(f"device: {device}")
-    print(f"dtype: {str(dtype).removeprefix('torch.')}")
+    print(f"device: {batch['input_ids'].device.type}")
+    print(f"dtype: {str(batch['pixel_values'].dtype).removeprefix('torch.')}")
     print(f"tokens: {batch['input_ids'].shape[1]}")
     print(f"plain_prefill_s: {base:.4f}")
     print(f"sinks_all_criteria_ratio: {r['all']:.4f}")
