@@ -137,17 +137,14 @@ class SinkReport:
         """Layer x token heatmap per criterion with sinks marked (x), a strip of token
         roles with positional sinks (v), and each image's grid with how often each
         visual token fired (criterion-layer pairs)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
         from matplotlib.colors import ListedColormap
+        from matplotlib.figure import Figure  # no pyplot: the caller's backend (e.g. a notebook's) is left alone
         from matplotlib.ticker import MaxNLocator
 
         names = list(self.scores)
         grids = self.grids[sample]
         rows = max(len(names), len(grids), 1) + 1
-        fig = plt.figure(figsize=(12 if grids else 9, 1.0 + 2.2 * rows))
+        fig = Figure(figsize=(12 if grids else 9, 1.0 + 2.2 * rows))
         spec = fig.add_gridspec(
             rows, 2 if grids else 1, width_ratios=[4, 1] if grids else None, height_ratios=[0.3] + [1] * (rows - 1)
         )
@@ -203,7 +200,6 @@ class SinkReport:
             ax.set_yticks([])
         fig.tight_layout()
         fig.savefig(path, dpi=100)
-        plt.close(fig)
 
 
 def _role(f: Finding) -> str:
