@@ -8,7 +8,7 @@ import vlmtools.inputs
 from tests.tiny import tiny_llava
 from vlmtools.cli import build_parser, main
 
-COMMANDS = {"demo", "sinks", "prune", "calibrate", "segment", "segment-bench"}
+COMMANDS = {"demo", "sinks", "prune", "calibrate", "prune-bench", "hallucination-bench", "segment", "segment-bench"}
 
 
 def test_every_subcommand_is_registered_and_every_option_explained():

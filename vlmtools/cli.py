@@ -9,7 +9,8 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("vlmtools.demo", "vlmtools.sinks.command", "pruning.cli", "grounding.cli")
+COMMAND_MODULES = ("vlmtools.demo", "vlmtools.sinks.command", "pruning.cli", "pruning.bench", "hallucination.bench",
+                   "grounding.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,168 @@
+"""``vlmtools prune-bench``: accuracy of the pruning hosts on held-out zoo questions, debias off and on.
+
+Each host keeps 33%, 22% and 11% of every image's visual tokens (LLaVA-1.5's 576 -> 192 / 128 / 64;
+llava-shapes' 144 -> 48 / 32 / 16), with debias off and, for the attention-based hosts, on; ``none``
+is the unpruned model (100%). Questions: the zoo world's test split, cycling over its five question
+types; an answer is right when its first word is the expected one (greedy decoding).
+
+Debias = a recency trend per (model, host, layer) calibrated here on val-split questions (never the
+test split: rank 0 fits it, every process gets it), letterbox padding read from each batch's pixels
+(when the image processor letterboxes, as LLaVA-1.5's does) and visual-sink suppression.
+
+vlmtools prune-bench --questions 200                          # every host, the zoo's llava-shapes
+vlmtools prune-bench --model /models/llava-1.5-7b-hf --hosts fastv,visionzip --device cuda
+torchrun --nproc_per_node 4 -m vlmtools.cli prune-bench       # the same numbers, four processes
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+KEEP = {"100%": 1.0, "33%": 1 / 3, "22%": 2 / 9, "11%": 1 / 9}
+HOSTS = ("fastv", "pdrop", "sparsevlm", "visionzip", "fastervlm", "dart", "random")
+"""Hosts run by default (each with its class's default layers)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    label: str  # "fastv +debias"
+    host: str | None  # None: the unpruned model
+    ratio: str  # a key of KEEP
+    debias: bool
+
+
+def configs(hosts: list[str]) -> list[Config]:
+    from . import HOSTS as CLASSES
+
+    out = [Config("none", None, "100%", False)]
+    for name in hosts:
+        for debias in (False, True) if CLASSES[name].attention_based else (False,):
+            label = f"{name}{' +debias' if debias else ''}"
+            out += [Config(label, name, ratio, debias) for ratio, keep in KEEP.items() if keep < 1]
+    return out
+
+
+def first_word(text: str) -> str:
+    """The answer's first word, lower case, without trailing punctuation."""
+    words = text.strip().lower().split()
+    return words[0].strip(".,") if words else ""
+
+
+def padding_reader(vlm):
+    """``inputs -> letterbox mask`` when the image processor letterboxes (LLaVA-1.5's ``do_pad``), else None."""
+    from . import letterbox_padding
+
+    if not getattr(getattr(vlm.processor, "image_processor", None), "do_pad", False):
+        return None
+    patch = vlm.model.config.vision_config.patch_size
+    return lambda inputs: letterbox_padding(inputs["pixel_values"], patch)
+
+
+def calibrated(vlm, hosts: list[str], samples: int, directory: str | None) -> dict[str, list]:
+    """Host name -> its trends (one per stage), fitted by rank 0 on val questions and sent to every process;
+    rank 0 also writes them to ``directory`` when given (where ``vlmtools prune --debias`` finds them)."""
+    from vlmtools import shard
+    from vlmtools.inputs import chat_inputs
+    from vlmtools.zoo import world
+
+    from . import HOSTS as CLASSES
+    from . import calibrate, calibration_path
+
+    trends = {}
+    if shard.is_main():
+        device = vlm.model.device
+        held_out = [chat_inputs(vlm.processor, [world.scene("val", i).image], [q.question], device)
+                    for i, q in world.qa_items("val", samples)]
+        for name in hosts:
+            if CLASSES[name].attention_based:
+                trends[name] = calibrate(vlm, CLASSES[name](keep=1.0), held_out, save=False,
+                                         padding=padding_reader(vlm))
+                for trend in trends[name] if directory else ():
+                    trend.save(calibration_path(trend.key, directory))
+    return shard.broadcast(trends)
+
+
+def prune_bench_command(args) -> int:
+    """Accuracy of each pruning host at 100/33/22/11% of the visual tokens, debias off and on, and random,
+    on held-out zoo questions; a Markdown table and a JSON file. Shards across processes under
+    torchrun / accelerate launch."""
+    from vlmtools import bench, shard
+    from vlmtools.inputs import chat_inputs, greedy
+    from vlmtools.zoo import world
+
+    from . import HOSTS as CLASSES
+    from . import Debias, calibration_path
+
+    started = time.time()
+    hosts = args.hosts.split(",")
+    unknown = set(hosts) - set(CLASSES)
+    if unknown:
+        raise ValueError(f"unknown hosts {sorted(unknown)}; available: {', '.join(CLASSES)}")
+    vlm = bench.load(args)
+    trends = calibrated(vlm, hosts, args.calibration_samples, args.calibration) if args.calibration_samples else {}
+    items = world.qa_items("test", args.n)
+    images = [world.scene("test", s).image for s, _ in items]
+    padding = padding_reader(vlm)
+    runs = configs(hosts)
+    n = len(items)
+    with tempfile.TemporaryDirectory(prefix="prune-bench-trends-") as directory:
+        for trend in (t for stages in trends.values() for t in stages):
+            trend.save(calibration_path(trend.key, directory))
+
+        def answer(batch: list[int]) -> list[dict]:
+            config = runs[batch[0] // n]
+            questions = [items[i % n][1].question for i in batch]
+            inputs = chat_inputs(vlm.processor, [images[i % n] for i in batch], questions, vlm.model.device)
+            host = None
+            if config.host:
+                options = {"debias": Debias(directory=directory) if trends else Debias(trend=None),
+                           "padding": padding(inputs) if padding else None} if config.debias else {}
+                host = CLASSES[config.host](keep=KEEP[config.ratio], **options)
+            texts = greedy(vlm, inputs, *([host] if host else []), max_new_tokens=args.max_new_tokens)
+            records = [{"answer": first_word(text)} for text in texts]
+            if host and batch[0] % n == 0:  # a configuration's first batch records the host's settings
+                records[0]["settings"] = host.settings
+            return records
+
+        work = [batch for c in range(len(runs)) for batch in shard.batches(range(c * n, (c + 1) * n), args.batch)]
+        records = shard.evaluate(work, answer, desc="prune-bench")
+    if records is None:
+        return 0
+    results = {"n": n, "accuracy": {}, "host_settings": {}, "answers": {},
+               "trends": {name: [asdict(t) for t in stages] for name, stages in trends.items()}}
+    for c, config in enumerate(runs):
+        mine = records[c * n:(c + 1) * n]
+        correct = [r["answer"] == q.answer for r, (_, q) in zip(mine, items)]
+        results["accuracy"].setdefault(config.label, {})[config.ratio] = sum(correct) / n
+        results["answers"].setdefault(config.label, {})[config.ratio] = [r["answer"] for r in mine]
+        if "settings" in mine[0]:
+            results["host_settings"].setdefault(config.label, {})[config.ratio] = mine[0]["settings"]
+    bench.finish(args, results, table(results["accuracy"], n), started)
+    return 0
+
+
+def table(accuracy: dict[str, dict[str, float]], n: int) -> str:
+    lines = [f"| host (n={n}) | " + " | ".join(KEEP) + " |", "|---|" + "---|" * len(KEEP)]
+    for label, row in accuracy.items():
+        cells = [f"{row[r]:.3f}" if r in row else ("(= none)" if r == "100%" else "") for r in KEEP]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def register(subparsers) -> None:
+    from vlmtools import bench
+
+    parser = subparsers.add_parser("prune-bench", help="accuracy of every pruning host at 100/33/22/11%% of the "
+                                   "visual tokens, debias off and on", description=prune_bench_command.__doc__)
+    parser.add_argument("--questions", "--n", dest="n", type=int, default=200,
+                        help="held-out test questions, cycling over the 5 types (under torchrun write --questions: "
+                             "torchrun reads --n as its own)")
+    parser.add_argument("--hosts", default=",".join(HOSTS),
+                        help="comma-separated hosts, each at its default layers (default: %(default)s)")
+    parser.add_argument("--calibration-samples", type=int, default=48,
+                        help="val questions the debias trends are fitted on (0: debias without a trend)")
+    parser.add_argument("--calibration", help="also write the fitted trend files to this folder")
+    parser.add_argument("--max-new-tokens", type=int, default=4, help="greedy tokens generated per answer")
+    bench.add_arguments(parser, out="prune-bench.json")
+    parser.set_defaults(run=prune_bench_command)

@@ -1,0 +1,86 @@
+"""The bench commands: help, tiny runs on a random LLaVA saved as a folder, and sharding (two processes
+under torchrun give exactly the one-process JSON)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tiny import tiny_llava_folder
+from vlmtools import shard
+from vlmtools.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+PRUNE = ["--questions", "3", "--batch", "2", "--hosts", "fastv,random", "--calibration-samples", "2", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_llava_folder(tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture()
+def one_thread():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("command", ["prune-bench", "hallucination-bench", "segment-bench"])
+def test_help_explains_every_option(command, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main([command, "--help"])
+    assert exit.value.code == 0
+    text = capsys.readouterr().out
+    assert "--model" in text and "torchrun" in text
+
+
+def test_prune_bench_records_every_host_ratio_and_setting(folder, tmp_path, capsys, one_thread):
+    out = tmp_path / "prune.json"
+    assert main(["prune-bench", "--model", folder, *PRUNE, "--calibration", str(tmp_path), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    accuracy = result["results"]["accuracy"]
+    assert accuracy.keys() == {"none", "fastv", "fastv +debias", "random"}
+    assert accuracy["none"].keys() == {"100%"} and accuracy["fastv +debias"].keys() == {"33%", "22%", "11%"}
+    assert result["settings"]["model"] == folder and result["settings"]["calibration_samples"] == 2
+    assert result["results"]["host_settings"]["fastv +debias"]["11%"]["debias"]["trend"] == "calibrated"
+    assert len(result["results"]["answers"]["random"]["22%"]) == 3 and result["run"]["processes"] == 1
+    assert [t["key"] for t in result["results"]["trends"]["fastv"]] == [p.stem for p in tmp_path.glob("*fastv*")]
+    assert "| fastv +debias |" in capsys.readouterr().out
+
+
+def test_hallucination_bench_scores_pope_and_chair_per_method(folder, tmp_path, capsys, one_thread):
+    out = tmp_path / "hallucination.json"
+    args = ["--scenes", "1", "--captions", "2", "--batch", "8", "--caption-tokens", "3", "--threads", "1"]
+    assert main(["hallucination-bench", "--model", folder, *args, "--out", str(out)]) == 0
+    methods = json.loads(out.read_text())["results"]["methods"]
+    assert list(methods) == ["greedy", "var", "gift", "paint"]
+    for name, result in methods.items():
+        assert result["pope"].keys() == {"random", "popular", "adversarial", "average"}
+        assert {"chair_s", "chair_i", "recall"} <= result.keys() and len(result["captions"]) == 2
+        assert (result["settings"] is None) == (name == "greedy")
+    assert "| paint | adversarial |" in capsys.readouterr().out
+
+
+def test_batches_go_whole_to_processes_and_records_merge_in_item_order():
+    assert shard.batches(range(7), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert shard.evaluate([[2, 3], [0, 1]], lambda batch: [i * 10 for i in batch]) == [0, 10, 20, 30]
+    with pytest.raises(ValueError, match="2 records for a batch of 1"):
+        shard.evaluate([[0]], lambda batch: [1, 2])
+
+
+@pytest.mark.slow
+def test_two_processes_give_exactly_the_one_process_json(folder, tmp_path, one_thread):
+    """torchrun with two CPU processes (gloo): the merged JSON equals a one-process run but for how it ran."""
+    main(["prune-bench", "--model", folder, *PRUNE, "--out", str(tmp_path / "one.json")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    subprocess.run([*launch, "vlmtools.cli", "prune-bench", "--model", folder, *PRUNE, "--out", str(tmp_path / "two.json")],
+                   check=True, env=env, cwd=tmp_path, timeout=900)
+    one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
+    assert (one["run"]["processes"], two["run"]["processes"]) == (1, 2)
+    del one["run"], two["run"]
+    assert one == two
