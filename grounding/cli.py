@@ -96,7 +96,11 @@ def segment_command(args: argparse.Namespace) -> int:
 
 
 def segment_bench_command(args: argparse.Namespace) -> int:
-    """mIoU, oIoU and point accuracy of RefAM, its ablations and two baselines, as a Markdown table."""
+    """mIoU, oIoU and point accuracy of RefAM, its ablations and two baselines, as a Markdown table.
+    Shards the expressions across processes under torchrun / accelerate launch (same numbers)."""
+    from vlmtools import shard
+
+    from .metrics import SegmentationScores
     from .refam import RefAM
     from .refam.evaluate import ABLATIONS, baseline, refam_segmenter, refcoco_samples, score, table, zoo_samples
 
@@ -105,10 +109,24 @@ def segment_bench_command(args: argparse.Namespace) -> int:
     else:
         samples = zoo_samples(args.n, split=args.split or "test")
     pipeline = load_model(args.model)
+    size = tuple(args.resize) if args.resize else None
+    methods = list(ABLATIONS.items()) if args.ablations else [("full", {})]
+    segmenters = [refam_segmenter(RefAM(pipeline, settings_from(args, **changes)), size) for _, changes in methods]
+    n = len(samples)
+
+    def run(batch: list[int]) -> list:  # one sample: its own scores (sums and counts) and seconds
+        return [score(segmenters[batch[0] // n], [samples[batch[0] % n]])]
+
+    records = shard.evaluate(shard.batches(range(len(methods) * n), 1), run, desc="segment-bench")
+    if records is None:
+        return 0
     rows, seconds = {}, {}
-    for name, changes in ABLATIONS.items() if args.ablations else [("full", {})]:
-        refam = RefAM(pipeline, settings_from(args, **changes))
-        rows[name], seconds[name] = score(refam_segmenter(refam, tuple(args.resize) if args.resize else None), samples)
+    for m, (name, _) in enumerate(methods):
+        mine = records[m * n:(m + 1) * n]
+        rows[name] = SegmentationScores()
+        for scores, _ in mine:  # merged in sample order: the sums of one process exactly
+            rows[name].merge(scores)
+        seconds[name] = sum(s for _, s in mine) / max(n, 1)
         print(f"{name}: {rows[name].summary()}", flush=True)
     for kind in ("whole image", "centre box"):
         rows[kind], _ = score(lambda s, kind=kind: baseline(kind, s.mask.shape), samples)
@@ -133,7 +151,8 @@ def register(subparsers) -> None:
         help="RefAM scores on held-out zoo expressions or RefCOCO",
         description=segment_bench_command.__doc__,
     )
-    bench.add_argument("--n", type=int, default=300, help="number of expressions")
+    bench.add_argument("--expressions", "--n", dest="n", type=int, default=300,
+                       help="number of expressions (under torchrun write --expressions: torchrun reads --n as its own)")
     bench.add_argument("--split", help="zoo: test (default) or val; RefCOCO: val, testA, ...")
     bench.add_argument("--refs", help="REFER refs(*).p file (RefCOCO/+/g); default: zoo held-out scenes")
     bench.add_argument("--instances", help="COCO instances.json of the refs")
