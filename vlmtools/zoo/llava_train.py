@@ -285,7 +285,7 @@ def export(model, loras):
     save_file(llava.trained_state(model, lora_state(loras)), str(llava.WEIGHTS / "model.safetensors"))
 
 
-def main(tower_steps: int = 1000, words_steps: int = 200, align_steps: int = 500, align_batch: int = 6):
+def main(tower_steps: int = 2600, words_steps: int = 150, align_steps: int = 400, align_batch: int = 6):
     torch.manual_seed(0)
     tower = train_tower(tower_steps)
     train_align(tower.state_dict(), words_steps, align_steps, batch=align_batch)
