@@ -22,16 +22,11 @@ import cv2
 import numpy as np
 from skimage.morphology import disk
 
+from vlmtools.masks import check_masks, iou, overlap
+
+__all__ = ["BOUND_TH", "SegmentationScores", "boundary_f", "iou"]
+
 BOUND_TH = 0.008  # DAVIS boundary tolerance, as a fraction of the image diagonal
-
-
-def iou(pred: np.ndarray, gt: np.ndarray) -> float:
-    """IoU of two boolean masks; 1.0 when both are empty (DAVIS's convention).
-
-    >>> iou(np.array([1, 1, 0], bool), np.array([0, 1, 1], bool))
-    0.3333333333333333
-    """
-    return _iou(*_check(pred, gt))[0]
 
 
 def boundary_f(pred: np.ndarray, gt: np.ndarray, bound_th: float = BOUND_TH) -> float:
@@ -46,7 +41,7 @@ def boundary_f(pred: np.ndarray, gt: np.ndarray, bound_th: float = BOUND_TH) -> 
         >>> boundary_f(a, a), boundary_f(a, b), boundary_f(a, c)
         (1.0, 1.0, 0.0)
     """
-    pred, gt = _check(pred, gt)
+    pred, gt = check_masks(pred, gt)
     radius = bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(*gt.shape))
     kernel = disk(radius).astype(np.uint8)
     pb, gb = _boundary(pred), _boundary(gt)
@@ -67,22 +62,6 @@ def _boundary(mask: np.ndarray) -> np.ndarray:
     b[:, -1] = mask[:, -1] ^ s[:, -1]
     b[-1, -1] = False
     return b
-
-
-def _check(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    pred, gt = np.asarray(pred), np.asarray(gt)
-    if pred.shape != gt.shape:
-        raise ValueError(f"mask shapes differ: pred {pred.shape}, gt {gt.shape}; resize the prediction to the image")
-    for name, m in (("pred", pred), ("gt", gt)):
-        if m.dtype != bool:
-            raise TypeError(f"{name} mask must be boolean, got {m.dtype}: threshold it first (e.g. heatmap_to_mask)")
-    return pred, gt
-
-
-def _iou(pred: np.ndarray, gt: np.ndarray) -> tuple[float, int, int]:
-    """IoU (1.0 when both masks are empty, as DAVIS has it), intersection, union."""
-    inter, union = int((pred & gt).sum()), int((pred | gt).sum())
-    return (inter / union if union else 1.0), inter, union
 
 
 class SegmentationScores:
@@ -115,10 +94,10 @@ class SegmentationScores:
         sequence: Hashable | None = None,
     ) -> None:
         """Score one sample: boolean (H, W) masks, `point` as (x, y) pixel coordinates."""
-        pred, gt = _check(pred_mask, gt_mask)
+        pred, gt = check_masks(pred_mask, gt_mask)
         if point is not None and not (0 <= point[0] < gt.shape[1] and 0 <= point[1] < gt.shape[0]):
             raise ValueError(f"point (x, y) = {point} lies outside the {gt.shape[1]}x{gt.shape[0]} mask")
-        sample_iou, inter, union = _iou(pred, gt)
+        sample_iou, inter, union = overlap(pred, gt)
         self.n += 1
         self.iou_sum += sample_iou
         self.inter += inter

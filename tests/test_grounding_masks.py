@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import vlmtools.masks
 from grounding import masks
 from grounding.masks import heatmap_to_mask, overlay, peak_point, upsample
 from grounding.metrics import iou
@@ -102,4 +103,5 @@ def test_overlay():
 
 
 def test_docstring_examples():
-    assert doctest.testmod(masks).failed == 0
+    for module in (masks, vlmtools.masks):  # the mask, point and resize examples live in vlmtools.masks
+        assert doctest.testmod(module).failed == 0

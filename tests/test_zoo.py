@@ -103,6 +103,15 @@ def test_flux_shapes_loads_and_predicts_a_velocity():
     assert torch.isfinite(v).all()
 
 
+def test_flux_shapes_grounding_scores_through_the_seam():
+    from vlmtools.zoo import load
+    from vlmtools.zoo.evaluate import grounding_scores
+
+    out = grounding_scores(load("flux-shapes"), n=4)
+    assert out["n"] == 4 and out["blocks"] == [0, 1]
+    assert 0 <= out["mIoU"] <= 1 and 0 <= out["IoU_others"] <= 1
+
+
 def test_qwen2vl_text_port_reproduces_smollm2_logits():
     from vlmtools.zoo import qwen2vl
     from vlmtools.zoo.lm import load_smollm2

@@ -10,7 +10,7 @@ from __future__ import annotations
 from . import world
 from .world import scene
 
-MODELS = ("llava-shapes", "flux-shapes")
+MODELS = ("llava-shapes", "qwen2vl-shapes", "flux-shapes")
 
 
 def load(name: str):
@@ -18,6 +18,10 @@ def load(name: str):
         from .llava import load as load_llava
 
         return load_llava()
+    if name == "qwen2vl-shapes":
+        from .qwen2vl import load as load_qwen2vl
+
+        return load_qwen2vl()
     if name == "flux-shapes":
         from .flux import load as load_flux
 

@@ -1,14 +1,20 @@
 """Held-out measurements of the zoo models (the numbers in docs/zoo.md).
 
-``python -m vlmtools.zoo.evaluate llava-shapes|flux-shapes [--n N]`` prints JSON.
+``python -m vlmtools.zoo.evaluate llava-shapes|qwen2vl-shapes|flux-shapes [--n N]`` prints JSON:
+per-type QA accuracy and POPE for a VLM, RefAM-style grounding scores for the DiT.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import numpy as np
 import torch
+
+import vlmtools
+from vlmtools.masks import heatmap_to_mask, iou, upsample
+from vlmtools.record import RecordBlock
 
 from . import world as W
 
@@ -55,39 +61,6 @@ def pope_scores(model, processor, prompt_fn, n_scenes: int = 40, split: str = "t
 
 
 # ---- the DiT: image-query -> content-word attention ---------------------------
-class AttentionProbe:
-    """Attention processor for FluxAttention that also keeps, per call, the
-    head-mean attention of image queries over the text keys (explicit softmax)."""
-
-    def __init__(self, n_text: int):
-        self.n_text, self.maps = n_text, []
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 image_rotary_emb=None):
-        from diffusers.models.embeddings import apply_rotary_emb
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
-
-        q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
-        q, k = attn.norm_q(q), attn.norm_k(k)
-        if encoder_hidden_states is not None:
-            eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in (eq, ek, ev))
-            q = torch.cat([attn.norm_added_q(eq), q], 1)
-            k = torch.cat([attn.norm_added_k(ek), k], 1)
-            v = torch.cat([ev, v], 1)
-        if image_rotary_emb is not None:
-            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
-        q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))  # (B, H, L, D)
-        probs = (q @ k.transpose(-1, -2) / attn.head_dim ** 0.5).softmax(-1)
-        self.maps.append(probs[:, :, self.n_text:, :self.n_text].mean(1))  # (B, image, text)
-        out = (probs @ v).transpose(1, 2).flatten(2, 3).to(hidden_states.dtype)
-        if encoder_hidden_states is None:
-            return out
-        e, h = out.split_with_sizes([encoder_hidden_states.shape[1], out.shape[1] - encoder_hidden_states.shape[1]], 1)
-        return attn.to_out[1](attn.to_out[0](h)), attn.to_add_out(e)
-
-
 def word_token_index(pipe, prompt: str, words: list[str]) -> list[int]:
     """Positions of the tokens that spell any of ``words`` in the padded prompt."""
     toks = pipe.token_strings(prompt)
@@ -95,45 +68,23 @@ def word_token_index(pipe, prompt: str, words: list[str]) -> list[int]:
 
 
 @torch.no_grad()
-def heatmaps(pipe, images, prompts, words, t: float = 0.3, blocks=(0, 1), seed: int = 0):
-    """(B, 64, 64) maps: image-query attention on the given words' tokens, mean
-    over heads and the chosen double blocks, at flow time t with fixed noise."""
-    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-
-    from .flux import MAX_TOKENS
-
-    probe = AttentionProbe(MAX_TOKENS)
-    dit = pipe.transformer
-    for b in blocks:
-        dit.transformer_blocks[b].attn.set_processor(probe)
-    try:
-        emb, pooled, txt_ids = pipe.encode_prompt(prompts)
-        g = torch.Generator().manual_seed(seed)
-        x0 = pipe.image_tokens(images)
-        x_t, _ = pipe.denoise_input(images, torch.full((len(prompts),), t),
-                                    torch.randn(x0.shape, generator=g))
-        pipe.forward(x_t, torch.full((len(prompts),), t), emb, pooled, txt_ids)
-    finally:
-        for b in blocks:
-            dit.transformer_blocks[b].attn.set_processor(FluxAttnProcessor())
-    att = torch.stack(probe.maps).mean(0)  # (B, 256, 32)
-    side = int(att.shape[1] ** 0.5)
-    out = []
-    for i, p in enumerate(prompts):
-        idx = word_token_index(pipe, p, words[i])
-        m = att[i][:, idx].sum(-1).view(1, 1, side, side)
-        out.append(torch.nn.functional.interpolate(m, size=images.shape[-2:], mode="bilinear")[0, 0])
-    return torch.stack(out)
-
-
-def otsu(x: np.ndarray) -> np.ndarray:
-    from skimage.filters import threshold_otsu
-
-    return x > threshold_otsu(x) if x.max() > x.min() else np.zeros_like(x, bool)
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max(1, (a | b).sum()))
+def heatmaps(pipe, images, prompts, words, t: float = 0.3, blocks=(0, 1), seed: int = 0) -> list[np.ndarray]:
+    """(H, W) maps, one per image: image-query attention on the given words' tokens,
+    mean over heads and the chosen double blocks (recorded through the seam), at
+    flow time t with fixed noise, upsampled to the image."""
+    dit = vlmtools.wrap(pipe)
+    emb, pooled, txt_ids = pipe.encode_prompt(prompts)
+    x0 = pipe.image_tokens(images)
+    ts = torch.full((len(prompts),), t)
+    x_t, _ = pipe.denoise_input(images, ts, torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)))
+    side = math.isqrt(x0.shape[1])
+    joint = dit.layout(emb.shape[1], (side, side))
+    sites = [f"dit.double.{b}" for b in blocks]
+    with dit.use(RecordBlock(sites, joint.image.span, joint.text, mean_heads=True)) as trace:
+        pipe.forward(x_t, ts, emb, pooled, txt_ids)
+    att = torch.stack([RecordBlock.collect(trace, s)[0][:, 0] for s in sites]).mean(0)  # (B, image, text)
+    return [upsample(att[i][:, word_token_index(pipe, p, words[i])].sum(-1).view(side, side), images.shape[-2:])
+            for i, p in enumerate(prompts)]
 
 
 def grounding_scores(pipe, n: int = 300, split: str = "test", t: float = 0.3, blocks=(0, 1)) -> dict:
@@ -152,7 +103,7 @@ def grounding_scores(pipe, n: int = 300, split: str = "test", t: float = 0.3, bl
         maps = heatmaps(pipe, torch.stack([b[0] for b in boxes]), [e.text for _, e in chunk],
                         [e.content_words for _, e in chunk], t=t, blocks=blocks)
         for (s, e), (_, masks), m in zip(chunk, boxes, maps):
-            pred, masks = otsu(m.numpy()), masks.numpy()
+            pred, masks = heatmap_to_mask(m, keep="all"), masks.numpy()
             ref.append(iou(pred, masks[e.target]))
             rest = np.delete(masks, e.target, 0)
             if len(rest):
@@ -162,10 +113,10 @@ def grounding_scores(pipe, n: int = 300, split: str = "test", t: float = 0.3, bl
 
 
 def main(argv=None):
-    from . import load
+    from . import MODELS, load
 
     ap = argparse.ArgumentParser(prog="python -m vlmtools.zoo.evaluate")
-    ap.add_argument("name")
+    ap.add_argument("name", choices=MODELS)
     ap.add_argument("--n", type=int, default=520)
     ap.add_argument("--pope-scenes", type=int, default=40)
     args = ap.parse_args(argv)

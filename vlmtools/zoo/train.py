@@ -14,14 +14,16 @@ import torch
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m vlmtools.zoo.train")
-    ap.add_argument("name", choices=["llava-shapes", "flux-shapes"])
+    ap.add_argument("name", choices=["llava-shapes", "qwen2vl-shapes", "flux-shapes"])
     ap.add_argument("--steps", type=int, nargs="*",
-                    help="llava-shapes: TOWER WORDS ALIGN [ALIGN_BATCH]; flux-shapes: STEPS [BATCH]")
+                    help="llava-shapes, qwen2vl-shapes: TOWER WORDS ALIGN [ALIGN_BATCH]; flux-shapes: STEPS [BATCH]")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.name == "llava-shapes":
         from .llava_train import main as run
+    elif args.name == "qwen2vl-shapes":
+        from .qwen2vl_train import main as run
     else:
         from .flux_train import main as run
     run(*(args.steps or []))

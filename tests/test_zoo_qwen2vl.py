@@ -1,0 +1,120 @@
+"""qwen2vl-shapes: loading, Qwen's dynamic resolution, its TokenLayout, evaluation and a trainer smoke run."""
+import pytest
+import torch
+
+import vlmtools
+from vlmtools.zoo import world as W
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    from vlmtools.zoo import load
+
+    return load("qwen2vl-shapes")
+
+
+def scene_with_canvas(width, height):
+    return next(s for s in (W.scene("test", i) for i in range(200)) if (s.width, s.height) == (width, height))
+
+
+def chat(processor, images, question="How many shapes are there?"):
+    from vlmtools.zoo.llava import prompt
+
+    return processor(images=images, text=[prompt(processor, question)] * len(images), return_tensors="pt",
+                     padding=True)
+
+
+def test_loads_forwards_and_generates(qwen):
+    model, processor = qwen
+    assert processor.tokenizer.padding_side == "left"
+    x = chat(processor, [W.scene("test", 0).image])
+    with torch.no_grad():
+        out = model(**x)
+        blank = model(**{**x, "pixel_values": torch.zeros_like(x["pixel_values"])})
+        gen = model.generate(**x, max_new_tokens=3, do_sample=False)
+    assert torch.isfinite(out.logits).all()
+    assert (out.logits[0, -1] - blank.logits[0, -1]).abs().max() > 0  # the image reaches the LM
+    assert gen.shape == (1, x["input_ids"].shape[1] + 3)
+
+
+@pytest.mark.parametrize("canvas", [(96, 96), (128, 96), (96, 128), (128, 64)])
+def test_dynamic_resolution_keeps_each_canvas(qwen, canvas):
+    model, processor = qwen
+    width, height = canvas
+    x = chat(processor, [scene_with_canvas(width, height).image])
+    assert x["image_grid_thw"].tolist() == [[1, height // 8, width // 8]]  # native size, 8 px patches
+    merged = (height // 16) * (width // 16)
+    assert (x["input_ids"] == model.config.image_token_id).sum() == merged
+    assert ((x["input_ids"] == model.config.vision_start_token_id).sum()
+            == (x["input_ids"] == model.config.vision_end_token_id).sum() == 1)
+
+
+def test_large_images_shrink_within_max_pixels_keeping_aspect(qwen):
+    from vlmtools.zoo.qwen2vl import MAX_PIXELS
+
+    _, processor = qwen
+    big = scene_with_canvas(128, 64).image.resize((512, 256))
+    _, h, w = processor.image_processor([big], return_tensors="pt")["image_grid_thw"][0].tolist()
+    assert (h * 8) * (w * 8) <= MAX_PIXELS
+    assert abs(w / h - 2) < 0.25  # 2:1 up to the 16 px rounding
+
+
+def test_wrap_gives_the_merged_token_layout(qwen):
+    model, processor = qwen
+    vlm = vlmtools.wrap(model, processor)
+    assert vlm.family == "qwen2_vl"
+    x = chat(processor, [scene_with_canvas(96, 96).image, scene_with_canvas(128, 64).image])
+    layout = vlm.layout(x)
+    for sample, ids, mask, (rows, cols) in zip(layout.samples, x["input_ids"], x["attention_mask"], [(6, 6), (4, 8)]):
+        (image,) = sample.images
+        assert image.grid == (rows, cols) and image.thw == (1, rows, cols)
+        assert torch.equal(image.positions, (ids == model.config.image_token_id).nonzero().squeeze(1))
+        assert len(sample.layout) == 2  # vision start and end
+        assert torch.equal(sample.padding, (mask == 0).nonzero().squeeze(1))
+
+    class Seen(vlmtools.LayerHook):  # the layout the seam computes inside generate
+        def attach(self, vlm, plan):
+            self.state, self.layouts = plan.state, []
+            plan.layer(0, vlm.layers[0], self)
+
+        def before_layer(self, index, hidden, kwargs):
+            self.layouts.append(self.state.layout)
+
+    seen = Seen()
+    with torch.no_grad(), vlm.use(seen):
+        model.generate(**x, max_new_tokens=2, do_sample=False)
+    assert [im.grid for s in seen.layouts[0].samples for im in s.images] == [(6, 6), (4, 8)]
+
+
+def test_evaluation_reports_every_question_type(qwen):
+    from vlmtools.zoo.evaluate import qa_accuracy
+    from vlmtools.zoo.llava import prompt
+
+    model, processor = qwen
+    scores = qa_accuracy(model, processor, prompt, n=5)
+    assert set(scores) == set(W.QUESTION_TYPES)
+    assert all(0 <= s["accuracy"] <= 1 and s["n"] == 1 for s in scores.values())
+
+
+@pytest.mark.slow
+def test_trainer_smoke_run_resumes_and_exports(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from vlmtools.zoo import qwen2vl, qwen2vl_train
+    from vlmtools.zoo.lm import smollm2_dir
+
+    lm = smollm2_dir()
+    monkeypatch.setenv("VLMTOOLS_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / lm.name).symlink_to(lm)  # no second dequantisation
+    weights = tmp_path / "weights"
+    qwen2vl_train.main(3, 3, 3, 1, tower_batch=4, weights=weights)
+    ckpts = tmp_path / "cache" / "train" / "qwen2vl-shapes"
+    assert {p.name for p in ckpts.iterdir()} == {"tower.pt", "words.pt", "align.pt"}
+    qwen2vl_train.main(3, 3, 4, 1, tower_batch=4, weights=weights)  # resumes: one more align step
+    assert torch.load(ckpts / "align.pt", weights_only=False)["step"] == 4
+    state = load_file(weights / "model.safetensors")
+    assert {k.split(".")[0] for k in state} == {"visual", "lora"}
+    model = Qwen2VLForConditionalGeneration.from_pretrained(qwen2vl.assemble(tmp_path / "folder", weights))
+    assert torch.equal(model.model.visual.merger.mlp[0].weight, state["visual.merger.mlp.0.weight"].float())

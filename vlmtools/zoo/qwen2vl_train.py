@@ -1,0 +1,217 @@
+"""Training of qwen2vl-shapes: llava-shapes' three resumable stages on Qwen2-VL's tower.
+
+1. ``tower``: patch embedding and vision blocks alone on the world's labels, read
+   per merge window (the 2 x 2 patches that the merger turns into one LM token):
+   colour x shape, object centre and word slot per window, presence and count
+   from the mean window of each image (the tower has no CLS token).
+2. ``words``: the ``PatchMerger`` alone learns to emit, at each object's centre
+   token, the SmolLM2 embedding of its colour word and at the next token (raster
+   order) that of its shape word, a space elsewhere.
+3. ``align``: tower, merger and a rank-8 LoRA on every LM linear layer through
+   the LM on multi-turn chats of one-word answers (loss and LM head only at
+   answer positions, bf16 autocast).
+
+Imported from ``llava_train`` (model-independent): the heads, learning-rate
+schedule, word targets, LoRA, chats, answer positions, batches and LM loss.
+Written here because llava's versions are tied to its model: ``cell_labels``
+(``patch_labels`` is fixed to the letterboxed 96 px frame and a 12 x 12 grid; it
+could become ``cell_labels`` of the letterboxed image), ``tower_step`` (no CLS,
+images of different sizes in one flat sequence; its loss terms are llava's and
+could be factored out of ``llava_train.tower_step`` as one function of the
+window and pooled features) and the stage loops (llava's hard-code their
+model's parts and checkpoint names; a version taking the parts as a dict could
+serve both).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+
+from . import qwen2vl
+from . import world as W
+from .llava_train import (
+    N_COMBO,
+    SLOT_WEIGHT,
+    TowerHeads,
+    add_lora,
+    align_batch,
+    lm_loss,
+    lora_state,
+    set_lr,
+    word_targets,
+)
+from .train_utils import Checkpoint, log
+
+NAME = "qwen2vl-shapes"
+WINDOW = qwen2vl.MERGE ** 2
+
+
+def cell_labels(scenes, grids: torch.Tensor):
+    """Labels per merged token, all images concatenated in the tower's order
+    (raster order of each image's merged grid): colour x shape class (0 =
+    background; an object covering >= 10% of the cell, and always its centre
+    cell), object-centre flag and word slot (0 none, 1 + colour at the centre
+    token, 1 + 6 + shape at the token after it); per image: presence (24) and
+    count. ``grids`` are the processor's ``image_grid_thw`` rows (in patches)."""
+    colours, shapes = list(W.COLOURS), list(W.SHAPES)
+    combo, centre, slot = [], [], []
+    presence = torch.zeros(len(scenes), N_COMBO)
+    for b, (s, (_, gh, gw)) in enumerate(zip(scenes, grids.tolist())):
+        rows, cols = gh // qwen2vl.MERGE, gw // qwen2vl.MERGE
+        frac = F.adaptive_avg_pool2d(torch.from_numpy(s.masks).float(), (rows, cols)).flatten(1)
+        best, who = frac.max(0)
+        cls = torch.tensor([1 + colours.index(o.colour) * len(shapes) + shapes.index(o.shape)
+                            for o in s.objects])
+        c = torch.where(best >= 0.1, cls[who], 0)
+        ce, sl = torch.zeros(rows * cols), torch.zeros(rows * cols, dtype=torch.long)
+        for o, k in zip(s.objects, cls):
+            i = min(rows - 1, int(o.cy * rows / s.height)) * cols + min(cols - 1, int(o.cx * cols / s.width))
+            c[i], ce[i] = k, 1
+            sl[i] = 1 + colours.index(o.colour)
+            sl[min(i + 1, rows * cols - 1)] = 1 + len(colours) + shapes.index(o.shape)
+            presence[b, k - 1] = 1
+        combo.append(c)
+        centre.append(ce)
+        slot.append(sl)
+    count = torch.tensor([len(s.objects) for s in scenes])
+    return torch.cat(combo), torch.cat(centre), torch.cat(slot), presence, count
+
+
+def windows(visual, pixel_values, grids):
+    """Last-block features per merge window ``(tokens, 4 * embed_dim)``: what the merger reads."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = visual(pixel_values, grid_thw=grids).last_hidden_state
+    return h.float().view(-1, WINDOW * h.shape[-1])
+
+
+def tower_step(visual, heads, pixel_values, grids, labels):
+    combo, centre, slot, presence, count = labels
+    feats = windows(visual, pixel_values, grids)
+    sizes = (grids.prod(-1) // WINDOW).tolist()
+    pooled = torch.stack([w.mean(0) for w in feats.split(sizes)])
+    logits, slot_logits = heads.combo(feats), heads.slot(feats)
+    presence_logits, count_logits = heads.presence(pooled), heads.count(pooled)
+    losses = {
+        "combo": F.cross_entropy(logits, combo),
+        "centre": F.binary_cross_entropy_with_logits(heads.centre(feats)[:, 0], centre),
+        "slot": F.cross_entropy(slot_logits, slot, weight=SLOT_WEIGHT),
+        "presence": F.binary_cross_entropy_with_logits(presence_logits, presence),
+        "count": F.cross_entropy(count_logits, count),
+    }
+
+    def exact(ok):  # fraction of images with every labelled token right
+        return torch.stack([o.all() for o in ok.split(sizes)]).float().mean().item()
+
+    acc = {"acc_slot": exact((slot_logits.argmax(-1) == slot) | (slot == 0)),
+           "acc_combo": exact((logits.argmax(-1) == combo) | (combo == 0)),
+           "acc_count": (count_logits.argmax(-1) == count).float().mean().item(),
+           "acc_presence": ((presence_logits > 0) == (presence > 0)).all(1).float().mean().item()}
+    return sum(losses.values()), losses, acc
+
+
+def image_batch(proc, seed: int, batch: int):
+    scenes = [W.scene("train", seed + i) for i in range(batch)]
+    x = proc.image_processor([s.image for s in scenes], return_tensors="pt")
+    return scenes, x["pixel_values"], x["image_grid_thw"]
+
+
+def train_tower(proc, steps: int, batch: int = 32, lr: float = 1e-3):
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+        Qwen2VisionTransformerPretrainedModel,
+    )
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        visual = Qwen2VisionTransformerPretrainedModel(qwen2vl.build_config().vision_config)
+    heads = TowerHeads(WINDOW * visual.config.embed_dim)
+    opt = torch.optim.AdamW(list(visual.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.01)
+    ck = Checkpoint(NAME, "tower")
+    start = ck.load({"tower": visual, "heads": heads, "opt": opt})
+    t0 = time.time()
+    for step in range(start, steps):
+        set_lr(opt, lr, step, steps, warmup=30)
+        scenes, pv, grids = image_batch(proc, step * batch, batch)
+        loss, parts, acc = tower_step(visual, heads, pv, grids, cell_labels(scenes, grids))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 25 == 0 or step == steps - 1:
+            log("tower", step, time.time() - t0, loss=loss.item(), **{k: v.item() for k, v in parts.items()}, **acc)
+        if (step + 1) % 50 == 0 or step == steps - 1:
+            ck.save(step + 1, {"tower": visual, "heads": heads, "opt": opt})
+    return visual
+
+
+def train_words(model, proc, steps: int, batch: int = 64, lr: float = 2e-3):
+    visual = model.model.visual
+    merger = visual.merger
+    ck = Checkpoint(NAME, "words")
+    opt = torch.optim.AdamW(merger.parameters(), lr=lr)
+    start = ck.load({"merger": merger, "opt": opt})
+    targets = word_targets(model, proc.tokenizer)
+    merger.requires_grad_(True)
+    t0 = time.time()
+    for step in range(start, steps):
+        scenes, pv, grids = image_batch(proc, 40_000_000 + step * batch, batch)
+        slot = cell_labels(scenes, grids)[2]
+        with torch.no_grad():
+            h = visual(pv, grid_thw=grids).last_hidden_state
+        loss = F.mse_loss(merger(h), targets[slot]) / targets.pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log("words", step, time.time() - t0, rel_mse=loss.item())
+    if start < steps:
+        ck.save(steps, {"merger": merger, "opt": opt})
+    merger.requires_grad_(False)
+
+
+def train_align(model, proc, steps: int, batch: int, weights: Path, turns: int = 6):
+    visual = model.model.visual
+    loras = add_lora(model)
+    merger = list(visual.merger.parameters())
+    groups = [{"params": merger, "base_lr": 5e-4},
+              {"params": [p for n, p in visual.named_parameters() if not n.startswith("merger.")], "base_lr": 1e-4},
+              {"params": [p for m in loras.values() for p in (m.A, m.B)], "base_lr": 5e-4}]
+    params = [p for g in groups for p in g["params"]]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    ck = Checkpoint(NAME, "align")
+    parts = {"visual": visual, "lora": nn.ModuleDict({k.replace(".", "_"): m for k, m in loras.items()}),
+             "opt": opt}
+    start = ck.load(parts)
+    t0 = time.time()
+    for step in range(start, steps):
+        set_lr(opt, 5e-4, step, steps, warmup=5)
+        x, rows, pos, tg = align_batch(proc, step, batch, turns)
+        loss, acc = lm_loss(model, x, rows, pos, tg)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        log("align", step, time.time() - t0, loss=loss.item(), token_acc=acc)
+        if (step + 1) % 5 == 0 or step == steps - 1:
+            ck.save(step + 1, parts)
+            weights.mkdir(parents=True, exist_ok=True)
+            save_file(qwen2vl.trained_state(model, lora_state(loras)), str(weights / "model.safetensors"))
+
+
+def main(tower_steps: int = 2600, words_steps: int = 150, align_steps: int = 400, align_batch: int = 6,
+         tower_batch: int = 32, weights: Path = qwen2vl.WEIGHTS):
+    """The three stages; checkpoints under ``<cache>/train/qwen2vl-shapes/``, the shipped
+    parts exported to ``weights`` every 5 alignment steps."""
+    torch.manual_seed(0)
+    proc = qwen2vl.build_processor()
+    tower = train_tower(proc, tower_steps, batch=tower_batch)
+    model = qwen2vl.port()
+    model.requires_grad_(False)
+    model.model.visual.load_state_dict(tower.state_dict())
+    train_words(model, proc, words_steps)
+    train_align(model, proc, align_steps, align_batch, weights)
