@@ -42,7 +42,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
                         help="maps aggregated: content words, every expression word, or every real token")
     parser.add_argument("--padding", choices=["budget", "exclude"], default="budget",
                         help="padding keys: keep their mass in each query's text budget, or renormalise without it")
-    parser.add_argument("--blocks", nargs="+", help="site names, e.g. dit.double.0 (default: measured per family)")
+    parser.add_argument("--blocks", nargs="+", help="site names, e.g. dit.double.0 (default: measured on the zoo model; per family otherwise)")
     parser.add_argument("--heads", type=int, nargs="+", help="head indices averaged (default: all)")
     parser.add_argument("--threshold", default="otsu", help="'otsu' or a level in [0, 1)")
     parser.add_argument(
@@ -52,6 +52,15 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         metavar=("W", "H"),
         help="resize images to W x H for the model; masks are mapped back",
     )
+
+
+def zoo_blocks(model: str) -> tuple[str, ...] | None:
+    """The zoo DiT's measured blocks; None (RefAM's per-family default) for any other pipeline."""
+    if model != ZOO:
+        return None
+    from vlmtools.zoo.flux import REFAM_BLOCKS
+
+    return REFAM_BLOCKS
 
 
 def settings_from(args: argparse.Namespace, **changes):
@@ -66,7 +75,7 @@ def settings_from(args: argparse.Namespace, **changes):
         sinks=args.sinks,
         words=args.words,
         padding=args.padding,
-        blocks=tuple(args.blocks) if args.blocks else None,
+        blocks=tuple(args.blocks) if args.blocks else zoo_blocks(args.model),
         heads=tuple(args.heads) if args.heads else None,
         threshold=threshold,
     )

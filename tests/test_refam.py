@@ -420,3 +420,11 @@ def test_when_every_word_is_a_sink_the_heatmap_is_flat_and_the_mask_empty():
     seg = RefAM(model, settings).segment_encoded(latents, GRID, prompt, EXPRESSION)
     assert not seg.grid_heatmap.any() and not seg.mask.any() and seg.word_maps == {}
     assert {s["role"] for s in seg.sinks} >= {"content", "image"}
+
+
+def test_segment_cli_reads_the_zoo_models_measured_blocks_and_the_family_default_elsewhere():
+    from grounding.cli import ZOO, zoo_blocks
+    from vlmtools.zoo.flux import REFAM_BLOCKS
+
+    assert zoo_blocks(ZOO) == REFAM_BLOCKS
+    assert zoo_blocks("/models/FLUX.1-dev") is None
