@@ -15,7 +15,7 @@ def test_the_four_notebooks_are_stored_without_outputs():
         assert not any(c.get("outputs") or c.get("execution_count") for c in cells if c.cell_type == "code"), path.name
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # 13-28 s each on an idle 2-core machine, more when the zoo folders are first assembled
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_and_shows_pictures(path, tmp_path):
     notebook = nbformat.read(path, as_version=4)

@@ -41,7 +41,7 @@ def open_in_chromium(page: Path, work: Path) -> dict:
     result = subprocess.run([chromium, *FLAGS, f"--user-data-dir={work / 'profile'}", "--virtual-time-budget=10000",
                              "--dump-dom", probed.resolve().as_uri()],
                             capture_output=True, text=True, timeout=600, check=True)
-    found = re.search(r'<pre id="browser-check">(.*?)</pre>', result.stdout, re.S)
+    found = re.search(r'<pre id="browser-check">(.*?)</pre>', result.stdout, re.DOTALL)
     assert found, f"the page never finished loading in Chromium; stderr:\n{result.stderr[-2000:]}"
     return json.loads(html.unescape(found.group(1)))
 
