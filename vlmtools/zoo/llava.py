@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .lm import cache_dir, smollm2_dir
 
@@ -118,10 +118,16 @@ def assemble(folder: Path | None = None, weights: Path = WEIGHTS) -> Path:
     model.model.multi_modal_projector.load_state_dict(
         {k[22:]: v for k, v in state.items() if k.startswith("multi_modal_projector.")})
     merge_lora(model, lora)
+    return write_folder(folder, model, build_processor(), stamp)
+
+
+def write_folder(folder: Path, model, processor, stamp) -> Path:
+    """Save an assembled zoo model and its processor to ``folder`` atomically (a ``.tmp``
+    sibling renamed into place), stamped with what it was assembled from."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    build_processor().save_pretrained(tmp)
+    processor.save_pretrained(tmp)
     (tmp / "assembled_from.json").write_text(json.dumps({"stamp": stamp}))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)

@@ -29,7 +29,6 @@ assembled. Without shipped weights the folder gets a seeded random tower.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -128,14 +127,7 @@ def assemble(folder: Path | None = None, weights: Path = WEIGHTS) -> Path:
         state = load_file(src)
         model.model.visual.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("visual.")})
         llava.merge_lora(model, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    build_processor().save_pretrained(tmp)
-    (tmp / "assembled_from.json").write_text(json.dumps({"stamp": stamp}))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return folder
+    return llava.write_folder(folder, model, build_processor(), stamp)
 
 
 def load(folder: Path | None = None):
