@@ -37,10 +37,7 @@ def hallucination_bench_command(args) -> int:
     from .metrics import POPE_SPLITS, chair, pope_by_split
 
     started = time.time()
-    methods = args.methods.split(",")
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; available: {', '.join(METHODS)}")
+    methods = bench.chosen(args.methods, METHODS, "methods")
     vlm = bench.load(args)
     # one task list per method: the POPE questions, then the captions; (scene, prompt, max new tokens)
     pope_items = [(kind, *triple) for kind in POPE_SPLITS for triple in world.pope("test", args.scenes, kind)]

@@ -95,10 +95,7 @@ def prune_bench_command(args) -> int:
     from . import Debias, calibration_path
 
     started = time.time()
-    hosts = args.hosts.split(",")
-    unknown = set(hosts) - set(CLASSES)
-    if unknown:
-        raise ValueError(f"unknown hosts {sorted(unknown)}; available: {', '.join(CLASSES)}")
+    hosts = bench.chosen(args.hosts, CLASSES, "hosts")
     vlm = bench.load(args)
     trends = calibrated(vlm, hosts, args.calibration_samples, args.calibration) if args.calibration_samples else {}
     items = world.qa_items("test", args.n)

@@ -84,3 +84,11 @@ def test_two_processes_give_exactly_the_one_process_json(folder, tmp_path, one_t
     assert (one["run"]["processes"], two["run"]["processes"]) == (1, 2)
     del one["run"], two["run"]
     assert one == two
+
+
+def test_bench_names_are_checked_against_what_exists():
+    from vlmtools.bench import chosen
+
+    assert chosen("fastv,dart", ["fastv", "pdrop", "dart"], "hosts") == ["fastv", "dart"]
+    with pytest.raises(ValueError, match=r"unknown hosts \['fastvv'\]; available: fastv, pdrop"):
+        chosen("fastv,fastvv", ["fastv", "pdrop"], "hosts")

@@ -50,3 +50,12 @@ def finish(args: argparse.Namespace, results: dict, table: str, started: float) 
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     print(table)
     print(f"wrote {args.out}")
+
+
+def chosen(names: str, available, what: str) -> list[str]:
+    """The comma-separated ``names``, each one of ``available`` (else a ValueError listing them)."""
+    picked = names.split(",")
+    unknown = set(picked) - set(available)
+    if unknown:
+        raise ValueError(f"unknown {what} {sorted(unknown)}; available: {', '.join(available)}")
+    return picked
