@@ -107,23 +107,55 @@ def train_tower(steps: int, batch: int = 32, lr: float = 1e-3):
     heads = TowerHeads(tower.config.hidden_size)
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    ck = Checkpoint("llava-shapes", "tower")
-    start = ck.load({"tower": tower, "heads": heads, "opt": opt})
+
+    def loss_at(step):
+        scenes = [W.scene("train", step * batch + i) for i in range(batch)]
+        pv = proc.image_processor([s.image for s in scenes], return_tensors="pt")["pixel_values"]
+        return tower_step(tower, heads, pv, patch_labels(scenes))
+
+    tower_loop(Checkpoint("llava-shapes", "tower"), {"tower": tower, "heads": heads, "opt": opt}, steps, lr, loss_at)
+    return tower
+
+
+def tower_loop(ck: Checkpoint, parts: dict, steps: int, lr: float, loss_at) -> None:
+    """A tower stage from where ``ck`` left off: warm-up then cosine learning rate, one
+    optimiser step on ``loss_at(step) -> (loss, losses, accuracies)``, a log line every 25
+    steps, a checkpoint of ``parts`` (``opt`` among them) every 50."""
+    opt = parts["opt"]
+    start = ck.load(parts)
     t0 = time.time()
     for step in range(start, steps):
         set_lr(opt, lr, step, steps, warmup=30)
-        scenes = [W.scene("train", step * batch + i) for i in range(batch)]
-        pv = proc.image_processor([s.image for s in scenes], return_tensors="pt")["pixel_values"]
-        loss, parts, acc = tower_step(tower, heads, pv, patch_labels(scenes))
+        loss, losses, acc = loss_at(step)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step % 25 == 0 or step == steps - 1:
-            log("tower", step, time.time() - t0, loss=loss.item(), **{k: v.item() for k, v in parts.items()}, **acc)
+            log("tower", step, time.time() - t0, loss=loss.item(), **{k: v.item() for k, v in losses.items()}, **acc)
         if (step + 1) % 50 == 0 or step == steps - 1:
-            ck.save(step + 1, {"tower": tower, "heads": heads, "opt": opt})
-    return tower
+            ck.save(step + 1, parts)
 
+
+
+def words_loop(ck: Checkpoint, name: str, proj: nn.Module, targets: torch.Tensor, steps: int, words_at,
+               lr: float = 2e-3) -> None:
+    """The words stage: ``proj`` alone (checkpointed as ``name``) learns to map the frozen
+    tower's features to ``targets[slot]``, ``words_at(step) -> (features, slot labels)``."""
+    opt = torch.optim.AdamW(proj.parameters(), lr=lr)
+    start = ck.load({name: proj, "opt": opt})
+    proj.requires_grad_(True)
+    t0 = time.time()
+    for step in range(start, steps):
+        with torch.no_grad():
+            feats, slot = words_at(step)
+        loss = F.mse_loss(proj(feats), targets[slot]) / targets.pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log("words", step, time.time() - t0, rel_mse=loss.item())
+    if start < steps:
+        ck.save(steps, {name: proj, "opt": opt})
 
 def set_lr(opt, lr, step, steps, warmup):
     f = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
@@ -226,26 +258,14 @@ def train_align(tower_state, words_steps: int, steps: int, batch: int = 6, turns
     tower, proj = model.model.vision_tower, model.model.multi_modal_projector
 
     # stage 2 (cheap: tower forward + projector only)
-    ck = Checkpoint("llava-shapes", "words")
-    opt = torch.optim.AdamW(proj.parameters(), lr=2e-3)
-    start = ck.load({"proj": proj, "opt": opt})
-    targets = word_targets(model, proc.tokenizer)
-    proj.requires_grad_(True)
-    t0 = time.time()
-    for step in range(start, words_steps):
+    def words_at(step):
         scenes = [W.scene("train", 40_000_000 + step * 64 + i) for i in range(64)]
         pv = proc.image_processor([s.image for s in scenes], return_tensors="pt")["pixel_values"]
-        slot = patch_labels(scenes)[2]
-        with torch.no_grad():
-            feats = tower(pixel_values=pv, output_hidden_states=True).hidden_states[-2][:, 1:]
-        loss = F.mse_loss(proj(feats), targets[slot]) / targets.pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == words_steps - 1:
-            log("words", step, time.time() - t0, rel_mse=loss.item())
-    if start < words_steps:
-        ck.save(words_steps, {"proj": proj, "opt": opt})
+        feats = tower(pixel_values=pv, output_hidden_states=True).hidden_states[-2][:, 1:]
+        return feats, patch_labels(scenes)[2]
+
+    words_loop(Checkpoint("llava-shapes", "words"), "proj", proj, word_targets(model, proc.tokenizer),
+               words_steps, words_at)
 
     # stage 3
     loras = add_lora(model)
@@ -260,6 +280,16 @@ def train_align(tower_state, words_steps: int, steps: int, batch: int = 6, turns
     lora_mod = nn.ModuleDict({k.replace(".", "_"): m for k, m in loras.items()})
     ck = Checkpoint("llava-shapes", "align")
     parts = {"tower": tower, "proj": proj, "lora": lora_mod, "opt": opt}
+    align_loop(ck, parts, steps, model, proc, batch, turns, lambda: export(model, loras))
+    return model, loras
+
+
+def align_loop(ck: Checkpoint, parts: dict, steps: int, model, proc, batch: int, turns: int, export) -> None:
+    """The align stage from where ``ck`` left off: multi-turn chats through the LM, the loss at
+    the answers, clipped steps on every parameter ``parts["opt"]`` trains; a checkpoint and
+    ``export()`` every 5 steps."""
+    opt = parts["opt"]
+    params = [p for g in opt.param_groups for p in g["params"]]
     start = ck.load(parts)
     t0 = time.time()
     for step in range(start, steps):
@@ -268,13 +298,12 @@ def train_align(tower_state, words_steps: int, steps: int, batch: int = 6, turns
         loss, acc = lm_loss(model, x, rows, pos, tg)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         log("align", step, time.time() - t0, loss=loss.item(), token_acc=acc)
         if (step + 1) % 5 == 0 or step == steps - 1:
             ck.save(step + 1, parts)
-            export(model, loras)
-    return model, loras
+            export()
 
 
 def export(model, loras):

@@ -11,20 +11,16 @@
    the LM on multi-turn chats of one-word answers (loss and LM head only at
    answer positions, bf16 autocast).
 
-Imported from ``llava_train`` (model-independent): the heads, learning-rate
-schedule, word targets, LoRA, chats, answer positions, batches and LM loss.
-Written here because llava's versions are tied to its model: ``cell_labels``
-(``patch_labels`` is fixed to the letterboxed 96 px frame and a 12 x 12 grid; it
-could become ``cell_labels`` of the letterboxed image), ``tower_step`` (no CLS,
-images of different sizes in one flat sequence; its loss terms are llava's and
-could be factored out of ``llava_train.tower_step`` as one function of the
-window and pooled features) and the stage loops (llava's hard-code their
-model's parts and checkpoint names; a version taking the parts as a dict could
-serve both).
+Imported from ``llava_train`` (model-independent): the heads, word targets,
+LoRA, and the three stage loops (``tower_loop``, ``words_loop``, ``align_loop``:
+schedule, checkpoints, logs). Written here because llava's versions are tied to
+its model: ``cell_labels`` (``patch_labels`` is fixed to the letterboxed 96 px
+frame and a 12 x 12 grid) and ``tower_step`` (no CLS, images of different sizes
+in one flat sequence; its loss terms are llava's and could be factored out of
+``llava_train.tower_step`` as one function of the window and pooled features).
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -39,13 +35,13 @@ from .llava_train import (
     SLOT_WEIGHT,
     TowerHeads,
     add_lora,
-    align_batch,
-    lm_loss,
+    align_loop,
     lora_state,
-    set_lr,
+    tower_loop,
+    words_loop,
     word_targets,
 )
-from .train_utils import Checkpoint, log
+from .train_utils import Checkpoint
 
 NAME = "qwen2vl-shapes"
 WINDOW = qwen2vl.MERGE ** 2
@@ -130,45 +126,25 @@ def train_tower(proc, steps: int, batch: int = 32, lr: float = 1e-3):
         visual = Qwen2VisionTransformerPretrainedModel(qwen2vl.build_config().vision_config)
     heads = TowerHeads(WINDOW * visual.config.embed_dim)
     opt = torch.optim.AdamW(list(visual.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.01)
-    ck = Checkpoint(NAME, "tower")
-    start = ck.load({"tower": visual, "heads": heads, "opt": opt})
-    t0 = time.time()
-    for step in range(start, steps):
-        set_lr(opt, lr, step, steps, warmup=30)
+
+    def loss_at(step):
         scenes, pv, grids = image_batch(proc, step * batch, batch)
-        loss, parts, acc = tower_step(visual, heads, pv, grids, cell_labels(scenes, grids))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 25 == 0 or step == steps - 1:
-            log("tower", step, time.time() - t0, loss=loss.item(), **{k: v.item() for k, v in parts.items()}, **acc)
-        if (step + 1) % 50 == 0 or step == steps - 1:
-            ck.save(step + 1, {"tower": visual, "heads": heads, "opt": opt})
+        return tower_step(visual, heads, pv, grids, cell_labels(scenes, grids))
+
+    tower_loop(Checkpoint(NAME, "tower"), {"tower": visual, "heads": heads, "opt": opt}, steps, lr, loss_at)
     return visual
 
 
 def train_words(model, proc, steps: int, batch: int = 64, lr: float = 2e-3):
     visual = model.model.visual
     merger = visual.merger
-    ck = Checkpoint(NAME, "words")
-    opt = torch.optim.AdamW(merger.parameters(), lr=lr)
-    start = ck.load({"merger": merger, "opt": opt})
-    targets = word_targets(model, proc.tokenizer)
-    merger.requires_grad_(True)
-    t0 = time.time()
-    for step in range(start, steps):
+
+    def words_at(step):
         scenes, pv, grids = image_batch(proc, 40_000_000 + step * batch, batch)
-        slot = cell_labels(scenes, grids)[2]
-        with torch.no_grad():
-            h = visual(pv, grid_thw=grids).last_hidden_state
-        loss = F.mse_loss(merger(h), targets[slot]) / targets.pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            log("words", step, time.time() - t0, rel_mse=loss.item())
-    if start < steps:
-        ck.save(steps, {"merger": merger, "opt": opt})
+        return visual(pv, grid_thw=grids).last_hidden_state, cell_labels(scenes, grids)[2]
+
+    words_loop(Checkpoint(NAME, "words"), "merger", merger, word_targets(model, proc.tokenizer), steps,
+               words_at, lr=lr)
     merger.requires_grad_(False)
 
 
@@ -186,21 +162,12 @@ def train_align(model, proc, steps: int, batch: int, weights: Path, turns: int =
     ck = Checkpoint(NAME, "align")
     parts = {"visual": visual, "lora": nn.ModuleDict({k.replace(".", "_"): m for k, m in loras.items()}),
              "opt": opt}
-    start = ck.load(parts)
-    t0 = time.time()
-    for step in range(start, steps):
-        set_lr(opt, 5e-4, step, steps, warmup=5)
-        x, rows, pos, tg = align_batch(proc, step, batch, turns)
-        loss, acc = lm_loss(model, x, rows, pos, tg)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        log("align", step, time.time() - t0, loss=loss.item(), token_acc=acc)
-        if (step + 1) % 5 == 0 or step == steps - 1:
-            ck.save(step + 1, parts)
-            weights.mkdir(parents=True, exist_ok=True)
-            save_file(qwen2vl.trained_state(model, lora_state(loras)), str(weights / "model.safetensors"))
+
+    def export():
+        weights.mkdir(parents=True, exist_ok=True)
+        save_file(qwen2vl.trained_state(model, lora_state(loras)), str(weights / "model.safetensors"))
+
+    align_loop(ck, parts, steps, model, proc, batch, turns, export)
 
 
 def main(tower_steps: int = 2600, words_steps: int = 150, align_steps: int = 400, align_batch: int = 6,
