@@ -4,20 +4,15 @@ import torch
 
 
 @pytest.mark.slow
-def test_llava_trainer_smoke_run_resumes_and_exports(tmp_path, monkeypatch):
+def test_llava_trainer_smoke_run_resumes_and_exports(train_cache, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from vlmtools.zoo import llava, llava_train
-    from vlmtools.zoo.lm import smollm2_dir
 
-    lm = smollm2_dir()
-    monkeypatch.setenv("VLMTOOLS_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / lm.name).symlink_to(lm)  # no second dequantisation
     monkeypatch.setattr(llava, "WEIGHTS", tmp_path / "weights")  # never the shipped file
     tower = llava_train.train_tower(2, batch=2)
     llava_train.train_align(tower.state_dict(), 1, 2, batch=1, turns=2)
-    ckpts = tmp_path / "cache" / "train" / "llava-shapes"
+    ckpts = train_cache / "train" / "llava-shapes"
     assert {p.name for p in ckpts.iterdir()} == {"tower.pt", "words.pt", "align.pt"}
     llava_train.train_align(tower.state_dict(), 1, 3, batch=1, turns=2)  # resumes: one more align step
     assert torch.load(ckpts / "align.pt", weights_only=False)["step"] == 3

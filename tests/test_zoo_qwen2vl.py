@@ -97,20 +97,15 @@ def test_evaluation_reports_every_question_type(qwen):
 
 
 @pytest.mark.slow
-def test_trainer_smoke_run_resumes_and_exports(tmp_path, monkeypatch):
+def test_trainer_smoke_run_resumes_and_exports(train_cache, tmp_path):
     from safetensors.torch import load_file
     from transformers import Qwen2VLForConditionalGeneration
 
     from vlmtools.zoo import qwen2vl, qwen2vl_train
-    from vlmtools.zoo.lm import smollm2_dir
 
-    lm = smollm2_dir()
-    monkeypatch.setenv("VLMTOOLS_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / lm.name).symlink_to(lm)  # no second dequantisation
     weights = tmp_path / "weights"
     qwen2vl_train.main(3, 3, 3, 1, tower_batch=4, weights=weights)
-    ckpts = tmp_path / "cache" / "train" / "qwen2vl-shapes"
+    ckpts = train_cache / "train" / "qwen2vl-shapes"
     assert {p.name for p in ckpts.iterdir()} == {"tower.pt", "words.pt", "align.pt"}
     qwen2vl_train.main(3, 3, 4, 1, tower_batch=4, weights=weights)  # resumes: one more align step
     assert torch.load(ckpts / "align.pt", weights_only=False)["step"] == 4
