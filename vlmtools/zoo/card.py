@@ -1,7 +1,7 @@
 """The sink section of the zoo's model card (docs/zoo.md), measured, never typed in.
 
-``python -m vlmtools.zoo.card llava-shapes|flux-shapes [--n N]`` prints JSON and
-a markdown summary. Everything goes through the shared sink detector and the
+``python -m vlmtools.zoo.card llava-shapes|flux-shapes [--n N]`` prints the
+numbers as JSON (docs/zoo.md states them in prose). Everything goes through the shared sink detector and the
 seam's recorders, on ``N`` held-out scenes:
 
 - VLM: per layer, the share of heads whose column mass on the first token
@@ -105,7 +105,7 @@ def vlm_card(model, processor, n: int) -> dict:
 def dit_card(pipe, n: int, t: float = 0.3) -> dict:
     from .. import wrap
     from ..sinks import SinkDetector
-    from .flux import IMAGE_SIZE, MAX_TOKENS, letterbox
+    from .flux import MAX_TOKENS, letterbox
 
     dit = wrap(pipe.transformer)
     detector = SinkDetector(["global_sink"])
@@ -116,12 +116,7 @@ def dit_card(pipe, n: int, t: float = 0.3) -> dict:
         image = letterbox(scene)[0][None]
         noise = torch.randn(pipe.image_tokens(image).shape, generator=torch.Generator().manual_seed(i))
         x_t, _ = pipe.denoise_input(image, torch.tensor([t]), noise=noise)
-        emb, pooled, txt_ids = pipe.encode_prompt([expr])
-        side = IMAGE_SIZE // pipe.vae_scale_factor // 2
-        kwargs = dict(hidden_states=x_t, encoder_hidden_states=emb, pooled_projections=pooled,
-                      timestep=torch.tensor([t]), img_ids=pipe._prepare_latent_image_ids(1, side, side),
-                      txt_ids=txt_ids, return_dict=False)
-        report = detector.detect(dit, kwargs)
+        report = detector.detect(dit, pipe.transformer_inputs(x_t, torch.tensor([t]), *pipe.encode_prompt([expr])))
         words = int((pipe.tokenize([expr])[0] != pipe.tokenizer.pad_token_id).sum())
         for f in report.findings:
             where = "image" if f.token >= MAX_TOKENS else ("word" if f.token < words else "padding")

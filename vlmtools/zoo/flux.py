@@ -134,12 +134,15 @@ class ShapesFluxPipeline:
         tt = t.view(-1, 1, 1)
         return (1 - tt) * x0 + tt * noise, noise - x0
 
-    def forward(self, x_t, t, prompt_embeds, pooled, text_ids, **kwargs):
+    def transformer_inputs(self, x_t, t, prompt_embeds, pooled, text_ids) -> dict:
+        """The keyword arguments of one transformer call (image ids for the 64 px grid)."""
         side = IMAGE_SIZE // self.vae_scale_factor // 2
-        img_ids = self._prepare_latent_image_ids(1, side, side)
-        return self.transformer(hidden_states=x_t, encoder_hidden_states=prompt_embeds,
-                                pooled_projections=pooled, timestep=t, img_ids=img_ids,
-                                txt_ids=text_ids, return_dict=False, **kwargs)[0]
+        return dict(hidden_states=x_t, encoder_hidden_states=prompt_embeds, pooled_projections=pooled,
+                    timestep=t, img_ids=self._prepare_latent_image_ids(1, side, side), txt_ids=text_ids,
+                    return_dict=False)
+
+    def forward(self, x_t, t, prompt_embeds, pooled, text_ids, **kwargs):
+        return self.transformer(**self.transformer_inputs(x_t, t, prompt_embeds, pooled, text_ids), **kwargs)[0]
 
     @torch.no_grad()
     def __call__(self, prompt, num_inference_steps: int = 20, generator=None):
