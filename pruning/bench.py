@@ -43,12 +43,6 @@ def configs(hosts: list[str]) -> list[Config]:
     return out
 
 
-def first_word(text: str) -> str:
-    """The answer's first word, lower case, without trailing punctuation."""
-    words = text.strip().lower().split()
-    return words[0].strip(".,") if words else ""
-
-
 def padding_reader(vlm):
     """``inputs -> letterbox mask`` when the image processor letterboxes (LLaVA-1.5's ``do_pad``), else None."""
     from . import letterbox_padding
@@ -88,7 +82,7 @@ def prune_bench_command(args) -> int:
     on held-out zoo questions; a Markdown table and a JSON file. Shards across processes under
     torchrun / accelerate launch."""
     from vlmtools import bench, shard
-    from vlmtools.inputs import chat_inputs, greedy
+    from vlmtools.inputs import chat_inputs, first_word, greedy
     from vlmtools.zoo import world
 
     from . import HOSTS as CLASSES

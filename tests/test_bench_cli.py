@@ -92,3 +92,11 @@ def test_bench_names_are_checked_against_what_exists():
     assert chosen("fastv,dart", ["fastv", "pdrop", "dart"], "hosts") == ["fastv", "dart"]
     with pytest.raises(ValueError, match=r"unknown hosts \['fastvv'\]; available: fastv, pdrop"):
         chosen("fastv,fastvv", ["fastv", "pdrop"], "hosts")
+
+
+def test_answers_are_scored_by_their_first_word():
+    from vlmtools.inputs import first_word
+
+    assert first_word(" Blue. It is blue") == "blue"
+    assert first_word("3,") == "3"
+    assert first_word("  ") == ""

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .inputs import chat_inputs
+from .inputs import chat_inputs, first_word
 
 KEEP, LAYER = 16, 2  # 144 -> 16 visual tokens (11%, LLaVA-1.5's 576 -> 64), dropped from layer 2
 
@@ -94,8 +94,8 @@ class QuestionRunner:
             with self.vlm.use(*interventions):
                 out = self.vlm.model.generate(**batch, max_new_tokens=4, do_sample=False)
             seconds += time.perf_counter() - start
-            words = tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).lower().split()
-            answers.append(words[0].strip(".,") if words else "")
+            new_tokens = out[0, batch["input_ids"].shape[1]:]
+            answers.append(first_word(tokenizer.decode(new_tokens, skip_special_tokens=True)))
         return answers, seconds
 
     def accuracy(self, answers: list[str]) -> float:

@@ -38,3 +38,9 @@ def greedy(vlm, inputs: dict, *interventions, max_new_tokens: int = 4) -> list[s
     with torch.no_grad(), vlm.use(*interventions):
         out = vlm.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return vlm.processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def first_word(text: str) -> str:
+    """A one-word answer as scored: the text's first word, lower case, without trailing punctuation."""
+    words = text.strip().lower().split()
+    return words[0].strip(".,") if words else ""

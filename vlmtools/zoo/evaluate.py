@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 import vlmtools
+from vlmtools.inputs import first_word
 from vlmtools.masks import heatmap_to_mask, iou, upsample
 from vlmtools.record import RecordBlock
 
@@ -29,9 +30,8 @@ def answer(model, processor, images, questions, prompt_fn, batch: int = 16) -> l
         x = processor(images=images[i:i + batch], text=texts, return_tensors="pt", padding=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             gen = model.generate(**x, max_new_tokens=4, do_sample=False)
-        for seq in processor.tokenizer.batch_decode(gen[:, x["input_ids"].shape[1]:], skip_special_tokens=True):
-            words = seq.strip().lower().split()
-            out.append(words[0].strip(".,") if words else "")
+        out += map(first_word, processor.tokenizer.batch_decode(gen[:, x["input_ids"].shape[1]:],
+                                                                skip_special_tokens=True))
     return out
 
 
