@@ -54,15 +54,6 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def zoo_blocks(model: str) -> tuple[str, ...] | None:
-    """The zoo DiT's measured blocks; None (RefAM's per-family default) for any other pipeline."""
-    if model != ZOO:
-        return None
-    from vlmtools.zoo.flux import REFAM_BLOCKS
-
-    return REFAM_BLOCKS
-
-
 def settings_from(args: argparse.Namespace, **changes):
     from .refam import RefAMSettings
 
@@ -75,7 +66,7 @@ def settings_from(args: argparse.Namespace, **changes):
         sinks=args.sinks,
         words=args.words,
         padding=args.padding,
-        blocks=tuple(args.blocks) if args.blocks else zoo_blocks(args.model),
+        blocks=tuple(args.blocks) if args.blocks else None,
         heads=tuple(args.heads) if args.heads else None,
         threshold=threshold,
     )

@@ -2,7 +2,7 @@
 
 POPE asks "Is there a <colour shape> in the image?" with balanced yes/no labels on the random,
 popular and adversarial splits of the shapes world (``vlmtools.zoo.world.pope``); CHAIR scores free
-captions ("Describe the image.") against each scene's exact colour-shape objects. Every method runs
+captions (``world.DESCRIBE_PROMPT``, the prompt the zoo VLMs were trained to answer with an object listing) against each scene's exact colour-shape objects. Every method runs
 under ``vlm.use`` around a plain batched, left-padded greedy ``generate`` with its default settings;
 GIFT gets each prompt's question, so that it reads gaze shifts from the question's words only.
 A method's recorded settings are those of its first batch (VAR's sink dimensions and GIFT's chosen
@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 
 METHODS = ("greedy", "var", "gift", "paint")
-CAPTION_PROMPT = "Describe the image."
 
 
 def intervention(method: str, questions: list[str]):
@@ -42,7 +41,7 @@ def hallucination_bench_command(args) -> int:
     # one task list per method: the POPE questions, then the captions; (scene, prompt, max new tokens)
     pope_items = [(kind, *triple) for kind in POPE_SPLITS for triple in world.pope("test", args.scenes, kind)]
     tasks = [(scene, question, args.pope_tokens) for _, scene, question, _ in pope_items]
-    tasks += [(scene, CAPTION_PROMPT, args.caption_tokens) for scene in range(args.captions)]
+    tasks += [(scene, world.DESCRIBE_PROMPT, args.caption_tokens) for scene in range(args.captions)]
     images = {scene: world.scene("test", scene).image for scene, _, _ in tasks}
     n = len(tasks)
 

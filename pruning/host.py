@@ -29,8 +29,6 @@ from vlmtools.sinks import model_signature, visual_sink_positions
 
 from .debias import Debias, Trend, debiased, model_key
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
-
 
 class SiteRows(AttentionHook):
     """The latest prefill's head-mean attention rows (and keys) at one site, for a host's score.
@@ -80,7 +78,8 @@ class Host:
     attention_based: ClassVar[bool] = True
     reads_previous_layer: ClassVar[bool] = False
     """The score reads the layer before each drop layer (which must then be >= 1)."""
-    families: ClassVar[tuple[str, ...]] = FAMILIES
+    families: ClassVar[tuple[str, ...] | None] = None
+    """Families the host is limited to; None: every VLM adapter (LM-side hosts read only the layout)."""
 
     def __init__(self, keep: int | float, layers: tuple[int, ...], debias: bool | Debias = False,
                  padding: torch.Tensor | None = None):
@@ -133,7 +132,9 @@ class Host:
         return f"{model_key(vlm)}__{self.name}__L{self.layers[stage]}"
 
     def attach(self, vlm, plan: Plan) -> None:
-        if vlm.family not in self.families:
+        if vlm.adapter.kind != "vlm":
+            raise ValueError(f"{self.name} prunes a VLM's visual tokens; {vlm.family} is a {vlm.adapter.kind}")
+        if self.families is not None and vlm.family not in self.families:
             raise ValueError(f"{self.name} supports {', '.join(self.families)}; not {vlm.family}. {self.unsupported()}")
         if self.layers[-1] >= vlm.num_layers:
             raise ValueError(f"{self.name}: drop layer {self.layers[-1]} >= the model's {vlm.num_layers} layers")

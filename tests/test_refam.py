@@ -422,9 +422,13 @@ def test_when_every_word_is_a_sink_the_heatmap_is_flat_and_the_mask_empty():
     assert {s["role"] for s in seg.sinks} >= {"content", "image"}
 
 
-def test_segment_cli_reads_the_zoo_models_measured_blocks_and_the_family_default_elsewhere():
-    from grounding.cli import ZOO, zoo_blocks
+def test_blocks_come_from_the_settings_then_the_source_then_the_family_default():
+    from grounding.refam.method import default_blocks
+    from vlmtools import zoo
     from vlmtools.zoo.flux import REFAM_BLOCKS
 
-    assert zoo_blocks(ZOO) == REFAM_BLOCKS
-    assert zoo_blocks("/models/FLUX.1-dev") is None
+    pipe = zoo.load("flux-shapes")
+    assert RefAM(pipe).blocks == REFAM_BLOCKS != default_blocks(vlmtools.wrap(pipe.transformer))
+    assert RefAM(pipe, RefAMSettings(blocks=("dit.single.1",))).blocks == ("dit.single.1",)
+    model, _, _ = tiny("flux")
+    assert RefAM(model).blocks == default_blocks(vlmtools.wrap(model))

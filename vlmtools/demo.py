@@ -191,15 +191,14 @@ def hallucination_section(report: Report, runner: QuestionRunner, plain: list[st
 
 
 def grounding_section(report: Report, n: int) -> None:
-    from grounding import RefAM, RefAMSettings
+    from grounding import RefAM
     from grounding.masks import overlay
     from grounding.metrics import SegmentationScores
     from grounding.refam.evaluate import zoo_samples
 
     from . import zoo
-    from .zoo.flux import REFAM_BLOCKS
 
-    refam = RefAM(zoo.load("flux-shapes"), RefAMSettings(blocks=REFAM_BLOCKS))
+    refam = RefAM(zoo.load("flux-shapes"))
     scores, pictures = SegmentationScores(), []
     for sample in zoo_samples(n):
         seg = refam.segment(sample.image, sample.expression)

@@ -32,7 +32,8 @@ from .source import EncodedPrompt, source_for
 class RefAMSettings:
     """Every choice RefAM makes; recorded in each result (``seg.settings``).
 
-    ``blocks`` are site names (``dit.double.0``); None takes :func:`default_blocks`.
+    ``blocks`` are site names (``dit.double.0``); None takes the source's measured blocks
+    (flux-shapes: ``vlmtools.zoo.flux.REFAM_BLOCKS``), else :func:`default_blocks`.
     ``heads`` index the heads averaged (None: all). ``words``: ``content`` reads the
     content words, ``expression`` every word of the expression (no stop-word
     filtering), ``all`` every real token (magnets and special tokens too).
@@ -71,12 +72,10 @@ class RefAMSettings:
 def default_blocks(dit) -> tuple[str, ...]:
     """FLUX: the first half of the single-stream blocks; SD3: the middle third of the joint blocks.
 
-    FLUX: measured on flux-shapes (4 double + 2 single blocks, training step 75, 24 ``val``
-    expressions, each block alone): mIoU 0.115 for ``dit.single.0``, 0.064 for ``dit.single.1``,
-    0.104 for both, 0.01-0.04 for each double block and 0.041 for all six (whole image 0.019,
-    centre box 0.043); rerun with ``benchmarks/grounding_quality.py --sweep-blocks``. (ZOO-NOTES'
-    earlier DiT with a 1-layer text encoder localised in its first double blocks instead.)
-    SD3: nothing measured here; the middle third follows the paper's "middle-to-late blocks".
+    The paper reads "middle-to-late blocks" of real checkpoints; nothing of full size was
+    measured here. A source that knows its model's best blocks overrides this (the zoo's
+    flux-shapes localises in its first double block: ``vlmtools.zoo.flux.REFAM_BLOCKS``,
+    measured with ``benchmarks/grounding_quality.py --sweep-blocks``).
     """
     names = [site.name for site in dit.sites]
     single = [n for n in names if n.startswith("dit.single.")]
@@ -153,7 +152,7 @@ class RefAM:
         self.source = source_for(model, **source_options)
         self.dit = vlmtools.wrap(self.source.transformer)
         self.settings = settings or RefAMSettings()
-        self.blocks = self.settings.blocks or default_blocks(self.dit)
+        self.blocks = self.settings.blocks or self.source.blocks or default_blocks(self.dit)
         order = [site.name for site in self.dit.sites]
         for name in self.blocks:
             self.dit.site(name)  # LookupError naming the sites

@@ -36,6 +36,8 @@ class Source:
 
     family = ""
     multiple = 1  # image sides must be multiples of this
+    blocks: tuple[str, ...] | None = None
+    """Blocks measured best for this source's model; None: RefAM's per-family ``default_blocks``."""
 
     def __init__(self, transformer: torch.nn.Module):
         self.transformer = transformer
@@ -146,8 +148,10 @@ class ZooFluxSource(FluxTransformerSource):
     """The zoo's ``flux-shapes``: 64 x 64 RGB images, SmolLM2 prompts padded to 32 without a mask."""
 
     def __init__(self, pipe):
+        from vlmtools.zoo.flux import REFAM_BLOCKS
+
         super().__init__(pipe.transformer)
-        self.pipe = pipe
+        self.pipe, self.blocks = pipe, REFAM_BLOCKS
 
     def check_image(self, image):
         from vlmtools.zoo.flux import IMAGE_SIZE

@@ -28,7 +28,7 @@ IMAGE_SIZE, MAX_TOKENS, TEXT_LAYERS = 64, 32, 6
 LATENT_CHANNELS = 12
 WEIGHTS = Path(__file__).parent / "weights" / "flux-shapes"
 REFAM_BLOCKS = ("dit.double.0",)
-"""The block RefAM reads on flux-shapes: the best one alone on ``val`` expressions
+"""The block RefAM reads on flux-shapes (its source's ``blocks``): the best one alone on ``val`` expressions
 (``benchmarks/grounding_quality.py --sweep-blocks``: mIoU 0.286, against 0.057 for
 ``dit.single.0``, which RefAM's FLUX default would read)."""
 

@@ -13,7 +13,9 @@
    learns these "slots" in stage 1).
 3. ``align``: tower, projector and a rank-8 LoRA on every LM linear layer,
    trained through the LM on multi-turn chats (several one-word answers per
-   image, the loss and the LM head only at answer positions, bf16 autocast).
+   image, half of the chats opening with "Describe the image." answered by the
+   object listing, the loss and the LM head only at answer positions, bf16
+   autocast).
 
 Scene indices come from the step number, so resuming replays nothing.
 """
@@ -200,18 +202,23 @@ def lora_state(loras: dict[str, LoRA]) -> dict:
     return {f"{k}.{p}": getattr(m, p).detach() for k, m in loras.items() for p in ("A", "B")}
 
 
-def chat(proc, scene, rng, turns: int):
-    """A multi-turn chat of one-word answers about one scene: every type once, then again."""
+def chat(proc, scene, rng, turns: int, describe: float = 0.5):
+    """A multi-turn chat about one scene: with probability ``describe`` first "Describe the
+    image." answered by the left-to-right object listing, then one-word answers, every
+    question type once, then again."""
     qs = scene.questions()
     by_type = {t: [q for q in qs if q.type == t] for t in W.QUESTION_TYPES}
     types = [t for t in rng.permutation(W.QUESTION_TYPES) if by_type[t]]
     types = (types + [t for t in rng.permutation(W.QUESTION_TYPES) if by_type[t]])[:turns]
-    msgs = []
-    for i, t in enumerate(types):
+    pairs = [(W.DESCRIBE_PROMPT, scene.listing())] if rng.random() < describe else []
+    for t in types:
         q = by_type[t][rng.integers(len(by_type[t]))]
         text = q.question.replace("?", " in the image?") if t == "existence" and rng.random() < 0.5 else q.question
+        pairs.append((text, q.answer))
+    msgs = []
+    for i, (text, answer) in enumerate(pairs):
         content = [{"type": "image"}, {"type": "text", "text": text}] if i == 0 else [{"type": "text", "text": text}]
-        msgs += [{"role": "user", "content": content}, {"role": "assistant", "content": q.answer}]
+        msgs += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
     return proc.apply_chat_template(msgs)
 
 

@@ -25,6 +25,7 @@ NUMBERS = ("zero", "one", "two", "three", "four", "five")
 # Seed ranges: training draws indices below 10**9, held-out splits live above.
 SPLITS = {"train": 0, "val": 2_000_000_000, "test": 3_000_000_000}
 QUESTION_TYPES = ("existence", "colour", "shape", "count", "position")
+DESCRIBE_PROMPT = "Describe the image."  # answered with Scene.listing() in the VLMs' training chats
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,13 @@ class Scene:
     # ---- text -------------------------------------------------------------
     def caption(self) -> str:
         """Short caption naming every object, e.g. 'a large red circle and a small blue cross'."""
-        parts = [_a(f"{o.size} {o.colour} {o.shape}") for o in self.objects]
-        body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-        return f"{body} on a {self.background} background"
+        return f"{_join([_a(f'{o.size} {o.colour} {o.shape}') for o in self.objects])} on a {self.background} background"
+
+    def listing(self) -> str:
+        """Every object by colour and shape, left to right: 'A red circle, a blue cross and a
+        green square.' (what the zoo VLMs learn to say to ``DESCRIBE_PROMPT``; CHAIR reads it)."""
+        body = _join([_a(o.name) for o in sorted(self.objects, key=lambda o: o.cx)])
+        return body[0].upper() + body[1:] + "."
 
     def description(self) -> str:
         """Longer description: the count, then each object with its place."""
@@ -145,6 +150,10 @@ class Question:
     question: str
     answer: str
     type: str
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 def _a(phrase: str) -> str:
