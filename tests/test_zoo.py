@@ -55,6 +55,35 @@ def test_answers_follow_from_the_scene():
                 assert q.answer == str(len(s.objects))
 
 
+def test_listing_names_every_object_left_to_right():
+    for i in range(30):
+        s = W.scene("test", i)
+        text = s.listing()
+        assert text[0].isupper() and text.endswith(".")
+        items = text[:-1].lower().replace(" and ", ", ").split(", ")
+        names = [item.split(" ", 1)[1] for item in items]  # without "a " / "an "
+        assert names == [o.name for o in sorted(s.objects, key=lambda o: o.cx)]
+
+
+def test_training_chats_open_with_the_describe_prompt_about_half_the_time():
+    from vlmtools.zoo import llava
+    from vlmtools.zoo.llava_train import answer_positions, chat
+
+    proc = llava.build_processor()
+    rng = np.random.default_rng(0)
+    scenes = [W.scene("train", i) for i in range(20)]
+    chats = [chat(proc, s, rng, turns=3) for s in scenes]
+    described = [c for c in chats if W.DESCRIBE_PROMPT in c]
+    assert 4 <= len(described) <= 16
+    for s, c in zip(scenes, chats):
+        if c in described:
+            assert c.index(W.DESCRIBE_PROMPT) < c.index(s.listing()) < c.index("<|im_end|>\n<|im_start|>user")
+    ids = proc.tokenizer(described[0], return_tensors="pt")["input_ids"]
+    rows, pos = answer_positions(ids)
+    answers = proc.tokenizer.decode(ids[rows, pos + 1])
+    assert answers.startswith(proc.tokenizer.decode(proc.tokenizer.encode(scenes[chats.index(described[0])].listing())))
+
+
 def test_pope_negatives_are_absent_and_balanced():
     for kind in ("random", "popular", "adversarial"):
         triples = W.pope("test", 20, kind)
