@@ -11,19 +11,22 @@ def wide_scene():
 
 def test_patch_kinds_marks_letterbox_rows_and_object_patches():
     scene = wide_scene()
-    kinds = card.patch_kinds(scene, image_size=96, patch=8).reshape(12, 12)
+    kinds = card.patch_kinds(scene, (12, 12), letterbox=True).reshape(12, 12)
     pad_rows = (scene.width - scene.height) * 96 // scene.width // 2 // 8  # whole padded patch rows per side
     assert pad_rows >= 1
     assert (kinds[:pad_rows] == "letterbox").all() and (kinds[-pad_rows:] == "letterbox").all()
     assert "letterbox" not in kinds[:, 0][pad_rows + 1:-pad_rows - 1]
     assert (kinds == "object").sum() >= len(scene.objects)
+    native = card.patch_kinds(scene, (6, 8), letterbox=False)  # Qwen-VL: the scene as it is
+    assert "letterbox" not in native and (native == "object").sum() >= len(scene.objects)
 
 
 @pytest.mark.slow
-def test_vlm_card_measures_every_layer():
+@pytest.mark.parametrize("name", ["llava-shapes", "qwen2vl-shapes"])
+def test_vlm_card_measures_every_layer(name):
     from vlmtools.zoo import load
 
-    model, processor = load("llava-shapes")
+    model, processor = load(name)
     out = card.vlm_card(model, processor, n=1)
     layers = model.config.text_config.num_hidden_layers
     assert len(out["first_token_sink_share_per_layer"]) == layers

@@ -1,6 +1,6 @@
 """The sink section of the zoo's model card (docs/zoo.md), measured, never typed in.
 
-``python -m vlmtools.zoo.card llava-shapes|flux-shapes [--n N]`` prints the
+``python -m vlmtools.zoo.card llava-shapes|qwen2vl-shapes|flux-shapes [--n N]`` prints the
 numbers as JSON (docs/zoo.md states them in prose). Everything goes through the shared sink detector and the
 seam's recorders, on ``N`` held-out scenes:
 
@@ -30,17 +30,17 @@ from . import world as W
 VISUAL_CRITERIA = ("column_mass", "sink_dims", "massive", "value_drain")
 
 
-def patch_kinds(scene, image_size: int, patch: int) -> np.ndarray:
-    """Per patch of the letterboxed square (raster order): 'object' when an object
-    covers >= 20% of it, 'letterbox' when it lies wholly in the padding, else 'background'."""
-    side = max(scene.width, scene.height)
-    ox, oy = (side - scene.width) // 2, (side - scene.height) // 2
-    grid = image_size // patch
-    canvas = torch.zeros(2, side, side)
+def patch_kinds(scene, grid: tuple[int, int], letterbox: bool) -> np.ndarray:
+    """Per visual token (raster order of its ``(rows, cols)`` grid): 'object' when an object
+    covers >= 20% of its cell, 'letterbox' when the cell lies wholly in the padding of a
+    letterboxed (LLaVA-1.5) image, else 'background'. Qwen-VL sees the scene as it is."""
+    w, h = (max(scene.width, scene.height),) * 2 if letterbox else (scene.width, scene.height)
+    ox, oy = (w - scene.width) // 2, (h - scene.height) // 2
+    canvas = torch.zeros(2, h, w)
     canvas[0, oy:oy + scene.height, ox:ox + scene.width] = torch.from_numpy(scene.masks.any(0)).float()
     canvas[1, oy:oy + scene.height, ox:ox + scene.width] = 1
     obj, inside = F.adaptive_avg_pool2d(canvas, grid).flatten(1)
-    kinds = np.full(grid * grid, "background", dtype=object)
+    kinds = np.full(grid[0] * grid[1], "background", dtype=object)
     kinds[(inside == 0).numpy()] = "letterbox"
     kinds[(obj >= 0.2).numpy()] = "object"
     return kinds
@@ -51,9 +51,10 @@ def vlm_card(model, processor, n: int) -> dict:
     from .. import wrap
     from ..record import RecordColumnMass, RecordRows
     from ..sinks import SinkDetector
-    from .llava import IMAGE_SIZE, PATCH, prompt
+    from .llava import prompt
 
     vlm = wrap(model, processor)
+    letterbox = getattr(processor.image_processor, "do_pad", False)
     detector = SinkDetector()
     layers = vlm.num_layers
     first = np.zeros((n, layers))
@@ -68,10 +69,10 @@ def vlm_card(model, processor, n: int) -> dict:
         roles = [t["role"] for t in report.tokens[0]]
         first[i] = report.scores["column_mass"][0, :, roles.index("first")].nan_to_num().numpy()
         massive_dims.update(d for f in report.sinks("massive") for d in f.dims)
-        kinds = patch_kinds(scene, IMAGE_SIZE, PATCH)
-        layout = vlm.layout(inputs)
-        span = layout.samples[0].images[0]
-        cols = int(span.grid[1])
+        span = vlm.layout(inputs).samples[0].images[0]
+        grid = tuple(int(g) for g in span.grid)
+        kinds = patch_kinds(scene, grid, letterbox)
+        cols = grid[1]
         sunk = {f.token: kinds[f.row * cols + f.col] for f in report.findings
                 if f.role == "visual" and f.criterion in VISUAL_CRITERIA}
         per_image.append(len(sunk))
@@ -133,10 +134,10 @@ def dit_card(pipe, n: int, t: float = 0.3) -> dict:
 
 
 def main(argv=None):
-    from . import load
+    from . import MODELS, load
 
     ap = argparse.ArgumentParser(prog="python -m vlmtools.zoo.card")
-    ap.add_argument("name", choices=["llava-shapes", "flux-shapes"])
+    ap.add_argument("name", choices=MODELS)
     ap.add_argument("--n", type=int, default=32, help="held-out scenes")
     args = ap.parse_args(argv)
     if args.name == "flux-shapes":
