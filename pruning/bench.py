@@ -10,11 +10,13 @@ test split: rank 0 fits it, every process gets it), letterbox padding read from 
 (when the image processor letterboxes, as LLaVA-1.5's does) and visual-sink suppression.
 
 vlmtools prune-bench --questions 200                          # every host, the zoo's llava-shapes
+vlmtools prune-bench --model qwen2vl-shapes                   # hosts the family cannot run are skipped, with why
 vlmtools prune-bench --model /models/llava-1.5-7b-hf --hosts fastv,visionzip --device cuda
 torchrun --nproc_per_node 4 -m vlmtools.cli prune-bench       # the same numbers, four processes
 """
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -89,8 +91,13 @@ def prune_bench_command(args) -> int:
     from . import Debias, calibration_path
 
     started = time.time()
-    hosts = bench.chosen(args.hosts, CLASSES, "hosts")
     vlm = bench.load(args)
+    hosts = []
+    for name in bench.chosen(args.hosts, CLASSES, "hosts"):
+        refusal = CLASSES[name].refusal(vlm)
+        if refusal and shard.is_main():
+            print(f"prune-bench: skipping {name}: {refusal}", file=sys.stderr)
+        hosts += [] if refusal else [name]
     trends = calibrated(vlm, hosts, args.calibration_samples, args.calibration) if args.calibration_samples else {}
     items = world.qa_items("test", args.n)
     images = [world.scene("test", s).image for s, _ in items]

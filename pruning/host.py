@@ -132,10 +132,9 @@ class Host:
         return f"{model_key(vlm)}__{self.name}__L{self.layers[stage]}"
 
     def attach(self, vlm, plan: Plan) -> None:
-        if vlm.adapter.kind != "vlm":
-            raise ValueError(f"{self.name} prunes a VLM's visual tokens; {vlm.family} is a {vlm.adapter.kind}")
-        if self.families is not None and vlm.family not in self.families:
-            raise ValueError(f"{self.name} supports {', '.join(self.families)}; not {vlm.family}. {self.unsupported()}")
+        refusal = self.refusal(vlm)
+        if refusal:
+            raise ValueError(refusal)
         if self.layers[-1] >= vlm.num_layers:
             raise ValueError(f"{self.name}: drop layer {self.layers[-1]} >= the model's {vlm.num_layers} layers")
         self.vlm, self.state = vlm, plan.state
@@ -145,8 +144,17 @@ class Host:
         self.drop = DropTokens({layer: partial(self._choose, stage) for stage, layer in enumerate(self.layers)})
         self.drop.attach(vlm, plan)
 
-    def unsupported(self) -> str:
-        return ""
+    @classmethod
+    def refusal(cls, vlm) -> str | None:
+        """Why this host cannot run on ``vlm``; None when it can."""
+        if vlm.adapter.kind != "vlm":
+            return f"{cls.name} prunes a VLM's visual tokens; {vlm.family} is a {vlm.adapter.kind}"
+        if cls.families is not None and vlm.family not in cls.families:
+            return f"{cls.name} supports {', '.join(cls.families)}; not {vlm.family}. {cls.unsupported}"
+        return None
+
+    unsupported: ClassVar[str] = ""
+    """What to use instead on a family outside ``families``."""
 
     def present_at(self, layer: int, batch: int, length: int, device) -> torch.Tensor:
         """Original positions present in ``layer`` during the current prefill, ``(B, n)``."""

@@ -31,9 +31,8 @@ class _ClsHost(Host):
         super().__init__(keep, (0,), **kwargs)
         self.vision_layer: int | None = None
 
-    def unsupported(self):
-        return ("It ranks by the vision encoder's [CLS] attention and Qwen2-VL / Qwen2.5-VL encoders have no [CLS] "
-                "token: use FastV, PDrop, SparseVLM or DART there.")
+    unsupported = ("It ranks by the vision encoder's [CLS] attention and Qwen2-VL / Qwen2.5-VL encoders have no [CLS] "
+                   "token: use FastV, PDrop, SparseVLM or DART there.")
 
     def add_scorers(self, vlm, plan):
         config = vlm.model.config

@@ -52,6 +52,17 @@ def test_prune_bench_records_every_host_ratio_and_setting(folder, tmp_path, caps
     assert "| fastv +debias |" in capsys.readouterr().out
 
 
+def test_prune_bench_skips_hosts_the_family_cannot_run_and_says_why(folder, tmp_path, capsys, monkeypatch,
+                                                                      one_thread):
+    from pruning import FastV
+
+    monkeypatch.setattr(FastV, "families", ("qwen2_vl",))  # as VisionZip / FasterVLM on Qwen-VL
+    out = tmp_path / "prune.json"
+    assert main(["prune-bench", "--model", folder, *PRUNE, "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["results"]["accuracy"].keys() == {"none", "random"}
+    assert "skipping fastv: fastv supports qwen2_vl; not llava" in capsys.readouterr().err
+
+
 def test_hallucination_bench_scores_pope_and_chair_per_method(folder, tmp_path, capsys, one_thread):
     out = tmp_path / "hallucination.json"
     args = ["--scenes", "1", "--captions", "2", "--batch", "8", "--caption-tokens", "3", "--threads", "1"]

@@ -189,6 +189,7 @@ def test_bad_input_is_a_clear_error_and_the_model_is_unchanged():
         assert torch.equal(model(**inputs).logits, plain)
         assert model.config.text_config._attn_implementation != "vlmtools"
     qwen, qwen_inputs = tiny("qwen2_vl")
+    assert FastV.refusal(vlmtools.wrap(qwen)) is None and "[CLS]" in VisionZip.refusal(vlmtools.wrap(qwen))
     with pytest.raises(ValueError, match="no \\[CLS\\] token"):
         with vlmtools.wrap(qwen).use(VisionZip(keep=4)):
             qwen(**qwen_inputs)
