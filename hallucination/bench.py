@@ -3,26 +3,68 @@
 POPE asks "Is there a <colour shape> in the image?" with balanced yes/no labels on the random,
 popular and adversarial splits of the shapes world (``vlmtools.zoo.world.pope``); CHAIR scores free
 captions (``world.DESCRIBE_PROMPT``, the prompt the zoo VLMs were trained to answer with an object listing) against each scene's exact colour-shape objects. Every method runs
-under ``vlm.use`` around a plain batched, left-padded greedy ``generate`` with its default settings;
+under ``vlm.use`` around a plain batched, left-padded greedy ``generate``, with its default settings or
+those its ``--methods`` entry gives (``gift:alpha=2.5``);
 GIFT gets each prompt's question, so that it reads gaze shifts from the question's words only.
 A method's recorded settings are those of its first batch (VAR's sink dimensions and GIFT's chosen
 saliency layer are found per batch).
 
 vlmtools hallucination-bench --scenes 40 --captions 60
+vlmtools hallucination-bench --methods greedy,gift:alpha=1,paint:alpha=0.2:beta=0.1   # other strengths
 torchrun --nproc_per_node 4 -m vlmtools.cli hallucination-bench    # the same numbers, four processes
 """
 from __future__ import annotations
 
+import ast
 import time
 
 METHODS = ("greedy", "var", "gift", "paint")
 
 
-def intervention(method: str, questions: list[str]):
-    """A fresh instance of ``method`` for one batch (None for greedy)."""
+def intervention(method: str, settings: dict, questions: list[str]):
+    """A fresh instance of ``method`` with keyword ``settings`` for one batch (None for greedy)."""
     from . import GIFT, PAINT, VAR
 
-    return {"greedy": lambda: None, "var": VAR, "gift": lambda: GIFT(questions=questions), "paint": PAINT}[method]()
+    if method == "greedy":
+        return None
+    if method == "gift":
+        return GIFT(questions=questions, **settings)
+    return {"var": VAR, "paint": PAINT}[method](**settings)
+
+
+def parse_methods(text: str) -> list[tuple[str, str, dict]]:
+    """``--methods`` entries ``NAME[:KEY=VALUE...]`` (``gift:alpha=2.5``, ``paint:alpha=0.35:beta=0.2``) as
+    (entry, method, keyword settings); every entry is built once here, so a bad setting fails before the run."""
+    from vlmtools import bench
+
+    entries = text.split(",")
+    names = bench.chosen(",".join(e.split(":")[0] for e in entries), METHODS, "methods")
+    if len(set(entries)) < len(entries):
+        raise ValueError(f"--methods lists an entry twice: {text}")
+    out = []
+    for entry, name in zip(entries, names):
+        settings = {}
+        for item in entry.split(":")[1:]:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"{entry!r}: settings are KEY=VALUE, got {item!r}")
+            settings[key] = literal(value)
+        if name == "greedy" and settings:
+            raise ValueError(f"{entry!r}: greedy takes no settings")
+        try:
+            intervention(name, settings, ["Is there a red circle?"])
+        except TypeError as error:
+            raise ValueError(f"{entry!r}: {error}") from None
+        out.append((entry, name, settings))
+    return out
+
+
+def literal(value: str):
+    """A setting's value: a Python literal (``2.5``, ``False``, ``(2, 3)``) or else the word itself."""
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
 
 
 def hallucination_bench_command(args) -> int:
@@ -36,7 +78,7 @@ def hallucination_bench_command(args) -> int:
     from .metrics import POPE_SPLITS, chair, pope_by_split
 
     started = time.time()
-    methods = bench.chosen(args.methods, METHODS, "methods")
+    methods = parse_methods(args.methods)
     vlm = bench.load(args)
     # one task list per method: the POPE questions, then the captions; (scene, prompt, max new tokens)
     pope_items = [(kind, *triple) for kind in POPE_SPLITS for triple in world.pope("test", args.scenes, kind)]
@@ -46,10 +88,10 @@ def hallucination_bench_command(args) -> int:
     n = len(tasks)
 
     def run(batch: list[int]) -> list[dict]:
-        method = methods[batch[0] // n]
+        _, method, settings = methods[batch[0] // n]
         scenes, questions, tokens = zip(*(tasks[i % n] for i in batch))
         inputs = chat_inputs(vlm.processor, [images[s] for s in scenes], list(questions), vlm.model.device)
-        edit = intervention(method, list(questions))
+        edit = intervention(method, settings, list(questions))
         texts = greedy(vlm, inputs, *([edit] if edit else []), max_new_tokens=tokens[0])
         records = [{"text": text} for text in texts]
         if edit and batch[0] % n == 0:  # a method's first batch records its settings
@@ -65,7 +107,7 @@ def hallucination_bench_command(args) -> int:
     names = sorted({f"{colour} {shape}" for colour in world.COLOURS for shape in world.SHAPES})
     objects = {scene: {o.name for o in world.scene("test", scene).objects} for scene in range(args.captions)}
     results = {"pope_items": len(pope_items), "captions": args.captions, "methods": {}}
-    for m, method in enumerate(methods):
+    for m, (method, *_) in enumerate(methods):
         mine = records[m * n:(m + 1) * n]
         answers, captions = [r["text"] for r in mine[:len(pope_items)]], [r["text"] for r in mine[len(pope_items):]]
         scores = pope_by_split(answers, [label for *_, label in pope_items], [kind for kind, *_ in pope_items])
@@ -100,7 +142,9 @@ def register(subparsers) -> None:
                         help="held-out scenes per POPE split (up to 3 present and 3 absent objects asked each)")
     parser.add_argument("--captions", type=int, default=60, help="held-out scenes captioned for CHAIR (0: no CHAIR)")
     parser.add_argument("--methods", default=",".join(METHODS),
-                        help="comma-separated methods, each with its default settings (default: %(default)s)")
+                        help="comma-separated methods, each with its default settings or with settings of its "
+                             "own as NAME:KEY=VALUE[:KEY=VALUE...], e.g. gift:alpha=2.5 (a method may appear "
+                             "with several settings; results are keyed by the entry) (default: %(default)s)")
     parser.add_argument("--pope-tokens", type=int, default=4, help="greedy tokens generated per POPE answer")
     parser.add_argument("--caption-tokens", type=int, default=24, help="greedy tokens generated per caption")
     bench.add_arguments(parser, out="hallucination-bench.json")

@@ -76,6 +76,39 @@ def test_hallucination_bench_scores_pope_and_chair_per_method(folder, tmp_path, 
     assert "| paint | adversarial |" in capsys.readouterr().out
 
 
+def test_hallucination_bench_runs_a_method_at_several_strengths(folder, tmp_path, one_thread):
+    out = tmp_path / "hallucination.json"
+    args = ["--scenes", "1", "--captions", "0", "--batch", "8", "--threads", "1"]
+    methods = "gift,gift:alpha=1.5,paint:alpha=0.2:beta=0.1"
+    assert main(["hallucination-bench", "--model", folder, *args, "--methods", methods, "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]["methods"]
+    assert list(results) == methods.split(",")
+    assert [results[m]["settings"]["alpha"] for m in results] == [5.0, 1.5, 0.2]
+    assert results["paint:alpha=0.2:beta=0.1"]["settings"]["beta"] == 0.1
+
+
+@pytest.mark.parametrize("methods, error", [
+    ("gift:alpha", "settings are KEY=VALUE"),
+    ("gift:strength=2", "unexpected keyword argument 'strength'"),
+    ("greedy:alpha=1", "greedy takes no settings"),
+    ("var,var", "lists an entry twice"),
+    ("vaar", r"unknown methods \['vaar'\]"),
+])
+def test_bad_method_entries_fail_before_the_run(methods, error):
+    from hallucination.bench import parse_methods
+
+    with pytest.raises(ValueError, match=error):
+        parse_methods(methods)
+
+
+def test_method_entries_parse_to_settings():
+    from hallucination.bench import parse_methods
+
+    assert parse_methods("greedy,var:variant=released,paint:alpha=0.35:head_modulation=False") == [
+        ("greedy", "greedy", {}), ("var:variant=released", "var", {"variant": "released"}),
+        ("paint:alpha=0.35:head_modulation=False", "paint", {"alpha": 0.35, "head_modulation": False})]
+
+
 def test_batches_go_whole_to_processes_and_records_merge_in_item_order():
     assert shard.batches(range(7), 3) == [[0, 1, 2], [3, 4, 5], [6]]
     assert shard.evaluate([[2, 3], [0, 1]], lambda batch: [i * 10 for i in batch]) == [0, 10, 20, 30]
