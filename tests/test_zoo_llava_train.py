@@ -18,3 +18,53 @@ def test_llava_trainer_smoke_run_resumes_and_exports(train_cache, tmp_path, monk
     assert torch.load(ckpts / "align.pt", weights_only=False)["step"] == 3
     state = load_file(tmp_path / "weights" / "model.safetensors")
     assert {k.split(".")[0] for k in state} == {"vision_tower", "multi_modal_projector", "lora"}
+
+
+@pytest.mark.slow
+def test_refine_stage_follows_align_and_restarts_from_the_shipped_weights(train_cache, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from vlmtools.zoo import llava, llava_train
+
+    monkeypatch.setattr(llava, "WEIGHTS", tmp_path / "weights")
+    tower = llava_train.train_tower(2, batch=2)
+    llava_train.train_align(tower.state_dict(), 1, 2, batch=1, turns=2, refine_steps=1)
+    ckpts = train_cache / "train" / "llava-shapes"
+    assert torch.load(ckpts / "refine.pt", weights_only=False)["step"] == 1
+    shipped = load_file(tmp_path / "weights" / "model.safetensors")
+
+    (ckpts / "refine.pt").unlink()  # as on a machine that has only the shipped weights
+    llava_train.main(refine_steps=2, from_shipped=True, align_batch=1)
+    assert torch.load(ckpts / "refine.pt", weights_only=False)["step"] == 2
+    refined = load_file(tmp_path / "weights" / "model.safetensors")
+    b = "lora.layers.0.self_attn.q_proj.B"
+    assert shipped[b].abs().sum() > 0  # trained by align: a fresh LoRA would start from zero
+    step = (refined[b].float() - shipped[b].float()).norm()
+    assert 0 < step < 0.5 * shipped[b].float().norm()  # two small steps away from the shipped factors
+
+
+def test_lora_from_factors_round_trips():
+    import torch.nn as nn
+
+    from vlmtools.zoo import llava_train
+
+    class Tiny(nn.Module):  # the attribute path add_lora walks: model.model.language_model
+        def __init__(self):
+            super().__init__()
+            self.model = nn.Module()
+            attn = nn.ModuleDict({"q_proj": nn.Linear(6, 4), "o_proj": nn.Linear(4, 6)})
+            self.model.language_model = nn.ModuleDict({"attn": attn})
+
+    factors = {"attn.q_proj.A": torch.randn(8, 6), "attn.q_proj.B": torch.randn(4, 8),
+               "attn.o_proj.A": torch.randn(8, 4), "attn.o_proj.B": torch.randn(6, 8)}
+    model = Tiny()
+    x = torch.randn(3, 6)
+    base = model.model.language_model["attn"]["q_proj"](x)
+    loras = llava_train.add_lora(model, {k: v.half() for k, v in factors.items()})
+    assert set(loras) == {"attn.q_proj", "attn.o_proj"}
+    got = model.model.language_model["attn"]["q_proj"](x)
+    a, b = factors["attn.q_proj.A"].half().float(), factors["attn.q_proj.B"].half().float()
+    want = base + 2.0 * x @ a.T @ b.T
+    assert torch.allclose(got, want, atol=1e-5)
+    state = llava_train.lora_state(loras)
+    assert all(torch.equal(state[k], factors[k].half().float()) for k in factors)

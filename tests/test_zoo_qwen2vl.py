@@ -107,8 +107,12 @@ def test_trainer_smoke_run_resumes_and_exports(train_cache, tmp_path):
     qwen2vl_train.main(3, 3, 3, 1, tower_batch=4, weights=weights)
     ckpts = train_cache / "train" / "qwen2vl-shapes"
     assert {p.name for p in ckpts.iterdir()} == {"tower.pt", "words.pt", "align.pt"}
-    qwen2vl_train.main(3, 3, 4, 1, tower_batch=4, weights=weights)  # resumes: one more align step
+    qwen2vl_train.main(3, 3, 4, 1, refine_steps=1, tower_batch=4, weights=weights)  # one more align step
     assert torch.load(ckpts / "align.pt", weights_only=False)["step"] == 4
+    assert torch.load(ckpts / "refine.pt", weights_only=False)["step"] == 1
+    (ckpts / "refine.pt").unlink()
+    qwen2vl_train.main(refine_steps=1, from_shipped=True, align_batch=1, weights=weights)
+    assert torch.load(ckpts / "refine.pt", weights_only=False)["step"] == 1
     state = load_file(weights / "model.safetensors")
     assert {k.split(".")[0] for k in state} == {"visual", "lora"}
     model = Qwen2VLForConditionalGeneration.from_pretrained(qwen2vl.assemble(tmp_path / "folder", weights))

@@ -28,8 +28,7 @@ def answer(model, processor, images, questions, prompt_fn, batch: int = 16) -> l
     for i in range(0, len(images), batch):
         texts = [prompt_fn(processor, q) for q in questions[i:i + batch]]
         x = processor(images=images[i:i + batch], text=texts, return_tensors="pt", padding=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            gen = model.generate(**x, max_new_tokens=4, do_sample=False)
+        gen = model.generate(**x, max_new_tokens=4, do_sample=False)
         out += map(first_word, processor.tokenizer.batch_decode(gen[:, x["input_ids"].shape[1]:],
                                                                 skip_special_tokens=True))
     return out

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import flux, world as W
-from .train_utils import Checkpoint, log
+from .train_utils import Checkpoint, autocast, log
 
 
 def caption(scene, rng) -> str:
@@ -45,7 +45,7 @@ def main(steps: int = 1500, size: int = 16, lr: float = 1e-3):
         for g in opt.param_groups:  # warmup, then linear decay to 10%
             g["lr"] = lr * min(1.0, (step + 1) / 20) * (1 - 0.9 * step / steps)
         x_t, t, emb, pooled, txt_ids, target = batch(pipe, step, size)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             pred = pipe.forward(x_t, t, emb, pooled, txt_ids)
         loss = (pred.float() - target).pow(2).mean()
         opt.zero_grad()

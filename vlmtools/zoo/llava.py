@@ -111,14 +111,17 @@ def assemble(folder: Path | None = None, weights: Path = WEIGHTS) -> Path:
     if marker.exists() and json.loads(marker.read_text()).get("stamp") == stamp:
         return folder
     model = build_model()
-    state = load_file(weights / "model.safetensors")
-    lora = {k[5:]: v for k, v in state.items() if k.startswith("lora.")}
+    merge_lora(model, load_trained(model, load_file(weights / "model.safetensors")))
+    return write_folder(folder, model, build_processor(), stamp)
+
+
+def load_trained(model, state: dict) -> dict:
+    """Load a shipped state's tower and projector into ``model``; return its LoRA factors."""
     model.model.vision_tower.load_state_dict(
         {k[13:]: v for k, v in state.items() if k.startswith("vision_tower.")})
     model.model.multi_modal_projector.load_state_dict(
         {k[22:]: v for k, v in state.items() if k.startswith("multi_modal_projector.")})
-    merge_lora(model, lora)
-    return write_folder(folder, model, build_processor(), stamp)
+    return {k[5:]: v for k, v in state.items() if k.startswith("lora.")}
 
 
 def write_folder(folder: Path, model, processor, stamp) -> Path:

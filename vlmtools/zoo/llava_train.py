@@ -15,7 +15,11 @@
    trained through the LM on multi-turn chats (several one-word answers per
    image, half of the chats opening with "Describe the image." answered by the
    object listing, the loss and the LM head only at answer positions, bf16
-   autocast).
+   autocast where the CPU has native bf16: ``train_utils.autocast``).
+4. ``refine``: the align stage again on fresh chats, a warm restart with a new
+   optimiser at half its learning rates (more alignment was the one lever
+   measured to help, docs/zoo.md). ``--from-shipped`` starts it from the shipped
+   weights, which are what stage 3 (or an earlier refine) exported.
 
 Scene indices come from the step number, so resuming replays nothing.
 """
@@ -30,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import llava, world as W
-from .train_utils import Checkpoint, log
+from .train_utils import Checkpoint, autocast, log
 
 GRID = llava.IMAGE_SIZE // llava.PATCH
 N_COMBO = len(W.COLOURS) * len(W.SHAPES)
@@ -80,7 +84,7 @@ class TowerHeads(nn.Module):
 
 def tower_step(tower, heads, pixel_values, labels):
     combo, centre, slot, presence, count = labels
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast():
         out = tower(pixel_values=pixel_values, output_hidden_states=True)
     patches = out.hidden_states[-2][:, 1:].float()
     pooled = out.pooler_output.float()
@@ -187,13 +191,17 @@ class LoRA(nn.Module):
         return self.base(x) + (x @ self.A.t().to(x.dtype)) @ self.B.t().to(x.dtype) * self.scale
 
 
-def add_lora(model) -> dict[str, LoRA]:
+def add_lora(model, factors: dict | None = None) -> dict[str, LoRA]:
+    """Wrap every targeted LM linear layer in a LoRA, fresh or with shipped ``factors``."""
     lm = model.model.language_model
     out = {}
     for name, mod in list(lm.named_modules()):
         if isinstance(mod, nn.Linear) and name.rsplit(".", 1)[-1] in llava.LORA_TARGETS:
             parent, attr = name.rsplit(".", 1)
             out[name] = LoRA(mod)
+            if factors is not None:
+                out[name].A.data = factors[f"{name}.A"].float().clone()
+                out[name].B.data = factors[f"{name}.B"].float().clone()
             setattr(lm.get_submodule(parent), attr, out[name])
     return out
 
@@ -251,13 +259,14 @@ def align_batch(proc, step, batch, turns):
 
 
 def lm_loss(model, x, rows, pos, targets):
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast():
         h = model.model(**x).last_hidden_state
         logits = model.lm_head(h[rows, pos]).float()
     return F.cross_entropy(logits, targets), (logits.argmax(-1) == targets).float().mean().item()
 
 
-def train_align(tower_state, words_steps: int, steps: int, batch: int = 6, turns: int = 6):
+def train_align(tower_state, words_steps: int, steps: int, batch: int = 6, turns: int = 6,
+                refine_steps: int = 0):
     proc = llava.build_processor()
     model = llava.build_model()
     model.model.vision_tower.load_state_dict(tower_state)
@@ -274,40 +283,80 @@ def train_align(tower_state, words_steps: int, steps: int, batch: int = 6, turns
     words_loop(Checkpoint("llava-shapes", "words"), "proj", proj, word_targets(model, proc.tokenizer),
                words_steps, words_at)
 
-    # stage 3
-    loras = add_lora(model)
-    tower.requires_grad_(True)
-    groups = [{"params": list(proj.parameters()), "base_lr": 5e-4},
-              {"params": list(tower.parameters()), "base_lr": 1e-4},
+    return model, align_and_refine(model, proc, steps, refine_steps, batch, turns)
+
+
+def align_and_refine(model, proc, steps: int, refine_steps: int, batch: int, turns: int,
+                     factors: dict | None = None) -> dict[str, LoRA]:
+    """Stages 3 and 4 on llava-shapes: tower, projector and LoRA (fresh or from ``factors``)."""
+    loras = add_lora(model, factors)
+    tower, proj = model.model.vision_tower, model.model.multi_modal_projector
+    parts = {"tower": tower, "proj": proj, "lora": lora_mod(loras)}
+    groups = align_groups(proj.parameters(), tower.parameters(), loras)
+    align_stages("llava-shapes", parts, groups, steps, refine_steps, model, proc, batch, turns,
+                 lambda: export(model, loras))
+    return loras
+
+
+def refine_shipped(steps: int, batch: int = 6, turns: int = 6) -> None:
+    """Stage 4 alone, from the shipped weights (what stage 3, or an earlier refine, exported)."""
+    from safetensors.torch import load_file
+
+    model = llava.build_model()
+    model.requires_grad_(False)
+    factors = llava.load_trained(model, load_file(llava.WEIGHTS / "model.safetensors"))
+    align_and_refine(model, llava.build_processor(), 0, steps, batch, turns, factors)
+
+
+def lora_mod(loras: dict[str, LoRA]) -> nn.ModuleDict:
+    """The LoRA factors as one checkpointable module."""
+    return nn.ModuleDict({k.replace(".", "_"): m for k, m in loras.items()})
+
+
+def align_groups(head, tower, loras: dict[str, LoRA]) -> list[dict]:
+    """Trainable parameter groups of the align stages, with their base learning rates:
+    projector (or merger) and LoRA factors 5e-4, the tower 1e-4."""
+    groups = [{"params": list(head), "base_lr": 5e-4}, {"params": list(tower), "base_lr": 1e-4},
               {"params": [p for m in loras.values() for p in (m.A, m.B)], "base_lr": 5e-4}]
     for g in groups:
         for p in g["params"]:
             p.requires_grad_(True)
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    lora_mod = nn.ModuleDict({k.replace(".", "_"): m for k, m in loras.items()})
-    ck = Checkpoint("llava-shapes", "align")
-    parts = {"tower": tower, "proj": proj, "lora": lora_mod, "opt": opt}
-    align_loop(ck, parts, steps, model, proc, batch, turns, lambda: export(model, loras))
-    return model, loras
+    return groups
 
 
-def align_loop(ck: Checkpoint, parts: dict, steps: int, model, proc, batch: int, turns: int, export) -> None:
-    """The align stage from where ``ck`` left off: multi-turn chats through the LM, the loss at
-    the answers, clipped steps on every parameter ``parts["opt"]`` trains; a checkpoint and
-    ``export()`` every 5 steps."""
+REFINE_STEPS = 0  # the shipped weights' refine steps (docs/zoo.md)
+REFINE_LR = 0.5  # the refine stage's learning rates, relative to the align stage's
+REFINE_FIRST_STEP = 1_000_000  # refine chats come from step indices the align stage never reaches
+
+
+def align_stages(name: str, parts: dict, groups: list[dict], steps: int, refine_steps: int, model, proc,
+                 batch: int, turns: int, export) -> None:
+    """Stage 3 (``align``, ``steps``) then stage 4 (``refine``, ``refine_steps``), each with its
+    own optimiser over ``groups`` and its own checkpoint of ``parts``; a stage of 0 steps is skipped."""
+    for stage, n, scale, first in (("align", steps, 1.0, 0), ("refine", refine_steps, REFINE_LR, REFINE_FIRST_STEP)):
+        if n:
+            opt = torch.optim.AdamW([{**g, "base_lr": g["base_lr"] * scale} for g in groups], weight_decay=0.0)
+            align_loop(Checkpoint(name, stage), {**parts, "opt": opt}, n, model, proc, batch, turns, export, first)
+
+
+def align_loop(ck: Checkpoint, parts: dict, steps: int, model, proc, batch: int, turns: int, export,
+               first: int = 0) -> None:
+    """An align stage from where ``ck`` left off: multi-turn chats (those of steps ``first + step``)
+    through the LM, the loss at the answers, clipped steps on every parameter ``parts["opt"]``
+    trains; a checkpoint and ``export()`` every 5 steps."""
     opt = parts["opt"]
     params = [p for g in opt.param_groups for p in g["params"]]
     start = ck.load(parts)
     t0 = time.time()
     for step in range(start, steps):
         set_lr(opt, 5e-4, step, steps, warmup=5)
-        x, rows, pos, tg = align_batch(proc, step, batch, turns)
+        x, rows, pos, tg = align_batch(proc, first + step, batch, turns)
         loss, acc = lm_loss(model, x, rows, pos, tg)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        log("align", step, time.time() - t0, loss=loss.item(), token_acc=acc)
+        log(ck.stage, step, time.time() - t0, loss=loss.item(), token_acc=acc)
         if (step + 1) % 5 == 0 or step == steps - 1:
             ck.save(step + 1, parts)
             export()
@@ -321,7 +370,11 @@ def export(model, loras):
     save_file(llava.trained_state(model, lora_state(loras)), str(llava.WEIGHTS / "model.safetensors"))
 
 
-def main(tower_steps: int = 2600, words_steps: int = 150, align_steps: int = 400, align_batch: int = 6):
+def main(tower_steps: int = 2600, words_steps: int = 150, align_steps: int = 400, align_batch: int = 6,
+         refine_steps: int = REFINE_STEPS, from_shipped: bool = False):
     torch.manual_seed(0)
+    if from_shipped:
+        refine_shipped(refine_steps, batch=align_batch)
+        return
     tower = train_tower(tower_steps)
-    train_align(tower.state_dict(), words_steps, align_steps, batch=align_batch)
+    train_align(tower.state_dict(), words_steps, align_steps, batch=align_batch, refine_steps=refine_steps)

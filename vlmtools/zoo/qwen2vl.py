@@ -124,10 +124,14 @@ def assemble(folder: Path | None = None, weights: Path = WEIGHTS) -> Path:
         return folder
     model = port()
     if src.exists():
-        state = load_file(src)
-        model.model.visual.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("visual.")})
-        llava.merge_lora(model, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
+        llava.merge_lora(model, load_trained(model, load_file(src)))
     return llava.write_folder(folder, model, build_processor(), stamp)
+
+
+def load_trained(model, state: dict) -> dict:
+    """Load a shipped state's vision tower (with its merger) into ``model``; return its LoRA factors."""
+    model.model.visual.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("visual.")})
+    return {k[5:]: v for k, v in state.items() if k.startswith("lora.")}
 
 
 def load(folder: Path | None = None):

@@ -9,10 +9,11 @@
    order) that of its shape word, a space elsewhere.
 3. ``align``: tower, merger and a rank-8 LoRA on every LM linear layer through
    the LM on multi-turn chats of one-word answers (loss and LM head only at
-   answer positions, bf16 autocast).
+   answer positions, bf16 autocast where the CPU has native bf16).
+4. ``refine``: llava's refine stage (a warm restart of 3 on fresh chats).
 
 Imported from ``llava_train`` (model-independent): the heads, word targets,
-LoRA, and the three stage loops (``tower_loop``, ``words_loop``, ``align_loop``:
+LoRA, and the stage loops (``tower_loop``, ``words_loop``, ``align_stages``:
 schedule, checkpoints, logs). Written here because llava's versions are tied to
 its model: ``cell_labels`` (``patch_labels`` is fixed to the letterboxed 96 px
 frame and a 12 x 12 grid) and ``tower_step`` (no CLS, images of different sizes
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import qwen2vl
@@ -35,13 +36,17 @@ from .llava_train import (
     SLOT_WEIGHT,
     TowerHeads,
     add_lora,
-    align_loop,
+    align_groups,
+    align_stages,
+    lora_mod,
     lora_state,
     tower_loop,
     words_loop,
     word_targets,
 )
-from .train_utils import Checkpoint
+from .train_utils import Checkpoint, autocast
+
+REFINE_STEPS = 0  # the shipped weights' refine steps (docs/zoo.md)
 
 NAME = "qwen2vl-shapes"
 WINDOW = qwen2vl.MERGE ** 2
@@ -80,7 +85,7 @@ def cell_labels(scenes, grids: torch.Tensor):
 
 def windows(visual, pixel_values, grids):
     """Last-block features per merge window ``(tokens, 4 * embed_dim)``: what the merger reads."""
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast():
         h = visual(pixel_values, grid_thw=grids).last_hidden_state
     return h.float().view(-1, WINDOW * h.shape[-1])
 
@@ -148,37 +153,37 @@ def train_words(model, proc, steps: int, batch: int = 64, lr: float = 2e-3):
     merger.requires_grad_(False)
 
 
-def train_align(model, proc, steps: int, batch: int, weights: Path, turns: int = 6):
+def train_align(model, proc, steps: int, batch: int, weights: Path, turns: int = 6, refine_steps: int = 0,
+                factors: dict | None = None):
+    """Stages 3 and 4: tower, merger and LoRA (fresh or from shipped ``factors``)."""
     visual = model.model.visual
-    loras = add_lora(model)
-    merger = list(visual.merger.parameters())
-    groups = [{"params": merger, "base_lr": 5e-4},
-              {"params": [p for n, p in visual.named_parameters() if not n.startswith("merger.")], "base_lr": 1e-4},
-              {"params": [p for m in loras.values() for p in (m.A, m.B)], "base_lr": 5e-4}]
-    params = [p for g in groups for p in g["params"]]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    ck = Checkpoint(NAME, "align")
-    parts = {"visual": visual, "lora": nn.ModuleDict({k.replace(".", "_"): m for k, m in loras.items()}),
-             "opt": opt}
+    loras = add_lora(model, factors)
+    groups = align_groups(visual.merger.parameters(),
+                          [p for n, p in visual.named_parameters() if not n.startswith("merger.")], loras)
 
     def export():
         weights.mkdir(parents=True, exist_ok=True)
         save_file(qwen2vl.trained_state(model, lora_state(loras)), str(weights / "model.safetensors"))
 
-    align_loop(ck, parts, steps, model, proc, batch, turns, export)
+    align_stages(NAME, {"visual": visual, "lora": lora_mod(loras)}, groups, steps, refine_steps, model, proc,
+                 batch, turns, export)
 
 
 def main(tower_steps: int = 2600, words_steps: int = 150, align_steps: int = 400, align_batch: int = 6,
-         tower_batch: int = 32, weights: Path = qwen2vl.WEIGHTS):
-    """The three stages; checkpoints under ``<cache>/train/qwen2vl-shapes/``, the shipped
-    parts exported to ``weights`` every 5 alignment steps."""
+         refine_steps: int = REFINE_STEPS, from_shipped: bool = False, tower_batch: int = 32,
+         weights: Path = qwen2vl.WEIGHTS):
+    """The four stages; checkpoints under ``<cache>/train/qwen2vl-shapes/``, the shipped
+    parts exported to ``weights`` every 5 alignment steps. ``from_shipped``: stage 4 alone,
+    from the shipped weights in ``weights``."""
     torch.manual_seed(0)
     proc = qwen2vl.build_processor()
+    if from_shipped:
+        model = qwen2vl.port().requires_grad_(False)
+        factors = qwen2vl.load_trained(model, load_file(weights / "model.safetensors"))
+        train_align(model, proc, 0, align_batch, weights, refine_steps=refine_steps, factors=factors)
+        return
     tower = train_tower(proc, tower_steps, batch=tower_batch)
-    model = qwen2vl.port()
-    model.requires_grad_(False)
+    model = qwen2vl.port().requires_grad_(False)
     model.model.visual.load_state_dict(tower.state_dict())
     train_words(model, proc, words_steps)
-    train_align(model, proc, align_steps, align_batch, weights)
+    train_align(model, proc, align_steps, align_batch, weights, refine_steps=refine_steps)

@@ -17,6 +17,11 @@ def main(argv=None):
     ap.add_argument("name", choices=["llava-shapes", "qwen2vl-shapes", "flux-shapes"])
     ap.add_argument("--steps", type=int, nargs="*",
                     help="llava-shapes, qwen2vl-shapes: TOWER WORDS ALIGN [ALIGN_BATCH]; flux-shapes: STEPS [BATCH]")
+    ap.add_argument("--refine", type=int, metavar="STEPS",
+                    help="llava-shapes, qwen2vl-shapes: steps of stage 4 (default: what the shipped weights had)")
+    ap.add_argument("--from-shipped", action="store_true",
+                    help="llava-shapes, qwen2vl-shapes: skip stages 1-3 and run stage 4 from the shipped "
+                         "weights, e.g. to train them further on a GPU")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -26,7 +31,13 @@ def main(argv=None):
         from .qwen2vl_train import main as run
     else:
         from .flux_train import main as run
-    run(*(args.steps or []))
+    if args.name == "flux-shapes":
+        if args.from_shipped or args.refine is not None:
+            ap.error("--refine and --from-shipped apply to llava-shapes and qwen2vl-shapes")
+        run(*(args.steps or []))
+        return
+    stage4 = {} if args.refine is None else {"refine_steps": args.refine}
+    run(*(args.steps or []), from_shipped=args.from_shipped, **stage4)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Resumable checkpoints and one-line logs shared by the zoo's trainers."""
+"""Resumable checkpoints, one-line logs and the autocast policy shared by the zoo's trainers."""
 from __future__ import annotations
 
 import json
@@ -15,6 +15,7 @@ class Checkpoint:
     """``<cache>/train/<model>/<stage>.pt``: the step reached and the state of named parts."""
 
     def __init__(self, model: str, stage: str):
+        self.stage = stage
         self.path = cache_dir() / "train" / model / f"{stage}.pt"
 
     def load(self, parts: dict) -> int:
@@ -37,3 +38,11 @@ def log(stage: str, step: int, elapsed: float, **values) -> None:
     vals = {k: round(v, 4) if isinstance(v, float) else v for k, v in values.items()}
     print(json.dumps({"t": time.strftime("%H:%M:%S"), "stage": stage, "step": step,
                       "s": round(elapsed, 1), **vals}), flush=True, file=sys.stdout)
+
+
+def autocast():
+    """bf16 autocast where the CPU computes bf16 natively (AVX512-BF16 or AMX), else plain fp32:
+    emulated bf16 is ten times slower than fp32 (an llava-shapes align step on an AVX2-only
+    EPYC core: 266 s in bf16, 25.5 s in fp32)."""
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=native)
