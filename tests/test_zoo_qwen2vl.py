@@ -104,7 +104,7 @@ def test_trainer_smoke_run_resumes_and_exports(train_cache, tmp_path):
     from vlmtools.zoo import qwen2vl, qwen2vl_train
 
     weights = tmp_path / "weights"
-    qwen2vl_train.main(3, 3, 3, 1, tower_batch=4, weights=weights)
+    qwen2vl_train.main(3, 3, 3, 1, refine_steps=0, tower_batch=4, weights=weights)
     ckpts = train_cache / "train" / "qwen2vl-shapes"
     assert {p.name for p in ckpts.iterdir()} == {"tower.pt", "words.pt", "align.pt"}
     qwen2vl_train.main(3, 3, 4, 1, refine_steps=1, tower_batch=4, weights=weights)  # one more align step
@@ -117,3 +117,21 @@ def test_trainer_smoke_run_resumes_and_exports(train_cache, tmp_path):
     assert {k.split(".")[0] for k in state} == {"visual", "lora"}
     model = Qwen2VLForConditionalGeneration.from_pretrained(qwen2vl.assemble(tmp_path / "folder", weights))
     assert torch.equal(model.model.visual.merger.mlp[0].weight, state["visual.merger.mlp.0.weight"].float())
+
+
+@pytest.mark.slow
+def test_evaluate_reads_other_weights_beside_the_package_folder(train_cache, tmp_path, capsys):
+    import json
+    import shutil
+
+    from vlmtools.zoo import evaluate, qwen2vl
+
+    other = tmp_path / "other"
+    shutil.copytree(qwen2vl.WEIGHTS, other)
+    evaluate.main(["qwen2vl-shapes", "--n", "5", "--pope-scenes", "1", "--weights", str(other), "--threads", "1"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sum(s["n"] for s in result["qa"].values()) == 5
+    assert set(result["pope"]) == {"random", "popular", "adversarial"}
+    marker = json.loads((train_cache / "evaluate" / "qwen2vl-shapes" / "assembled_from.json").read_text())
+    assert marker["stamp"] == (other / "model.safetensors").stat().st_mtime_ns
+    assert not (train_cache / "qwen2vl-shapes").exists()  # the package's own folder is left alone

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -118,14 +119,26 @@ def main(argv=None):
     ap.add_argument("name", choices=MODELS)
     ap.add_argument("--n", type=int, default=520)
     ap.add_argument("--pope-scenes", type=int, default=40)
+    ap.add_argument("--weights", type=Path, metavar="DIR",
+                    help="llava-shapes, qwen2vl-shapes: a folder of shipped-format weights (model.safetensors) "
+                         "to evaluate instead of the package's, e.g. an earlier export")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.name == "flux-shapes":
+        if args.weights:
+            ap.error("--weights applies to llava-shapes and qwen2vl-shapes")
         print(json.dumps(grounding_scores(load("flux-shapes"), n=args.n)))
         return
-    from .llava import prompt
+    from . import llava, qwen2vl
+    from .lm import cache_dir
 
-    model, processor = load(args.name)
+    if args.weights:  # assembled beside, never over, the package's own folder
+        module = llava if args.name == "llava-shapes" else qwen2vl
+        model, processor = module.load(cache_dir() / "evaluate" / args.name, args.weights)
+    else:
+        model, processor = load(args.name)
+    prompt = llava.prompt
     print(json.dumps({"qa": qa_accuracy(model, processor, prompt, n=args.n),
                       "pope": pope_scores(model, processor, prompt, n_scenes=args.pope_scenes)}))
 

@@ -137,11 +137,11 @@ def write_folder(folder: Path, model, processor, stamp) -> Path:
     return folder
 
 
-def load(folder: Path | None = None):
+def load(folder: Path | None = None, weights: Path = WEIGHTS):
     """(model, processor) for llava-shapes, assembled into the cache on first use."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    folder = assemble(folder)
+    folder = assemble(folder, weights)
     model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
     processor = AutoProcessor.from_pretrained(folder)
     processor.tokenizer.padding_side = "left"  # batched generation; not kept by save_pretrained

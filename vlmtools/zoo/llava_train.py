@@ -324,7 +324,7 @@ def align_groups(head, tower, loras: dict[str, LoRA]) -> list[dict]:
     return groups
 
 
-REFINE_STEPS = 0  # the shipped weights' refine steps (docs/zoo.md)
+REFINE_STEPS = 200  # the shipped weights' refine steps (docs/zoo.md)
 REFINE_LR = 0.5  # the refine stage's learning rates, relative to the align stage's
 REFINE_FIRST_STEP = 1_000_000  # refine chats come from step indices the align stage never reaches
 

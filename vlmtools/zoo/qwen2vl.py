@@ -134,14 +134,14 @@ def load_trained(model, state: dict) -> dict:
     return {k[5:]: v for k, v in state.items() if k.startswith("lora.")}
 
 
-def load(folder: Path | None = None):
+def load(folder: Path | None = None, weights: Path = WEIGHTS):
     """(model, processor) for qwen2vl-shapes, assembled into the cache on first use.
 
     Prompts: ``vlmtools.zoo.llava.prompt(processor, question)`` (image first in the user turn).
     """
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
-    folder = assemble(folder)
+    folder = assemble(folder, weights)
     model = Qwen2VLForConditionalGeneration.from_pretrained(folder).eval()
     processor = AutoProcessor.from_pretrained(folder)
     processor.tokenizer.padding_side = "left"  # batched generation; not kept by save_pretrained

@@ -46,7 +46,7 @@ from .llava_train import (
 )
 from .train_utils import Checkpoint, autocast
 
-REFINE_STEPS = 0  # the shipped weights' refine steps (docs/zoo.md)
+REFINE_STEPS = 300  # the shipped weights' refine steps (docs/zoo.md)
 
 NAME = "qwen2vl-shapes"
 WINDOW = qwen2vl.MERGE ** 2
