@@ -1,4 +1,4 @@
-"""Training of qwen2vl-shapes: llava-shapes' three resumable stages on Qwen2-VL's tower.
+"""Training of qwen2vl-shapes: llava-shapes' four resumable stages on Qwen2-VL's tower.
 
 1. ``tower``: patch embedding and vision blocks alone on the world's labels, read
    per merge window (the 2 x 2 patches that the merger turns into one LM token):
