@@ -44,7 +44,7 @@ def test_refine_stage_follows_align_and_restarts_from_the_shipped_weights(train_
 
 
 def test_lora_from_factors_round_trips():
-    import torch.nn as nn
+    from torch import nn
 
     from vlmtools.zoo import llava_train
 

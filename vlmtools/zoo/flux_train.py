@@ -12,7 +12,8 @@ import time
 import numpy as np
 import torch
 
-from . import flux, world as W
+from . import flux
+from . import world as W
 from .train_utils import Checkpoint, autocast, log
 
 

@@ -30,10 +30,11 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
-from . import llava, world as W
+from . import llava
+from . import world as W
 from .train_utils import Checkpoint, autocast, log
 
 GRID = llava.IMAGE_SIZE // llava.PATCH

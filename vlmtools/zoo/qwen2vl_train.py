@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from . import qwen2vl
 from . import world as W
@@ -41,8 +40,8 @@ from .llava_train import (
     lora_mod,
     lora_state,
     tower_loop,
-    words_loop,
     word_targets,
+    words_loop,
 )
 from .train_utils import Checkpoint, autocast
 
