@@ -37,10 +37,9 @@ def test_refine_stage_follows_align_and_restarts_from_the_shipped_weights(train_
     llava_train.main(refine_steps=2, from_shipped=True, align_batch=1)
     assert torch.load(ckpts / "refine.pt", weights_only=False)["step"] == 2
     refined = load_file(tmp_path / "weights" / "model.safetensors")
-    b = "lora.layers.0.self_attn.q_proj.B"
-    assert shipped[b].abs().sum() > 0  # trained by align: a fresh LoRA would start from zero
-    step = (refined[b].float() - shipped[b].float()).norm()
-    assert 0 < step < 0.5 * shipped[b].float().norm()  # two small steps away from the shipped factors
+    a = "lora.layers.0.self_attn.q_proj.A"  # random at the start of align: a fresh LoRA would draw another
+    step = (refined[a].float() - shipped[a].float()).norm()
+    assert 0 < step < 0.05 * shipped[a].float().norm()  # two small steps away from the shipped factors
 
 
 def test_lora_from_factors_round_trips():
