@@ -137,3 +137,20 @@ def test_evaluate_reads_other_weights_beside_the_package_folder(train_cache, tmp
     marker = json.loads((train_cache / "evaluate" / "qwen2vl-shapes" / "assembled_from.json").read_text())
     assert marker["stamp"] == (other / "model.safetensors").stat().st_mtime_ns
     assert not (train_cache / "qwen2vl-shapes").exists()  # the package's own folder is left alone
+
+
+@pytest.mark.slow
+def test_processes_started_together_assemble_the_folder_once(train_cache):
+    """As under torchrun on a fresh cache: two processes load the zoo model at the same moment."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from vlmtools.zoo import qwen2vl; qwen2vl.load(); print('loaded')"
+    env = {**os.environ, "VLMTOOLS_CACHE": str(train_cache), "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
+    outs = [run.communicate(timeout=600) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert all(out.strip().endswith("loaded") for out, _ in outs)
+    assert (train_cache / "qwen2vl-shapes" / "assembled_from.json").exists()

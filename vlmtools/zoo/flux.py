@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .lm import cache_dir, smollm2_dir
+from .lm import cache_dir, folder_lock, smollm2_dir
 
 IMAGE_SIZE, MAX_TOKENS, TEXT_LAYERS = 64, 32, 6
 LATENT_CHANNELS = 12
@@ -203,7 +203,8 @@ def load(folder: Path | None = None) -> ShapesFluxPipeline:
     folder = folder or cache_dir() / "flux-shapes"
     src = WEIGHTS / "transformer" / "diffusion_pytorch_model.safetensors"
     stamp = folder / "stamp.txt"
-    if not (stamp.exists() and stamp.read_text() == str(src.stat().st_mtime_ns)):
-        build_pipeline(FluxTransformer2DModel.from_pretrained(WEIGHTS / "transformer")).save_pretrained(folder)
-        stamp.write_text(str(src.stat().st_mtime_ns))
+    with folder_lock(folder):
+        if not (stamp.exists() and stamp.read_text() == str(src.stat().st_mtime_ns)):
+            build_pipeline(FluxTransformer2DModel.from_pretrained(WEIGHTS / "transformer")).save_pretrained(folder)
+            stamp.write_text(str(src.stat().st_mtime_ns))
     return ShapesFluxPipeline.from_pretrained(folder)

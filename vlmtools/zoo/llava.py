@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .lm import cache_dir, smollm2_dir
+from .lm import cache_dir, folder_lock, smollm2_dir
 
 IMAGE_SIZE, PATCH = 96, 8
 IMAGE_TOKEN = "<empty_output>"  # SmolLM2 special token id 16, never used by the chat model
@@ -107,12 +107,18 @@ def assemble(folder: Path | None = None, weights: Path = WEIGHTS) -> Path:
     """Build the full HF folder (model + processor) from SmolLM2 and the shipped parts."""
     folder = folder or cache_dir() / "llava-shapes"
     stamp = (weights / "model.safetensors").stat().st_mtime_ns
+    with folder_lock(folder):
+        if not is_assembled(folder, stamp):
+            model = build_model()
+            merge_lora(model, load_trained(model, load_file(weights / "model.safetensors")))
+            write_folder(folder, model, build_processor(), stamp)
+    return folder
+
+
+def is_assembled(folder: Path, stamp) -> bool:
+    """Whether ``folder`` holds a model assembled from the weights stamped ``stamp``."""
     marker = folder / "assembled_from.json"
-    if marker.exists() and json.loads(marker.read_text()).get("stamp") == stamp:
-        return folder
-    model = build_model()
-    merge_lora(model, load_trained(model, load_file(weights / "model.safetensors")))
-    return write_folder(folder, model, build_processor(), stamp)
+    return marker.exists() and json.loads(marker.read_text()).get("stamp") == stamp
 
 
 def load_trained(model, state: dict) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -26,11 +27,32 @@ def gguf_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
 
 
+@contextmanager
+def folder_lock(folder: Path):
+    """Hold an exclusive lock (``<folder>.lock``) while a cache folder is checked and built, so that
+    processes started together (torchrun, accelerate launch) build it once instead of racing."""
+    import fcntl
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def smollm2_dir() -> Path:
     """A plain HF folder (config, safetensors, tokenizer) for SmolLM2, built once."""
     out = cache_dir() / "smollm2-135m-instruct"
-    if (out / "model.safetensors").exists():
-        return out
+    with folder_lock(out):
+        if not (out / "model.safetensors").exists():
+            dequantise(out)
+    return out
+
+
+def dequantise(out: Path) -> None:
+    """Save SmolLM2's GGUF as a plain fp32 ``LlamaForCausalLM`` folder at ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     src = gguf_path()
@@ -45,7 +67,6 @@ def smollm2_dir() -> Path:
     plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     tmp.rename(out)
-    return out
 
 
 def load_smollm2(dtype=None):

@@ -28,14 +28,13 @@ assembled. Without shipped weights the folder gets a seeded random tower.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from . import llava
-from .lm import cache_dir, smollm2_dir
+from .lm import cache_dir, folder_lock, smollm2_dir
 
 PATCH, MERGE = 8, 2
 MIN_PIXELS, MAX_PIXELS = 64 * 64, 128 * 128  # world canvases: 96x96, 128x96, 96x128, 128x64
@@ -119,13 +118,13 @@ def assemble(folder: Path | None = None, weights: Path = WEIGHTS) -> Path:
     folder = folder or cache_dir() / "qwen2vl-shapes"
     src = weights / "model.safetensors"
     stamp = src.stat().st_mtime_ns if src.exists() else "random tower"
-    marker = folder / "assembled_from.json"
-    if marker.exists() and json.loads(marker.read_text()).get("stamp") == stamp:
-        return folder
-    model = port()
-    if src.exists():
-        llava.merge_lora(model, load_trained(model, load_file(src)))
-    return llava.write_folder(folder, model, build_processor(), stamp)
+    with folder_lock(folder):
+        if not llava.is_assembled(folder, stamp):
+            model = port()
+            if src.exists():
+                llava.merge_lora(model, load_trained(model, load_file(src)))
+            llava.write_folder(folder, model, build_processor(), stamp)
+    return folder
 
 
 def load_trained(model, state: dict) -> dict:
