@@ -84,6 +84,66 @@ def test_training_chats_open_with_the_describe_prompt_about_half_the_time():
     assert answers.startswith(proc.tokenizer.decode(proc.tokenizer.encode(scenes[chats.index(described[0])].listing())))
 
 
+def test_bind_chats_ask_distinct_questions_from_all_of_the_scene_s():
+    from vlmtools.zoo import llava
+    from vlmtools.zoo.llava_train import chat
+
+    proc = llava.build_processor()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        s = W.scene("train", i)
+        qs = {q.question: q.answer for q in s.questions()}
+        text = chat(proc, s, rng, turns=10, describe=0.0, every_question=True)
+        turns = [t.split("<|im_end|>")[0] for t in text.split("<|im_start|>user\n")[1:]]
+        asked = [t.split("\n")[-1].replace(" in the image?", "?") for t in turns]  # after the image token
+        answers = [t.split("<|im_start|>assistant\n")[1].split("<|im_end|>")[0]
+                   for t in text.split("<|im_start|>user\n")[1:]]
+        assert len(asked) == len(set(asked)) == min(10, len(qs))
+        assert all(qs[q] == a for q, a in zip(asked, answers))
+    crowded = [q.type for q in W.scene("train", 10).questions()]  # more objects: more colour and shape questions
+    assert len(W.scene("train", 10).objects) == 5 and crowded.count("colour") + crowded.count("shape") >= 4
+
+
+def test_later_stages_default_to_the_shipped_run_but_not_from_the_shipped_weights():
+    from vlmtools.zoo.llava_train import later_stages
+
+    assert later_stages(None, None, False, (200, 300)) == {"refine": 200, "bind": 300}
+    assert later_stages(None, 5, True, (200, 300)) == {"refine": 0, "bind": 5}
+    assert later_stages(0, None, False, (200, 300)) == {"refine": 0, "bind": 300}
+
+
+def test_train_cli_from_shipped_needs_a_stage(capsys):
+    from vlmtools.zoo.train import main
+
+    with pytest.raises(SystemExit):
+        main(["qwen2vl-shapes", "--from-shipped"])
+    assert "--refine STEPS and/or --bind STEPS" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["flux-shapes", "--bind", "3"])
+
+
+def test_a_cache_folder_is_reassembled_when_its_weights_or_config_change(tmp_path):
+    import os
+
+    from vlmtools.zoo.lm import assembled, stamp, write_folder
+
+    class Part:
+        def save_pretrained(self, folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "part.txt").write_text("saved")
+
+    weights, folder = tmp_path / "model.safetensors", tmp_path / "folder"
+    weights.write_bytes(b"0")
+    made = stamp(weights, '{"mrope_section": [2, 4, 26]}')
+    assert not assembled(folder, made)
+    write_folder(folder, made, Part())
+    assert (folder / "part.txt").exists() and not folder.with_name("folder.tmp").exists()
+    assert assembled(folder, stamp(weights, '{"mrope_section": [2, 4, 26]}'))
+    assert not assembled(folder, stamp(weights, '{"mrope_section": [8, 12, 12]}'))
+    os.utime(weights, ns=(1, 1))  # other weights shipped
+    assert not assembled(folder, stamp(weights, '{"mrope_section": [2, 4, 26]}'))
+
+
 def test_pope_negatives_are_absent_and_balanced():
     for kind in ("random", "popular", "adversarial"):
         triples = W.pope("test", 20, kind)

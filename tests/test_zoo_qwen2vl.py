@@ -106,15 +106,19 @@ def test_trainer_smoke_run_resumes_and_exports(train_cache, tmp_path):
     from vlmtools.zoo import qwen2vl, qwen2vl_train
 
     weights = tmp_path / "weights"
-    qwen2vl_train.main(3, 3, 3, 1, refine_steps=0, tower_batch=4, weights=weights)
+    qwen2vl_train.main(3, 3, 3, 1, refine_steps=0, bind_steps=0, tower_batch=4, weights=weights)
     ckpts = train_cache / "train" / "qwen2vl-shapes"
     assert {p.name for p in ckpts.iterdir()} == {"tower.pt", "words.pt", "align.pt"}
-    qwen2vl_train.main(3, 3, 4, 1, refine_steps=1, tower_batch=4, weights=weights)  # one more align step
+    # one more align step, then the refine and bind stages
+    qwen2vl_train.main(3, 3, 4, 1, refine_steps=1, bind_steps=1, tower_batch=4, weights=weights)
     assert torch.load(ckpts / "align.pt", weights_only=False)["step"] == 4
     assert torch.load(ckpts / "refine.pt", weights_only=False)["step"] == 1
-    (ckpts / "refine.pt").unlink()
-    qwen2vl_train.main(refine_steps=1, from_shipped=True, align_batch=1, weights=weights)
-    assert torch.load(ckpts / "refine.pt", weights_only=False)["step"] == 1
+    assert torch.load(ckpts / "bind.pt", weights_only=False)["step"] == 1
+    for stage in ("refine", "bind"):
+        (ckpts / f"{stage}.pt").unlink()
+    qwen2vl_train.main(bind_steps=2, from_shipped=True, align_batch=1, weights=weights)  # no refine: not asked
+    assert not (ckpts / "refine.pt").exists()
+    assert torch.load(ckpts / "bind.pt", weights_only=False)["step"] == 2
     state = load_file(weights / "model.safetensors")
     assert {k.split(".")[0] for k in state} == {"visual", "lora"}
     model = Qwen2VLForConditionalGeneration.from_pretrained(qwen2vl.assemble(tmp_path / "folder", weights))
@@ -135,7 +139,7 @@ def test_evaluate_reads_other_weights_beside_the_package_folder(train_cache, tmp
     assert sum(s["n"] for s in result["qa"].values()) == 5
     assert set(result["pope"]) == {"random", "popular", "adversarial"}
     marker = json.loads((train_cache / "evaluate" / "qwen2vl-shapes" / "assembled_from.json").read_text())
-    assert marker["stamp"] == (other / "model.safetensors").stat().st_mtime_ns
+    assert marker["stamp"]["weights"] == (other / "model.safetensors").stat().st_mtime_ns
     assert not (train_cache / "qwen2vl-shapes").exists()  # the package's own folder is left alone
 
 

@@ -7,26 +7,24 @@ and the trained parts shipped under ``vlmtools/zoo/weights/<name>/``.
 """
 from __future__ import annotations
 
+from importlib import import_module
+from pathlib import Path
+
 from . import world
 from .world import scene
 
-MODELS = ("llava-shapes", "qwen2vl-shapes", "flux-shapes")
+MODULES = {"llava-shapes": "llava", "qwen2vl-shapes": "qwen2vl", "flux-shapes": "flux"}
+MODELS = tuple(MODULES)
 
 
-def load(name: str):
-    if name == "llava-shapes":
-        from .llava import load as load_llava
-
-        return load_llava()
-    if name == "qwen2vl-shapes":
-        from .qwen2vl import load as load_qwen2vl
-
-        return load_qwen2vl()
-    if name == "flux-shapes":
-        from .flux import load as load_flux
-
-        return load_flux()
-    raise ValueError(f"unknown zoo model {name!r}; available: {', '.join(MODELS)}")
+def load(name: str, folder: Path | None = None, weights: Path | None = None):
+    """``(model, processor)`` for a zoo VLM, the pipeline for the DiT. ``folder``: where to assemble
+    it (default: the cache); ``weights``: a folder of trained parts in the shipped layout to use
+    instead of the package's own (e.g. a training run's export)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown zoo model {name!r}; available: {', '.join(MODELS)}")
+    module = import_module(f".{MODULES[name]}", __name__)
+    return module.load(folder, **({"weights": weights} if weights else {}))
 
 
 __all__ = ["MODELS", "load", "scene", "world"]

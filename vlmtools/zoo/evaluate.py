@@ -114,31 +114,26 @@ def grounding_scores(pipe, n: int = 300, split: str = "test", t: float = 0.3, bl
 
 def main(argv=None):
     from . import MODELS, load
+    from .llava import prompt
+    from .lm import cache_dir
 
     ap = argparse.ArgumentParser(prog="python -m vlmtools.zoo.evaluate")
     ap.add_argument("name", choices=MODELS)
     ap.add_argument("--n", type=int, default=520)
     ap.add_argument("--pope-scenes", type=int, default=40)
     ap.add_argument("--weights", type=Path, metavar="DIR",
-                    help="llava-shapes, qwen2vl-shapes: a folder of shipped-format weights (model.safetensors) "
-                         "to evaluate instead of the package's, e.g. an earlier export")
+                    help="a folder of trained parts in the shipped layout to evaluate instead of the "
+                         "package's (e.g. a training run's export)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # other weights are assembled beside, never over, the package's own folder
+    folder = cache_dir() / "evaluate" / args.name if args.weights else None
+    loaded = load(args.name, folder, args.weights)
     if args.name == "flux-shapes":
-        if args.weights:
-            ap.error("--weights applies to llava-shapes and qwen2vl-shapes")
-        print(json.dumps(grounding_scores(load("flux-shapes"), n=args.n)))
+        print(json.dumps(grounding_scores(loaded, n=args.n)))
         return
-    from . import llava, qwen2vl
-    from .lm import cache_dir
-
-    if args.weights:  # assembled beside, never over, the package's own folder
-        module = llava if args.name == "llava-shapes" else qwen2vl
-        model, processor = module.load(cache_dir() / "evaluate" / args.name, args.weights)
-    else:
-        model, processor = load(args.name)
-    prompt = llava.prompt
+    model, processor = loaded
     print(json.dumps({"qa": qa_accuracy(model, processor, prompt, n=args.n),
                       "pope": pope_scores(model, processor, prompt, n_scenes=args.pope_scenes)}))
 

@@ -16,13 +16,14 @@ scheduler, text_encoder, tokenizer, vae, ``encode_prompt``, ``_pack_latents``,
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .lm import cache_dir, folder_lock, smollm2_dir
+from .lm import assembled, cache_dir, folder_lock, smollm2_dir, stamp, write_folder
 
 IMAGE_SIZE, MAX_TOKENS, TEXT_LAYERS = 64, 32, 6
 LATENT_CHANNELS = 12
@@ -196,15 +197,15 @@ def build_pipeline(transformer=None) -> ShapesFluxPipeline:
     return ShapesFluxPipeline(transformer, FlowMatchEulerDiscreteScheduler(shift=1.0), enc, tok)
 
 
-def load(folder: Path | None = None) -> ShapesFluxPipeline:
-    """The flux-shapes pipeline, assembled in the cache from SmolLM2 and the shipped DiT."""
+def load(folder: Path | None = None, weights: Path = WEIGHTS) -> ShapesFluxPipeline:
+    """The flux-shapes pipeline, assembled in the cache from SmolLM2 and the shipped DiT
+    (or the one in ``weights``, a folder with a ``transformer/`` subfolder)."""
     from diffusers import FluxTransformer2DModel
 
     folder = folder or cache_dir() / "flux-shapes"
-    src = WEIGHTS / "transformer" / "diffusion_pytorch_model.safetensors"
-    stamp = folder / "stamp.txt"
+    src = weights / "transformer" / "diffusion_pytorch_model.safetensors"
+    config = json.dumps({"transformer": transformer_config(), "text_layers": TEXT_LAYERS}, sort_keys=True)
     with folder_lock(folder):
-        if not (stamp.exists() and stamp.read_text() == str(src.stat().st_mtime_ns)):
-            build_pipeline(FluxTransformer2DModel.from_pretrained(WEIGHTS / "transformer")).save_pretrained(folder)
-            stamp.write_text(str(src.stat().st_mtime_ns))
+        if not assembled(folder, made := stamp(src, config)):
+            write_folder(folder, made, build_pipeline(FluxTransformer2DModel.from_pretrained(weights / "transformer")))
     return ShapesFluxPipeline.from_pretrained(folder)

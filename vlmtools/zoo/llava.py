@@ -16,14 +16,12 @@ LLaVA-1.5 checkpoint runs here unchanged:
 """
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from .lm import cache_dir, folder_lock, smollm2_dir
+from .lm import assembled, cache_dir, folder_lock, smollm2_dir, stamp, write_folder
 
 IMAGE_SIZE, PATCH = 96, 8
 IMAGE_TOKEN = "<empty_output>"  # SmolLM2 special token id 16, never used by the chat model
@@ -106,19 +104,13 @@ def merge_lora(model, lora: dict, scale: float = LORA_ALPHA / LORA_RANK) -> None
 def assemble(folder: Path | None = None, weights: Path = WEIGHTS) -> Path:
     """Build the full HF folder (model + processor) from SmolLM2 and the shipped parts."""
     folder = folder or cache_dir() / "llava-shapes"
-    stamp = (weights / "model.safetensors").stat().st_mtime_ns
+    src = weights / "model.safetensors"
     with folder_lock(folder):
-        if not is_assembled(folder, stamp):
+        if not assembled(folder, made := stamp(src, build_config().to_json_string(use_diff=False))):
             model = build_model()
-            merge_lora(model, load_trained(model, load_file(weights / "model.safetensors")))
-            write_folder(folder, model, build_processor(), stamp)
+            merge_lora(model, load_trained(model, load_file(src)))
+            write_folder(folder, made, model, build_processor())
     return folder
-
-
-def is_assembled(folder: Path, stamp) -> bool:
-    """Whether ``folder`` holds a model assembled from the weights stamped ``stamp``."""
-    marker = folder / "assembled_from.json"
-    return marker.exists() and json.loads(marker.read_text()).get("stamp") == stamp
 
 
 def load_trained(model, state: dict) -> dict:
@@ -128,19 +120,6 @@ def load_trained(model, state: dict) -> dict:
     model.model.multi_modal_projector.load_state_dict(
         {k[22:]: v for k, v in state.items() if k.startswith("multi_modal_projector.")})
     return {k[5:]: v for k, v in state.items() if k.startswith("lora.")}
-
-
-def write_folder(folder: Path, model, processor, stamp) -> Path:
-    """Save an assembled zoo model and its processor to ``folder`` atomically (a ``.tmp``
-    sibling renamed into place), stamped with what it was assembled from."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    (tmp / "assembled_from.json").write_text(json.dumps({"stamp": stamp}))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    return folder
 
 
 def load(folder: Path | None = None, weights: Path = WEIGHTS):

@@ -18,8 +18,14 @@
    autocast where the CPU has native bf16: ``train_utils.autocast``).
 4. ``refine``: the align stage again on fresh chats, a warm restart with a new
    optimiser at half its learning rates (more alignment was the one lever
-   measured to help, docs/zoo.md). ``--from-shipped`` starts it from the shipped
-   weights, which are what stage 3 (or an earlier refine) exported.
+   measured to help, docs/zoo.md).
+5. ``bind``: the refine stage on chats of 10 questions drawn from all of each
+   scene's questions, not one per type, a quarter of them opening with the
+   listing. Crowded scenes then ask most about colour and shape: every wrong
+   colour or shape answer of the refined models named another object of the
+   scene (docs/zoo.md), so the binding, not the seeing, is what fails.
+``--from-shipped`` runs stages 4 and 5 (those given steps) from the shipped
+weights, which are what the last stage exported.
 
 Scene indices come from the step number, so resuming replays nothing.
 """
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -211,18 +218,23 @@ def lora_state(loras: dict[str, LoRA]) -> dict:
     return {f"{k}.{p}": getattr(m, p).detach() for k, m in loras.items() for p in ("A", "B")}
 
 
-def chat(proc, scene, rng, turns: int, describe: float = 0.5):
+def chat(proc, scene, rng, turns: int, describe: float = 0.5, every_question: bool = False):
     """A multi-turn chat about one scene: with probability ``describe`` first "Describe the
     image." answered by the left-to-right object listing, then one-word answers, every
-    question type once, then again."""
+    question type once, then again; with ``every_question``, ``turns`` questions drawn
+    without repeats from all of the scene's questions."""
     qs = scene.questions()
-    by_type = {t: [q for q in qs if q.type == t] for t in W.QUESTION_TYPES}
-    types = [t for t in rng.permutation(W.QUESTION_TYPES) if by_type[t]]
-    types = (types + [t for t in rng.permutation(W.QUESTION_TYPES) if by_type[t]])[:turns]
+    if every_question:
+        picked = [qs[i] for i in rng.permutation(len(qs))[:turns]]
+    else:
+        by_type = {t: [q for q in qs if q.type == t] for t in W.QUESTION_TYPES}
+        types = [t for t in rng.permutation(W.QUESTION_TYPES) if by_type[t]]
+        types = (types + [t for t in rng.permutation(W.QUESTION_TYPES) if by_type[t]])[:turns]
+        picked = [by_type[t][rng.integers(len(by_type[t]))] for t in types]
     pairs = [(W.DESCRIBE_PROMPT, scene.listing())] if rng.random() < describe else []
-    for t in types:
-        q = by_type[t][rng.integers(len(by_type[t]))]
-        text = q.question.replace("?", " in the image?") if t == "existence" and rng.random() < 0.5 else q.question
+    for q in picked:
+        text = (q.question.replace("?", " in the image?") if q.type == "existence" and rng.random() < 0.5
+                else q.question)
         pairs.append((text, q.answer))
     msgs = []
     for i, (text, answer) in enumerate(pairs):
@@ -250,10 +262,10 @@ def answer_positions(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(rows), torch.tensor(pos)
 
 
-def align_batch(proc, step, batch, turns):
+def align_batch(proc, step, batch, turns, **chat_kw):
     rng = np.random.default_rng(step)
     scenes = [W.scene("train", 50_000_000 + step * batch + i) for i in range(batch)]
-    texts = [chat(proc, s, rng, turns) for s in scenes]
+    texts = [chat(proc, s, rng, turns, **chat_kw) for s in scenes]
     x = proc(images=[s.image for s in scenes], text=texts, return_tensors="pt", padding=True)
     rows, pos = answer_positions(x["input_ids"])
     return x, rows, pos, x["input_ids"][rows, pos + 1]
@@ -267,7 +279,7 @@ def lm_loss(model, x, rows, pos, targets):
 
 
 def train_align(tower_state, words_steps: int, steps: int, batch: int = 6, turns: int = 6,
-                refine_steps: int = 0):
+                refine_steps: int = 0, bind_steps: int = 0):
     proc = llava.build_processor()
     model = llava.build_model()
     model.model.vision_tower.load_state_dict(tower_state)
@@ -284,29 +296,32 @@ def train_align(tower_state, words_steps: int, steps: int, batch: int = 6, turns
     words_loop(Checkpoint("llava-shapes", "words"), "proj", proj, word_targets(model, proc.tokenizer),
                words_steps, words_at)
 
-    return model, align_and_refine(model, proc, steps, refine_steps, batch, turns)
+    steps = {"align": steps, "refine": refine_steps, "bind": bind_steps}
+    return model, align_and_refine(model, proc, steps, batch, turns)
 
 
-def align_and_refine(model, proc, steps: int, refine_steps: int, batch: int, turns: int,
+def align_and_refine(model, proc, steps: dict[str, int], batch: int, turns: int,
                      factors: dict | None = None) -> dict[str, LoRA]:
-    """Stages 3 and 4 on llava-shapes: tower, projector and LoRA (fresh or from ``factors``)."""
+    """Stages 3-5 (``align_stages``) on llava-shapes: tower, projector and LoRA (fresh or from
+    ``factors``)."""
     loras = add_lora(model, factors)
     tower, proj = model.model.vision_tower, model.model.multi_modal_projector
     parts = {"tower": tower, "proj": proj, "lora": lora_mod(loras)}
     groups = align_groups(proj.parameters(), tower.parameters(), loras)
-    align_stages("llava-shapes", parts, groups, steps, refine_steps, model, proc, batch, turns,
+    align_stages("llava-shapes", parts, groups, steps, model, proc, batch, turns,
                  lambda: export(model, loras))
     return loras
 
 
-def refine_shipped(steps: int, batch: int = 6, turns: int = 6) -> None:
-    """Stage 4 alone, from the shipped weights (what stage 3, or an earlier refine, exported)."""
+def refine_shipped(steps: dict[str, int], batch: int = 6, turns: int = 6) -> None:
+    """Stages 4 and 5 alone (``steps``: refine, bind), from the shipped weights (what the
+    last stage exported)."""
     from safetensors.torch import load_file
 
     model = llava.build_model()
     model.requires_grad_(False)
     factors = llava.load_trained(model, load_file(llava.WEIGHTS / "model.safetensors"))
-    align_and_refine(model, llava.build_processor(), 0, steps, batch, turns, factors)
+    align_and_refine(model, llava.build_processor(), steps, batch, turns, factors)
 
 
 def lora_mod(loras: dict[str, LoRA]) -> nn.ModuleDict:
@@ -326,32 +341,49 @@ def align_groups(head, tower, loras: dict[str, LoRA]) -> list[dict]:
 
 
 REFINE_STEPS = 200  # the shipped weights' refine steps (docs/zoo.md)
-REFINE_LR = 0.5  # the refine stage's learning rates, relative to the align stage's
-REFINE_FIRST_STEP = 1_000_000  # refine chats come from step indices the align stage never reaches
+BIND_STEPS = 0  # the shipped weights' bind steps
 
 
-def align_stages(name: str, parts: dict, groups: list[dict], steps: int, refine_steps: int, model, proc,
+@dataclass(frozen=True)
+class AlignStage:
+    """A run of the align loop: its checkpoint name, learning rates relative to stage 3's,
+    the step index its chats start at (each stage's chats are fresh) and how they are drawn."""
+
+    name: str
+    lr_scale: float
+    first_step: int
+    turns: int | None = None  # None: the trainer's ``turns``
+    chat: dict = field(default_factory=dict)
+
+
+STAGES = (AlignStage("align", 1.0, 0), AlignStage("refine", 0.5, 1_000_000),
+          AlignStage("bind", 0.5, 2_000_000, turns=10, chat={"describe": 0.25, "every_question": True}))
+
+
+def align_stages(name: str, parts: dict, groups: list[dict], steps: dict[str, int], model, proc,
                  batch: int, turns: int, export) -> None:
-    """Stage 3 (``align``, ``steps``) then stage 4 (``refine``, ``refine_steps``), each with its
-    own optimiser over ``groups`` and its own checkpoint of ``parts``; a stage of 0 steps is skipped."""
-    for stage, n, scale, first in (("align", steps, 1.0, 0), ("refine", refine_steps, REFINE_LR, REFINE_FIRST_STEP)):
-        if n:
-            opt = torch.optim.AdamW([{**g, "base_lr": g["base_lr"] * scale} for g in groups], weight_decay=0.0)
-            align_loop(Checkpoint(name, stage), {**parts, "opt": opt}, n, model, proc, batch, turns, export, first)
+    """Stages 3-5 in order, ``steps[stage]`` each (absent or 0: skipped), each with its own
+    optimiser over ``groups`` and its own checkpoint of ``parts``."""
+    for stage in STAGES:
+        if steps.get(stage.name):
+            opt = torch.optim.AdamW([{**g, "base_lr": g["base_lr"] * stage.lr_scale} for g in groups],
+                                    weight_decay=0.0)
+            align_loop(Checkpoint(name, stage.name), {**parts, "opt": opt}, steps[stage.name], model, proc,
+                       batch, stage.turns or turns, export, stage.first_step, stage.chat)
 
 
 def align_loop(ck: Checkpoint, parts: dict, steps: int, model, proc, batch: int, turns: int, export,
-               first: int = 0) -> None:
-    """An align stage from where ``ck`` left off: multi-turn chats (those of steps ``first + step``)
-    through the LM, the loss at the answers, clipped steps on every parameter ``parts["opt"]``
-    trains; a checkpoint and ``export()`` every 5 steps."""
+               first: int = 0, chat_kw: dict | None = None) -> None:
+    """An align stage from where ``ck`` left off: multi-turn chats (those of steps ``first + step``,
+    drawn by ``chat(**chat_kw)``) through the LM, the loss at the answers, clipped steps on every
+    parameter ``parts["opt"]`` trains; a checkpoint and ``export()`` every 5 steps."""
     opt = parts["opt"]
     params = [p for g in opt.param_groups for p in g["params"]]
     start = ck.load(parts)
     t0 = time.time()
     for step in range(start, steps):
         set_lr(opt, 5e-4, step, steps, warmup=5)
-        x, rows, pos, tg = align_batch(proc, first + step, batch, turns)
+        x, rows, pos, tg = align_batch(proc, first + step, batch, turns, **(chat_kw or {}))
         loss, acc = lm_loss(model, x, rows, pos, tg)
         opt.zero_grad()
         loss.backward()
@@ -371,11 +403,21 @@ def export(model, loras):
     save_file(llava.trained_state(model, lora_state(loras)), str(llava.WEIGHTS / "model.safetensors"))
 
 
+def later_stages(refine_steps: int | None, bind_steps: int | None, from_shipped: bool,
+                 shipped: tuple[int, int]) -> dict[str, int]:
+    """Steps of stages 4 and 5: those given; the others as the shipped weights had them
+    (``shipped``) on a full run, none from the shipped weights, which already had them."""
+    given = {"refine": refine_steps, "bind": bind_steps}
+    return {k: v if v is not None else 0 if from_shipped else d for (k, v), d in zip(given.items(), shipped)}
+
+
 def main(tower_steps: int = 2600, words_steps: int = 150, align_steps: int = 400, align_batch: int = 6,
-         refine_steps: int = REFINE_STEPS, from_shipped: bool = False):
+         refine_steps: int | None = None, bind_steps: int | None = None, from_shipped: bool = False):
     torch.manual_seed(0)
+    later = later_stages(refine_steps, bind_steps, from_shipped, (REFINE_STEPS, BIND_STEPS))
     if from_shipped:
-        refine_shipped(refine_steps, batch=align_batch)
+        refine_shipped(later, batch=align_batch)
         return
     tower = train_tower(tower_steps)
-    train_align(tower.state_dict(), words_steps, align_steps, batch=align_batch, refine_steps=refine_steps)
+    train_align(tower.state_dict(), words_steps, align_steps, batch=align_batch, refine_steps=later["refine"],
+                bind_steps=later["bind"])

