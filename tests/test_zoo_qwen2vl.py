@@ -39,6 +39,27 @@ def test_loads_forwards_and_generates(qwen):
     assert 1 <= len(new) <= 3 and (len(new) == 3 or new[-1] in (eos if isinstance(eos, list) else [eos]))
 
 
+def test_m_rope_turns_the_width_section_across_an_image():
+    """Visual tokens 7 columns apart (a 128 px wide scene) must get rotary phases the LM can tell
+    apart: with Qwen's 1 : 1.5 : 1.5 sections the width axis would hold SmolLM2's slowest
+    frequencies, which turn by under 0.01 rad across the image (docs/zoo.md)."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding
+
+    from vlmtools.zoo import qwen2vl
+
+    rotary = Qwen2VLRotaryEmbedding(qwen2vl.build_config().text_config)
+    ids = torch.tensor([[[9, 9]], [[11, 11]], [[9, 16]]])  # (t, h, w) of two tokens in one row
+
+    def largest_turn():
+        cos, sin = rotary(torch.zeros(1), ids)
+        angle = torch.atan2(sin[0], cos[0])
+        return (torch.remainder(angle[1] - angle[0] + torch.pi, 2 * torch.pi) - torch.pi).abs().max().item()
+
+    assert largest_turn() > 0.5
+    rotary.mrope_section = [8, 12, 12]  # Qwen2-VL's proportions at SmolLM2's head size
+    assert largest_turn() < 0.01
+
+
 @pytest.mark.parametrize("canvas", [(96, 96), (128, 96), (96, 128), (128, 64)])
 def test_dynamic_resolution_keeps_each_canvas(qwen, canvas):
     model, processor = qwen

@@ -341,7 +341,7 @@ def align_groups(head, tower, loras: dict[str, LoRA]) -> list[dict]:
 
 
 REFINE_STEPS = 200  # the shipped weights' refine steps (docs/zoo.md)
-BIND_STEPS = 0  # the shipped weights' bind steps
+BIND_STEPS = 300  # the shipped weights' bind steps
 
 
 @dataclass(frozen=True)

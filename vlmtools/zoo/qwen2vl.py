@@ -38,7 +38,7 @@ from .lm import assembled, cache_dir, folder_lock, smollm2_dir, stamp, write_fol
 
 PATCH, MERGE = 8, 2
 MIN_PIXELS, MAX_PIXELS = 64 * 64, 128 * 128  # world canvases: 96x96, 128x96, 96x128, 128x64
-MROPE_SECTION = [8, 12, 12]  # sums to head_dim / 2 = 32
+MROPE_SECTION = [2, 4, 26]  # sums to head_dim / 2 = 32; why: docs/zoo.md, qwen2vl-shapes
 TOKENS = {"vision_start": ("<jupyter_code>", 13), "vision_end": ("<jupyter_output>", 14),
           "video": ("<jupyter_script>", 15), "image": ("<empty_output>", 16)}
 WEIGHTS = Path(__file__).parent / "weights" / "qwen2vl-shapes"

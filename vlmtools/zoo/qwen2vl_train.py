@@ -48,7 +48,7 @@ from .llava_train import (
 from .train_utils import Checkpoint, autocast
 
 REFINE_STEPS = 300  # the shipped weights' refine and bind steps (docs/zoo.md)
-BIND_STEPS = 0
+BIND_STEPS = 400
 
 NAME = "qwen2vl-shapes"
 WINDOW = qwen2vl.MERGE ** 2
