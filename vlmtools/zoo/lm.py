@@ -54,20 +54,20 @@ def stamp(weights_file: Path, config: str) -> dict:
             "config": hashlib.sha1(config.encode()).hexdigest()}
 
 
-def assembled(folder: Path, stamp: dict) -> bool:
-    """Whether ``folder`` holds a model assembled from what ``stamp`` describes."""
+def assembled(folder: Path, made: dict) -> bool:
+    """Whether ``folder`` holds a model assembled from what ``made`` (a ``stamp``) describes."""
     marker = folder / "assembled_from.json"
-    return marker.exists() and json.loads(marker.read_text()).get("stamp") == stamp
+    return marker.exists() and json.loads(marker.read_text()).get("stamp") == made
 
 
-def write_folder(folder: Path, stamp: dict, *parts) -> Path:
+def write_folder(folder: Path, made: dict, *parts) -> Path:
     """Save ``parts`` (anything with ``save_pretrained``: a model and its processor, a pipeline)
-    to ``folder`` atomically (a ``.tmp`` sibling renamed into place), with their ``stamp``."""
+    to ``folder`` atomically (a ``.tmp`` sibling renamed into place), with their stamp ``made``."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for part in parts:
         part.save_pretrained(tmp)
-    (tmp / "assembled_from.json").write_text(json.dumps({"stamp": stamp}))
+    (tmp / "assembled_from.json").write_text(json.dumps({"stamp": made}))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder

@@ -1,4 +1,4 @@
-"""Training of qwen2vl-shapes: llava-shapes' four resumable stages on Qwen2-VL's tower.
+"""Training of qwen2vl-shapes: llava-shapes' five resumable stages on Qwen2-VL's tower.
 
 1. ``tower``: patch embedding and vision blocks alone on the world's labels, read
    per merge window (the 2 x 2 patches that the merger turns into one LM token):
@@ -47,8 +47,8 @@ from .llava_train import (
 )
 from .train_utils import Checkpoint, autocast
 
-REFINE_STEPS = 300  # the shipped weights' refine and bind steps (docs/zoo.md)
-BIND_STEPS = 400
+REFINE_STEPS = 300  # the shipped weights' refine steps (docs/zoo.md)
+BIND_STEPS = 400  # the shipped weights' bind steps
 
 NAME = "qwen2vl-shapes"
 WINDOW = qwen2vl.MERGE ** 2
