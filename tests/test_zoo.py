@@ -107,9 +107,38 @@ def test_bind_chats_ask_distinct_questions_from_all_of_the_scene_s():
 def test_later_stages_default_to_the_shipped_run_but_not_from_the_shipped_weights():
     from vlmtools.zoo.llava_train import later_stages
 
-    assert later_stages(None, None, False, (200, 300)) == {"refine": 200, "bind": 300}
-    assert later_stages(None, 5, True, (200, 300)) == {"refine": 0, "bind": 5}
-    assert later_stages(0, None, False, (200, 300)) == {"refine": 0, "bind": 300}
+    shipped = {"refine": 200, "bind": 300, "probe": 0}
+    assert later_stages({}, False, shipped) == shipped
+    assert later_stages({"bind": 5}, True, shipped) == {"refine": 0, "bind": 5, "probe": 0}
+    assert later_stages({"refine": 0, "probe": 7}, False, shipped) == {"refine": 0, "bind": 300, "probe": 7}
+
+
+def test_existence_probes_ask_every_object_and_as_many_near_misses():
+    for i in range(40):
+        s = W.scene("train", i)
+        probes = s.existence_probes()
+        names = {o.name for o in s.objects}
+        asked = {q.question.split(" ", 3)[-1].rstrip("?"): q.answer for q in probes}
+        assert {n for n, a in asked.items() if a == "yes"} == names
+        absent = [n for n, a in asked.items() if a == "no"]
+        assert not names & set(absent) and len(absent) <= len(names)
+        assert all(any(n.split()[0] == p.split()[0] or n.split()[1] == p.split()[1] for p in names)
+                   for n in absent)
+        assert probes == s.existence_probes()  # a pure function of the scene
+
+
+def test_probe_chats_ask_the_probes_without_repeats():
+    from vlmtools.zoo import llava
+    from vlmtools.zoo.llava_train import chat
+
+    proc = llava.build_processor()
+    rng = np.random.default_rng(0)
+    s = W.scene("train", 10)  # five objects: 10 probes among ~20 questions
+    asked = [t.split("<|im_end|>")[0].split("\n")[-1].replace(" in the image?", "?")
+             for t in chat(proc, s, rng, turns=40, describe=0.0, every_question=True, probes=True)
+             .split("<|im_start|>user\n")[1:]]
+    pool = {q.question for q in s.questions() + s.existence_probes()}
+    assert len(asked) == len(set(asked)) == len(pool) and set(asked) == pool
 
 
 def test_train_cli_from_shipped_needs_a_stage(capsys):
@@ -117,7 +146,7 @@ def test_train_cli_from_shipped_needs_a_stage(capsys):
 
     with pytest.raises(SystemExit):
         main(["qwen2vl-shapes", "--from-shipped"])
-    assert "--refine STEPS and/or --bind STEPS" in capsys.readouterr().err
+    assert "--from-shipped needs --refine, --bind and/or --probe STEPS" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["flux-shapes", "--bind", "3"])
 

@@ -28,13 +28,13 @@ def test_refine_stage_follows_align_and_restarts_from_the_shipped_weights(train_
 
     monkeypatch.setattr(llava, "WEIGHTS", tmp_path / "weights")
     tower = llava_train.train_tower(2, batch=2)
-    llava_train.train_align(tower.state_dict(), 1, 2, batch=1, turns=2, refine_steps=1)
+    llava_train.train_align(tower.state_dict(), 1, 2, batch=1, turns=2, later={"refine": 1})
     ckpts = train_cache / "train" / "llava-shapes"
     assert torch.load(ckpts / "refine.pt", weights_only=False)["step"] == 1
     shipped = load_file(tmp_path / "weights" / "model.safetensors")
 
     (ckpts / "refine.pt").unlink()  # as on a machine that has only the shipped weights
-    llava_train.main(refine_steps=2, from_shipped=True, align_batch=1)
+    llava_train.main(later={"refine": 2}, from_shipped=True, align_batch=1)
     assert torch.load(ckpts / "refine.pt", weights_only=False)["step"] == 2
     refined = load_file(tmp_path / "weights" / "model.safetensors")
     a = "lora.layers.0.self_attn.q_proj.A"  # random at the start of align: a fresh LoRA would draw another

@@ -127,17 +127,18 @@ def test_trainer_smoke_run_resumes_and_exports(train_cache, tmp_path):
     from vlmtools.zoo import qwen2vl, qwen2vl_train
 
     weights = tmp_path / "weights"
-    qwen2vl_train.main(3, 3, 3, 1, refine_steps=0, bind_steps=0, tower_batch=4, weights=weights)
+    qwen2vl_train.main(3, 3, 3, 1, later={"refine": 0, "bind": 0}, tower_batch=4, weights=weights)
     ckpts = train_cache / "train" / "qwen2vl-shapes"
     assert {p.name for p in ckpts.iterdir()} == {"tower.pt", "words.pt", "align.pt"}
-    # one more align step, then the refine and bind stages
-    qwen2vl_train.main(3, 3, 4, 1, refine_steps=1, bind_steps=1, tower_batch=4, weights=weights)
+    # one more align step, then the refine, bind and probe stages
+    qwen2vl_train.main(3, 3, 4, 1, later={"refine": 1, "bind": 1, "probe": 1}, tower_batch=4, weights=weights)
     assert torch.load(ckpts / "align.pt", weights_only=False)["step"] == 4
     assert torch.load(ckpts / "refine.pt", weights_only=False)["step"] == 1
     assert torch.load(ckpts / "bind.pt", weights_only=False)["step"] == 1
+    assert torch.load(ckpts / "probe.pt", weights_only=False)["step"] == 1
     for stage in ("refine", "bind"):
         (ckpts / f"{stage}.pt").unlink()
-    qwen2vl_train.main(bind_steps=2, from_shipped=True, align_batch=1, weights=weights)  # no refine: not asked
+    qwen2vl_train.main(later={"bind": 2}, from_shipped=True, align_batch=1, weights=weights)  # no refine: not asked
     assert not (ckpts / "refine.pt").exists()
     assert torch.load(ckpts / "bind.pt", weights_only=False)["step"] == 2
     state = load_file(weights / "model.safetensors")

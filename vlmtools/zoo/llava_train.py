@@ -24,7 +24,10 @@
    listing. Crowded scenes then ask most about colour and shape: every wrong
    colour or shape answer of the refined models named another object of the
    scene (docs/zoo.md), so the binding, not the seeing, is what fails.
-``--from-shipped`` runs stages 4 and 5 (those given steps) from the shipped
+6. ``probe``: the bind stage at a lower learning rate with the scene's existence
+   probes (every object present, as many near-miss absent ones) among the
+   questions: the bind stage's chats ask existence least, and it fell there.
+``--from-shipped`` runs stages 4-6 (those given steps) from the shipped
 weights, which are what the last stage exported.
 
 Scene indices come from the step number, so resuming replays nothing.
@@ -218,12 +221,14 @@ def lora_state(loras: dict[str, LoRA]) -> dict:
     return {f"{k}.{p}": getattr(m, p).detach() for k, m in loras.items() for p in ("A", "B")}
 
 
-def chat(proc, scene, rng, turns: int, describe: float = 0.5, every_question: bool = False):
+def chat(proc, scene, rng, turns: int, describe: float = 0.5, every_question: bool = False,
+         probes: bool = False):
     """A multi-turn chat about one scene: with probability ``describe`` first "Describe the
     image." answered by the left-to-right object listing, then one-word answers, every
     question type once, then again; with ``every_question``, ``turns`` questions drawn
-    without repeats from all of the scene's questions."""
-    qs = scene.questions()
+    without repeats from all of the scene's questions (with ``probes``, its existence probes
+    among them)."""
+    qs = list(dict.fromkeys(scene.questions() + (scene.existence_probes() if probes else [])))
     if every_question:
         picked = [qs[i] for i in rng.permutation(len(qs))[:turns]]
     else:
@@ -279,7 +284,7 @@ def lm_loss(model, x, rows, pos, targets):
 
 
 def train_align(tower_state, words_steps: int, steps: int, batch: int = 6, turns: int = 6,
-                refine_steps: int = 0, bind_steps: int = 0):
+                later: dict[str, int] | None = None):
     proc = llava.build_processor()
     model = llava.build_model()
     model.model.vision_tower.load_state_dict(tower_state)
@@ -296,13 +301,13 @@ def train_align(tower_state, words_steps: int, steps: int, batch: int = 6, turns
     words_loop(Checkpoint("llava-shapes", "words"), "proj", proj, word_targets(model, proc.tokenizer),
                words_steps, words_at)
 
-    steps = {"align": steps, "refine": refine_steps, "bind": bind_steps}
+    steps = {"align": steps, **(later or {})}
     return model, align_and_refine(model, proc, steps, batch, turns)
 
 
 def align_and_refine(model, proc, steps: dict[str, int], batch: int, turns: int,
                      factors: dict | None = None) -> dict[str, LoRA]:
-    """Stages 3-5 (``align_stages``) on llava-shapes: tower, projector and LoRA (fresh or from
+    """Stages 3-6 (``align_stages``) on llava-shapes: tower, projector and LoRA (fresh or from
     ``factors``)."""
     loras = add_lora(model, factors)
     tower, proj = model.model.vision_tower, model.model.multi_modal_projector
@@ -314,7 +319,7 @@ def align_and_refine(model, proc, steps: dict[str, int], batch: int, turns: int,
 
 
 def refine_shipped(steps: dict[str, int], batch: int = 6, turns: int = 6) -> None:
-    """Stages 4 and 5 alone (``steps``: refine, bind), from the shipped weights (what the
+    """Stages 4-6 alone (``steps``: refine, bind, probe), from the shipped weights (what the
     last stage exported)."""
     from safetensors.torch import load_file
 
@@ -340,8 +345,7 @@ def align_groups(head, tower, loras: dict[str, LoRA]) -> list[dict]:
     return groups
 
 
-REFINE_STEPS = 200  # the shipped weights' refine steps (docs/zoo.md)
-BIND_STEPS = 300  # the shipped weights' bind steps
+SHIPPED_STEPS = {"refine": 200, "bind": 300, "probe": 0}  # the shipped weights' stages 4-6 (docs/zoo.md)
 
 
 @dataclass(frozen=True)
@@ -357,12 +361,14 @@ class AlignStage:
 
 
 STAGES = (AlignStage("align", 1.0, 0), AlignStage("refine", 0.5, 1_000_000),
-          AlignStage("bind", 0.5, 2_000_000, turns=10, chat={"describe": 0.25, "every_question": True}))
+          AlignStage("bind", 0.5, 2_000_000, turns=10, chat={"describe": 0.25, "every_question": True}),
+          AlignStage("probe", 0.35, 3_000_000, turns=10,
+                     chat={"describe": 0.25, "every_question": True, "probes": True}))
 
 
 def align_stages(name: str, parts: dict, groups: list[dict], steps: dict[str, int], model, proc,
                  batch: int, turns: int, export) -> None:
-    """Stages 3-5 in order, ``steps[stage]`` each (absent or 0: skipped), each with its own
+    """Stages 3-6 in order, ``steps[stage]`` each (absent or 0: skipped), each with its own
     optimiser over ``groups`` and its own checkpoint of ``parts``."""
     for stage in STAGES:
         if steps.get(stage.name):
@@ -403,21 +409,19 @@ def export(model, loras):
     save_file(llava.trained_state(model, lora_state(loras)), str(llava.WEIGHTS / "model.safetensors"))
 
 
-def later_stages(refine_steps: int | None, bind_steps: int | None, from_shipped: bool,
-                 shipped: tuple[int, int]) -> dict[str, int]:
-    """Steps of stages 4 and 5: those given; the others as the shipped weights had them
+def later_stages(given: dict[str, int | None], from_shipped: bool, shipped: dict[str, int]) -> dict[str, int]:
+    """Steps of stages 4-6: those ``given``; the others as the shipped weights had them
     (``shipped``) on a full run, none from the shipped weights, which already had them."""
-    given = {"refine": refine_steps, "bind": bind_steps}
-    return {k: v if v is not None else 0 if from_shipped else d for (k, v), d in zip(given.items(), shipped)}
+    return {k: given.get(k) if given.get(k) is not None else 0 if from_shipped else d for k, d in shipped.items()}
 
 
 def main(tower_steps: int = 2600, words_steps: int = 150, align_steps: int = 400, align_batch: int = 6,
-         refine_steps: int | None = None, bind_steps: int | None = None, from_shipped: bool = False):
+         later: dict[str, int | None] | None = None, from_shipped: bool = False):
+    """The six stages; ``later``: steps of stages 4-6 (refine, bind, probe) where not the shipped run's."""
     torch.manual_seed(0)
-    later = later_stages(refine_steps, bind_steps, from_shipped, (REFINE_STEPS, BIND_STEPS))
+    later = later_stages(later or {}, from_shipped, SHIPPED_STEPS)
     if from_shipped:
         refine_shipped(later, batch=align_batch)
         return
     tower = train_tower(tower_steps)
-    train_align(tower.state_dict(), words_steps, align_steps, batch=align_batch, refine_steps=later["refine"],
-                bind_steps=later["bind"])
+    train_align(tower.state_dict(), words_steps, align_steps, batch=align_batch, later=later)

@@ -1,4 +1,4 @@
-"""Training of qwen2vl-shapes: llava-shapes' five resumable stages on Qwen2-VL's tower.
+"""Training of qwen2vl-shapes: llava-shapes' six resumable stages on Qwen2-VL's tower.
 
 1. ``tower``: patch embedding and vision blocks alone on the world's labels, read
    per merge window (the 2 x 2 patches that the merger turns into one LM token):
@@ -12,6 +12,7 @@
    answer positions, bf16 autocast where the CPU has native bf16).
 4. ``refine``: llava's refine stage (a warm restart of 3 on fresh chats).
 5. ``bind``: llava's bind stage (chats of questions drawn from all of a scene's).
+6. ``probe``: llava's probe stage (the bind stage with existence probes).
 
 Imported from ``llava_train`` (model-independent): the heads, word targets,
 LoRA, and the stage loops (``tower_loop``, ``words_loop``, ``align_stages``:
@@ -47,8 +48,7 @@ from .llava_train import (
 )
 from .train_utils import Checkpoint, autocast
 
-REFINE_STEPS = 300  # the shipped weights' refine steps (docs/zoo.md)
-BIND_STEPS = 400  # the shipped weights' bind steps
+SHIPPED_STEPS = {"refine": 300, "bind": 400, "probe": 240}  # the shipped weights' stages 4-6 (docs/zoo.md)
 
 NAME = "qwen2vl-shapes"
 WINDOW = qwen2vl.MERGE ** 2
@@ -157,7 +157,7 @@ def train_words(model, proc, steps: int, batch: int = 64, lr: float = 2e-3):
 
 def train_align(model, proc, steps: dict[str, int], batch: int, weights: Path, turns: int = 6,
                 factors: dict | None = None):
-    """Stages 3-5 (``steps`` of align, refine, bind): tower, merger and LoRA (fresh or from shipped
+    """Stages 3-6 (``steps`` of align, refine, bind, probe): tower, merger and LoRA (fresh or from shipped
     ``factors``)."""
     visual = model.model.visual
     loras = add_lora(model, factors)
@@ -173,14 +173,15 @@ def train_align(model, proc, steps: dict[str, int], batch: int, weights: Path, t
 
 
 def main(tower_steps: int = 2600, words_steps: int = 150, align_steps: int = 400, align_batch: int = 6,
-         refine_steps: int | None = None, bind_steps: int | None = None, from_shipped: bool = False,
+         later: dict[str, int | None] | None = None, from_shipped: bool = False,
          tower_batch: int = 32, weights: Path = qwen2vl.WEIGHTS):
-    """The five stages; checkpoints under ``<cache>/train/qwen2vl-shapes/``, the shipped
-    parts exported to ``weights`` every 5 alignment steps. ``from_shipped``: stages 4 and 5
-    alone, from the shipped weights in ``weights``."""
+    """The six stages; checkpoints under ``<cache>/train/qwen2vl-shapes/``, the shipped
+    parts exported to ``weights`` every 5 alignment steps. ``later``: steps of stages 4-6
+    (refine, bind, probe) where not the shipped run's. ``from_shipped``: stages 4-6 alone
+    (those given steps), from the shipped weights in ``weights``."""
     torch.manual_seed(0)
     proc = qwen2vl.build_processor()
-    later = later_stages(refine_steps, bind_steps, from_shipped, (REFINE_STEPS, BIND_STEPS))
+    later = later_stages(later or {}, from_shipped, SHIPPED_STEPS)
     if from_shipped:
         model = qwen2vl.port().requires_grad_(False)
         factors = qwen2vl.load_trained(model, load_file(weights / "model.safetensors"))

@@ -22,9 +22,11 @@ def main(argv=None):
                     help="llava-shapes, qwen2vl-shapes: steps of stage 4 (default: what the shipped weights had)")
     ap.add_argument("--bind", type=int, metavar="STEPS",
                     help="llava-shapes, qwen2vl-shapes: steps of stage 5 (default: what the shipped weights had)")
+    ap.add_argument("--probe", type=int, metavar="STEPS",
+                    help="llava-shapes, qwen2vl-shapes: steps of stage 6 (default: what the shipped weights had)")
     ap.add_argument("--from-shipped", action="store_true",
                     help="llava-shapes, qwen2vl-shapes: skip stages 1-3 and run the stages given steps "
-                         "(--refine, --bind) from the shipped weights, e.g. to train them further on a GPU")
+                         "(--refine, --bind, --probe) from the shipped weights, e.g. to train them further on a GPU")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -34,14 +36,15 @@ def main(argv=None):
         from .qwen2vl_train import main as run
     else:
         from .flux_train import main as run
+    later = {k: v for k, v in (("refine", args.refine), ("bind", args.bind), ("probe", args.probe)) if v is not None}
     if args.name == "flux-shapes":
-        if args.from_shipped or args.refine is not None or args.bind is not None:
-            ap.error("--refine, --bind and --from-shipped apply to llava-shapes and qwen2vl-shapes")
+        if args.from_shipped or later:
+            ap.error("--refine, --bind, --probe and --from-shipped apply to llava-shapes and qwen2vl-shapes")
         run(*(args.steps or []))
         return
-    if args.from_shipped and args.refine is None and args.bind is None:
-        ap.error("--from-shipped needs --refine STEPS and/or --bind STEPS")
-    run(*(args.steps or []), refine_steps=args.refine, bind_steps=args.bind, from_shipped=args.from_shipped)
+    if args.from_shipped and not later:
+        ap.error("--from-shipped needs --refine, --bind and/or --probe STEPS")
+    run(*(args.steps or []), later=later, from_shipped=args.from_shipped)
 
 
 if __name__ == "__main__":

@@ -137,6 +137,18 @@ class Scene:
         qs.append(Question(f"How many {_plural(s)} are there?", str(sum(o.shape == s for o in objs)), "count"))
         return qs
 
+    def existence_probes(self) -> list["Question"]:
+        """Existence questions for training beyond ``questions()``'s two: "yes" for every
+        object present and as many "no" for absent names that share a colour or a shape
+        with a present one (the near misses that POPE's adversarial split asks)."""
+        rng = np.random.default_rng(self.seed + 13)
+        present = {o.name for o in self.objects}
+        near = [n for n in _all_names() if n not in present
+                and any(p.split()[0] == n.split()[0] or p.split()[1] == n.split()[1] for p in present)]
+        absent = [near[i] for i in rng.permutation(len(near))[:len(present)]]
+        return ([Question(f"Is there {_a(n)}?", "yes", "existence") for n in sorted(present)]
+                + [Question(f"Is there {_a(n)}?", "no", "existence") for n in absent])
+
 
 @dataclass(frozen=True)
 class RefExp:
