@@ -127,7 +127,7 @@ def test_trainer_smoke_run_resumes_and_exports(train_cache, tmp_path):
     from vlmtools.zoo import qwen2vl, qwen2vl_train
 
     weights = tmp_path / "weights"
-    qwen2vl_train.main(3, 3, 3, 1, later={"refine": 0, "bind": 0}, tower_batch=4, weights=weights)
+    qwen2vl_train.main(3, 3, 3, 1, later={"refine": 0, "bind": 0, "probe": 0}, tower_batch=4, weights=weights)
     ckpts = train_cache / "train" / "qwen2vl-shapes"
     assert {p.name for p in ckpts.iterdir()} == {"tower.pt", "words.pt", "align.pt"}
     # one more align step, then the refine, bind and probe stages
