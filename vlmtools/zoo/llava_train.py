@@ -345,7 +345,7 @@ def align_groups(head, tower, loras: dict[str, LoRA]) -> list[dict]:
     return groups
 
 
-SHIPPED_STEPS = {"refine": 200, "bind": 300, "probe": 0}  # the shipped weights' stages 4-6 (docs/zoo.md)
+SHIPPED_STEPS = {"refine": 200, "bind": 300, "probe": 180}  # the shipped weights' stages 4-6 (docs/zoo.md)
 
 
 @dataclass(frozen=True)
