@@ -1,4 +1,4 @@
-"""Training of llava-shapes, in five resumable stages (see docs/zoo.md).
+"""Training of llava-shapes, in six resumable stages (see docs/zoo.md).
 
 1. ``tower``: the CLIP tower alone on the world's labels. A random tower gets
    too weak a gradient through 30 frozen LM layers to learn anything (measured,
