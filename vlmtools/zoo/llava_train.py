@@ -360,10 +360,10 @@ class AlignStage:
     chat: dict = field(default_factory=dict)
 
 
+BIND_CHAT = {"describe": 0.25, "every_question": True}
 STAGES = (AlignStage("align", 1.0, 0), AlignStage("refine", 0.5, 1_000_000),
-          AlignStage("bind", 0.5, 2_000_000, turns=10, chat={"describe": 0.25, "every_question": True}),
-          AlignStage("probe", 0.35, 3_000_000, turns=10,
-                     chat={"describe": 0.25, "every_question": True, "probes": True}))
+          AlignStage("bind", 0.5, 2_000_000, turns=10, chat=BIND_CHAT),
+          AlignStage("probe", 0.35, 3_000_000, turns=10, chat={**BIND_CHAT, "probes": True}))
 
 
 def align_stages(name: str, parts: dict, groups: list[dict], steps: dict[str, int], model, proc,
@@ -412,7 +412,7 @@ def export(model, loras):
 def later_stages(given: dict[str, int | None], from_shipped: bool, shipped: dict[str, int]) -> dict[str, int]:
     """Steps of stages 4-6: those ``given``; the others as the shipped weights had them
     (``shipped``) on a full run, none from the shipped weights, which already had them."""
-    return {k: given.get(k) if given.get(k) is not None else 0 if from_shipped else d for k, d in shipped.items()}
+    return {k: v if (v := given.get(k)) is not None else 0 if from_shipped else d for k, d in shipped.items()}
 
 
 def main(tower_steps: int = 2600, words_steps: int = 150, align_steps: int = 400, align_batch: int = 6,

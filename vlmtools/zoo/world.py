@@ -118,8 +118,7 @@ class Scene:
         pos = objs[rng.integers(len(objs))]
         qs.append(Question(f"Is there {_a(pos.name)}?", "yes", "existence"))
         negs = [n for n in _all_names() if n not in present]
-        near = [n for n in negs if any(p.split()[0] == n.split()[0] or p.split()[1] == n.split()[1]
-                                       for p in present)]
+        near = _near_misses(present)
         pool = near if near and rng.random() < 0.7 else negs
         neg = pool[rng.integers(len(pool))]
         qs.append(Question(f"Is there {_a(neg)}?", "no", "existence"))
@@ -143,8 +142,7 @@ class Scene:
         with a present one (the near misses that POPE's adversarial split asks)."""
         rng = np.random.default_rng(self.seed + 13)
         present = {o.name for o in self.objects}
-        near = [n for n in _all_names() if n not in present
-                and any(p.split()[0] == n.split()[0] or p.split()[1] == n.split()[1] for p in present)]
+        near = _near_misses(present)
         absent = [near[i] for i in rng.permutation(len(near))[:len(present)]]
         return ([Question(f"Is there {_a(n)}?", "yes", "existence") for n in sorted(present)]
                 + [Question(f"Is there {_a(n)}?", "no", "existence") for n in absent])
@@ -166,6 +164,12 @@ class Question:
 
 def _join(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _near_misses(present) -> list[str]:
+    """The absent colour-shape names that share a colour or a shape with a ``present`` one."""
+    return [n for n in _all_names() if n not in present
+            and any(p.split()[0] == n.split()[0] or p.split()[1] == n.split()[1] for p in present)]
 
 
 def _a(phrase: str) -> str:
@@ -289,7 +293,7 @@ def pope(split: str, n_scenes: int, kind: str) -> list[tuple[int, str, str]]:
         elif kind == "popular":
             negs = [k for k in popular if k not in present]
         elif kind == "adversarial":
-            share = [k for k in absent if any(set(k.split()) & set(p.split()) for p in present)]
+            share = _near_misses(present)
             negs = [share[j] for j in rng.permutation(len(share))] + [k for k in absent if k not in share]
         else:
             raise ValueError(kind)
