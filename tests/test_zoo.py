@@ -146,9 +146,41 @@ def test_train_cli_from_shipped_needs_a_stage(capsys):
 
     with pytest.raises(SystemExit):
         main(["qwen2vl-shapes", "--from-shipped"])
-    assert "--from-shipped needs --refine, --bind and/or --probe STEPS" in capsys.readouterr().err
+    assert "--from-shipped needs --refine, --bind, --probe and/or --reread STEPS" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["flux-shapes", "--bind", "3"])
+    with pytest.raises(SystemExit):
+        main(["qwen2vl-shapes", "--from-shipped", "--reread", "3"])
+    assert "--reread applies to llava-shapes" in capsys.readouterr().err
+
+
+def test_an_identity_layer_passes_the_features_through():
+    from transformers import CLIPVisionModel
+
+    from vlmtools.zoo import llava
+    from vlmtools.zoo.llava_train import identity_layer
+
+    tower = CLIPVisionModel(llava.vision_config()).eval()
+    pv = torch.randn(2, 3, llava.IMAGE_SIZE, llava.IMAGE_SIZE)
+    with torch.no_grad():
+        before = tower(pixel_values=pv, output_hidden_states=True).hidden_states
+        assert not torch.allclose(before[-1], before[-2])
+        identity_layer(tower.encoder.layers[-1])
+        after = tower(pixel_values=pv, output_hidden_states=True).hidden_states
+    assert torch.equal(after[-1], after[-2]) and torch.equal(after[-2], before[-2])
+
+
+def test_weights_record_the_layer_their_lm_reads(tmp_path):
+    from safetensors.torch import save_file
+
+    from vlmtools.zoo import llava
+
+    state = {"x": torch.zeros(1)}
+    save_file(state, str(tmp_path / "old.safetensors"))
+    save_file(state, str(tmp_path / "new.safetensors"), metadata={"vision_feature_layer": "-1"})
+    assert llava.feature_layer(tmp_path / "old.safetensors") == -2  # exported before stage 7
+    assert llava.feature_layer(tmp_path / "new.safetensors") == -1
+    assert llava.build_config(-2).vision_feature_layer == -2
 
 
 def test_a_cache_folder_is_reassembled_when_its_weights_or_config_change(tmp_path):
@@ -188,11 +220,12 @@ def test_qa_items_balance_types():
 
 
 def test_llava_shapes_loads_and_reads_the_image():
-    from vlmtools.zoo import load
+    from vlmtools.zoo import llava, load
     from vlmtools.zoo.llava import NUM_PATCHES, prompt
 
     model, processor = load("llava-shapes")
     assert processor.tokenizer.padding_side == "left"  # batched generate needs it
+    assert model.config.vision_feature_layer == llava.feature_layer(llava.WEIGHTS / "model.safetensors")
     s = W.scene("test", 0)
     x = processor(images=[s.image], text=[prompt(processor, "How many shapes are there?")], return_tensors="pt")
     assert (x["input_ids"] == model.config.image_token_id).sum() == NUM_PATCHES >= 144

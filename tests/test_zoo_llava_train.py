@@ -42,6 +42,27 @@ def test_refine_stage_follows_align_and_restarts_from_the_shipped_weights(train_
     assert 0 < step < 0.05 * shipped[a].float().norm()  # two small steps away from the shipped factors
 
 
+@pytest.mark.slow
+def test_reread_stage_moves_the_lm_to_the_last_layer_once(train_cache, tmp_path, monkeypatch):
+    from vlmtools.zoo import llava, llava_train
+
+    monkeypatch.setattr(llava, "WEIGHTS", tmp_path / "weights")
+    monkeypatch.setattr(llava_train, "REREAD_TOWER_STEPS", 2)
+    tower = llava_train.train_tower(2, batch=2)
+    llava_train.train_align(tower.state_dict(), 1, 1, batch=1, turns=2, later={"probe": 1})
+    shipped = tmp_path / "weights" / "model.safetensors"
+    assert llava.feature_layer(shipped) == -2  # stages 2-6 read layer -2, as LLaVA-1.5
+    llava_train.main(later={"reread": 1}, from_shipped=True, align_batch=1)
+    ckpts = train_cache / "train" / "llava-shapes"
+    assert torch.load(ckpts / "reread_tower.pt", weights_only=False)["step"] == 2
+    assert torch.load(ckpts / "reread.pt", weights_only=False)["step"] == 1
+    assert llava.feature_layer(shipped) == -1
+    llava_train.main(later={"reread": 1}, from_shipped=True, align_batch=1)  # resumes: done already
+    (ckpts / "reread.pt").unlink()  # as on a machine that has only the shipped weights
+    with pytest.raises(ValueError, match="already ran"):
+        llava_train.main(later={"reread": 1}, from_shipped=True, align_batch=1)
+
+
 def test_lora_from_factors_round_trips():
     from torch import nn
 

@@ -5,8 +5,11 @@ LLaVA-1.5 checkpoint runs here unchanged:
 
 - a ``CLIPVisionModel`` tower (with a CLS token) trained from scratch on the
   shapes world, 96 px images in 8 px patches: 144 patch tokens per image;
-- LLaVA's 2-layer GELU projector, ``vision_feature_layer=-2`` and the
-  ``default`` select strategy (CLS dropped);
+- LLaVA's 2-layer GELU projector and the ``default`` select strategy (CLS
+  dropped); the LM reads the tower's last layer (``vision_feature_layer=-1``),
+  which training stage 7 taught to put each object's shape into each of its
+  patches. Stages 2-6 read layer -2, as LLaVA-1.5 does, and weights exported
+  before stage 7 record that (``feature_layer``);
 - SmolLM2 as the language model, frozen except for a rank-8 LoRA on every
   linear layer (shipped as low-rank factors, merged into the weights when the
   folder is assembled);
@@ -27,6 +30,7 @@ IMAGE_SIZE, PATCH = 96, 8
 IMAGE_TOKEN = "<empty_output>"  # SmolLM2 special token id 16, never used by the chat model
 NUM_PATCHES = (IMAGE_SIZE // PATCH) ** 2
 WEIGHTS = Path(__file__).parent / "weights" / "llava-shapes"
+FEATURE_LAYER = -1  # the tower layer the LM reads once stage 7 ran; -2 before (and in LLaVA-1.5)
 LORA_RANK, LORA_ALPHA = 8, 16
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -49,13 +53,13 @@ def vision_config():
                             projection_dim=192)
 
 
-def build_config():
+def build_config(feature_layer: int = FEATURE_LAYER):
     from transformers import AutoConfig, LlavaConfig
 
     text = AutoConfig.from_pretrained(smollm2_dir())
     return LlavaConfig(vision_config=vision_config(), text_config=text,
                        image_token_id=16, projector_hidden_act="gelu",
-                       vision_feature_layer=-2, vision_feature_select_strategy="default",
+                       vision_feature_layer=feature_layer, vision_feature_select_strategy="default",
                        image_seq_length=NUM_PATCHES, tie_word_embeddings=True)
 
 
@@ -71,11 +75,11 @@ def build_processor():
                           image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
 
 
-def build_model():
+def build_model(feature_layer: int = FEATURE_LAYER):
     """A fresh model: random tower and projector, SmolLM2 weights in the LM."""
     from transformers import LlamaForCausalLM, LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration(build_config())
+    model = LlavaForConditionalGeneration(build_config(feature_layer))
     lm = LlamaForCausalLM.from_pretrained(smollm2_dir())
     model.model.language_model.load_state_dict(lm.model.state_dict())
     model.lm_head.weight = model.model.language_model.embed_tokens.weight
@@ -105,12 +109,22 @@ def assemble(folder: Path | None = None, weights: Path = WEIGHTS) -> Path:
     """Build the full HF folder (model + processor) from SmolLM2 and the shipped parts."""
     folder = folder or cache_dir() / "llava-shapes"
     src = weights / "model.safetensors"
+    layer = feature_layer(src)
     with folder_lock(folder):
-        if not assembled(folder, made := stamp(src, build_config().to_json_string(use_diff=False))):
-            model = build_model()
+        if not assembled(folder, made := stamp(src, build_config(layer).to_json_string(use_diff=False))):
+            model = build_model(layer)
             merge_lora(model, load_trained(model, load_file(src)))
             write_folder(folder, made, model, build_processor())
     return folder
+
+
+def feature_layer(path: Path) -> int:
+    """The tower layer the LM of the weights at ``path`` reads, as their export recorded it
+    (-2 where it recorded none: weights from before stage 7)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return int((f.metadata() or {}).get("vision_feature_layer", -2))
 
 
 def load_trained(model, state: dict) -> dict:

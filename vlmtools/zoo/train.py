@@ -4,8 +4,8 @@ Every stage checkpoints under ``<cache>/train/NAME/`` and resumes from there;
 the shipped weights are exported to ``vlmtools/zoo/weights/NAME/``.
 The default step counts are the shipped weights' own. On 2 CPU cores stages 1-3 of a VLM take
 1.5-2 hours, its refine stage about 50 minutes, its bind stage about 90 and its probe stage
-about 60 minutes more, past the 2 hours, as ZOO-NOTES' priorities allow for accuracy
-(measured times: docs/zoo.md).
+about 60 minutes more (llava-shapes' reread stage about 35), past the 2 hours, as ZOO-NOTES'
+priorities allow for accuracy (measured times: docs/zoo.md).
 """
 from __future__ import annotations
 
@@ -25,9 +25,11 @@ def main(argv=None):
                     help="llava-shapes, qwen2vl-shapes: steps of stage 5 (default: what the shipped weights had)")
     ap.add_argument("--probe", type=int, metavar="STEPS",
                     help="llava-shapes, qwen2vl-shapes: steps of stage 6 (default: what the shipped weights had)")
+    ap.add_argument("--reread", type=int, metavar="STEPS",
+                    help="llava-shapes: steps of stage 7 through the LM (default: what the shipped weights had)")
     ap.add_argument("--from-shipped", action="store_true",
                     help="llava-shapes, qwen2vl-shapes: skip stages 1-3 and run the stages given steps "
-                         "(--refine, --bind, --probe) from the shipped weights, e.g. to train them further on a GPU")
+                         "(--refine, --bind, --probe, --reread) from the shipped weights, e.g. to train them further on a GPU")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -37,14 +39,17 @@ def main(argv=None):
         from .qwen2vl_train import main as run
     else:
         from .flux_train import main as run
-    later = {k: v for k, v in (("refine", args.refine), ("bind", args.bind), ("probe", args.probe)) if v is not None}
+    later = {k: v for k, v in (("refine", args.refine), ("bind", args.bind), ("probe", args.probe),
+                               ("reread", args.reread)) if v is not None}
+    if args.reread is not None and args.name != "llava-shapes":
+        ap.error("--reread applies to llava-shapes")
     if args.name == "flux-shapes":
         if args.from_shipped or later:
             ap.error("--refine, --bind, --probe and --from-shipped apply to llava-shapes and qwen2vl-shapes")
         run(*(args.steps or []))
         return
     if args.from_shipped and not later:
-        ap.error("--from-shipped needs --refine, --bind and/or --probe STEPS")
+        ap.error("--from-shipped needs --refine, --bind, --probe and/or --reread STEPS")
     run(*(args.steps or []), later=later, from_shipped=args.from_shipped)
 
 
