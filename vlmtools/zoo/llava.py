@@ -30,7 +30,8 @@ IMAGE_SIZE, PATCH = 96, 8
 IMAGE_TOKEN = "<empty_output>"  # SmolLM2 special token id 16, never used by the chat model
 NUM_PATCHES = (IMAGE_SIZE // PATCH) ** 2
 WEIGHTS = Path(__file__).parent / "weights" / "llava-shapes"
-FEATURE_LAYER = -1  # the tower layer the LM reads once stage 7 ran; -2 before (and in LLaVA-1.5)
+FEATURE_LAYER = -1  # the tower layer the LM reads once stage 7 ran
+FEATURE_LAYER_BEFORE_REREAD = -2  # what stages 2-6 read, as LLaVA-1.5 does
 LORA_RANK, LORA_ALPHA = 8, 16
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -124,7 +125,7 @@ def feature_layer(path: Path) -> int:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        return int((f.metadata() or {}).get("vision_feature_layer", -2))
+        return int((f.metadata() or {}).get("vision_feature_layer", FEATURE_LAYER_BEFORE_REREAD))
 
 
 def load_trained(model, state: dict) -> dict:

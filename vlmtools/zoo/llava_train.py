@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -333,7 +334,7 @@ def lm_loss(model, x, rows, pos, targets):
 def train_align(tower_state, words_steps: int, steps: int, batch: int = 6, turns: int = 6,
                 later: dict[str, int] | None = None):
     proc = llava.build_processor()
-    model = llava.build_model(feature_layer=-2)  # stage 7 moves it to the last layer
+    model = llava.build_model(llava.FEATURE_LAYER_BEFORE_REREAD)  # stage 7 moves it
     model.model.vision_tower.load_state_dict(tower_state)
     model.requires_grad_(False)
     tower, proj = model.model.vision_tower, model.model.multi_modal_projector
@@ -360,16 +361,11 @@ def align_and_refine(model, proc, steps: dict[str, int], batch: int, turns: int,
     tower, proj = model.model.vision_tower, model.model.multi_modal_projector
     parts = {"tower": tower, "proj": proj, "lora": lora_mod(loras)}
     groups = align_groups(proj.parameters(), tower.parameters(), loras)
-    reread = steps.get("reread", 0)
-    if reread and model.config.vision_feature_layer == -1 and not Checkpoint("llava-shapes", "reread").path.exists():
+    if (steps.get("reread") and model.config.vision_feature_layer == llava.FEATURE_LAYER
+            and not Checkpoint("llava-shapes", "reread").path.exists()):
         raise ValueError("stage 7 (reread) already ran on these weights: their LM reads the tower's last layer")
-    align_stages("llava-shapes", parts, groups, {**steps, "reread": 0}, model, proc, batch, turns,
+    align_stages("llava-shapes", parts, groups, steps, model, proc, batch, turns,
                  lambda: export(model, loras))
-    if reread:
-        reread_tower(tower, REREAD_TOWER_STEPS)
-        model.config.vision_feature_layer = -1
-        align_stages("llava-shapes", parts, groups, {"reread": reread}, model, proc, batch, turns,
-                     lambda: export(model, loras))
     return loras
 
 
@@ -378,9 +374,10 @@ def refine_shipped(steps: dict[str, int], batch: int = 6, turns: int = 6) -> Non
     the last stage exported)."""
     from safetensors.torch import load_file
 
-    model = llava.build_model(llava.feature_layer(llava.WEIGHTS / "model.safetensors"))
+    shipped = llava.WEIGHTS / "model.safetensors"
+    model = llava.build_model(llava.feature_layer(shipped))
     model.requires_grad_(False)
-    factors = llava.load_trained(model, load_file(llava.WEIGHTS / "model.safetensors"))
+    factors = llava.load_trained(model, load_file(shipped))
     align_and_refine(model, llava.build_processor(), steps, batch, turns, factors)
 
 
@@ -413,6 +410,13 @@ class AlignStage:
     first_step: int
     turns: int | None = None  # None: the trainer's ``turns``
     chat: dict = field(default_factory=dict)
+    prepare: Callable | None = None  # run on the model before the stage's first step (and on resume)
+
+
+def start_reread(model) -> None:
+    """Stage 7's start: ``reread_tower`` on the tower, then the LM reads its last layer."""
+    reread_tower(model.model.vision_tower, REREAD_TOWER_STEPS)
+    model.config.vision_feature_layer = llava.FEATURE_LAYER
 
 
 BIND_CHAT = {"describe": 0.25, "every_question": True}
@@ -420,15 +424,17 @@ PROBE_CHAT = {**BIND_CHAT, "probes": True}
 STAGES = (AlignStage("align", 1.0, 0), AlignStage("refine", 0.5, 1_000_000),
           AlignStage("bind", 0.5, 2_000_000, turns=10, chat=BIND_CHAT),
           AlignStage("probe", 0.35, 3_000_000, turns=10, chat=PROBE_CHAT),
-          AlignStage("reread", 0.35, 4_000_000, turns=10, chat=PROBE_CHAT))
+          AlignStage("reread", 0.35, 4_000_000, turns=10, chat=PROBE_CHAT, prepare=start_reread))
 
 
 def align_stages(name: str, parts: dict, groups: list[dict], steps: dict[str, int], model, proc,
                  batch: int, turns: int, export) -> None:
     """Stages 3-7 in order, ``steps[stage]`` each (absent or 0: skipped), each with its own
-    optimiser over ``groups`` and its own checkpoint of ``parts``."""
+    optimiser over ``groups`` and its own checkpoint of ``parts``, after its ``prepare``."""
     for stage in STAGES:
         if steps.get(stage.name):
+            if stage.prepare:
+                stage.prepare(model)
             opt = torch.optim.AdamW([{**g, "base_lr": g["base_lr"] * stage.lr_scale} for g in groups],
                                     weight_decay=0.0)
             align_loop(Checkpoint(name, stage.name), {**parts, "opt": opt}, steps[stage.name], model, proc,
