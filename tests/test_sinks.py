@@ -310,8 +310,11 @@ def test_detect_on_llava_reports_layout_roles(llava, tmp_path):
     assert report.sinks("positional", sample=1)[0].token == 2  # after the left padding
     assert not report.sinks(role="padding")
     assert report.grids == [[(4, 4)], [(4, 4)]]
-    report.plot(tmp_path / "sinks.png")
+    figure = report.plot(tmp_path / "sinks.png")
     assert (tmp_path / "sinks.png").read_bytes()[:4] == b"\x89PNG"
+    cells = {(f.row, f.col) for f in report.sinks(sample=0, role="visual") if f.image == 0}
+    titles = [ax.get_title() for ax in figure.axes if ax.get_title().startswith("image 0")]
+    assert titles == [f"image 0: sink hits per cell\n{len(cells)} of 16 cells fired"]
     again = SinkReport.from_json(report.to_json())
     assert again.findings == report.findings and again.to_json() == report.to_json()
     assert json.loads(report.to_json())["settings"][0]["eps"] == 0.05

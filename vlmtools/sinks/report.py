@@ -133,10 +133,11 @@ class SinkReport:
             layer_names=data["layer_names"],
         )
 
-    def plot(self, path, sample: int = 0) -> None:
+    def plot(self, path, sample: int = 0):
         """Layer x token heatmap per criterion with sinks marked (x), a strip of token
         roles with positional sinks (v), and each image's grid with how often each
-        visual token fired (criterion-layer pairs)."""
+        visual token fired (criterion-layer pairs). Saved to ``path``; returns the
+        matplotlib ``Figure`` (a notebook shows it)."""
         from matplotlib.colors import ListedColormap
         from matplotlib.figure import Figure  # no pyplot: the caller's backend (e.g. a notebook's) is left alone
         from matplotlib.ticker import MaxNLocator
@@ -191,15 +192,18 @@ class SinkReport:
                 if f.sample == sample and f.image == index:
                     count[f.row, f.col] += 1
             ax = fig.add_subplot(spec[index + 1, 1])
-            ax.imshow(count, cmap="magma", interpolation="nearest")
+            cells = ax.imshow(count, cmap="magma", interpolation="nearest", vmin=0)
+            fig.colorbar(cells, ax=ax, fraction=0.05)
             sinks = np.argwhere(count > 0)
             if len(sinks):
                 ax.scatter(sinks[:, 1], sinks[:, 0], marker="o", facecolors="none", edgecolors="cyan", s=30)
-            ax.set_title(f"image {index}: sink hits per cell", fontsize=8)
+            # a few sink cells on a large grid leave the panel nearly black: say how many there are
+            ax.set_title(f"image {index}: sink hits per cell\n{len(sinks)} of {count.size} cells fired", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
         fig.tight_layout()
         fig.savefig(path, dpi=100)
+        return fig
 
 
 def _role(f: Finding) -> str:
