@@ -156,9 +156,14 @@ def test_evaluate_reads_other_weights_beside_the_package_folder(train_cache, tmp
 
     other = tmp_path / "other"
     shutil.copytree(qwen2vl.WEIGHTS, other)
-    evaluate.main(["qwen2vl-shapes", "--n", "5", "--pope-scenes", "1", "--weights", str(other), "--threads", "1"])
+    evaluate.main(["qwen2vl-shapes", "--n", "5", "--pope-scenes", "1", "--weights", str(other), "--threads", "1",
+                   "--answers", str(tmp_path / "answers.json")])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert sum(s["n"] for s in result["qa"].values()) == 5
+    answers = json.loads((tmp_path / "answers.json").read_text())
+    assert [a["type"] for a in answers] == ["existence", "colour", "shape", "count", "position"]
+    for kind, score in result["qa"].items():  # the printed accuracies are those of the written answers
+        assert score["accuracy"] == sum(a["predicted"] == a["answer"] for a in answers if a["type"] == kind)
     assert set(result["pope"]) == {"random", "popular", "adversarial"}
     marker = json.loads((train_cache / "evaluate" / "qwen2vl-shapes" / "assembled_from.json").read_text())
     assert marker["stamp"]["weights"] == (other / "model.safetensors").stat().st_mtime_ns

@@ -1,7 +1,8 @@
 """Held-out measurements of the zoo models (the numbers in docs/zoo.md).
 
 ``python -m vlmtools.zoo.evaluate llava-shapes|qwen2vl-shapes|flux-shapes [--n N]`` prints JSON:
-per-type QA accuracy and POPE for a VLM, RefAM-style grounding scores for the DiT.
+per-type QA accuracy and POPE for a VLM (``--answers FILE``: every answer too), RefAM-style
+grounding scores for the DiT.
 """
 from __future__ import annotations
 
@@ -35,14 +36,25 @@ def answer(model, processor, images, questions, prompt_fn, batch: int = 16) -> l
     return out
 
 
-def qa_accuracy(model, processor, prompt_fn, n: int = 520, split: str = "test") -> dict:
+def qa_answers(model, processor, prompt_fn, n: int = 520, split: str = "test") -> list[dict]:
+    """Each held-out question (``W.qa_items``) with the true answer and the model's, and its
+    scene's index and object count (what an error analysis groups by)."""
     items = W.qa_items(split, n)
-    preds = answer(model, processor, [W.scene(split, i).image for i, _ in items],
-                   [q.question for _, q in items], prompt_fn)
+    scenes = {i: W.scene(split, i) for i, _ in items}
+    preds = answer(model, processor, [scenes[i].image for i, _ in items], [q.question for _, q in items], prompt_fn)
+    return [{"scene": i, "objects": len(scenes[i].objects), "type": q.type, "question": q.question,
+             "answer": q.answer, "predicted": p} for (i, q), p in zip(items, preds)]
+
+
+def accuracy_per_type(answers: list[dict]) -> dict:
     acc: dict[str, list] = {}
-    for (_, q), p in zip(items, preds):
-        acc.setdefault(q.type, []).append(p == q.answer)
+    for a in answers:
+        acc.setdefault(a["type"], []).append(a["predicted"] == a["answer"])
     return {t: {"accuracy": round(float(np.mean(v)), 3), "n": len(v)} for t, v in acc.items()}
+
+
+def qa_accuracy(model, processor, prompt_fn, n: int = 520, split: str = "test") -> dict:
+    return accuracy_per_type(qa_answers(model, processor, prompt_fn, n, split))
 
 
 def pope_scores(model, processor, prompt_fn, n_scenes: int = 40, split: str = "test") -> dict:
@@ -125,6 +137,8 @@ def main(argv=None):
                     help="a folder of trained parts in the shipped layout to evaluate instead of the "
                          "package's (e.g. a training run's export)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--answers", type=Path, metavar="FILE",
+                    help="VLMs: also write every question with the true and the model's answer (JSON)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     # other weights are assembled beside, never over, the package's own folder
@@ -134,7 +148,10 @@ def main(argv=None):
         print(json.dumps(grounding_scores(loaded, n=args.n)))
         return
     model, processor = loaded
-    print(json.dumps({"qa": qa_accuracy(model, processor, prompt, n=args.n),
+    answers = qa_answers(model, processor, prompt, n=args.n)
+    if args.answers:
+        args.answers.write_text(json.dumps(answers, indent=1))
+    print(json.dumps({"qa": accuracy_per_type(answers),
                       "pope": pope_scores(model, processor, prompt, n_scenes=args.pope_scenes)}))
 
 

@@ -397,7 +397,7 @@ def align_groups(head, tower, loras: dict[str, LoRA]) -> list[dict]:
     return groups
 
 
-SHIPPED_STEPS = {"refine": 200, "bind": 300, "probe": 180, "reread": 100}  # the shipped weights' stages 4-7 (docs/zoo.md)
+SHIPPED_STEPS = {"refine": 200, "bind": 300, "probe": 180, "reread": 300}  # the shipped weights' stages 4-7 (docs/zoo.md)
 
 
 @dataclass(frozen=True)
