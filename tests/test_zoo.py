@@ -154,6 +154,14 @@ def test_train_cli_from_shipped_needs_a_stage(capsys):
     assert "--reread applies to llava-shapes" in capsys.readouterr().err
 
 
+def test_evaluate_cli_writes_answers_for_vlms_only(capsys):
+    from vlmtools.zoo.evaluate import main
+
+    with pytest.raises(SystemExit):
+        main(["flux-shapes", "--answers", "answers.json"])
+    assert "--answers applies to llava-shapes and qwen2vl-shapes" in capsys.readouterr().err
+
+
 def test_an_identity_layer_passes_the_features_through():
     from transformers import CLIPVisionModel
 

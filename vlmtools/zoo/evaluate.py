@@ -140,6 +140,8 @@ def main(argv=None):
     ap.add_argument("--answers", type=Path, metavar="FILE",
                     help="VLMs: also write every question with the true and the model's answer (JSON)")
     args = ap.parse_args(argv)
+    if args.answers and args.name == "flux-shapes":
+        ap.error("--answers applies to llava-shapes and qwen2vl-shapes")
     torch.set_num_threads(args.threads)
     # other weights are assembled beside, never over, the package's own folder
     folder = cache_dir() / "evaluate" / args.name if args.weights else None
