@@ -422,13 +422,15 @@ def test_when_every_word_is_a_sink_the_heatmap_is_flat_and_the_mask_empty():
     assert {s["role"] for s in seg.sinks} >= {"content", "image"}
 
 
-def test_blocks_come_from_the_settings_then_the_source_then_the_family_default():
+def test_blocks_come_from_the_settings_then_the_source_then_the_family_default(monkeypatch):
     from grounding.refam.method import default_blocks
     from vlmtools import zoo
     from vlmtools.zoo.flux import REFAM_BLOCKS
 
     pipe = zoo.load("flux-shapes")
-    assert RefAM(pipe).blocks == REFAM_BLOCKS != default_blocks(vlmtools.wrap(pipe.transformer))
+    assert RefAM(pipe).blocks == REFAM_BLOCKS
+    monkeypatch.setattr("vlmtools.zoo.flux.REFAM_BLOCKS", ("dit.double.1",))  # the source's, not the default
+    assert RefAM(pipe).blocks == ("dit.double.1",) != default_blocks(vlmtools.wrap(pipe.transformer))
     assert RefAM(pipe, RefAMSettings(blocks=("dit.single.1",))).blocks == ("dit.single.1",)
     model, _, _ = tiny("flux")
     assert RefAM(model).blocks == default_blocks(vlmtools.wrap(model))

@@ -266,9 +266,46 @@ def test_flux_shapes_grounding_scores_through_the_seam():
     from vlmtools.zoo import load
     from vlmtools.zoo.evaluate import grounding_scores
 
-    out = grounding_scores(load("flux-shapes"), n=4)
-    assert out["n"] == 4 and out["blocks"] == [0, 1]
+    from vlmtools.zoo.flux import REFAM_BLOCKS
+
+    pipe = load("flux-shapes")
+    out = grounding_scores(pipe, n=4)
+    assert out["n"] == 4 and out["sites"] == list(REFAM_BLOCKS)
     assert 0 <= out["mIoU"] <= 1 and 0 <= out["IoU_others"] <= 1
+    assert grounding_scores(pipe, n=4, sites=["dit.double.0"])["sites"] == ["dit.double.0"]
+
+
+def test_flux_training_captions_name_every_object_or_are_a_referring_expression():
+    from vlmtools.zoo import world as W
+    from vlmtools.zoo.flux_train import caption
+
+    rng = np.random.default_rng(0)
+    kinds = set()
+    for i in range(200):
+        s = W.scene("train", i)
+        text = caption(s, rng)
+        if text.startswith("the "):
+            assert text in [e.text for e in s.referring_expressions()]
+            kinds.add("expression")
+        else:
+            named = [w.rstrip(",") for w in text.split(" on a ")[0].split()]
+            assert sorted(w for w in named if w in W.SHAPES) == sorted(o.shape for o in s.objects)
+            kinds.add("listing" if all(o.colour in named for o in s.objects) else "some colours dropped")
+    assert kinds == {"expression", "listing", "some colours dropped"}
+
+
+def test_flux_training_loss_weight_is_the_object_cover_of_each_token():
+    from vlmtools.zoo import flux
+    from vlmtools.zoo import world as W
+    from vlmtools.zoo.flux_train import OBJECT_WEIGHT, batch
+
+    pipe = flux.build_pipeline()
+    *_, weight = batch(pipe, 0, 2)
+    for b in range(2):
+        _, masks = flux.letterbox(W.scene("train", 70_000_000 + b))
+        cover = masks.any(0).numpy().reshape(16, 4, 16, 4).mean((1, 3)).reshape(-1)
+        np.testing.assert_allclose(weight[b].numpy(), 1 + OBJECT_WEIGHT * cover, rtol=1e-6)
+        assert weight[b].min() == 1 and weight[b].max() == 1 + OBJECT_WEIGHT  # background and a covered token
 
 
 def test_qwen2vl_text_port_reproduces_smollm2_logits():

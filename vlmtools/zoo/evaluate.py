@@ -80,10 +80,13 @@ def word_token_index(pipe, prompt: str, words: list[str]) -> list[int]:
 
 
 @torch.no_grad()
-def heatmaps(pipe, images, prompts, words, t: float = 0.3, blocks=(0, 1), seed: int = 0) -> list[np.ndarray]:
+def heatmaps(pipe, images, prompts, words, t: float = 0.3, sites=None, seed: int = 0) -> list[np.ndarray]:
     """(H, W) maps, one per image: image-query attention on the given words' tokens,
-    mean over heads and the chosen double blocks (recorded through the seam), at
-    flow time t with fixed noise, upsampled to the image."""
+    mean over heads and the blocks ``sites`` (default ``flux.REFAM_BLOCKS``; recorded
+    through the seam), at flow time t with fixed noise, upsampled to the image."""
+    from .flux import REFAM_BLOCKS
+
+    sites = list(sites or REFAM_BLOCKS)
     dit = vlmtools.wrap(pipe)
     emb, pooled, txt_ids = pipe.encode_prompt(prompts)
     x0 = pipe.image_tokens(images)
@@ -91,7 +94,6 @@ def heatmaps(pipe, images, prompts, words, t: float = 0.3, blocks=(0, 1), seed: 
     x_t, _ = pipe.denoise_input(images, ts, torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)))
     side = math.isqrt(x0.shape[1])
     joint = dit.layout(emb.shape[1], (side, side))
-    sites = [f"dit.double.{b}" for b in blocks]
     with dit.use(RecordBlock(sites, joint.image.span, joint.text, mean_heads=True)) as trace:
         pipe.forward(x_t, ts, emb, pooled, txt_ids)
     att = torch.stack([RecordBlock.collect(trace, s)[0][:, 0] for s in sites]).mean(0)  # (B, image, text)
@@ -99,9 +101,12 @@ def heatmaps(pipe, images, prompts, words, t: float = 0.3, blocks=(0, 1), seed: 
             for i, p in enumerate(prompts)]
 
 
-def grounding_scores(pipe, n: int = 300, split: str = "test", t: float = 0.3, blocks=(0, 1)) -> dict:
-    from .flux import letterbox
+def grounding_scores(pipe, n: int = 300, split: str = "test", t: float = 0.3, sites=None) -> dict:
+    """The raw maps' (``heatmaps``, Otsu) mean IoU with the referent and with the other objects, over
+    the first ``n`` referring expressions of ``split``."""
+    from .flux import REFAM_BLOCKS, letterbox
 
+    sites = list(sites or REFAM_BLOCKS)
     items, idx = [], 0
     while len(items) < n:
         s = W.scene(split, idx)
@@ -113,7 +118,7 @@ def grounding_scores(pipe, n: int = 300, split: str = "test", t: float = 0.3, bl
         chunk = items[i:i + 16]
         boxes = [letterbox(s) for s, _ in chunk]
         maps = heatmaps(pipe, torch.stack([b[0] for b in boxes]), [e.text for _, e in chunk],
-                        [e.content_words for _, e in chunk], t=t, blocks=blocks)
+                        [e.content_words for _, e in chunk], t=t, sites=sites)
         for (s, e), (_, masks), m in zip(chunk, boxes, maps):
             pred, masks = heatmap_to_mask(m, keep="all"), masks.numpy()
             ref.append(iou(pred, masks[e.target]))
@@ -121,7 +126,7 @@ def grounding_scores(pipe, n: int = 300, split: str = "test", t: float = 0.3, bl
             if len(rest):
                 other.append(iou(pred, rest.any(0)))
     return {"mIoU": round(float(np.mean(ref)), 3), "IoU_others": round(float(np.mean(other)), 3),
-            "n": n, "t": t, "blocks": list(blocks)}
+            "n": n, "t": t, "sites": sites}
 
 
 def main(argv=None):

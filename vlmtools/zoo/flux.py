@@ -28,10 +28,11 @@ from .lm import assembled, cache_dir, folder_lock, smollm2_dir, stamp, write_fol
 IMAGE_SIZE, MAX_TOKENS, TEXT_LAYERS = 64, 32, 6
 LATENT_CHANNELS = 12
 WEIGHTS = Path(__file__).parent / "weights" / "flux-shapes"
-REFAM_BLOCKS = ("dit.double.0",)
-"""The block RefAM reads on flux-shapes (its source's ``blocks``): the best one alone on ``val`` expressions
-(``benchmarks/grounding_quality.py --sweep-blocks``: mIoU 0.286, against 0.057 for
-``dit.single.0``, which RefAM's FLUX default would read)."""
+REFAM_BLOCKS = ("dit.single.0",)
+"""The block RefAM and ``zoo.evaluate``'s grounding read on flux-shapes (its source's ``blocks``): the best
+one alone on ``val`` expressions (``benchmarks/grounding_quality.py --sweep-blocks``: mIoU 0.280, against
+0.223 for ``dit.single.1`` and at most 0.072 for a double-stream block). It is also RefAM's FLUX default,
+which the source states rather than inherits: it was measured, and the default may change."""
 
 
 def transformer_config() -> dict:
