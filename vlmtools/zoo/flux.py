@@ -30,8 +30,8 @@ LATENT_CHANNELS = 12
 WEIGHTS = Path(__file__).parent / "weights" / "flux-shapes"
 REFAM_BLOCKS = ("dit.single.0",)
 """The block RefAM and ``zoo.evaluate``'s grounding read on flux-shapes (its source's ``blocks``): the best
-one alone on ``val`` expressions (``benchmarks/grounding_quality.py --sweep-blocks``: mIoU 0.280, against
-0.223 for ``dit.single.1`` and at most 0.072 for a double-stream block). It is also RefAM's FLUX default,
+one alone on ``val`` expressions (``benchmarks/grounding_quality.py --sweep-blocks``: mIoU 0.299, against
+0.221 for ``dit.single.1`` and at most 0.070 for a double-stream block). It is also RefAM's FLUX default,
 which the source states rather than inherits: it was measured, and the default may change."""
 
 

@@ -12,7 +12,8 @@ DiT barely used its caption: on object tokens another scene's caption raised
 the loss by 3 % at t = 0.3. It bound no words to objects (docs/zoo.md).
 
 Timesteps are drawn logit-normal as in SD3/FLUX training. Scene indices come
-from the step number.
+from the step number. The shipped weights: ``--steps 2000`` (the default), then
+``--steps 3000``, which resumes from the step-2000 checkpoint (docs/zoo.md).
 """
 from __future__ import annotations
 
