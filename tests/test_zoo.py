@@ -265,7 +265,6 @@ def test_flux_shapes_loads_and_predicts_a_velocity():
 def test_flux_shapes_grounding_scores_through_the_seam():
     from vlmtools.zoo import load
     from vlmtools.zoo.evaluate import grounding_scores
-
     from vlmtools.zoo.flux import REFAM_BLOCKS
 
     pipe = load("flux-shapes")

@@ -21,7 +21,6 @@ import time
 
 import numpy as np
 import torch
-
 import torch.nn.functional as F
 
 from . import flux
@@ -29,7 +28,7 @@ from . import world as W
 from .train_utils import Checkpoint, autocast, log
 
 OBJECT_WEIGHT = 9.0
-TOKEN_PIXELS = 4  # a packed token covers 4 x 4 pixels of the 64 px image
+TOKEN_PIXELS = 2 * flux.PixelAutoencoder.scale_factor  # a packed token: 2 x 2 latent pixels, 4 x 4 image pixels
 
 
 def caption(scene, rng) -> str:
