@@ -129,10 +129,12 @@ class ShapesFluxPipeline:
         lat = self.vae.encode(images)
         return self._pack_latents(lat, lat.shape[0], LATENT_CHANNELS, lat.shape[2], lat.shape[3])
 
-    def denoise_input(self, images, t: torch.Tensor, noise: torch.Tensor | None = None):
-        """Flow matching: x_t = (1 - t) x_0 + t noise; returns (x_t, velocity target)."""
+    def denoise_input(self, images, t: torch.Tensor, noise: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None):
+        """Flow matching: x_t = (1 - t) x_0 + t noise (``noise`` or drawn with ``generator``);
+        returns (x_t, velocity target)."""
         x0 = self.image_tokens(images)
-        noise = torch.randn_like(x0) if noise is None else noise
+        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype) if noise is None else noise
         tt = t.view(-1, 1, 1)
         return (1 - tt) * x0 + tt * noise, noise - x0
 

@@ -11,9 +11,11 @@ all background, which the caption hardly predicts. Trained on that mean, the
 DiT barely used its caption: on object tokens another scene's caption raised
 the loss by 3 % at t = 0.3. It bound no words to objects (docs/zoo.md).
 
-Timesteps are drawn logit-normal as in SD3/FLUX training. Scene indices come
-from the step number. The shipped weights: ``--steps 2000`` (the default), then
-``--steps 3000``, which resumes from the step-2000 checkpoint (docs/zoo.md).
+Timesteps are drawn logit-normal as in SD3/FLUX training. Scenes, captions,
+timesteps and noise all come from the step number, so a resumed run draws what
+an uninterrupted one would. The learning rate decays linearly toward step 2000,
+then restarts toward the last step (``RESTARTS``): the shipped weights were
+trained to 2000 steps and resumed to 3000 (docs/zoo.md), the defaults.
 """
 from __future__ import annotations
 
@@ -25,9 +27,10 @@ import torch.nn.functional as F
 
 from . import flux
 from . import world as W
-from .train_utils import Checkpoint, autocast, log
+from .train_utils import Checkpoint, autocast, log, schedule_end
 
 OBJECT_WEIGHT = 9.0
+RESTARTS = (2000,)  # warm restarts of the learning-rate decay (the shipped run's)
 TOKEN_PIXELS = 2 * flux.PixelAutoencoder.scale_factor  # a packed token: 2 x 2 latent pixels, 4 x 4 image pixels
 
 
@@ -55,11 +58,16 @@ def batch(pipe, step: int, size: int):
     covered = torch.stack([F.avg_pool2d(masks.any(0).float()[None], TOKEN_PIXELS)[0] for _, masks in boxes])
     emb, pooled, txt_ids = pipe.encode_prompt([caption(s, rng) for s in scenes])
     t = torch.sigmoid(torch.from_numpy(rng.normal(0, 1, size)).float())
-    x_t, target = pipe.denoise_input(images, t)
+    x_t, target = pipe.denoise_input(images, t, generator=torch.Generator().manual_seed(step))
     return x_t, t, emb, pooled, txt_ids, target, 1 + OBJECT_WEIGHT * covered.flatten(1)
 
 
-def main(steps: int = 2000, size: int = 16, lr: float = 1e-3):
+def learning_rate(step: int, steps: int, lr: float, restarts: tuple[int, ...]) -> float:
+    """20 warm-up steps, then a linear decay to 10 % at the schedule's end (``schedule_end``)."""
+    return lr * min(1.0, (step + 1) / 20) * (1 - 0.9 * step / schedule_end(step, steps, restarts))
+
+
+def main(steps: int = 3000, size: int = 16, lr: float = 1e-3):
     torch.manual_seed(0)
     pipe = flux.build_pipeline()
     dit = pipe.transformer.train()
@@ -68,8 +76,8 @@ def main(steps: int = 2000, size: int = 16, lr: float = 1e-3):
     start = ck.load({"dit": dit, "opt": opt})
     t0 = time.time()
     for step in range(start, steps):
-        for g in opt.param_groups:  # warmup, then linear decay to 10%
-            g["lr"] = lr * min(1.0, (step + 1) / 20) * (1 - 0.9 * step / steps)
+        for g in opt.param_groups:
+            g["lr"] = learning_rate(step, steps, lr, RESTARTS)
         x_t, t, emb, pooled, txt_ids, target, weight = batch(pipe, step, size)
         with autocast():
             pred = pipe.forward(x_t, t, emb, pooled, txt_ids)

@@ -54,7 +54,7 @@ from torch import nn
 
 from . import llava
 from . import world as W
-from .train_utils import Checkpoint, autocast, log
+from .train_utils import Checkpoint, autocast, log, schedule_end
 
 GRID = llava.IMAGE_SIZE // llava.PATCH
 N_COMBO = len(W.COLOURS) * len(W.SHAPES)
@@ -125,6 +125,9 @@ def tower_step(tower, heads, pixel_values, labels):
     return sum(losses.values()), losses, acc
 
 
+TOWER_RESTARTS = (600,)  # the shipped tower: 600 steps, then resumed to 2600 (docs/zoo.md)
+
+
 def train_tower(steps: int, batch: int = 32, lr: float = 1e-3):
     from transformers import CLIPVisionModel
 
@@ -139,19 +142,20 @@ def train_tower(steps: int, batch: int = 32, lr: float = 1e-3):
         pv = proc.image_processor([s.image for s in scenes], return_tensors="pt")["pixel_values"]
         return tower_step(tower, heads, pv, patch_labels(scenes))
 
-    tower_loop(Checkpoint("llava-shapes", "tower"), {"tower": tower, "heads": heads, "opt": opt}, steps, lr, loss_at)
+    tower_loop(Checkpoint("llava-shapes", "tower"), {"tower": tower, "heads": heads, "opt": opt}, steps, lr, loss_at,
+               TOWER_RESTARTS)
     return tower
 
 
-def tower_loop(ck: Checkpoint, parts: dict, steps: int, lr: float, loss_at) -> None:
-    """A tower stage from where ``ck`` left off: warm-up then cosine learning rate, one
-    optimiser step on ``loss_at(step) -> (loss, losses, accuracies)``, a log line every 25
-    steps, a checkpoint of ``parts`` (``opt`` among them) every 50."""
+def tower_loop(ck: Checkpoint, parts: dict, steps: int, lr: float, loss_at, restarts: tuple[int, ...] = ()) -> None:
+    """A tower stage from where ``ck`` left off: warm-up then cosine learning rate (restarted at
+    ``restarts``), one optimiser step on ``loss_at(step) -> (loss, losses, accuracies)``, a log
+    line every 25 steps, a checkpoint of ``parts`` (``opt`` among them) every 50."""
     opt = parts["opt"]
     start = ck.load(parts)
     t0 = time.time()
     for step in range(start, steps):
-        set_lr(opt, lr, step, steps, warmup=30)
+        set_lr(opt, lr, step, steps, warmup=30, restarts=restarts)
         loss, losses, acc = loss_at(step)
         opt.zero_grad()
         loss.backward()
@@ -222,8 +226,9 @@ def words_loop(ck: Checkpoint, name: str, proj: nn.Module, targets: torch.Tensor
     if start < steps:
         ck.save(steps, {name: proj, "opt": opt})
 
-def set_lr(opt, lr, step, steps, warmup):
-    f = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+def set_lr(opt, lr, step, steps, warmup, restarts: tuple[int, ...] = ()):
+    end = schedule_end(step, steps, restarts)
+    f = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, end) / end))
     for g in opt.param_groups:
         g["lr"] = g.get("base_lr", lr) * max(f, 0.05)
 
@@ -411,6 +416,7 @@ class AlignStage:
     turns: int | None = None  # None: the trainer's ``turns``
     chat: dict = field(default_factory=dict)
     prepare: Callable | None = None  # run on the model before the stage's first step (and on resume)
+    restarts: tuple[int, ...] = ()  # warm restarts of the learning-rate schedule (``schedule_end``)
 
 
 def start_reread(model) -> None:
@@ -424,7 +430,8 @@ PROBE_CHAT = {**BIND_CHAT, "probes": True}
 STAGES = (AlignStage("align", 1.0, 0), AlignStage("refine", 0.5, 1_000_000),
           AlignStage("bind", 0.5, 2_000_000, turns=10, chat=BIND_CHAT),
           AlignStage("probe", 0.35, 3_000_000, turns=10, chat=PROBE_CHAT),
-          AlignStage("reread", 0.35, 4_000_000, turns=10, chat=PROBE_CHAT, prepare=start_reread))
+          AlignStage("reread", 0.35, 4_000_000, turns=10, chat=PROBE_CHAT, prepare=start_reread,
+                     restarts=(100,)))  # shipped: 100 steps, then resumed to 300
 
 
 def align_stages(name: str, parts: dict, groups: list[dict], steps: dict[str, int], model, proc,
@@ -438,11 +445,11 @@ def align_stages(name: str, parts: dict, groups: list[dict], steps: dict[str, in
             opt = torch.optim.AdamW([{**g, "base_lr": g["base_lr"] * stage.lr_scale} for g in groups],
                                     weight_decay=0.0)
             align_loop(Checkpoint(name, stage.name), {**parts, "opt": opt}, steps[stage.name], model, proc,
-                       batch, stage.turns or turns, export, stage.first_step, stage.chat)
+                       batch, stage.turns or turns, export, stage.first_step, stage.chat, stage.restarts)
 
 
 def align_loop(ck: Checkpoint, parts: dict, steps: int, model, proc, batch: int, turns: int, export,
-               first: int = 0, chat_kw: dict | None = None) -> None:
+               first: int = 0, chat_kw: dict | None = None, restarts: tuple[int, ...] = ()) -> None:
     """An align stage from where ``ck`` left off: multi-turn chats (those of steps ``first + step``,
     drawn by ``chat(**chat_kw)``) through the LM, the loss at the answers, clipped steps on every
     parameter ``parts["opt"]`` trains; a checkpoint and ``export()`` every 5 steps."""
@@ -451,7 +458,7 @@ def align_loop(ck: Checkpoint, parts: dict, steps: int, model, proc, batch: int,
     start = ck.load(parts)
     t0 = time.time()
     for step in range(start, steps):
-        set_lr(opt, 5e-4, step, steps, warmup=5)
+        set_lr(opt, 5e-4, step, steps, warmup=5, restarts=restarts)
         x, rows, pos, tg = align_batch(proc, first + step, batch, turns, **(chat_kw or {}))
         loss, acc = lm_loss(model, x, rows, pos, tg)
         opt.zero_grad()

@@ -2,8 +2,9 @@
 
 Every stage checkpoints under ``<cache>/train/NAME/`` and resumes from there;
 the shipped weights are exported to ``vlmtools/zoo/weights/NAME/``.
-The default step counts are the shipped weights' own, except flux-shapes': its shipped weights
-were resumed from 2000 to 3000 steps (``vlmtools.zoo.flux_train``). On 2 CPU cores stages 1-3 of a VLM take
+The defaults are the shipped weights' step counts, with the warm restarts of their
+learning-rate schedules where a stage was resumed with a longer one (llava-shapes' tower and
+reread stage, flux-shapes: ``train_utils.schedule_end``). On 2 CPU cores stages 1-3 of a VLM take
 1.5-2 hours, its refine stage about 50 minutes, its bind stage about 90 and its probe stage
 about 60 minutes more (llava-shapes' reread stage about 75), past the 2 hours, as ZOO-NOTES'
 priorities allow for accuracy (measured times: docs/zoo.md).

@@ -34,6 +34,14 @@ class Checkpoint:
         os.replace(tmp, self.path)
 
 
+def schedule_end(step: int, steps: int, restarts: tuple[int, ...] = ()) -> int:
+    """The step the learning-rate schedule decays toward at ``step``: the first warm restart
+    after ``step`` (below ``steps``), else ``steps``. A run with a restart at r follows the
+    schedule of a run to r resumed to ``steps``, as some shipped stages were trained
+    (docs/zoo.md), so one call reproduces them."""
+    return next((r for r in sorted(restarts) if step < r < steps), steps)
+
+
 def log(stage: str, step: int, elapsed: float, **values) -> None:
     vals = {k: round(v, 4) if isinstance(v, float) else v for k, v in values.items()}
     print(json.dumps({"t": time.strftime("%H:%M:%S"), "stage": stage, "step": step,

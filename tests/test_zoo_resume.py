@@ -1,0 +1,64 @@
+"""One call of a zoo trainer reproduces a run that was stopped and resumed with a longer
+learning-rate schedule, as some shipped stages were trained (``train_utils.schedule_end``)."""
+import pytest
+import torch
+from torch import nn
+
+from vlmtools.zoo.train_utils import Checkpoint, schedule_end
+
+
+def test_the_schedule_ends_at_the_next_restart_then_at_the_last_step():
+    ends = [schedule_end(s, 10, (4, 7)) for s in range(10)]
+    assert ends == [4] * 4 + [7] * 3 + [10] * 3
+    assert [schedule_end(s, 3, (4,)) for s in range(3)] == [3, 3, 3]  # a restart past the end: none
+    assert schedule_end(5, 10) == 10
+
+
+def tower_run(steps: int, restarts: tuple[int, ...]) -> tuple[torch.Tensor, list[float]]:
+    """``llava_train.tower_loop`` on a linear layer (checkpoint ``demo/tower``): its weight and
+    the learning rate of each step this call ran."""
+    from vlmtools.zoo.llava_train import tower_loop
+
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 1)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    rates = []
+
+    def loss_at(step):
+        rates.append(opt.param_groups[0]["lr"])
+        x = torch.randn(8, 3, generator=torch.Generator().manual_seed(step))
+        loss = (layer(x) - x.sum(1, keepdim=True)).pow(2).mean()
+        return loss, {"fit": loss}, {}
+
+    tower_loop(Checkpoint("demo", "tower"), {"layer": layer, "opt": opt}, steps, 0.1, loss_at, restarts)
+    return layer.weight.detach().clone(), rates
+
+
+def test_a_tower_stage_with_a_restart_is_the_stopped_and_resumed_run(train_cache):
+    first, early = tower_run(40, ())
+    resumed, late = tower_run(90, ())
+    (train_cache / "train" / "demo" / "tower.pt").unlink()
+    one_call, rates = tower_run(90, (40,))
+    assert rates == early + late
+    torch.testing.assert_close(one_call, resumed, rtol=0, atol=0)
+    assert rates[39] < 0.1 * rates[40]  # the cosine reached its floor at 40, then restarted
+
+
+@pytest.mark.slow
+def test_flux_training_in_one_call_is_the_run_stopped_at_the_restart_and_resumed(train_cache, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from vlmtools.zoo import flux, flux_train
+
+    monkeypatch.setattr(flux, "WEIGHTS", tmp_path / "weights")  # never the shipped file
+    monkeypatch.setattr(flux_train, "RESTARTS", (2,))
+    weights = tmp_path / "weights" / "transformer" / "diffusion_pytorch_model.safetensors"
+    flux_train.main(2, size=2)
+    flux_train.main(3, size=2)  # resumes at step 2 with the decay toward step 3
+    resumed = load_file(weights)
+    (train_cache / "train" / "flux-shapes" / "dit.pt").unlink()
+    flux_train.main(3, size=2)
+    one_call = load_file(weights)
+    assert resumed.keys() == one_call.keys()
+    for name in resumed:
+        torch.testing.assert_close(one_call[name], resumed[name], rtol=0, atol=0)
