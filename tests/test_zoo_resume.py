@@ -35,7 +35,7 @@ def tower_run(steps: int, restarts: tuple[int, ...]) -> tuple[torch.Tensor, list
 
 
 def test_a_tower_stage_with_a_restart_is_the_stopped_and_resumed_run(train_cache):
-    first, early = tower_run(40, ())
+    _, early = tower_run(40, ())
     resumed, late = tower_run(90, ())
     (train_cache / "train" / "demo" / "tower.pt").unlink()
     one_call, rates = tower_run(90, (40,))
