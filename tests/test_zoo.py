@@ -1,4 +1,6 @@
 """The zoo: the shapes world's guarantees, and loading + a forward pass of each model."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -152,6 +154,32 @@ def test_train_cli_from_shipped_needs_a_stage(capsys):
     with pytest.raises(SystemExit):
         main(["qwen2vl-shapes", "--from-shipped", "--reread", "3"])
     assert "--reread applies to llava-shapes" in capsys.readouterr().err
+
+
+def test_train_cli_gives_seed_and_out_to_flux_only_and_the_device_to_every_trainer(capsys, monkeypatch, tmp_path):
+    from vlmtools.zoo import flux_train, qwen2vl_train
+    from vlmtools.zoo.train import main
+
+    calls = []
+    for module in (flux_train, qwen2vl_train):
+        monkeypatch.setattr(module, "main", lambda *a, **k: calls.append((a, k)))
+    main(["flux-shapes", "--steps", "5", "--seed", "3", "--out", str(tmp_path), "--device", "cuda:1"])
+    main(["qwen2vl-shapes", "--device", "cuda:1"])
+    assert calls == [((5,), {"seed": 3, "device": "cuda:1", "out": tmp_path}),
+                     ((), {"later": {}, "from_shipped": False, "device": "cuda:1"})]
+    with pytest.raises(SystemExit):
+        main(["llava-shapes", "--seed", "3"])
+    assert "--seed and --out apply to flux-shapes" in capsys.readouterr().err
+
+
+def test_evaluate_cli_scores_the_split_asked(monkeypatch, capsys):
+    import vlmtools.zoo
+    from vlmtools.zoo import evaluate
+
+    monkeypatch.setattr(vlmtools.zoo, "load", lambda *a: "pipe")
+    monkeypatch.setattr(evaluate, "grounding_scores", lambda pipe, n, split: {"pipe": pipe, "n": n, "split": split})
+    evaluate.main(["flux-shapes", "--n", "4", "--split", "val"])
+    assert json.loads(capsys.readouterr().out) == {"pipe": "pipe", "n": 4, "split": "val"}
 
 
 def test_evaluate_cli_writes_answers_for_vlms_only(capsys):

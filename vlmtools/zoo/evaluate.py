@@ -141,6 +141,8 @@ def main(argv=None):
     ap.add_argument("--weights", type=Path, metavar="DIR",
                     help="a folder of trained parts in the shipped layout to evaluate instead of the "
                          "package's (e.g. a training run's export)")
+    ap.add_argument("--split", choices=["val", "test"], default="test",
+                    help="held-out world split: choose among training runs (seeds, variants) on val, report test")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--answers", type=Path, metavar="FILE",
                     help="VLMs: also write every question with the true and the model's answer (JSON)")
@@ -152,14 +154,14 @@ def main(argv=None):
     folder = cache_dir() / "evaluate" / args.name if args.weights else None
     loaded = load(args.name, folder, args.weights)
     if args.name == "flux-shapes":
-        print(json.dumps(grounding_scores(loaded, n=args.n)))
+        print(json.dumps(grounding_scores(loaded, n=args.n, split=args.split)))
         return
     model, processor = loaded
-    answers = qa_answers(model, processor, prompt, n=args.n)
+    answers = qa_answers(model, processor, prompt, n=args.n, split=args.split)
     if args.answers:
         args.answers.write_text(json.dumps(answers, indent=1))
     print(json.dumps({"qa": accuracy_per_type(answers),
-                      "pope": pope_scores(model, processor, prompt, n_scenes=args.pope_scenes)}))
+                      "pope": pope_scores(model, processor, prompt, n_scenes=args.pope_scenes, split=args.split)}))
 
 
 if __name__ == "__main__":

@@ -82,6 +82,16 @@ class ShapesFluxPipeline:
         self.vae_scale_factor = PixelAutoencoder.scale_factor
         self.tokenizer_max_length = MAX_TOKENS
 
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    def to(self, device) -> "ShapesFluxPipeline":
+        """Move the transformer and the text encoder (the autoencoder has no weights)."""
+        self.transformer.to(device)
+        self.text_encoder.to(device)
+        return self
+
     # -- prompts -------------------------------------------------------------
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         return self.tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS,
@@ -92,13 +102,13 @@ class ShapesFluxPipeline:
         """(prompt_embeds (B, 32, 576), pooled_prompt_embeds (B, 576), text_ids (32, 3)),
         as FluxPipeline.encode_prompt returns them."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        ids = self.tokenize(prompts)
+        ids = self.tokenize(prompts).to(self.text_encoder.device)
         h = self.text_encoder(input_ids=ids).last_hidden_state.float()  # no mask: pads attend
         real = (ids != self.tokenizer.pad_token_id).float()[..., None]
         pooled = (h * real).sum(1) / real.sum(1).clamp(min=1)
         h = h.repeat_interleave(num_images_per_prompt, 0)
         pooled = pooled.repeat_interleave(num_images_per_prompt, 0)
-        return h, pooled, torch.zeros(MAX_TOKENS, 3)
+        return h, pooled, torch.zeros(MAX_TOKENS, 3, device=h.device)
 
     def token_strings(self, prompt: str) -> list[str]:
         """The MAX_TOKENS text tokens the transformer sees, padding included."""
@@ -131,18 +141,20 @@ class ShapesFluxPipeline:
 
     def denoise_input(self, images, t: torch.Tensor, noise: torch.Tensor | None = None,
                       generator: torch.Generator | None = None):
-        """Flow matching: x_t = (1 - t) x_0 + t noise (``noise`` or drawn with ``generator``);
-        returns (x_t, velocity target)."""
+        """Flow matching: x_t = (1 - t) x_0 + t noise (``noise`` or drawn on the CPU with
+        ``generator``, so a seed gives the same noise on every device); returns (x_t, velocity target)."""
         x0 = self.image_tokens(images)
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype) if noise is None else noise
-        tt = t.view(-1, 1, 1)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+        noise = noise.to(x0.device)
+        tt = t.to(x0.device).view(-1, 1, 1)
         return (1 - tt) * x0 + tt * noise, noise - x0
 
     def transformer_inputs(self, x_t, t, prompt_embeds, pooled, text_ids) -> dict:
         """The keyword arguments of one transformer call (image ids for the 64 px grid)."""
         side = IMAGE_SIZE // self.vae_scale_factor // 2
         return dict(hidden_states=x_t, encoder_hidden_states=prompt_embeds, pooled_projections=pooled,
-                    timestep=t, img_ids=self._prepare_latent_image_ids(1, side, side), txt_ids=text_ids,
+                    timestep=t, img_ids=self._prepare_latent_image_ids(1, side, side, x_t.device), txt_ids=text_ids,
                     return_dict=False)
 
     def forward(self, x_t, t, prompt_embeds, pooled, text_ids, **kwargs):
@@ -153,8 +165,8 @@ class ShapesFluxPipeline:
         """Generate (B, 3, 64, 64) images in [0, 1] with Euler steps of the flow."""
         emb, pooled, txt_ids = self.encode_prompt(prompt)
         side = IMAGE_SIZE // self.vae_scale_factor
-        x = torch.randn(emb.shape[0], (side // 2) ** 2, 4 * LATENT_CHANNELS, generator=generator)
-        ts = torch.linspace(1, 0, num_inference_steps + 1)
+        x = torch.randn(emb.shape[0], (side // 2) ** 2, 4 * LATENT_CHANNELS, generator=generator).to(emb.device)
+        ts = torch.linspace(1, 0, num_inference_steps + 1, device=emb.device)
         for a, b in zip(ts[:-1], ts[1:]):
             v = self.forward(x, a.expand(x.shape[0]), emb, pooled, txt_ids)
             x = x + (b - a) * v

@@ -13,13 +13,17 @@ the loss by 3 % at t = 0.3. It bound no words to objects (docs/zoo.md).
 
 Timesteps are drawn logit-normal as in SD3/FLUX training. Scenes, captions,
 timesteps and noise all come from the step number, so a resumed run draws what
-an uninterrupted one would. The learning rate decays linearly toward step 2000,
+an uninterrupted one would, on any device. ``seed`` changes the DiT's initial
+weights and the noise, not the data: the grounding of this recipe varies with
+that draw as much as with any change of recipe tried (docs/zoo.md), so variants
+are compared over several seeds. The learning rate decays linearly toward step 2000,
 then restarts toward the last step (``RESTARTS``): the shipped weights were
 trained to 2000 steps and resumed to 3000 (docs/zoo.md), the defaults.
 """
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 
 from . import flux
 from . import world as W
-from .train_utils import Checkpoint, autocast, log, schedule_end
+from .train_utils import Checkpoint, autocast, log, schedule_end, training_device
 
 OBJECT_WEIGHT = 9.0
 RESTARTS = (2000,)  # warm restarts of the learning-rate decay (the shipped run's)
@@ -49,17 +53,19 @@ def caption(scene, rng) -> str:
     return body + (f" on a {scene.background} background" if rng.random() < 0.5 else "")
 
 
-def batch(pipe, step: int, size: int):
-    """(x_t, t, prompt embeddings, pooled, text ids, velocity target, per-token loss weight)."""
+def batch(pipe, step: int, size: int, seed: int = 0):
+    """(x_t, t, prompt embeddings, pooled, text ids, velocity target, per-token loss weight), on
+    the pipeline's device; the noise of ``seed`` (seed 0: the shipped run's recipe)."""
     rng = np.random.default_rng(step + 1_000_000)
     scenes = [W.scene("train", 70_000_000 + step * size + i) for i in range(size)]
     boxes = [flux.letterbox(s) for s in scenes]
-    images = torch.stack([image for image, _ in boxes])
+    images = torch.stack([image for image, _ in boxes]).to(pipe.device)
     covered = torch.stack([F.avg_pool2d(masks.any(0).float()[None], TOKEN_PIXELS)[0] for _, masks in boxes])
     emb, pooled, txt_ids = pipe.encode_prompt([caption(s, rng) for s in scenes])
-    t = torch.sigmoid(torch.from_numpy(rng.normal(0, 1, size)).float())
-    x_t, target = pipe.denoise_input(images, t, generator=torch.Generator().manual_seed(step))
-    return x_t, t, emb, pooled, txt_ids, target, 1 + OBJECT_WEIGHT * covered.flatten(1)
+    t = torch.sigmoid(torch.from_numpy(rng.normal(0, 1, size)).float()).to(pipe.device)
+    noise = torch.Generator().manual_seed(seed * 10**9 + step)
+    x_t, target = pipe.denoise_input(images, t, generator=noise)
+    return x_t, t, emb, pooled, txt_ids, target, (1 + OBJECT_WEIGHT * covered.flatten(1)).to(pipe.device)
 
 
 def learning_rate(step: int, steps: int, lr: float, restarts: tuple[int, ...]) -> float:
@@ -67,19 +73,25 @@ def learning_rate(step: int, steps: int, lr: float, restarts: tuple[int, ...]) -
     return lr * min(1.0, (step + 1) / 20) * (1 - 0.9 * step / schedule_end(step, steps, restarts))
 
 
-def main(steps: int = 3000, size: int = 16, lr: float = 1e-3):
-    torch.manual_seed(0)
-    pipe = flux.build_pipeline()
+def main(steps: int = 3000, size: int = 16, lr: float = 1e-3, seed: int = 0, device: str | None = None,
+         out: Path | None = None):
+    """Train (or resume) the DiT of ``seed`` (checkpoint ``dit``, other seeds ``dit-seed<N>``) on
+    ``device`` (default: a GPU where there is one) and export it to ``out`` (default: the
+    package's shipped weights) every 25 steps."""
+    torch.manual_seed(seed)
+    device = training_device(device)
+    pipe = flux.build_pipeline().to(device)
     dit = pipe.transformer.train()
     opt = torch.optim.AdamW(dit.parameters(), lr=lr, weight_decay=0.0)
-    ck = Checkpoint("flux-shapes", "dit")
+    ck = Checkpoint("flux-shapes", "dit" if seed == 0 else f"dit-seed{seed}")
     start = ck.load({"dit": dit, "opt": opt})
+    out = Path(out) if out else flux.WEIGHTS
     t0 = time.time()
     for step in range(start, steps):
         for g in opt.param_groups:
             g["lr"] = learning_rate(step, steps, lr, RESTARTS)
-        x_t, t, emb, pooled, txt_ids, target, weight = batch(pipe, step, size)
-        with autocast():
+        x_t, t, emb, pooled, txt_ids, target, weight = batch(pipe, step, size, seed)
+        with autocast(device):
             pred = pipe.forward(x_t, t, emb, pooled, txt_ids)
         loss = (weight * (pred.float() - target).pow(2).mean(-1)).sum() / weight.sum()
         opt.zero_grad()
@@ -90,4 +102,4 @@ def main(steps: int = 3000, size: int = 16, lr: float = 1e-3):
             log("flux", step, time.time() - t0, loss=loss.item())
         if (step + 1) % 25 == 0 or step == steps - 1:
             ck.save(step + 1, {"dit": dit, "opt": opt})
-            dit.save_pretrained(flux.WEIGHTS / "transformer")
+            dit.save_pretrained(out / "transformer")

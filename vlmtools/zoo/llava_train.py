@@ -54,7 +54,7 @@ from torch import nn
 
 from . import llava
 from . import world as W
-from .train_utils import Checkpoint, autocast, log, schedule_end
+from .train_utils import Checkpoint, autocast, device_of, log, schedule_end, training_device
 
 GRID = llava.IMAGE_SIZE // llava.PATCH
 N_COMBO = len(W.COLOURS) * len(W.SHAPES)
@@ -103,9 +103,10 @@ class TowerHeads(nn.Module):
 
 
 def tower_step(tower, heads, pixel_values, labels):
-    combo, centre, slot, presence, count = labels
-    with autocast():
-        out = tower(pixel_values=pixel_values, output_hidden_states=True)
+    device = device_of(heads)
+    combo, centre, slot, presence, count = (label.to(device) for label in labels)
+    with autocast(device):
+        out = tower(pixel_values=pixel_values.to(device), output_hidden_states=True)
     patches = out.hidden_states[-2][:, 1:].float()
     pooled = out.pooler_output.float()
     logits = heads.combo(patches)
@@ -113,27 +114,27 @@ def tower_step(tower, heads, pixel_values, labels):
         "combo": F.cross_entropy(logits.flatten(0, 1), combo.flatten()),
         "centre": F.binary_cross_entropy_with_logits(heads.centre(patches)[..., 0], centre),
         "slot": F.cross_entropy(heads.slot(patches).flatten(0, 1), slot.flatten(),
-                                weight=SLOT_WEIGHT),
+                                weight=SLOT_WEIGHT.to(device)),
         "presence": F.binary_cross_entropy_with_logits(heads.presence(pooled), presence),
         "count": F.cross_entropy(heads.count(pooled), count),
     }
     slot_pred = heads.slot(patches).argmax(-1)
-    acc = {"acc_slot": ((slot_pred == slot) | (slot == 0)).all(1).float().mean().item(),
-           "acc_combo": ((logits.argmax(-1) == combo) | (combo == 0)).all(1).float().mean().item(),
-           "acc_count": (heads.count(pooled).argmax(-1) == count).float().mean().item(),
-           "acc_presence": ((heads.presence(pooled) > 0) == (presence > 0)).all(1).float().mean().item()}
+    acc = {"acc_slot": ((slot_pred == slot) | (slot == 0)).all(1).float().mean(),
+           "acc_combo": ((logits.argmax(-1) == combo) | (combo == 0)).all(1).float().mean(),
+           "acc_count": (heads.count(pooled).argmax(-1) == count).float().mean(),
+           "acc_presence": ((heads.presence(pooled) > 0) == (presence > 0)).all(1).float().mean()}
     return sum(losses.values()), losses, acc
 
 
 TOWER_RESTARTS = (600,)  # the shipped tower: 600 steps, then resumed to 2600 (docs/zoo.md)
 
 
-def train_tower(steps: int, batch: int = 32, lr: float = 1e-3):
+def train_tower(steps: int, batch: int = 32, lr: float = 1e-3, device: torch.device | str = "cpu"):
     from transformers import CLIPVisionModel
 
     proc = llava.build_processor()
-    tower = CLIPVisionModel(llava.vision_config())
-    heads = TowerHeads(tower.config.hidden_size)
+    tower = CLIPVisionModel(llava.vision_config()).to(device)
+    heads = TowerHeads(tower.config.hidden_size).to(device)
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
 
@@ -149,8 +150,9 @@ def train_tower(steps: int, batch: int = 32, lr: float = 1e-3):
 
 def tower_loop(ck: Checkpoint, parts: dict, steps: int, lr: float, loss_at, restarts: tuple[int, ...] = ()) -> None:
     """A tower stage from where ``ck`` left off: warm-up then cosine learning rate (restarted at
-    ``restarts``), one optimiser step on ``loss_at(step) -> (loss, losses, accuracies)``, a log
-    line every 25 steps, a checkpoint of ``parts`` (``opt`` among them) every 50."""
+    ``restarts``), one optimiser step on ``loss_at(step) -> (loss, losses, accuracies)`` (dicts of
+    scalar tensors, read only when logged), a log line every 25 steps, a checkpoint of ``parts``
+    (``opt`` among them) every 50."""
     opt = parts["opt"]
     start = ck.load(parts)
     t0 = time.time()
@@ -161,7 +163,7 @@ def tower_loop(ck: Checkpoint, parts: dict, steps: int, lr: float, loss_at, rest
         loss.backward()
         opt.step()
         if step % 25 == 0 or step == steps - 1:
-            log(ck.stage, step, time.time() - t0, loss=loss.item(), **{k: v.item() for k, v in losses.items()}, **acc)
+            log(ck.stage, step, time.time() - t0, loss=loss.item(), **{k: v.item() for k, v in (losses | acc).items()})
         if (step + 1) % 50 == 0 or step == steps - 1:
             ck.save(step + 1, parts)
 
@@ -185,21 +187,22 @@ def reread_tower(tower, steps: int = REREAD_TOWER_STEPS, batch: int = 32, lr: fl
     proc = llava.build_processor()
     last = tower.encoder.layers[-1]
     identity_layer(last)  # a checkpoint, when there is one, replaces it
-    head = nn.Linear(tower.config.hidden_size, N_COMBO + 1)
+    device = device_of(last)
+    head = nn.Linear(tower.config.hidden_size, N_COMBO + 1).to(device)
     opt = torch.optim.AdamW(list(last.parameters()) + list(head.parameters()), lr=lr, weight_decay=0.01)
 
     def loss_at(step):
         scenes = [W.scene("train", 60_000_000 + step * batch + i) for i in range(batch)]
         pv = proc.image_processor([s.image for s in scenes], return_tensors="pt")["pixel_values"]
-        with torch.no_grad(), autocast():
-            x = tower(pixel_values=pv, output_hidden_states=True).hidden_states[-2].float()
+        with torch.no_grad(), autocast(device):
+            x = tower(pixel_values=pv.to(device), output_hidden_states=True).hidden_states[-2].float()
         h = last(x, None)
-        combo = patch_labels(scenes)[0]
+        combo = patch_labels(scenes)[0].to(device)
         logits = head(h[:, 1:])
         losses = {"combo": F.cross_entropy(logits.flatten(0, 1), combo.flatten()),
                   "keep": KEEP_WEIGHT * (h - x).pow(2).mean() / x.pow(2).mean()}
         objects = combo > 0
-        acc = {"acc_object_patch": (logits.argmax(-1) == combo)[objects].float().mean().item()}
+        acc = {"acc_object_patch": (logits.argmax(-1) == combo)[objects].float().mean()}
         return sum(losses.values()), losses, acc
 
     tower_loop(Checkpoint("llava-shapes", "reread_tower"), {"last": last, "head": head, "opt": opt},
@@ -210,6 +213,7 @@ def words_loop(ck: Checkpoint, name: str, proj: nn.Module, targets: torch.Tensor
                lr: float = 2e-3) -> None:
     """The words stage: ``proj`` alone (checkpointed as ``name``) learns to map the frozen
     tower's features to ``targets[slot]``, ``words_at(step) -> (features, slot labels)``."""
+    targets = targets.to(device_of(proj))
     opt = torch.optim.AdamW(proj.parameters(), lr=lr)
     start = ck.load({name: proj, "opt": opt})
     proj.requires_grad_(True)
@@ -217,7 +221,7 @@ def words_loop(ck: Checkpoint, name: str, proj: nn.Module, targets: torch.Tensor
     for step in range(start, steps):
         with torch.no_grad():
             feats, slot = words_at(step)
-        loss = F.mse_loss(proj(feats), targets[slot]) / targets.pow(2).mean()
+        loss = F.mse_loss(proj(feats), targets[slot.to(targets.device)]) / targets.pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -248,8 +252,9 @@ class LoRA(nn.Module):
     def __init__(self, base: nn.Linear, r: int = llava.LORA_RANK, alpha: int = llava.LORA_ALPHA):
         super().__init__()
         self.base, self.scale = base, alpha / r
-        self.A = nn.Parameter(torch.randn(r, base.in_features) / math.sqrt(base.in_features))
-        self.B = nn.Parameter(torch.zeros(base.out_features, r))
+        device = base.weight.device  # A is drawn on the CPU: the same start on every device
+        self.A = nn.Parameter((torch.randn(r, base.in_features) / math.sqrt(base.in_features)).to(device))
+        self.B = nn.Parameter(torch.zeros(base.out_features, r, device=device))
 
     def forward(self, x):
         return self.base(x) + (x @ self.A.t().to(x.dtype)) @ self.B.t().to(x.dtype) * self.scale
@@ -264,8 +269,8 @@ def add_lora(model, factors: dict | None = None) -> dict[str, LoRA]:
             parent, attr = name.rsplit(".", 1)
             out[name] = LoRA(mod)
             if factors is not None:
-                out[name].A.data = factors[f"{name}.A"].float().clone()
-                out[name].B.data = factors[f"{name}.B"].float().clone()
+                for p in ("A", "B"):
+                    getattr(out[name], p).data = factors[f"{name}.{p}"].to(mod.weight.device, torch.float32, copy=True)
             setattr(lm.get_submodule(parent), attr, out[name])
     return out
 
@@ -330,16 +335,18 @@ def align_batch(proc, step, batch, turns, **chat_kw):
 
 
 def lm_loss(model, x, rows, pos, targets):
-    with autocast():
+    device = model.device
+    x, rows, pos, targets = x.to(device), rows.to(device), pos.to(device), targets.to(device)
+    with autocast(device):
         h = model.model(**x).last_hidden_state
         logits = model.lm_head(h[rows, pos]).float()
     return F.cross_entropy(logits, targets), (logits.argmax(-1) == targets).float().mean().item()
 
 
 def train_align(tower_state, words_steps: int, steps: int, batch: int = 6, turns: int = 6,
-                later: dict[str, int] | None = None):
+                later: dict[str, int] | None = None, device: torch.device | str = "cpu"):
     proc = llava.build_processor()
-    model = llava.build_model(llava.FEATURE_LAYER_BEFORE_REREAD)  # stage 7 moves it
+    model = llava.build_model(llava.FEATURE_LAYER_BEFORE_REREAD).to(device)  # stage 7 moves the layer
     model.model.vision_tower.load_state_dict(tower_state)
     model.requires_grad_(False)
     tower, proj = model.model.vision_tower, model.model.multi_modal_projector
@@ -348,7 +355,7 @@ def train_align(tower_state, words_steps: int, steps: int, batch: int = 6, turns
     def words_at(step):
         scenes = [W.scene("train", 40_000_000 + step * 64 + i) for i in range(64)]
         pv = proc.image_processor([s.image for s in scenes], return_tensors="pt")["pixel_values"]
-        feats = tower(pixel_values=pv, output_hidden_states=True).hidden_states[-2][:, 1:]
+        feats = tower(pixel_values=pv.to(device), output_hidden_states=True).hidden_states[-2][:, 1:]
         return feats, patch_labels(scenes)[2]
 
     words_loop(Checkpoint("llava-shapes", "words"), "proj", proj, word_targets(model, proc.tokenizer),
@@ -374,13 +381,13 @@ def align_and_refine(model, proc, steps: dict[str, int], batch: int, turns: int,
     return loras
 
 
-def refine_shipped(steps: dict[str, int], batch: int = 6, turns: int = 6) -> None:
+def refine_shipped(steps: dict[str, int], batch: int = 6, turns: int = 6, device: torch.device | str = "cpu") -> None:
     """Stages 4-7 alone (``steps``: refine, bind, probe, reread), from the shipped weights (what
     the last stage exported)."""
     from safetensors.torch import load_file
 
     shipped = llava.WEIGHTS / "model.safetensors"
-    model = llava.build_model(llava.feature_layer(shipped))
+    model = llava.build_model(llava.feature_layer(shipped)).to(device)
     model.requires_grad_(False)
     factors = llava.load_trained(model, load_file(shipped))
     align_and_refine(model, llava.build_processor(), steps, batch, turns, factors)
@@ -487,13 +494,14 @@ def later_stages(given: dict[str, int | None], from_shipped: bool, shipped: dict
 
 
 def main(tower_steps: int = 2600, words_steps: int = 150, align_steps: int = 400, align_batch: int = 6,
-         later: dict[str, int | None] | None = None, from_shipped: bool = False):
-    """The seven stages; ``later``: steps of stages 4-7 (refine, bind, probe, reread) where not the
-    shipped run's."""
+         later: dict[str, int | None] | None = None, from_shipped: bool = False, device: str | None = None):
+    """The seven stages on ``device`` (default: a GPU where there is one); ``later``: steps of
+    stages 4-7 (refine, bind, probe, reread) where not the shipped run's."""
     torch.manual_seed(0)
+    device = training_device(device)
     later = later_stages(later or {}, from_shipped, SHIPPED_STEPS)
     if from_shipped:
-        refine_shipped(later, batch=align_batch)
+        refine_shipped(later, batch=align_batch, device=device)
         return
-    tower = train_tower(tower_steps)
-    train_align(tower.state_dict(), words_steps, align_steps, batch=align_batch, later=later)
+    tower = train_tower(tower_steps, device=device)
+    train_align(tower.state_dict(), words_steps, align_steps, batch=align_batch, later=later, device=device)

@@ -46,7 +46,7 @@ from .llava_train import (
     word_targets,
     words_loop,
 )
-from .train_utils import Checkpoint, autocast
+from .train_utils import Checkpoint, autocast, training_device
 
 SHIPPED_STEPS = {"refine": 300, "bind": 400, "probe": 240}  # the shipped weights' stages 4-6 (docs/zoo.md)
 
@@ -87,13 +87,13 @@ def cell_labels(scenes, grids: torch.Tensor):
 
 def windows(visual, pixel_values, grids):
     """Last-block features per merge window ``(tokens, 4 * embed_dim)``: what the merger reads."""
-    with autocast():
-        h = visual(pixel_values, grid_thw=grids).last_hidden_state
+    with autocast(visual.device):
+        h = visual(pixel_values.to(visual.device), grid_thw=grids.to(visual.device)).last_hidden_state
     return h.float().view(-1, WINDOW * h.shape[-1])
 
 
 def tower_step(visual, heads, pixel_values, grids, labels):
-    combo, centre, slot, presence, count = labels
+    combo, centre, slot, presence, count = (label.to(visual.device) for label in labels)
     feats = windows(visual, pixel_values, grids)
     sizes = (grids.prod(-1) // WINDOW).tolist()
     pooled = torch.stack([w.mean(0) for w in feats.split(sizes)])
@@ -102,18 +102,18 @@ def tower_step(visual, heads, pixel_values, grids, labels):
     losses = {
         "combo": F.cross_entropy(logits, combo),
         "centre": F.binary_cross_entropy_with_logits(heads.centre(feats)[:, 0], centre),
-        "slot": F.cross_entropy(slot_logits, slot, weight=SLOT_WEIGHT),
+        "slot": F.cross_entropy(slot_logits, slot, weight=SLOT_WEIGHT.to(visual.device)),
         "presence": F.binary_cross_entropy_with_logits(presence_logits, presence),
         "count": F.cross_entropy(count_logits, count),
     }
 
     def exact(ok):  # fraction of images with every labelled token right
-        return torch.stack([o.all() for o in ok.split(sizes)]).float().mean().item()
+        return torch.stack([o.all() for o in ok.split(sizes)]).float().mean()
 
     acc = {"acc_slot": exact((slot_logits.argmax(-1) == slot) | (slot == 0)),
            "acc_combo": exact((logits.argmax(-1) == combo) | (combo == 0)),
-           "acc_count": (count_logits.argmax(-1) == count).float().mean().item(),
-           "acc_presence": ((presence_logits > 0) == (presence > 0)).all(1).float().mean().item()}
+           "acc_count": (count_logits.argmax(-1) == count).float().mean(),
+           "acc_presence": ((presence_logits > 0) == (presence > 0)).all(1).float().mean()}
     return sum(losses.values()), losses, acc
 
 
@@ -123,15 +123,15 @@ def image_batch(proc, seed: int, batch: int):
     return scenes, x["pixel_values"], x["image_grid_thw"]
 
 
-def train_tower(proc, steps: int, batch: int = 32, lr: float = 1e-3):
+def train_tower(proc, steps: int, batch: int = 32, lr: float = 1e-3, device: torch.device | str = "cpu"):
     from transformers.models.qwen2_vl.modeling_qwen2_vl import (
         Qwen2VisionTransformerPretrainedModel,
     )
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        visual = Qwen2VisionTransformerPretrainedModel(qwen2vl.build_config().vision_config)
-    heads = TowerHeads(WINDOW * visual.config.embed_dim)
+        visual = Qwen2VisionTransformerPretrainedModel(qwen2vl.build_config().vision_config).to(device)
+    heads = TowerHeads(WINDOW * visual.config.embed_dim).to(device)
     opt = torch.optim.AdamW(list(visual.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.01)
 
     def loss_at(step):
@@ -148,7 +148,8 @@ def train_words(model, proc, steps: int, batch: int = 64, lr: float = 2e-3):
 
     def words_at(step):
         scenes, pv, grids = image_batch(proc, 40_000_000 + step * batch, batch)
-        return visual(pv, grid_thw=grids).last_hidden_state, cell_labels(scenes, grids)[2]
+        feats = visual(pv.to(visual.device), grid_thw=grids.to(visual.device)).last_hidden_state
+        return feats, cell_labels(scenes, grids)[2]
 
     words_loop(Checkpoint(NAME, "words"), "merger", merger, word_targets(model, proc.tokenizer), steps,
                words_at, lr=lr)
@@ -174,21 +175,22 @@ def train_align(model, proc, steps: dict[str, int], batch: int, weights: Path, t
 
 def main(tower_steps: int = 2600, words_steps: int = 150, align_steps: int = 400, align_batch: int = 6,
          later: dict[str, int | None] | None = None, from_shipped: bool = False,
-         tower_batch: int = 32, weights: Path = qwen2vl.WEIGHTS):
-    """The six stages; checkpoints under ``<cache>/train/qwen2vl-shapes/``, the shipped
-    parts exported to ``weights`` every 5 alignment steps. ``later``: steps of stages 4-6
-    (refine, bind, probe) where not the shipped run's. ``from_shipped``: stages 4-6 alone
-    (those given steps), from the shipped weights in ``weights``."""
+         tower_batch: int = 32, weights: Path = qwen2vl.WEIGHTS, device: str | None = None):
+    """The six stages on ``device`` (default: a GPU where there is one); checkpoints under
+    ``<cache>/train/qwen2vl-shapes/``, the shipped parts exported to ``weights`` every 5 alignment
+    steps. ``later``: steps of stages 4-6 (refine, bind, probe) where not the shipped run's.
+    ``from_shipped``: stages 4-6 alone (those given steps), from the shipped weights in ``weights``."""
     torch.manual_seed(0)
+    device = training_device(device)
     proc = qwen2vl.build_processor()
     later = later_stages(later or {}, from_shipped, SHIPPED_STEPS)
     if from_shipped:
-        model = qwen2vl.port().requires_grad_(False)
+        model = qwen2vl.port().requires_grad_(False).to(device)
         factors = qwen2vl.load_trained(model, load_file(weights / "model.safetensors"))
         train_align(model, proc, later, align_batch, weights, factors=factors)
         return
-    tower = train_tower(proc, tower_steps, batch=tower_batch)
-    model = qwen2vl.port().requires_grad_(False)
+    tower = train_tower(proc, tower_steps, batch=tower_batch, device=device)
+    model = qwen2vl.port().requires_grad_(False).to(device)
     model.model.visual.load_state_dict(tower.state_dict())
     train_words(model, proc, words_steps)
     train_align(model, proc, {"align": align_steps, **later}, align_batch, weights)

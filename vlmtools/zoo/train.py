@@ -1,7 +1,8 @@
 """``python -m vlmtools.zoo.train NAME``: reproduce a zoo model from scratch.
 
 Every stage checkpoints under ``<cache>/train/NAME/`` and resumes from there;
-the shipped weights are exported to ``vlmtools/zoo/weights/NAME/``.
+the shipped weights are exported to ``vlmtools/zoo/weights/NAME/`` (flux-shapes: or ``--out``).
+Training runs on the first GPU where there is one (``--device``), in bf16 autocast there.
 The defaults are the shipped weights' step counts, with the warm restarts of their
 learning-rate schedules where a stage was resumed with a longer one (llava-shapes' tower and
 reread stage, flux-shapes: ``train_utils.schedule_end``). On 2 CPU cores stages 1-3 of a VLM take
@@ -12,6 +13,7 @@ priorities allow for accuracy (measured times: docs/zoo.md).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -32,6 +34,11 @@ def main(argv=None):
     ap.add_argument("--from-shipped", action="store_true",
                     help="llava-shapes, qwen2vl-shapes: skip stages 1-3 and run the stages given steps "
                          "(--refine, --bind, --probe, --reread) from the shipped weights, e.g. to train them further on a GPU")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="flux-shapes: the DiT's initial weights and noise (0: the shipped run's); the data stay")
+    ap.add_argument("--out", type=Path, metavar="DIR",
+                    help="flux-shapes: export the DiT to DIR/transformer instead of the package's shipped weights")
+    ap.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: a GPU where there is one, else the CPU)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -48,11 +55,13 @@ def main(argv=None):
     if args.name == "flux-shapes":
         if args.from_shipped or later:
             ap.error("--refine, --bind, --probe and --from-shipped apply to llava-shapes and qwen2vl-shapes")
-        run(*(args.steps or []))
+        run(*(args.steps or []), seed=args.seed, device=args.device, out=args.out)
         return
+    if args.seed or args.out:
+        ap.error("--seed and --out apply to flux-shapes")
     if args.from_shipped and not later:
         ap.error("--from-shipped needs --refine, --bind, --probe and/or --reread STEPS")
-    run(*(args.steps or []), later=later, from_shipped=args.from_shipped)
+    run(*(args.steps or []), later=later, from_shipped=args.from_shipped, device=args.device)
 
 
 if __name__ == "__main__":

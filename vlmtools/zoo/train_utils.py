@@ -1,4 +1,5 @@
-"""Resumable checkpoints, one-line logs and the autocast policy shared by the zoo's trainers."""
+"""Resumable checkpoints, one-line logs, the training device and the autocast policy shared by the
+zoo's trainers."""
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ class Checkpoint:
     def load(self, parts: dict) -> int:
         if not self.path.exists():
             return 0
-        state = torch.load(self.path, weights_only=False)
+        state = torch.load(self.path, map_location="cpu", weights_only=False)  # load_state_dict moves it
         for name, part in parts.items():
             part.load_state_dict(state[name])
         log("resume", state["step"], 0.0, path=str(self.path))
@@ -48,9 +49,22 @@ def log(stage: str, step: int, elapsed: float, **values) -> None:
                       "s": round(elapsed, 1), **vals}), flush=True, file=sys.stdout)
 
 
-def autocast():
-    """bf16 autocast where the CPU computes bf16 natively (AVX512-BF16 or AMX), else plain fp32:
-    emulated bf16 is ten times slower than fp32 (an llava-shapes align step on an AVX2-only
-    EPYC core: 266 s in bf16, 25.5 s in fp32)."""
+def training_device(name: str | None = None) -> torch.device:
+    """``name`` ("cpu", "cuda:1", ...), else the first GPU where there is one, else the CPU."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def device_of(module: torch.nn.Module) -> torch.device:
+    """Where ``module``'s parameters are: the trainers move each batch to its model's device."""
+    return next(module.parameters()).device
+
+
+def autocast(device: torch.device | str = "cpu"):
+    """bf16 autocast on a GPU that computes bf16, and on a CPU that does so natively (AVX512-BF16
+    or AMX); else plain fp32: emulated bf16 is ten times slower than fp32 (an llava-shapes align
+    step on an AVX2-only EPYC core: 266 s in bf16, 25.5 s in fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_bf16_supported())
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=native)
