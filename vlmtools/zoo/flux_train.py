@@ -63,8 +63,7 @@ def batch(pipe, step: int, size: int, seed: int = 0):
     covered = torch.stack([F.avg_pool2d(masks.any(0).float()[None], TOKEN_PIXELS)[0] for _, masks in boxes])
     emb, pooled, txt_ids = pipe.encode_prompt([caption(s, rng) for s in scenes])
     t = torch.sigmoid(torch.from_numpy(rng.normal(0, 1, size)).float()).to(pipe.device)
-    noise = torch.Generator().manual_seed(seed * 10**9 + step)
-    x_t, target = pipe.denoise_input(images, t, generator=noise)
+    x_t, target = pipe.denoise_input(images, t, generator=torch.Generator().manual_seed(seed * 10**9 + step))
     return x_t, t, emb, pooled, txt_ids, target, (1 + OBJECT_WEIGHT * covered.flatten(1)).to(pipe.device)
 
 
