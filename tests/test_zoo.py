@@ -172,14 +172,39 @@ def test_train_cli_gives_seed_and_out_to_flux_only_and_the_device_to_every_train
     assert "--seed and --out apply to flux-shapes" in capsys.readouterr().err
 
 
-def test_evaluate_cli_scores_the_split_asked(monkeypatch, capsys):
+def test_evaluate_cli_scores_the_split_asked_on_the_device_asked(monkeypatch, capsys):
     import vlmtools.zoo
     from vlmtools.zoo import evaluate
 
-    monkeypatch.setattr(vlmtools.zoo, "load", lambda *a: "pipe")
-    monkeypatch.setattr(evaluate, "grounding_scores", lambda pipe, n, split: {"pipe": pipe, "n": n, "split": split})
-    evaluate.main(["flux-shapes", "--n", "4", "--split", "val"])
-    assert json.loads(capsys.readouterr().out) == {"pipe": "pipe", "n": 4, "split": "val"}
+    class Pipe:
+        def to(self, device):
+            self.device = device
+            return self
+
+    monkeypatch.setattr(vlmtools.zoo, "load", lambda *a: Pipe())
+    monkeypatch.setattr(evaluate, "grounding_scores",
+                        lambda pipe, n, split: {"device": str(pipe.device), "n": n, "split": split})
+    evaluate.main(["flux-shapes", "--n", "4", "--split", "val", "--device", "meta"])
+    assert json.loads(capsys.readouterr().out) == {"device": "meta", "n": 4, "split": "val"}
+
+
+def test_answers_are_generated_on_the_models_device():
+    from vlmtools.zoo import llava
+    from vlmtools.zoo.evaluate import answer
+
+    proc = llava.build_processor()
+    yes = proc.tokenizer.encode("yes")[0]
+
+    class Model:  # generate() checks where its inputs are
+        device = torch.device("meta")
+
+        def generate(self, input_ids, max_new_tokens, do_sample, **inputs):
+            assert {v.device.type for v in [input_ids, *inputs.values()]} == {"meta"}
+            return torch.cat([torch.zeros(input_ids.shape, dtype=torch.long),
+                              torch.full((len(input_ids), 1), yes)], 1)
+
+    scenes = [W.scene("test", i) for i in range(3)]
+    assert answer(Model(), proc, [s.image for s in scenes], ["Is there a circle?"] * 3, llava.prompt) == ["yes"] * 3
 
 
 def test_evaluate_cli_writes_answers_for_vlms_only(capsys):

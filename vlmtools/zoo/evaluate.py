@@ -25,11 +25,11 @@ from . import world as W
 # ---- VLMs: greedy generate, one-word answers ----------------------------------
 @torch.no_grad()
 def answer(model, processor, images, questions, prompt_fn, batch: int = 16) -> list[str]:
-    """Greedy answers (first word, lower case) to one question per image."""
+    """Greedy answers (first word, lower case) to one question per image, on the model's device."""
     out = []
     for i in range(0, len(images), batch):
         texts = [prompt_fn(processor, q) for q in questions[i:i + batch]]
-        x = processor(images=images[i:i + batch], text=texts, return_tensors="pt", padding=True)
+        x = processor(images=images[i:i + batch], text=texts, return_tensors="pt", padding=True).to(model.device)
         gen = model.generate(**x, max_new_tokens=4, do_sample=False)
         out += map(first_word, processor.tokenizer.batch_decode(gen[:, x["input_ids"].shape[1]:],
                                                                 skip_special_tokens=True))
@@ -83,20 +83,22 @@ def word_token_index(pipe, prompt: str, words: list[str]) -> list[int]:
 def heatmaps(pipe, images, prompts, words, t: float = 0.3, sites=None, seed: int = 0) -> list[np.ndarray]:
     """(H, W) maps, one per image: image-query attention on the given words' tokens,
     mean over heads and the blocks ``sites`` (default ``flux.REFAM_BLOCKS``; recorded
-    through the seam), at flow time t with fixed noise, upsampled to the image."""
+    through the seam), at flow time t with fixed noise (drawn on the CPU), upsampled to the image;
+    computed on the pipeline's device."""
     from .flux import REFAM_BLOCKS
 
     sites = list(sites or REFAM_BLOCKS)
     dit = vlmtools.wrap(pipe)
     emb, pooled, txt_ids = pipe.encode_prompt(prompts)
+    images = images.to(pipe.device)
     x0 = pipe.image_tokens(images)
-    ts = torch.full((len(prompts),), t)
+    ts = torch.full((len(prompts),), t, device=pipe.device)
     x_t, _ = pipe.denoise_input(images, ts, torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)))
     side = math.isqrt(x0.shape[1])
     joint = dit.layout(emb.shape[1], (side, side))
     with dit.use(RecordBlock(sites, joint.image.span, joint.text, mean_heads=True)) as trace:
         pipe.forward(x_t, ts, emb, pooled, txt_ids)
-    att = torch.stack([RecordBlock.collect(trace, s)[0][:, 0] for s in sites]).mean(0)  # (B, image, text)
+    att = torch.stack([RecordBlock.collect(trace, s)[0][:, 0] for s in sites]).mean(0).cpu()  # (B, image, text)
     return [upsample(att[i][:, word_token_index(pipe, p, words[i])].sum(-1).view(side, side), images.shape[-2:])
             for i, p in enumerate(prompts)]
 
@@ -133,6 +135,7 @@ def main(argv=None):
     from . import MODELS, load
     from .llava import prompt
     from .lm import cache_dir
+    from .train_utils import training_device
 
     ap = argparse.ArgumentParser(prog="python -m vlmtools.zoo.evaluate")
     ap.add_argument("name", choices=MODELS)
@@ -143,6 +146,7 @@ def main(argv=None):
                          "package's (e.g. a training run's export)")
     ap.add_argument("--split", choices=["val", "test"], default="test",
                     help="held-out world split: choose among training runs (seeds, variants) on val, report test")
+    ap.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: a GPU where there is one, else the CPU)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--answers", type=Path, metavar="FILE",
                     help="VLMs: also write every question with the true and the model's answer (JSON)")
@@ -153,10 +157,12 @@ def main(argv=None):
     # other weights are assembled beside, never over, the package's own folder
     folder = cache_dir() / "evaluate" / args.name if args.weights else None
     loaded = load(args.name, folder, args.weights)
+    device = training_device(args.device)
     if args.name == "flux-shapes":
-        print(json.dumps(grounding_scores(loaded, n=args.n, split=args.split)))
+        print(json.dumps(grounding_scores(loaded.to(device), n=args.n, split=args.split)))
         return
     model, processor = loaded
+    model.to(device)
     answers = qa_answers(model, processor, prompt, n=args.n, split=args.split)
     if args.answers:
         args.answers.write_text(json.dumps(answers, indent=1))
