@@ -165,7 +165,7 @@ def test_train_cli_gives_seed_and_out_to_flux_only_and_the_device_to_every_train
         monkeypatch.setattr(module, "main", lambda *a, **k: calls.append((a, k)))
     main(["flux-shapes", "--steps", "5", "--seed", "3", "--out", str(tmp_path), "--device", "cuda:1"])
     main(["qwen2vl-shapes", "--device", "cuda:1"])
-    assert calls == [((5,), {"seed": 3, "device": "cuda:1", "out": tmp_path}),
+    assert calls == [((5,), {"seed": 3, "device": "cuda:1", "out": tmp_path, "from_shipped": False}),
                      ((), {"later": {}, "from_shipped": False, "device": "cuda:1"})]
     with pytest.raises(SystemExit):
         main(["llava-shapes", "--seed", "3"])

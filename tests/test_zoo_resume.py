@@ -62,3 +62,26 @@ def test_flux_training_in_one_call_is_the_run_stopped_at_the_restart_and_resumed
     assert resumed.keys() == one_call.keys()
     for name in resumed:
         torch.testing.assert_close(one_call[name], resumed[name], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_flux_training_goes_on_from_the_shipped_dit(train_cache, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from vlmtools.zoo import flux, flux_train
+
+    monkeypatch.setattr(flux, "WEIGHTS", tmp_path / "shipped")
+    monkeypatch.setattr(flux_train, "SHIPPED_STEPS", 2)
+    flux_train.main(2, size=2)  # the "shipped" DiT
+    file = "transformer/diffusion_pytorch_model.safetensors"
+    shipped = load_file(tmp_path / "shipped" / file)
+    flux_train.main(3, size=2, lr=0.0, from_shipped=True, out=tmp_path / "on")  # a step that moves nothing
+    on = load_file(tmp_path / "on" / file)
+    for name in shipped:
+        torch.testing.assert_close(on[name], shipped[name], rtol=0, atol=0)
+    assert torch.load(train_cache / "train" / "flux-shapes" / "dit-from-shipped.pt")["step"] == 3
+    with pytest.raises(ValueError, match="needs more"):
+        flux_train.main(2, size=2, from_shipped=True)
+    # a fresh warm-up from the shipped step, then the decay toward the last step
+    rates = [flux_train.learning_rate(s, 6000, 1.0, (2000, 3000), 3000) for s in (3000, 3019, 6000)]
+    assert rates == pytest.approx([0.05 * 0.55, 0.55 - 0.9 * 19 / 6000, 0.1])

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from . import flux
 from . import world as W
@@ -35,6 +36,7 @@ from .train_utils import Checkpoint, autocast, log, schedule_end, training_devic
 
 OBJECT_WEIGHT = 9.0
 RESTARTS = (2000,)  # warm restarts of the learning-rate decay (the shipped run's)
+SHIPPED_STEPS = 3000  # the shipped DiT's training steps: where ``from_shipped`` runs go on
 TOKEN_PIXELS = 2 * flux.PixelAutoencoder.scale_factor  # a packed token: 2 x 2 latent pixels, 4 x 4 image pixels
 
 
@@ -67,28 +69,38 @@ def batch(pipe, step: int, size: int, seed: int = 0):
     return x_t, t, emb, pooled, txt_ids, target, (1 + OBJECT_WEIGHT * covered.flatten(1)).to(pipe.device)
 
 
-def learning_rate(step: int, steps: int, lr: float, restarts: tuple[int, ...]) -> float:
-    """20 warm-up steps, then a linear decay to 10 % at the schedule's end (``schedule_end``)."""
-    return lr * min(1.0, (step + 1) / 20) * (1 - 0.9 * step / schedule_end(step, steps, restarts))
+def learning_rate(step: int, steps: int, lr: float, restarts: tuple[int, ...], first: int = 0) -> float:
+    """20 warm-up steps from ``first``, then a linear decay to 10 % at the schedule's end
+    (``schedule_end``)."""
+    return lr * min(1.0, (step - first + 1) / 20) * (1 - 0.9 * step / schedule_end(step, steps, restarts))
 
 
 def main(steps: int = 3000, size: int = 16, lr: float = 1e-3, seed: int = 0, device: str | None = None,
-         out: Path | None = None):
+         out: Path | None = None, from_shipped: bool = False):
     """Train (or resume) the DiT of ``seed`` (checkpoint ``dit``, other seeds ``dit-seed<N>``) on
     ``device`` (default: a GPU where there is one) and export it to ``out`` (default: the
-    package's shipped weights) every 25 steps."""
+    package's shipped weights) every 25 steps. ``from_shipped``: go on from the shipped DiT as if
+    from its step-3000 checkpoint, with a fresh optimiser, fresh warm-up and a warm restart of
+    the decay toward ``steps`` (checkpoint ``dit-from-shipped``)."""
+    first = SHIPPED_STEPS if from_shipped else 0
+    if steps <= first:
+        raise ValueError(f"the shipped DiT had {first} steps: --from-shipped needs more")
     torch.manual_seed(seed)
     device = training_device(device)
     pipe = flux.build_pipeline().to(device)
     dit = pipe.transformer.train()
+    if from_shipped:
+        dit.load_state_dict(load_file(flux.WEIGHTS / "transformer" / "diffusion_pytorch_model.safetensors"))
     opt = torch.optim.AdamW(dit.parameters(), lr=lr, weight_decay=0.0)
-    ck = Checkpoint("flux-shapes", "dit" if seed == 0 else f"dit-seed{seed}")
-    start = ck.load({"dit": dit, "opt": opt})
+    name = "dit" + ("-from-shipped" if from_shipped else "") + (f"-seed{seed}" if seed else "")
+    ck = Checkpoint("flux-shapes", name)
+    start = ck.load({"dit": dit, "opt": opt}) or first
+    restarts = RESTARTS + (first,) if from_shipped else RESTARTS
     out = Path(out) if out else flux.WEIGHTS
     t0 = time.time()
     for step in range(start, steps):
         for g in opt.param_groups:
-            g["lr"] = learning_rate(step, steps, lr, RESTARTS)
+            g["lr"] = learning_rate(step, steps, lr, restarts, first)
         x_t, t, emb, pooled, txt_ids, target, weight = batch(pipe, step, size, seed)
         with autocast(device):
             pred = pipe.forward(x_t, t, emb, pooled, txt_ids)

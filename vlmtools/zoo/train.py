@@ -33,7 +33,8 @@ def main(argv=None):
                     help="llava-shapes: steps of stage 7 through the LM (default: what the shipped weights had)")
     ap.add_argument("--from-shipped", action="store_true",
                     help="llava-shapes, qwen2vl-shapes: skip stages 1-3 and run the stages given steps "
-                         "(--refine, --bind, --probe, --reread) from the shipped weights, e.g. to train them further on a GPU")
+                         "(--refine, --bind, --probe, --reread) from the shipped weights, e.g. to train them further "
+                         "on a GPU; flux-shapes: go on from the shipped DiT (step 3000) to --steps")
     ap.add_argument("--seed", type=int, default=0,
                     help="flux-shapes: the DiT's initial weights and noise (0: the shipped run's); the data stay")
     ap.add_argument("--out", type=Path, metavar="DIR",
@@ -53,9 +54,9 @@ def main(argv=None):
     if args.reread is not None and args.name != "llava-shapes":
         ap.error("--reread applies to llava-shapes")
     if args.name == "flux-shapes":
-        if args.from_shipped or later:
-            ap.error("--refine, --bind, --probe and --from-shipped apply to llava-shapes and qwen2vl-shapes")
-        run(*(args.steps or []), seed=args.seed, device=args.device, out=args.out)
+        if later:
+            ap.error("--refine, --bind, --probe and --reread apply to llava-shapes and qwen2vl-shapes")
+        run(*(args.steps or []), seed=args.seed, device=args.device, out=args.out, from_shipped=args.from_shipped)
         return
     if args.seed or args.out:
         ap.error("--seed and --out apply to flux-shapes")
