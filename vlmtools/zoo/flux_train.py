@@ -89,11 +89,11 @@ def main(steps: int = 3000, size: int = 16, lr: float = 1e-3, seed: int = 0, dev
     device = training_device(device)
     pipe = flux.build_pipeline().to(device)
     dit = pipe.transformer.train()
-    if from_shipped:
-        dit.load_state_dict(load_file(flux.WEIGHTS / "transformer" / "diffusion_pytorch_model.safetensors"))
     opt = torch.optim.AdamW(dit.parameters(), lr=lr, weight_decay=0.0)
     name = "dit" + ("-from-shipped" if from_shipped else "") + (f"-seed{seed}" if seed else "")
     ck = Checkpoint("flux-shapes", name)
+    if from_shipped and not ck.path.exists():  # a checkpoint, when there is one, holds the DiT
+        dit.load_state_dict(load_file(flux.WEIGHTS / "transformer" / "diffusion_pytorch_model.safetensors"))
     start = ck.load({"dit": dit, "opt": opt}) or first
     restarts = RESTARTS + (first,) if from_shipped else RESTARTS
     out = Path(out) if out else flux.WEIGHTS
