@@ -64,15 +64,12 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(2)
     from vlmtools import zoo
-    from vlmtools.zoo import flux, lm
+    from vlmtools.zoo import flux, flux_train
 
     pipeline = zoo.load("flux-shapes")
     weights = flux.WEIGHTS / "transformer" / "diffusion_pytorch_model.safetensors"
-    checkpoint = lm.cache_dir() / "train" / "flux-shapes" / "dit.pt"
-    step = torch.load(checkpoint, weights_only=False)["step"] if checkpoint.exists() else "unknown"
-    trained = (
-        f"weights of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(weights.stat().st_mtime))}, training step {step}"
-    )
+    trained = (f"weights of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(weights.stat().st_mtime))}, "
+               f"training step {flux_train.STEPS}")
     samples = zoo_samples(args.n)
     default = RefAMSettings()
     rows, seconds, sinks_seen = {}, {}, []

@@ -71,7 +71,7 @@ def test_flux_training_goes_on_from_the_shipped_dit(train_cache, tmp_path, monke
     from vlmtools.zoo import flux, flux_train
 
     monkeypatch.setattr(flux, "WEIGHTS", tmp_path / "shipped")
-    monkeypatch.setattr(flux_train, "SHIPPED_STEPS", 2)
+    monkeypatch.setattr(flux_train, "STEPS", 2)
     flux_train.main(2, size=2)  # the "shipped" DiT
     file = "transformer/diffusion_pytorch_model.safetensors"
     shipped = load_file(tmp_path / "shipped" / file)
@@ -85,3 +85,27 @@ def test_flux_training_goes_on_from_the_shipped_dit(train_cache, tmp_path, monke
     # a fresh warm-up from the shipped step, then the decay toward the last step
     rates = [flux_train.learning_rate(s, 6000, 1.0, (2000, 3000), 3000) for s in (3000, 3019, 6000)]
     assert rates == pytest.approx([0.05 * 0.55, 0.55 - 0.9 * 19 / 6000, 0.1])
+
+
+@pytest.mark.slow
+def test_flux_training_through_a_new_round_is_the_shipped_run_gone_on_from(train_cache, tmp_path, monkeypatch):
+    """One call through a round = the first round, then ``from_shipped`` from its DiT: the
+    optimiser and the warm-up start afresh at the round, from a run resumed there or not."""
+    from safetensors.torch import load_file
+
+    from vlmtools.zoo import flux, flux_train
+
+    monkeypatch.setattr(flux, "WEIGHTS", tmp_path / "shipped")
+    monkeypatch.setattr(flux_train, "ROUNDS", (2,))
+    monkeypatch.setattr(flux_train, "STEPS", 2)
+    file = "transformer/diffusion_pytorch_model.safetensors"
+    flux_train.main(2, size=2)  # the first round, exported as the "shipped" DiT
+    flux_train.main(4, size=2, from_shipped=True, out=tmp_path / "gone-on")
+    flux_train.main(4, size=2, out=tmp_path / "resumed")  # resumes dit.pt at the round
+    (train_cache / "train" / "flux-shapes" / "dit.pt").unlink()
+    flux_train.main(4, size=2, out=tmp_path / "one-call")
+    gone_on = load_file(tmp_path / "gone-on" / file)
+    for run in ("resumed", "one-call"):
+        weights = load_file(tmp_path / run / file)
+        for name in gone_on:
+            torch.testing.assert_close(weights[name], gone_on[name], rtol=0, atol=0)

@@ -8,7 +8,8 @@ learning-rate schedules where a stage was resumed with a longer one (llava-shape
 reread stage, flux-shapes: ``train_utils.schedule_end``). On 2 CPU cores stages 1-3 of a VLM take
 1.5-2 hours, its refine stage about 50 minutes, its bind stage about 90 and its probe stage
 about 60 minutes more (llava-shapes' reread stage about 75), past the 2 hours, as ZOO-NOTES'
-priorities allow for accuracy (measured times: docs/zoo.md).
+priorities allow for accuracy. flux-shapes' 6000 steps take 65-85 minutes (0.64 s/step in bf16
+on a CPU that computes it natively, 0.85 in fp32; measured times: docs/zoo.md).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def main(argv=None):
     ap.add_argument("--from-shipped", action="store_true",
                     help="llava-shapes, qwen2vl-shapes: skip stages 1-3 and run the stages given steps "
                          "(--refine, --bind, --probe, --reread) from the shipped weights, e.g. to train them further "
-                         "on a GPU; flux-shapes: go on from the shipped DiT (step 3000) to --steps")
+                         "on a GPU; flux-shapes: go on from the shipped DiT in a new round to --steps")
     ap.add_argument("--seed", type=int, default=0,
                     help="flux-shapes: the DiT's initial weights and noise (0: the shipped run's); the data stay")
     ap.add_argument("--out", type=Path, metavar="DIR",
