@@ -154,6 +154,10 @@ def test_train_cli_from_shipped_needs_a_stage(capsys):
     with pytest.raises(SystemExit):
         main(["qwen2vl-shapes", "--from-shipped", "--reread", "3"])
     assert "--reread applies to llava-shapes" in capsys.readouterr().err
+    for steps in ([], ["--steps", "6000"]):
+        with pytest.raises(SystemExit):
+            main(["flux-shapes", "--from-shipped", *steps])
+        assert "--from-shipped goes on from the shipped DiT's 6000 steps" in capsys.readouterr().err
 
 
 def test_train_cli_gives_seed_and_out_to_flux_only_and_the_device_to_every_trainer(capsys, monkeypatch, tmp_path):

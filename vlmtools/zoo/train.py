@@ -55,8 +55,12 @@ def main(argv=None):
     if args.reread is not None and args.name != "llava-shapes":
         ap.error("--reread applies to llava-shapes")
     if args.name == "flux-shapes":
+        from .flux_train import STEPS
+
         if later:
             ap.error("--refine, --bind, --probe and --reread apply to llava-shapes and qwen2vl-shapes")
+        if args.from_shipped and (args.steps or [STEPS])[0] <= STEPS:
+            ap.error(f"--from-shipped goes on from the shipped DiT's {STEPS} steps: give --steps above that")
         run(*(args.steps or []), seed=args.seed, device=args.device, out=args.out, from_shipped=args.from_shipped)
         return
     if args.seed or args.out:
