@@ -103,10 +103,20 @@ def heatmaps(pipe, images, prompts, words, t: float = 0.3, sites=None, seed: int
             for i, p in enumerate(prompts)]
 
 
+def perfect_map_mask(mask: torch.Tensor, token_pixels: int) -> np.ndarray:
+    """The mask a perfect attention map would give: each token's share of ``mask``, upsampled and
+    thresholded as ``grounding_scores`` reads the real maps. Its IoU with ``mask`` is the most the
+    token grid and that readout allow."""
+    share = torch.nn.functional.avg_pool2d(mask.float()[None], token_pixels)[0]
+    return heatmap_to_mask(upsample(share, tuple(mask.shape)), keep="all")
+
+
 def grounding_scores(pipe, n: int = 300, split: str = "test", t: float = 0.3, sites=None) -> dict:
     """The raw maps' (``heatmaps``, Otsu) mean IoU with the referent and with the other objects, over
-    the first ``n`` referring expressions of ``split``."""
+    the first ``n`` referring expressions of ``split``; ``ceiling``: the mean IoU of a perfect map
+    (``perfect_map_mask``)."""
     from .flux import REFAM_BLOCKS, letterbox
+    from .flux_train import TOKEN_PIXELS
 
     sites = list(sites or REFAM_BLOCKS)
     items, idx = [], 0
@@ -115,20 +125,21 @@ def grounding_scores(pipe, n: int = 300, split: str = "test", t: float = 0.3, si
         items += [(s, e) for e in s.referring_expressions()]
         idx += 1
     items = items[:n]
-    ref, other = [], []
+    ref, other, ceiling = [], [], []
     for i in range(0, n, 16):
         chunk = items[i:i + 16]
         boxes = [letterbox(s) for s, _ in chunk]
         maps = heatmaps(pipe, torch.stack([b[0] for b in boxes]), [e.text for _, e in chunk],
                         [e.content_words for _, e in chunk], t=t, sites=sites)
         for (s, e), (_, masks), m in zip(chunk, boxes, maps):
+            ceiling.append(iou(perfect_map_mask(masks[e.target], TOKEN_PIXELS), masks[e.target].numpy()))
             pred, masks = heatmap_to_mask(m, keep="all"), masks.numpy()
             ref.append(iou(pred, masks[e.target]))
             rest = np.delete(masks, e.target, 0)
             if len(rest):
                 other.append(iou(pred, rest.any(0)))
     return {"mIoU": round(float(np.mean(ref)), 3), "IoU_others": round(float(np.mean(other)), 3),
-            "n": n, "t": t, "sites": sites}
+            "ceiling": round(float(np.mean(ceiling)), 3), "n": n, "t": t, "sites": sites}
 
 
 def main(argv=None):
