@@ -337,10 +337,10 @@ def test_a_perfect_map_recovers_a_mask_on_the_token_grid_and_spreads_one_off_it(
 
     on_grid = torch.zeros(64, 64, dtype=torch.bool)
     on_grid[8:24, 12:28] = True  # whole 4 x 4 tokens
-    assert iou(perfect_map_mask(on_grid, 4), on_grid.numpy()) > 0.98  # bilinear edges: 0.984
+    assert iou(perfect_map_mask(on_grid), on_grid.numpy()) > 0.98  # bilinear edges: 0.984
     off_grid = torch.zeros(64, 64, dtype=torch.bool)
     off_grid[9:14, 13:18] = True  # 25 pixels over four tokens: the mask spreads over them (71 pixels)
-    assert 0.3 < iou(perfect_map_mask(off_grid, 4), off_grid.numpy()) < 0.4
+    assert 0.3 < iou(perfect_map_mask(off_grid), off_grid.numpy()) < 0.4
 
 
 def test_flux_training_captions_name_every_object_or_are_a_referring_expression():

@@ -103,12 +103,13 @@ def heatmaps(pipe, images, prompts, words, t: float = 0.3, sites=None, seed: int
             for i, p in enumerate(prompts)]
 
 
-def perfect_map_mask(mask: torch.Tensor, token_pixels: int) -> np.ndarray:
+def perfect_map_mask(mask: torch.Tensor) -> np.ndarray:
     """The mask a perfect attention map would give: each token's share of ``mask``, upsampled and
     thresholded as ``grounding_scores`` reads the real maps. Its IoU with ``mask`` is the most the
     token grid and that readout allow."""
-    share = torch.nn.functional.avg_pool2d(mask.float()[None], token_pixels)[0]
-    return heatmap_to_mask(upsample(share, tuple(mask.shape)), keep="all")
+    from .flux import token_share
+
+    return heatmap_to_mask(upsample(token_share(mask), tuple(mask.shape)), keep="all")
 
 
 def grounding_scores(pipe, n: int = 300, split: str = "test", t: float = 0.3, sites=None) -> dict:
@@ -116,7 +117,6 @@ def grounding_scores(pipe, n: int = 300, split: str = "test", t: float = 0.3, si
     the first ``n`` referring expressions of ``split``; ``ceiling``: the mean IoU of a perfect map
     (``perfect_map_mask``)."""
     from .flux import REFAM_BLOCKS, letterbox
-    from .flux_train import TOKEN_PIXELS
 
     sites = list(sites or REFAM_BLOCKS)
     items, idx = [], 0
@@ -132,8 +132,8 @@ def grounding_scores(pipe, n: int = 300, split: str = "test", t: float = 0.3, si
         maps = heatmaps(pipe, torch.stack([b[0] for b in boxes]), [e.text for _, e in chunk],
                         [e.content_words for _, e in chunk], t=t, sites=sites)
         for (s, e), (_, masks), m in zip(chunk, boxes, maps):
-            ceiling.append(iou(perfect_map_mask(masks[e.target], TOKEN_PIXELS), masks[e.target].numpy()))
             pred, masks = heatmap_to_mask(m, keep="all"), masks.numpy()
+            ceiling.append(iou(perfect_map_mask(torch.from_numpy(masks[e.target])), masks[e.target]))
             ref.append(iou(pred, masks[e.target]))
             rest = np.delete(masks, e.target, 0)
             if len(rest):

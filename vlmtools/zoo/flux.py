@@ -56,6 +56,14 @@ class PixelAutoencoder:
         return (F.pixel_shuffle(latents, 2).clamp(-1, 1) + 1) / 2
 
 
+TOKEN_PIXELS = 2 * PixelAutoencoder.scale_factor  # a packed token: 2 x 2 latent pixels, 4 x 4 image pixels
+
+
+def token_share(mask: torch.Tensor) -> torch.Tensor:
+    """(H / 4, W / 4): the fraction of each image token's pixels that ``mask`` (H, W) covers."""
+    return F.avg_pool2d(mask.float()[None], TOKEN_PIXELS)[0]
+
+
 def letterbox(scene, size: int = IMAGE_SIZE):
     """(image (3, size, size) in [0, 1], masks (n, size, size)): padded to a square
     with the scene's background colour, then resized."""

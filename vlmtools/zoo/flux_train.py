@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from . import flux
@@ -40,7 +39,6 @@ OBJECT_WEIGHT = 9.0
 RESTARTS = (2000,)  # warm restarts of the learning-rate decay, the optimiser kept (the shipped run's)
 ROUNDS = (3000,)  # where the shipped run began a new round: fresh optimiser and warm-up, decay restarted
 STEPS = 6000  # the shipped DiT's training steps: where ``from_shipped`` runs begin a round
-TOKEN_PIXELS = 2 * flux.PixelAutoencoder.scale_factor  # a packed token: 2 x 2 latent pixels, 4 x 4 image pixels
 
 
 def caption(scene, rng) -> str:
@@ -65,7 +63,7 @@ def batch(pipe, step: int, size: int, seed: int = 0):
     scenes = [W.scene("train", 70_000_000 + step * size + i) for i in range(size)]
     boxes = [flux.letterbox(s) for s in scenes]
     images = torch.stack([image for image, _ in boxes]).to(pipe.device)
-    covered = torch.stack([F.avg_pool2d(masks.any(0).float()[None], TOKEN_PIXELS)[0] for _, masks in boxes])
+    covered = torch.stack([flux.token_share(masks.any(0)) for _, masks in boxes])
     emb, pooled, txt_ids = pipe.encode_prompt([caption(s, rng) for s in scenes])
     t = torch.sigmoid(torch.from_numpy(rng.normal(0, 1, size)).float()).to(pipe.device)
     x_t, target = pipe.denoise_input(images, t, generator=torch.Generator().manual_seed(seed * 10**9 + step))
