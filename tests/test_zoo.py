@@ -219,6 +219,27 @@ def test_evaluate_cli_writes_answers_for_vlms_only(capsys):
     assert "--answers applies to llava-shapes and qwen2vl-shapes" in capsys.readouterr().err
 
 
+def test_evaluate_cli_rejects_empty_counts_and_skips_pope_at_zero_scenes(monkeypatch, capsys):
+    import vlmtools.zoo
+    from vlmtools.zoo import evaluate
+
+    for bad in (["--n", "0"], ["--pope-scenes", "-1"]):
+        with pytest.raises(SystemExit):
+            evaluate.main(["llava-shapes", *bad])
+        assert "--n must be positive and --pope-scenes not negative" in capsys.readouterr().err
+
+    class Model:
+        def to(self, device):
+            return self
+
+    monkeypatch.setattr(vlmtools.zoo, "load", lambda *a: (Model(), None))
+    monkeypatch.setattr(evaluate, "qa_answers", lambda *a, **k: [
+        {"type": "count", "answer": "2", "predicted": "2"}])
+    monkeypatch.setattr(evaluate, "pope_scores", lambda *a, **k: pytest.fail("POPE asked of no scenes"))
+    evaluate.main(["llava-shapes", "--n", "1", "--pope-scenes", "0", "--device", "cpu", "--threads", "1"])
+    assert json.loads(capsys.readouterr().out) == {"qa": {"count": {"accuracy": 1.0, "n": 1}}, "pope": {}}
+
+
 def test_an_identity_layer_passes_the_features_through():
     from transformers import CLIPVisionModel
 

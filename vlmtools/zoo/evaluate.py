@@ -150,8 +150,8 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser(prog="python -m vlmtools.zoo.evaluate")
     ap.add_argument("name", choices=MODELS)
-    ap.add_argument("--n", type=int, default=520)
-    ap.add_argument("--pope-scenes", type=int, default=40)
+    ap.add_argument("--n", type=int, default=520, help="questions (VLMs) or referring expressions (the DiT)")
+    ap.add_argument("--pope-scenes", type=int, default=40, help="scenes per POPE split (0: no POPE)")
     ap.add_argument("--weights", type=Path, metavar="DIR",
                     help="a folder of trained parts in the shipped layout to evaluate instead of the "
                          "package's (e.g. a training run's export)")
@@ -164,6 +164,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.answers and args.name == "flux-shapes":
         ap.error("--answers applies to llava-shapes and qwen2vl-shapes")
+    if args.n < 1 or args.pope_scenes < 0:
+        ap.error("--n must be positive and --pope-scenes not negative")
     torch.set_num_threads(args.threads)
     # other weights are assembled beside, never over, the package's own folder
     folder = cache_dir() / "evaluate" / args.name if args.weights else None
@@ -177,8 +179,8 @@ def main(argv=None):
     answers = qa_answers(model, processor, prompt, n=args.n, split=args.split)
     if args.answers:
         args.answers.write_text(json.dumps(answers, indent=1))
-    print(json.dumps({"qa": accuracy_per_type(answers),
-                      "pope": pope_scores(model, processor, prompt, n_scenes=args.pope_scenes, split=args.split)}))
+    pope = pope_scores(model, processor, prompt, n_scenes=args.pope_scenes, split=args.split) if args.pope_scenes else {}
+    print(json.dumps({"qa": accuracy_per_type(answers), "pope": pope}))
 
 
 if __name__ == "__main__":
