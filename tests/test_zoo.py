@@ -143,17 +143,29 @@ def test_probe_chats_ask_the_probes_without_repeats():
     assert len(asked) == len(set(asked)) == len(pool) and set(asked) == pool
 
 
+def test_reprobe_is_the_probe_stage_again_after_the_reread():
+    from vlmtools.zoo.llava_train import STAGES
+
+    stages = {s.name: s for s in STAGES}
+    probe, again = stages["probe"], stages["reprobe"]
+    assert [s.name for s in STAGES][-2:] == ["reread", "reprobe"]
+    assert (again.lr_scale, again.first_step, again.turns, again.chat) == \
+        (probe.lr_scale, probe.first_step, probe.turns, probe.chat)
+    assert again.prepare is None  # the LM keeps reading the layer stage 7 moved it to
+
+
 def test_train_cli_from_shipped_needs_a_stage(capsys):
     from vlmtools.zoo.train import main
 
     with pytest.raises(SystemExit):
         main(["qwen2vl-shapes", "--from-shipped"])
-    assert "--from-shipped needs --refine, --bind, --probe and/or --reread STEPS" in capsys.readouterr().err
+    assert "--from-shipped needs --refine, --bind, --probe, --reread and/or --reprobe STEPS" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["flux-shapes", "--bind", "3"])
-    with pytest.raises(SystemExit):
-        main(["qwen2vl-shapes", "--from-shipped", "--reread", "3"])
-    assert "--reread applies to llava-shapes" in capsys.readouterr().err
+    for stage in ("--reread", "--reprobe"):
+        with pytest.raises(SystemExit):
+            main(["qwen2vl-shapes", "--from-shipped", stage, "3"])
+        assert "--reread and --reprobe apply to llava-shapes" in capsys.readouterr().err
     for steps in ([], ["--steps", "6000"]):
         with pytest.raises(SystemExit):
             main(["flux-shapes", "--from-shipped", *steps])
@@ -161,16 +173,18 @@ def test_train_cli_from_shipped_needs_a_stage(capsys):
 
 
 def test_train_cli_gives_seed_and_out_to_flux_only_and_the_device_to_every_trainer(capsys, monkeypatch, tmp_path):
-    from vlmtools.zoo import flux_train, qwen2vl_train
+    from vlmtools.zoo import flux_train, llava_train, qwen2vl_train
     from vlmtools.zoo.train import main
 
     calls = []
-    for module in (flux_train, qwen2vl_train):
+    for module in (flux_train, qwen2vl_train, llava_train):
         monkeypatch.setattr(module, "main", lambda *a, **k: calls.append((a, k)))
     main(["flux-shapes", "--steps", "5", "--seed", "3", "--out", str(tmp_path), "--device", "cuda:1"])
     main(["qwen2vl-shapes", "--device", "cuda:1"])
+    main(["llava-shapes", "--from-shipped", "--reprobe", "7"])
     assert calls == [((5,), {"seed": 3, "device": "cuda:1", "out": tmp_path, "from_shipped": False}),
-                     ((), {"later": {}, "from_shipped": False, "device": "cuda:1"})]
+                     ((), {"later": {}, "from_shipped": False, "device": "cuda:1"}),
+                     ((), {"later": {"reprobe": 7}, "from_shipped": True, "device": None})]
     with pytest.raises(SystemExit):
         main(["llava-shapes", "--seed", "3"])
     assert "--seed and --out apply to flux-shapes" in capsys.readouterr().err

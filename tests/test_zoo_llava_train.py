@@ -43,7 +43,7 @@ def test_refine_stage_follows_align_and_restarts_from_the_shipped_weights(train_
 
 
 @pytest.mark.slow
-def test_reread_stage_moves_the_lm_to_the_last_layer_once(train_cache, tmp_path, monkeypatch):
+def test_reread_stage_moves_the_lm_to_the_last_layer_once_and_reprobe_keeps_it(train_cache, tmp_path, monkeypatch):
     from vlmtools.zoo import llava, llava_train
 
     monkeypatch.setattr(llava, "WEIGHTS", tmp_path / "weights")
@@ -56,6 +56,9 @@ def test_reread_stage_moves_the_lm_to_the_last_layer_once(train_cache, tmp_path,
     ckpts = train_cache / "train" / "llava-shapes"
     assert torch.load(ckpts / "reread_tower.pt", weights_only=False)["step"] == 2
     assert torch.load(ckpts / "reread.pt", weights_only=False)["step"] == 1
+    assert llava.feature_layer(shipped) == -1
+    llava_train.main(later={"reprobe": 1}, from_shipped=True, align_batch=1)  # stage 8 keeps the layer
+    assert torch.load(ckpts / "reprobe.pt", weights_only=False)["step"] == 1
     assert llava.feature_layer(shipped) == -1
     llava_train.main(later={"reread": 1}, from_shipped=True, align_batch=1)  # resumes: done already
     (ckpts / "reread.pt").unlink()  # as on a machine that has only the shipped weights

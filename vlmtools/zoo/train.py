@@ -4,12 +4,13 @@ Every stage checkpoints under ``<cache>/train/NAME/`` and resumes from there;
 the shipped weights are exported to ``vlmtools/zoo/weights/NAME/`` (flux-shapes: or ``--out``).
 Training runs on the first GPU where there is one (``--device``), in bf16 autocast there.
 The defaults are the shipped weights' step counts, with the warm restarts of their
-learning-rate schedules where a stage was resumed with a longer one (llava-shapes' tower and
-reread stage, flux-shapes: ``train_utils.schedule_end``). On 2 CPU cores stages 1-3 of a VLM take
-1.5-2 hours, its refine stage about 50 minutes, its bind stage about 90 and its probe stage
-about 60 minutes more (llava-shapes' reread stage about 75), past the 2 hours, as ZOO-NOTES'
-priorities allow for accuracy. flux-shapes' 6000 steps take 65-85 minutes (0.64 s/step in bf16
-on a CPU that computes it natively, 0.85 in fp32; measured times: docs/zoo.md).
+learning-rate schedules where a stage was resumed with a longer one (llava-shapes' tower,
+reread and reprobe stages, flux-shapes: ``train_utils.schedule_end``). On 2 CPU cores stages 1-3
+of a VLM take 1.5-2 hours, its refine stage about 50 minutes, its bind stage about 90 and its
+probe stage about 60 minutes more (llava-shapes' reread stage about 75, its reprobe stage about
+60), past the 2 hours, as ZOO-NOTES' priorities allow for accuracy. flux-shapes' 6000 steps take
+65-85 minutes (0.64 s/step in bf16 on a CPU that computes it natively, 0.85 in fp32; measured
+times: docs/zoo.md).
 """
 from __future__ import annotations
 
@@ -32,10 +33,12 @@ def main(argv=None):
                     help="llava-shapes, qwen2vl-shapes: steps of stage 6 (default: what the shipped weights had)")
     ap.add_argument("--reread", type=int, metavar="STEPS",
                     help="llava-shapes: steps of stage 7 through the LM (default: what the shipped weights had)")
+    ap.add_argument("--reprobe", type=int, metavar="STEPS",
+                    help="llava-shapes: steps of stage 8 (default: what the shipped weights had)")
     ap.add_argument("--from-shipped", action="store_true",
                     help="llava-shapes, qwen2vl-shapes: skip stages 1-3 and run the stages given steps "
-                         "(--refine, --bind, --probe, --reread) from the shipped weights, e.g. to train them further "
-                         "on a GPU; flux-shapes: go on from the shipped DiT in a new round to --steps")
+                         "(--refine, --bind, --probe, --reread, --reprobe) from the shipped weights, e.g. to train "
+                         "them further on a GPU; flux-shapes: go on from the shipped DiT in a new round to --steps")
     ap.add_argument("--seed", type=int, default=0,
                     help="flux-shapes: the DiT's initial weights and noise (0: the shipped run's); the data stay")
     ap.add_argument("--out", type=Path, metavar="DIR",
@@ -51,14 +54,14 @@ def main(argv=None):
     else:
         from .flux_train import main as run
     later = {k: v for k, v in (("refine", args.refine), ("bind", args.bind), ("probe", args.probe),
-                               ("reread", args.reread)) if v is not None}
-    if args.reread is not None and args.name != "llava-shapes":
-        ap.error("--reread applies to llava-shapes")
+                               ("reread", args.reread), ("reprobe", args.reprobe)) if v is not None}
+    if (args.reread is not None or args.reprobe is not None) and args.name != "llava-shapes":
+        ap.error("--reread and --reprobe apply to llava-shapes")
     if args.name == "flux-shapes":
         from .flux_train import STEPS
 
         if later:
-            ap.error("--refine, --bind, --probe and --reread apply to llava-shapes and qwen2vl-shapes")
+            ap.error("--refine, --bind, --probe, --reread and --reprobe apply to llava-shapes and qwen2vl-shapes")
         if args.from_shipped and (args.steps or [STEPS])[0] <= STEPS:
             ap.error(f"--from-shipped goes on from the shipped DiT's {STEPS} steps: give --steps above that")
         run(*(args.steps or []), seed=args.seed, device=args.device, out=args.out, from_shipped=args.from_shipped)
@@ -66,7 +69,7 @@ def main(argv=None):
     if args.seed or args.out:
         ap.error("--seed and --out apply to flux-shapes")
     if args.from_shipped and not later:
-        ap.error("--from-shipped needs --refine, --bind, --probe and/or --reread STEPS")
+        ap.error("--from-shipped needs --refine, --bind, --probe, --reread and/or --reprobe STEPS")
     run(*(args.steps or []), later=later, from_shipped=args.from_shipped, device=args.device)
 
 
