@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -438,13 +438,13 @@ def start_reread(model) -> None:
 
 BIND_CHAT = {"describe": 0.25, "every_question": True}
 PROBE_CHAT = {**BIND_CHAT, "probes": True}
+PROBE = AlignStage("probe", 0.35, 3_000_000, turns=10, chat=PROBE_CHAT)
 STAGES = (AlignStage("align", 1.0, 0), AlignStage("refine", 0.5, 1_000_000),
           AlignStage("bind", 0.5, 2_000_000, turns=10, chat=BIND_CHAT),
-          AlignStage("probe", 0.35, 3_000_000, turns=10, chat=PROBE_CHAT),
+          PROBE,
           AlignStage("reread", 0.35, 4_000_000, turns=10, chat=PROBE_CHAT, prepare=start_reread,
                      restarts=(100,)),  # shipped: 100 steps, then resumed to 300
-          AlignStage("reprobe", 0.35, 3_000_000, turns=10, chat=PROBE_CHAT,
-                     restarts=(300,)))  # shipped: 300 steps, then resumed to 600
+          replace(PROBE, name="reprobe", restarts=(300,)))  # shipped: 300 steps, then resumed to 600
 
 
 def align_stages(name: str, parts: dict, groups: list[dict], steps: dict[str, int], model, proc,

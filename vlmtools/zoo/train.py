@@ -19,25 +19,31 @@ from pathlib import Path
 
 import torch
 
+# the VLM trainers' stages 4-8, each with a flag of its steps: the models it applies to, what it is
+LATER_STAGES = {"refine": ("llava-shapes, qwen2vl-shapes", "stage 4"),
+                "bind": ("llava-shapes, qwen2vl-shapes", "stage 5"),
+                "probe": ("llava-shapes, qwen2vl-shapes", "stage 6"),
+                "reread": ("llava-shapes", "stage 7 through the LM"),
+                "reprobe": ("llava-shapes", "stage 8")}
+FLAGS = [f"--{stage}" for stage in LATER_STAGES]
+
+
+def listing(flags: list[str], last: str) -> str:
+    """'--a, --b and --c' (``last``: the word before the last flag)."""
+    return f"{', '.join(flags[:-1])} {last} {flags[-1]}"
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m vlmtools.zoo.train")
     ap.add_argument("name", choices=["llava-shapes", "qwen2vl-shapes", "flux-shapes"])
     ap.add_argument("--steps", type=int, nargs="*",
                     help="llava-shapes, qwen2vl-shapes: TOWER WORDS ALIGN [ALIGN_BATCH]; flux-shapes: STEPS [BATCH]")
-    ap.add_argument("--refine", type=int, metavar="STEPS",
-                    help="llava-shapes, qwen2vl-shapes: steps of stage 4 (default: what the shipped weights had)")
-    ap.add_argument("--bind", type=int, metavar="STEPS",
-                    help="llava-shapes, qwen2vl-shapes: steps of stage 5 (default: what the shipped weights had)")
-    ap.add_argument("--probe", type=int, metavar="STEPS",
-                    help="llava-shapes, qwen2vl-shapes: steps of stage 6 (default: what the shipped weights had)")
-    ap.add_argument("--reread", type=int, metavar="STEPS",
-                    help="llava-shapes: steps of stage 7 through the LM (default: what the shipped weights had)")
-    ap.add_argument("--reprobe", type=int, metavar="STEPS",
-                    help="llava-shapes: steps of stage 8 (default: what the shipped weights had)")
+    for stage, (models, what) in LATER_STAGES.items():
+        ap.add_argument(f"--{stage}", type=int, metavar="STEPS",
+                        help=f"{models}: steps of {what} (default: what the shipped weights had)")
     ap.add_argument("--from-shipped", action="store_true",
                     help="llava-shapes, qwen2vl-shapes: skip stages 1-3 and run the stages given steps "
-                         "(--refine, --bind, --probe, --reread, --reprobe) from the shipped weights, e.g. to train "
+                         f"({', '.join(FLAGS)}) from the shipped weights, e.g. to train "
                          "them further on a GPU; flux-shapes: go on from the shipped DiT in a new round to --steps")
     ap.add_argument("--seed", type=int, default=0,
                     help="flux-shapes: the DiT's initial weights and noise (0: the shipped run's); the data stay")
@@ -53,15 +59,15 @@ def main(argv=None):
         from .qwen2vl_train import main as run
     else:
         from .flux_train import main as run
-    later = {k: v for k, v in (("refine", args.refine), ("bind", args.bind), ("probe", args.probe),
-                               ("reread", args.reread), ("reprobe", args.reprobe)) if v is not None}
-    if (args.reread is not None or args.reprobe is not None) and args.name != "llava-shapes":
-        ap.error("--reread and --reprobe apply to llava-shapes")
+    later = {k: v for k in LATER_STAGES if (v := getattr(args, k)) is not None}
+    llava_only = [k for k, (models, _) in LATER_STAGES.items() if models == "llava-shapes"]
+    if any(k in later for k in llava_only) and args.name != "llava-shapes":
+        ap.error(f"{listing([f'--{k}' for k in llava_only], 'and')} apply to llava-shapes")
     if args.name == "flux-shapes":
         from .flux_train import STEPS
 
         if later:
-            ap.error("--refine, --bind, --probe, --reread and --reprobe apply to llava-shapes and qwen2vl-shapes")
+            ap.error(f"{listing(FLAGS, 'and')} apply to llava-shapes and qwen2vl-shapes")
         if args.from_shipped and (args.steps or [STEPS])[0] <= STEPS:
             ap.error(f"--from-shipped goes on from the shipped DiT's {STEPS} steps: give --steps above that")
         run(*(args.steps or []), seed=args.seed, device=args.device, out=args.out, from_shipped=args.from_shipped)
@@ -69,7 +75,7 @@ def main(argv=None):
     if args.seed or args.out:
         ap.error("--seed and --out apply to flux-shapes")
     if args.from_shipped and not later:
-        ap.error("--from-shipped needs --refine, --bind, --probe, --reread and/or --reprobe STEPS")
+        ap.error(f"--from-shipped needs {listing(FLAGS, 'and/or')} STEPS")
     run(*(args.steps or []), later=later, from_shipped=args.from_shipped, device=args.device)
 
 
