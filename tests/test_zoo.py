@@ -154,6 +154,17 @@ def test_reprobe_is_the_probe_stage_again_after_the_reread():
     assert again.prepare is None  # the LM keeps reading the layer stage 7 moved it to
 
 
+def test_every_warm_restart_of_a_later_stage_falls_inside_its_shipped_run():
+    """A restart at or past a stage's shipped steps would be ignored (``schedule_end``), so one
+    call would not follow the resumed runs that docs/zoo.md says produced the shipped weights."""
+    from vlmtools.zoo.llava_train import SHIPPED_STEPS, STAGES
+
+    for stage in STAGES:
+        if stage.restarts:
+            assert list(stage.restarts) == sorted(stage.restarts)
+            assert 0 < stage.restarts[0] and stage.restarts[-1] < SHIPPED_STEPS[stage.name]
+
+
 def test_train_cli_from_shipped_needs_a_stage(capsys):
     from vlmtools.zoo.train import main
 
