@@ -19,12 +19,15 @@ from pathlib import Path
 
 import torch
 
+from . import MODELS
+
 # the VLM trainers' stages 4-8, each with a flag of its steps: the models it applies to, what it is
-LATER_STAGES = {"refine": ("llava-shapes, qwen2vl-shapes", "stage 4"),
-                "bind": ("llava-shapes, qwen2vl-shapes", "stage 5"),
-                "probe": ("llava-shapes, qwen2vl-shapes", "stage 6"),
-                "reread": ("llava-shapes", "stage 7 through the LM"),
-                "reprobe": ("llava-shapes", "stage 8")}
+VLMS = ("llava-shapes", "qwen2vl-shapes")
+LATER_STAGES = {"refine": (VLMS, "stage 4"),
+                "bind": (VLMS, "stage 5"),
+                "probe": (VLMS, "stage 6"),
+                "reread": (("llava-shapes",), "stage 7 through the LM"),
+                "reprobe": (("llava-shapes",), "stage 8")}
 FLAGS = [f"--{stage}" for stage in LATER_STAGES]
 
 
@@ -35,12 +38,12 @@ def listing(flags: list[str], last: str) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m vlmtools.zoo.train")
-    ap.add_argument("name", choices=["llava-shapes", "qwen2vl-shapes", "flux-shapes"])
+    ap.add_argument("name", choices=MODELS)
     ap.add_argument("--steps", type=int, nargs="*",
                     help="llava-shapes, qwen2vl-shapes: TOWER WORDS ALIGN [ALIGN_BATCH]; flux-shapes: STEPS [BATCH]")
     for stage, (models, what) in LATER_STAGES.items():
         ap.add_argument(f"--{stage}", type=int, metavar="STEPS",
-                        help=f"{models}: steps of {what} (default: what the shipped weights had)")
+                        help=f"{', '.join(models)}: steps of {what} (default: what the shipped weights had)")
     ap.add_argument("--from-shipped", action="store_true",
                     help="llava-shapes, qwen2vl-shapes: skip stages 1-3 and run the stages given steps "
                          f"({', '.join(FLAGS)}) from the shipped weights, e.g. to train "
@@ -60,7 +63,7 @@ def main(argv=None):
     else:
         from .flux_train import main as run
     later = {k: v for k in LATER_STAGES if (v := getattr(args, k)) is not None}
-    llava_only = [k for k, (models, _) in LATER_STAGES.items() if models == "llava-shapes"]
+    llava_only = [k for k, (models, _) in LATER_STAGES.items() if models == ("llava-shapes",)]
     if any(k in later for k in llava_only) and args.name != "llava-shapes":
         ap.error(f"{listing([f'--{k}' for k in llava_only], 'and')} apply to llava-shapes")
     if args.name == "flux-shapes":
