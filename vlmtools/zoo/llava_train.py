@@ -445,7 +445,7 @@ STAGES = (AlignStage("align", 1.0, 0), AlignStage("refine", 0.5, 1_000_000),
           PROBE,
           AlignStage("reread", 0.35, 4_000_000, turns=10, chat=PROBE_CHAT, prepare=start_reread,
                      restarts=(100,)),  # shipped: 100 steps, then resumed to 300
-          replace(PROBE, name="reprobe", restarts=(300, 600, 1200, 1800)))  # shipped: 300, resumed to each next
+          replace(PROBE, name="reprobe", restarts=(300, 600, 1200, 1800)))  # shipped: each restart began a resumed run
 
 
 def align_stages(name: str, parts: dict, groups: list[dict], steps: dict[str, int], model, proc,
