@@ -173,6 +173,7 @@ def test_train_cli_from_shipped_needs_a_stage(capsys):
     assert "--from-shipped needs --refine, --bind, --probe, --reread and/or --reprobe STEPS" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["flux-shapes", "--bind", "3"])
+    assert "--refine, --bind and --probe apply to llava-shapes and qwen2vl-shapes" in capsys.readouterr().err
     for stage in ("--reread", "--reprobe"):
         with pytest.raises(SystemExit):
             main(["qwen2vl-shapes", "--from-shipped", stage, "3"])

@@ -32,8 +32,8 @@ FLAGS = [f"--{stage}" for stage in LATER_STAGES]
 
 
 def listing(flags: list[str], last: str) -> str:
-    """'--a, --b and --c' (``last``: the word before the last flag)."""
-    return f"{', '.join(flags[:-1])} {last} {flags[-1]}"
+    """'--a, --b and --c' (``last``: the word before the last flag); '--a' alone."""
+    return f"{', '.join(flags[:-1])} {last} {flags[-1]}" if len(flags) > 1 else flags[0]
 
 
 def main(argv=None):
@@ -63,14 +63,14 @@ def main(argv=None):
     else:
         from .flux_train import main as run
     later = {k: v for k in LATER_STAGES if (v := getattr(args, k)) is not None}
-    llava_only = [k for k, (models, _) in LATER_STAGES.items() if models == ("llava-shapes",)]
-    if any(k in later for k in llava_only) and args.name != "llava-shapes":
-        ap.error(f"{listing([f'--{k}' for k in llava_only], 'and')} apply to llava-shapes")
+    misplaced = [k for k in later if args.name not in LATER_STAGES[k][0]]
+    if misplaced:
+        models = LATER_STAGES[misplaced[0]][0]
+        flags = [f"--{k}" for k, (applies_to, _) in LATER_STAGES.items() if applies_to == models]
+        ap.error(f"{listing(flags, 'and')} apply to {listing(list(models), 'and')}")
     if args.name == "flux-shapes":
         from .flux_train import STEPS
 
-        if later:
-            ap.error(f"{listing(FLAGS, 'and')} apply to llava-shapes and qwen2vl-shapes")
         if args.from_shipped and (args.steps or [STEPS])[0] <= STEPS:
             ap.error(f"--from-shipped goes on from the shipped DiT's {STEPS} steps: give --steps above that")
         run(*(args.steps or []), seed=args.seed, device=args.device, out=args.out, from_shipped=args.from_shipped)
