@@ -91,3 +91,45 @@ def test_lora_from_factors_round_trips():
     assert torch.allclose(got, want, atol=1e-5)
     state = llava_train.lora_state(loras)
     assert all(torch.equal(state[k], factors[k].half().float()) for k in factors)
+
+
+def test_widen_lora_keeps_the_model_and_merges_like_the_lora_it_trains():
+    """Stage 9's start, after stages that trained at rank 8: rank 8 -> 16 changes no output, the
+    optimiser built before it trains the new columns, and the shipped factors (rank 16) merged at
+    the shipped scale give what the LoRA computed."""
+    from torch import nn
+
+    from vlmtools.zoo import llava, llava_train
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 5))
+    loras = {str(i): llava_train.LoRA(model[i]) for i in range(2)}
+    for i, lora in loras.items():
+        model[int(i)] = lora
+    opt = torch.optim.AdamW([p for m in loras.values() for p in (m.A, m.B)], lr=0.1)  # built once
+    x = torch.randn(3, 6)
+
+    def step():
+        opt.zero_grad()
+        model(x).square().sum().backward()
+        opt.step()
+
+    step()  # a stage at rank 8
+    before = model(x).detach()
+    llava_train.widen_lora(model)
+    assert [tuple(m.A.shape) for m in loras.values()] == [(16, 6), (16, 4)]
+    assert torch.equal(model(x).detach(), before)
+    llava_train.widen_lora(model)  # already that wide (a resumed run): unchanged
+    assert [m.A.shape[0] for m in loras.values()] == [16, 16]
+
+    opt = torch.optim.AdamW(opt.param_groups[0]["params"], lr=0.1)  # stage 9's optimiser
+    step()
+    assert loras["0"].B[:, 8:].abs().sum() > 0  # the new columns train
+    trained = model(x).detach()
+    holder = nn.Module()  # the attribute path merge_lora walks: model.model.language_model
+    holder.model = nn.Module()
+    holder.model.language_model = merged = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 5))
+    for i, lora in loras.items():
+        merged[int(i)].load_state_dict(lora.base.state_dict())
+    llava.merge_lora(holder, llava_train.lora_state(loras))
+    assert torch.allclose(merged(x), trained, atol=1e-5)

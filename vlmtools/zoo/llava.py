@@ -10,9 +10,9 @@ LLaVA-1.5 checkpoint runs here unchanged:
   which training stage 7 taught to put each object's shape into each of its
   patches. Stages 2-6 read layer -2, as LLaVA-1.5 does, and weights exported
   before stage 7 record that (``feature_layer``);
-- SmolLM2 as the language model, frozen except for a rank-8 LoRA on every
-  linear layer (shipped as low-rank factors, merged into the weights when the
-  folder is assembled);
+- SmolLM2 as the language model, frozen except for a LoRA on every linear
+  layer (rank 8, widened to 16 by training stage 9; shipped as low-rank factors,
+  merged at scale ``LORA_ALPHA / LORA_RANK`` when the folder is assembled);
 - a ``LlavaProcessor`` with a ``LlavaImageProcessor`` that letterboxes
   non-square images (``do_pad``, filled with the mean colour, as LLaVA-1.5)
   and an unused SmolLM2 special token as the ``<image>`` token.
@@ -32,7 +32,7 @@ NUM_PATCHES = (IMAGE_SIZE // PATCH) ** 2
 WEIGHTS = Path(__file__).parent / "weights" / "llava-shapes"
 FEATURE_LAYER = -1  # the tower layer the LM reads once stage 7 ran
 FEATURE_LAYER_BEFORE_REREAD = -2  # what stages 2-6 read, as LLaVA-1.5 does
-LORA_RANK, LORA_ALPHA = 8, 16
+LORA_RANK, LORA_ALPHA = 8, 16  # a fresh LoRA's; stage 9 widens it at the same scale
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # ChatML as SmolLM2 uses it, minus its default system prompt; images go first

@@ -1,4 +1,4 @@
-"""Training of llava-shapes, in eight resumable stages (see docs/zoo.md).
+"""Training of llava-shapes, in nine resumable stages (see docs/zoo.md).
 
 1. ``tower``: the CLIP tower alone on the world's labels. A random tower gets
    too weak a gradient through 30 frozen LM layers to learn anything (measured,
@@ -39,7 +39,12 @@
    the LM now reads: stage 7's 300 LM steps left the LM still improving on it
    (600 more steps raised every question type but count on ``val``, 1200 count too;
    1800 and 2400 gained less each time, docs/zoo.md).
-``--from-shipped`` runs stages 4-8 (those given steps) from the shipped
+9. ``widen``: the probe stage on fresh chats with the LoRA widened from rank 8
+   to 16 at the same scale (``widen_lora``): whether the LoRA's rank was what
+   held the LM back once more steps at rank 8 had stopped paying. It was not
+   (600 steps at rank 16 moved ``val`` about as 600 at rank 8 had, docs/zoo.md),
+   but they were better steps than none, so the shipped weights have them.
+``--from-shipped`` runs stages 4-9 (those given steps) from the shipped
 weights, which are what the last stage exported.
 
 Scene indices come from the step number, so resuming replays nothing.
@@ -371,7 +376,7 @@ def train_align(tower_state, words_steps: int, steps: int, batch: int = 6, turns
 
 def align_and_refine(model, proc, steps: dict[str, int], batch: int, turns: int,
                      factors: dict | None = None) -> dict[str, LoRA]:
-    """Stages 3-8 (``align_stages``) on llava-shapes: tower, projector and LoRA (fresh or from
+    """Stages 3-9 (``align_stages``) on llava-shapes: tower, projector and LoRA (fresh or from
     ``factors``); stage 7 first runs ``reread_tower`` and moves the LM to the last layer."""
     loras = add_lora(model, factors)
     tower, proj = model.model.vision_tower, model.model.multi_modal_projector
@@ -386,7 +391,7 @@ def align_and_refine(model, proc, steps: dict[str, int], batch: int, turns: int,
 
 
 def refine_shipped(steps: dict[str, int], batch: int = 6, turns: int = 6, device: torch.device | str = "cpu") -> None:
-    """Stages 4-8 alone (``steps``: refine, bind, probe, reread, reprobe), from the shipped weights
+    """Stages 4-9 alone (``steps``: refine, bind, probe, reread, reprobe, widen), from the shipped weights
     (what the last stage exported)."""
     from safetensors.torch import load_file
 
@@ -414,7 +419,8 @@ def align_groups(head, tower, loras: dict[str, LoRA]) -> list[dict]:
 
 
 SHIPPED_STEPS = {"refine": 200, "bind": 300, "probe": 180, "reread": 300,
-                 "reprobe": 2400}  # the shipped weights' stages 4-8 (docs/zoo.md)
+                 "reprobe": 2400, "widen": 600}  # the shipped weights' stages 4-9 (docs/zoo.md)
+WIDE_RANK = 16  # the LoRA's rank from stage 9 on
 
 
 @dataclass(frozen=True)
@@ -437,6 +443,21 @@ def start_reread(model) -> None:
     model.config.vision_feature_layer = llava.FEATURE_LAYER
 
 
+def widen_lora(model, rank: int = WIDE_RANK) -> None:
+    """Stage 9's start: every LoRA of ``model`` narrower than ``rank`` grows to it at the same
+    scale (``LoRA.scale`` stays alpha / 8), the new rows of A drawn fresh, the new columns of
+    B zero, so the model is unchanged until the stage's first step. Factors already that wide
+    (the shipped ones after stage 9, a resumed run's) stay as they are. In place (``.data``):
+    the parameter groups ``align_and_refine`` built before the stages keep holding them."""
+    draw = torch.Generator().manual_seed(1)  # on the CPU: the same start on every device
+    for lora in (m for m in model.modules() if isinstance(m, LoRA)):
+        extra, fan_in = rank - lora.A.shape[0], lora.A.shape[1]
+        if extra > 0:
+            fresh = torch.randn(extra, fan_in, generator=draw) / math.sqrt(fan_in)
+            lora.A.data = torch.cat([lora.A.data, fresh.to(lora.A.device)])
+            lora.B.data = torch.cat([lora.B.data, lora.B.data.new_zeros(lora.B.shape[0], extra)], 1)
+
+
 BIND_CHAT = {"describe": 0.25, "every_question": True}
 PROBE_CHAT = {**BIND_CHAT, "probes": True}
 PROBE = AlignStage("probe", 0.35, 3_000_000, turns=10, chat=PROBE_CHAT)
@@ -445,12 +466,13 @@ STAGES = (AlignStage("align", 1.0, 0), AlignStage("refine", 0.5, 1_000_000),
           PROBE,
           AlignStage("reread", 0.35, 4_000_000, turns=10, chat=PROBE_CHAT, prepare=start_reread,
                      restarts=(100,)),  # shipped: 100 steps, then resumed to 300
-          replace(PROBE, name="reprobe", restarts=(300, 600, 1200, 1800)))  # shipped: each restart began a resumed run
+          replace(PROBE, name="reprobe", restarts=(300, 600, 1200, 1800)),  # shipped: each restart began a resumed run
+          replace(PROBE, name="widen", first_step=6_000_000, prepare=widen_lora))
 
 
 def align_stages(name: str, parts: dict, groups: list[dict], steps: dict[str, int], model, proc,
                  batch: int, turns: int, export) -> None:
-    """Stages 3-8 in order, ``steps[stage]`` each (absent or 0: skipped), each with its own
+    """Stages 3-9 in order, ``steps[stage]`` each (absent or 0: skipped), each with its own
     optimiser over ``groups`` and its own checkpoint of ``parts``, after its ``prepare``."""
     for stage in STAGES:
         if steps.get(stage.name):
@@ -495,15 +517,15 @@ def export(model, loras):
 
 
 def later_stages(given: dict[str, int | None], from_shipped: bool, shipped: dict[str, int]) -> dict[str, int]:
-    """Steps of stages 4-8: those ``given``; the others as the shipped weights had them
+    """Steps of stages 4-9: those ``given``; the others as the shipped weights had them
     (``shipped``) on a full run, none from the shipped weights, which already had them."""
     return {k: v if (v := given.get(k)) is not None else 0 if from_shipped else d for k, d in shipped.items()}
 
 
 def main(tower_steps: int = 2600, words_steps: int = 150, align_steps: int = 400, align_batch: int = 6,
          later: dict[str, int | None] | None = None, from_shipped: bool = False, device: str | None = None):
-    """The eight stages on ``device`` (default: a GPU where there is one); ``later``: steps of
-    stages 4-8 (refine, bind, probe, reread, reprobe) where not the shipped run's."""
+    """The nine stages on ``device`` (default: a GPU where there is one); ``later``: steps of
+    stages 4-9 (refine, bind, probe, reread, reprobe, widen) where not the shipped run's."""
     torch.manual_seed(0)
     device = training_device(device)
     later = later_stages(later or {}, from_shipped, SHIPPED_STEPS)
