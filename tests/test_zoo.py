@@ -152,6 +152,7 @@ def test_probe_chats_ask_the_probes_without_repeats():
 
 
 def test_reprobe_is_the_probe_stage_again_after_the_reread():
+    from vlmtools.zoo import llava_train
     from vlmtools.zoo.llava_train import STAGES
 
     stages = {s.name: s for s in STAGES}
@@ -160,6 +161,10 @@ def test_reprobe_is_the_probe_stage_again_after_the_reread():
     assert (again.lr_scale, again.first_step, again.turns, again.chat) == \
         (probe.lr_scale, probe.first_step, probe.turns, probe.chat)
     assert again.prepare is None  # the LM keeps reading the layer stage 7 moved it to
+    widen = stages["widen"]  # stage 9: the same chats' kind and rates, fresh ones, a wider LoRA
+    assert (widen.lr_scale, widen.turns, widen.chat, widen.prepare) == \
+        (probe.lr_scale, probe.turns, probe.chat, llava_train.widen_lora)
+    assert widen.first_step not in {s.first_step for s in STAGES if s is not widen}
 
 
 def test_every_warm_restart_of_a_later_stage_falls_inside_its_shipped_run():
@@ -178,7 +183,8 @@ def test_train_cli_from_shipped_needs_a_stage(capsys):
 
     with pytest.raises(SystemExit):
         main(["qwen2vl-shapes", "--from-shipped"])
-    assert "--from-shipped needs --refine, --bind, --probe, --reread, --reprobe and/or --widen STEPS" in capsys.readouterr().err
+    needs = "--from-shipped needs --refine, --bind, --probe, --reread, --reprobe and/or --widen STEPS"
+    assert needs in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["flux-shapes", "--bind", "3"])
     assert "--refine, --bind and --probe apply to llava-shapes and qwen2vl-shapes" in capsys.readouterr().err
