@@ -66,21 +66,29 @@ def test_reread_stage_moves_the_lm_to_the_last_layer_once_and_reprobe_keeps_it(t
         llava_train.main(later={"reread": 1}, from_shipped=True, align_batch=1)
 
 
-def test_lora_from_factors_round_trips():
+def tiny_lm():
+    """Two targeted linear layers on the attribute path add_lora and merge_lora walk
+    (model.model.language_model), run as ``forward(model, x)``."""
     from torch import nn
 
-    from vlmtools.zoo import llava_train
+    model = nn.Module()
+    model.model = nn.Module()
+    attn = nn.ModuleDict({"q_proj": nn.Linear(6, 4), "o_proj": nn.Linear(4, 6)})
+    model.model.language_model = nn.ModuleDict({"attn": attn})
+    return model
 
-    class Tiny(nn.Module):  # the attribute path add_lora walks: model.model.language_model
-        def __init__(self):
-            super().__init__()
-            self.model = nn.Module()
-            attn = nn.ModuleDict({"q_proj": nn.Linear(6, 4), "o_proj": nn.Linear(4, 6)})
-            self.model.language_model = nn.ModuleDict({"attn": attn})
+
+def forward(model, x):
+    attn = model.model.language_model["attn"]
+    return attn["o_proj"](attn["q_proj"](x))
+
+
+def test_lora_from_factors_round_trips():
+    from vlmtools.zoo import llava_train
 
     factors = {"attn.q_proj.A": torch.randn(8, 6), "attn.q_proj.B": torch.randn(4, 8),
                "attn.o_proj.A": torch.randn(8, 4), "attn.o_proj.B": torch.randn(6, 8)}
-    model = Tiny()
+    model = tiny_lm()
     x = torch.randn(3, 6)
     base = model.model.language_model["attn"]["q_proj"](x)
     loras = llava_train.add_lora(model, {k: v.half() for k, v in factors.items()})
@@ -97,39 +105,33 @@ def test_widen_lora_keeps_the_model_and_merges_like_the_lora_it_trains():
     """Stage 9's start, after stages that trained at rank 8: rank 8 -> 16 changes no output, the
     optimiser built before it trains the new columns, and the shipped factors (rank 16) merged at
     the shipped scale give what the LoRA computed."""
-    from torch import nn
-
     from vlmtools.zoo import llava, llava_train
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 5))
-    loras = {str(i): llava_train.LoRA(model[i]) for i in range(2)}
-    for i, lora in loras.items():
-        model[int(i)] = lora
+    model = tiny_lm()
+    loras = llava_train.add_lora(model)
     opt = torch.optim.AdamW([p for m in loras.values() for p in (m.A, m.B)], lr=0.1)  # built once
     x = torch.randn(3, 6)
 
     def step():
         opt.zero_grad()
-        model(x).square().sum().backward()
+        forward(model, x).square().sum().backward()
         opt.step()
 
     step()  # a stage at rank 8
-    before = model(x).detach()
+    before = forward(model, x).detach()
     llava_train.widen_lora(model)
     assert [tuple(m.A.shape) for m in loras.values()] == [(16, 6), (16, 4)]
-    assert torch.equal(model(x).detach(), before)
+    assert torch.equal(forward(model, x).detach(), before)
     llava_train.widen_lora(model)  # already that wide (a resumed run): unchanged
     assert [m.A.shape[0] for m in loras.values()] == [16, 16]
 
     opt = torch.optim.AdamW(opt.param_groups[0]["params"], lr=0.1)  # stage 9's optimiser
     step()
-    assert loras["0"].B[:, 8:].abs().sum() > 0  # the new columns train
-    trained = model(x).detach()
-    holder = nn.Module()  # the attribute path merge_lora walks: model.model.language_model
-    holder.model = nn.Module()
-    holder.model.language_model = merged = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 5))
-    for i, lora in loras.items():
-        merged[int(i)].load_state_dict(lora.base.state_dict())
-    llava.merge_lora(holder, llava_train.lora_state(loras))
-    assert torch.allclose(merged(x), trained, atol=1e-5)
+    assert loras["attn.q_proj"].B[:, 8:].abs().sum() > 0  # the new columns train
+    trained = forward(model, x).detach()
+    merged = tiny_lm()
+    for name, lora in loras.items():
+        merged.model.language_model.get_submodule(name).load_state_dict(lora.base.state_dict())
+    llava.merge_lora(merged, llava_train.lora_state(loras))
+    assert torch.allclose(forward(merged, x), trained, atol=1e-5)
