@@ -4,8 +4,10 @@
 >>> with vlm.use(FastV(keep=64, layer=2, debias=True)):
 ...     out = model.generate(**inputs)
 """
+from vlmtools.adapters.llava import letterbox_padding
+
 from .calibrate import calibrate
-from .debias import Debias, Trend, calibration_path, debiased, fit_trend, letterbox_padding, model_key
+from .debias import Debias, Trend, calibration_path, debiased, fit_trend, model_key
 from .host import Host
 from .hosts import DART, FastV, PDrop, RandomPrune, SparseVLM, UniformGrid
 from .vision import FasterVLM, VisionZip

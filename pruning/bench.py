@@ -6,8 +6,8 @@ is the unpruned model (100%). Questions: the zoo world's test split, cycling ove
 types; an answer is right when its first word is the expected one (greedy decoding).
 
 Debias = a recency trend per (model, host, layer) calibrated here on val-split questions (never the
-test split: rank 0 fits it, every process gets it), letterbox padding read from each batch's pixels
-(when the image processor letterboxes, as LLaVA-1.5's does) and visual-sink suppression.
+test split: rank 0 fits it, every process gets it), letterbox padding (flagged by the wrapped model
+when its image processor letterboxes, as LLaVA-1.5's does) and visual-sink suppression.
 
 vlmtools prune-bench --questions 200                          # every host, the zoo's llava-shapes
 vlmtools prune-bench --model qwen2vl-shapes                   # hosts the family cannot run are skipped, with why
@@ -45,16 +45,6 @@ def configs(hosts: list[str]) -> list[Config]:
     return out
 
 
-def padding_reader(vlm):
-    """``inputs -> letterbox mask`` when the image processor letterboxes (LLaVA-1.5's ``do_pad``), else None."""
-    from . import letterbox_padding
-
-    if not getattr(getattr(vlm.processor, "image_processor", None), "do_pad", False):
-        return None
-    patch = vlm.model.config.vision_config.patch_size
-    return lambda inputs: letterbox_padding(inputs["pixel_values"], patch)
-
-
 def calibrated(vlm, hosts: list[str], samples: int, directory: str | None) -> dict[str, list]:
     """Host name -> its trends (one per stage), fitted by rank 0 on val questions and sent to every process;
     rank 0 also writes them to ``directory`` when given (where ``vlmtools prune --debias`` finds them)."""
@@ -72,8 +62,7 @@ def calibrated(vlm, hosts: list[str], samples: int, directory: str | None) -> di
                     for i, q in world.qa_items("val", samples)]
         for name in hosts:
             if CLASSES[name].attention_based:
-                trends[name] = calibrate(vlm, CLASSES[name](keep=1.0), held_out, save=False,
-                                         padding=padding_reader(vlm))
+                trends[name] = calibrate(vlm, CLASSES[name](keep=1.0), held_out, save=False)
                 for trend in trends[name] if directory else ():
                     trend.save(calibration_path(trend.key, directory))
     return shard.broadcast(trends)
@@ -101,7 +90,6 @@ def prune_bench_command(args) -> int:
     trends = calibrated(vlm, hosts, args.calibration_samples, args.calibration) if args.calibration_samples else {}
     items = world.qa_items("test", args.n)
     images = [world.scene("test", s).image for s, _ in items]
-    padding = padding_reader(vlm)
     runs = configs(hosts)
     n = len(items)
     with tempfile.TemporaryDirectory(prefix="prune-bench-trends-") as directory:
@@ -114,9 +102,8 @@ def prune_bench_command(args) -> int:
             inputs = chat_inputs(vlm.processor, [images[i % n] for i in batch], questions, vlm.model.device)
             host = None
             if config.host:
-                options = {"debias": Debias(directory=directory) if trends else Debias(trend=None),
-                           "padding": padding(inputs) if padding else None} if config.debias else {}
-                host = CLASSES[config.host](keep=KEEP[config.ratio], **options)
+                debias = (Debias(directory=directory) if trends else Debias(trend=None)) if config.debias else False
+                host = CLASSES[config.host](keep=KEEP[config.ratio], debias=debias)
             texts = greedy(vlm, inputs, *([host] if host else []), max_new_tokens=args.max_new_tokens)
             records = [{"answer": first_word(text)} for text in texts]
             if host and batch[0] % n == 0:  # a configuration's first batch records the host's settings

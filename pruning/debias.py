@@ -149,16 +149,3 @@ def model_key(vlm) -> str:
         return name
     text = vlm.model.config.get_text_config()
     return f"{vlm.family}-h{text.hidden_size}-l{text.num_hidden_layers}"
-
-
-def letterbox_padding(pixel_values: torch.Tensor, patch: int, tolerance: float = 0.02) -> torch.Tensor:
-    """Which patches of LLaVA-1.5 ``expand2square`` images are padding, ``(images, patches)`` bool.
-
-    The pad colour is the processor's mean colour, i.e. ~0 after normalisation in every
-    channel; a patch is padding when more than half of its pixels are. Pass the result
-    as ``Host(..., padding=...)``: under ``generate`` the pixels never reach a hook.
-    """
-    pad = pixel_values.abs().amax(1) <= tolerance  # (images, H, W)
-    images, height, width = pad.shape
-    share = pad.view(images, height // patch, patch, width // patch, patch).float().mean((2, 4))
-    return (share > 0.5).flatten(1)

@@ -71,7 +71,8 @@ class Host:
     are dropped (several = stages; stage ``j`` of ``S`` keeps ``N (R/N)^((j+1)/S)``).
     ``debias``: False, True (= :class:`Debias`) or a :class:`Debias`. ``padding``: an
     ``(images, tokens)`` bool mask of letterbox padding (:func:`letterbox_padding`),
-    else the layout's ``ImageTokens.padding`` when the adapter knows it.
+    else the layout's ``ImageTokens.padding`` (flagged when the model was wrapped with a
+    processor that letterboxes).
     """
 
     name: ClassVar[str] = ""

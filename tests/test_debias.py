@@ -2,6 +2,7 @@
 calibration files made, found by name and used; padding and sink suppression."""
 import json
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -106,6 +107,38 @@ def test_letterbox_padding_lowers_the_budget_and_is_never_kept():
         kept_visual = kept[torch.isin(kept, visual)]
         assert len(kept_visual) == 12  # min(14, 16 - 4 padded)
         assert not torch.isin(kept_visual, visual[padding[b]]).any()
+
+
+def test_a_letterboxing_processors_padding_is_read_from_the_pixels_in_a_forward_and_under_generate():
+    """Wrapped with a processor that letterboxes (``do_pad``), the seam flags each image's padding from
+    the pixels where they enter the tower, also under ``generate`` (it encodes the images before the
+    prefill): the host then keeps what it keeps when given the explicit mask. Without such a
+    processor nothing is flagged."""
+    model, inputs = tiny_llava()
+    pixels = inputs["pixel_values"].clone()
+    pixels[0, :, :12] = 0.0
+    pixels[1, :, :, 20:] = 0.01
+    inputs = {**inputs, "pixel_values": pixels}
+    expected = letterbox_padding(pixels, patch=8)
+    letterboxing = SimpleNamespace(image_processor=SimpleNamespace(do_pad=True))
+    runs = {"forward": lambda: model(**inputs),
+            "generate": lambda: model.generate(**inputs, max_new_tokens=2, do_sample=False)}
+    for name, run in runs.items():
+        kept = {}
+        for vlm, padding in ((vlmtools.wrap(model, letterboxing), None), (vlmtools.wrap(model), expected)):
+            host = FastV(keep=14, layer=1, debias=Debias(trend=None, sinks=False), padding=padding)
+            with torch.no_grad(), vlm.use(host):
+                run()
+            kept[padding is None] = host.drop.kept_at(1)
+            images = host.state.layout.images()
+            if padding is None:
+                assert torch.equal(torch.stack([image.padding for image in images]), expected), name
+            else:
+                assert all(image.padding is None for image in images), name
+        assert torch.equal(kept[True], kept[False]), name
+    assert torch.equal(torch.stack([i.padding for i in vlmtools.wrap(model, letterboxing).layout(inputs).images()]),
+                       expected)
+    assert not model.model.vision_tower._forward_pre_hooks
 
 
 def test_visual_sinks_from_the_shared_detector_are_suppressed():

@@ -205,6 +205,10 @@ class _Installation:
                 if self.watcher is not None:
                     self.handles.append(self.model.register_forward_pre_hook(_inputs_prehook(self.watcher),
                                                                              with_kwargs=True))
+                    tower = getattr(self.watcher, "letterbox_tower", None)
+                    if tower is not None:
+                        self.handles.append(tower.register_forward_pre_hook(_pixels_prehook(self.watcher),
+                                                                            with_kwargs=True))
             except BaseException:
                 self.restore()
                 raise
@@ -255,6 +259,14 @@ def _inputs_prehook(watcher):
     return prehook
 
 
+def _pixels_prehook(watcher):
+    def prehook(module, args, kwargs):
+        plan = ACTIVE_PLAN.get()
+        if plan is not None:
+            watcher.see_pixels(plan, args[0] if args else kwargs["pixel_values"])
+    return prehook
+
+
 _INSTALLS: "weakref.WeakKeyDictionary[torch.nn.Module, _Installation]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
@@ -263,7 +275,9 @@ _LOCK = threading.Lock()
 def installed(model, config_keys: Sequence[str], layers: Sequence[torch.nn.Module], watcher=None):
     """Route ``model``'s attention through the seam for the duration of the block.
 
-    ``watcher.see_inputs(plan, kwargs)`` is called before every top-level forward.
+    ``watcher.see_inputs(plan, kwargs)`` is called before every top-level forward, and
+    ``watcher.see_pixels(plan, pixel_values)`` before every call of ``watcher.letterbox_tower``
+    when the watcher has one.
     """
     with _LOCK:
         inst = _INSTALLS.setdefault(model, _Installation(model, config_keys, layers, watcher))
@@ -273,6 +287,8 @@ def installed(model, config_keys: Sequence[str], layers: Sequence[torch.nn.Modul
     finally:
         with _LOCK:
             inst.exit()
+            if inst.count == 0:  # the next block installs anew, with its own watcher
+                del _INSTALLS[model]
 
 
 @contextmanager

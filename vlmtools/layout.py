@@ -104,6 +104,19 @@ class TokenLayout:
             raise ValueError(f"samples have different visual token counts {sorted(counts)}; index per sample")
         return torch.stack(per_sample)
 
+    def images(self) -> list[ImageTokens]:
+        """Every image of the batch, sample by sample (the order the model encodes them in)."""
+        return [image for sample in self.samples for image in sample.images]
+
+    def flag_letterbox(self, padding: torch.Tensor) -> None:
+        """Set each image's ``padding`` from an ``(images, tokens)`` bool mask over :meth:`images`."""
+        images = self.images()
+        if len(padding) != len(images) or any(len(f) != len(i) for f, i in zip(padding, images)):
+            raise ValueError(f"a letterbox mask of shape {tuple(padding.shape)} does not fit the batch's images "
+                             f"({[len(i) for i in images]} tokens)")
+        for image, flags in zip(images, padding):
+            image.padding = flags
+
     def require_images(self) -> None:
         missing = [i for i, s in enumerate(self.samples) if not s.images]
         if missing:

@@ -163,12 +163,16 @@ class ForwardState:
     ``layout`` is the :class:`~vlmtools.layout.TokenLayout` of the latest prompt
     (set when the model is called on a prompt); ``input_ids`` its token ids (methods
     that select tokens by word, e.g. GIFT, decode them); ``step`` counts calls since
-    then (0 = prefill, 1.. = cached decoding steps).
+    then (0 = prefill, 1.. = cached decoding steps). ``letterbox`` holds the letterbox
+    padding of images the vision tower encoded before their prompt's prefill (``generate``
+    does so); ``pixels_pending`` says the prompt's pixels reach the tower inside its forward.
     """
 
     layout: Any = None
     input_ids: Any = None
     step: int = 0
+    letterbox: Any = None
+    pixels_pending: bool = False
 
 
 class Plan:

@@ -82,14 +82,22 @@ class WrappedModel(Wrapped):
         super().__init__(model, adapter)
         self.processor = processor
         self.layers: list[torch.nn.Module] = adapter.blocks(model, "text")
+        letterboxes = bool(getattr(getattr(processor, "image_processor", None), "do_pad", False))
+        self.letterbox_tower: torch.nn.Module | None = (
+            model.get_submodule(adapter.vision_tower) if letterboxes and adapter.letterbox else None)
+        """Where the pixels of a letterboxing processor's images are read (the layout flags their padding)."""
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
     def layout(self, inputs: dict[str, Any]) -> TokenLayout:
-        """Where visual, text, padding and layout tokens sit in this batch."""
-        return self.adapter.layout(self.model, inputs)
+        """Where visual, text, padding and layout tokens sit in this batch (with each image's
+        letterbox padding when the processor letterboxes and ``inputs`` hold the pixels)."""
+        layout = self.adapter.layout(self.model, inputs)
+        if self.letterbox_tower is not None and inputs.get("pixel_values") is not None:
+            layout.flag_letterbox(self.adapter.letterbox(self.model, inputs["pixel_values"]).cpu())
+        return layout
 
     def see_inputs(self, plan: Plan, kwargs: dict[str, Any]) -> None:
         """Called by the seam on every top-level forward: track prompt layout and step."""
@@ -102,8 +110,27 @@ class WrappedModel(Wrapped):
             plan.state.layout = self.layout(kwargs)
             plan.state.input_ids = input_ids
             plan.state.step = 0
+            if self.letterbox_tower is not None:
+                self._letterbox_before(plan.state, kwargs)
         else:
             plan.state.step += 1
+
+    @staticmethod
+    def _letterbox_before(state, kwargs: dict[str, Any]) -> None:
+        """A prompt given its pixels has its letterbox flags (``layout``) and the tower will see those
+        pixels inside this forward; without them (``generate`` encodes the images before the prefill)
+        the flags are those of the tower's run just before."""
+        state.pixels_pending = kwargs.get("pixel_values") is not None
+        if not state.pixels_pending and state.letterbox is not None:
+            state.layout.flag_letterbox(state.letterbox)
+        state.letterbox = None
+
+    def see_pixels(self, plan: Plan, pixel_values: torch.Tensor) -> None:
+        """Called by the seam before the vision tower runs, when the processor letterboxes."""
+        if plan.state.pixels_pending:
+            plan.state.pixels_pending = False
+        else:
+            plan.state.letterbox = self.adapter.letterbox(self.model, pixel_values).cpu()
 
     def _installed(self, plan: Plan) -> AbstractContextManager:
         return installed(self.model, self.adapter.config_keys, self.layers, self)

@@ -27,7 +27,10 @@ class Adapter:
     ``text_layers`` / ``vision_layers`` are dotted paths from the top model to the
     ``ModuleList`` of blocks; ``attn`` is the attention attribute of each block;
     ``config_keys`` are the sub-configs whose attention the seam takes over
-    (``""`` for the top-level config).
+    (``""`` for the top-level config). ``letterbox(model, pixel_values)`` flags, per
+    image, the content tokens that show only the padding a letterboxing processor added
+    (LLaVA-1.5's ``expand2square``); the seam reads it where the pixels enter the module
+    at ``vision_tower``.
     """
 
     family: str
@@ -39,6 +42,8 @@ class Adapter:
     vision_attn: str = "self_attn"
     config_keys: tuple[str, ...] = ("text_config", "vision_config")
     layout: LayoutFn | None = None
+    letterbox: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
+    vision_tower: str | None = None
 
     def matches(self, model: torch.nn.Module) -> bool:
         return type(model).__name__ in self.classes

@@ -2,12 +2,16 @@
 
 Each image becomes one run of ``image_token_id`` placeholders: (size / patch)^2
 tokens in raster order, preceded by the CLS token with the "full" feature strategy
-(then a layout token: it has no place on the grid).
+(then a layout token: it has no place on the grid). A processor that letterboxes
+(``do_pad``) fills non-square images to a square with its mean colour: the patches
+showing only that fill are flagged in the layout (:func:`letterbox_padding`).
 """
 
 from __future__ import annotations
 
 import itertools
+
+import torch
 
 from ..layout import ImageTokens, TokenLayout
 from .base import Adapter, sequence_layout, span_of
@@ -25,6 +29,22 @@ def llava_layout(model, inputs) -> TokenLayout:
     return sequence_layout(inputs, config.image_token_id, itertools.repeat((side * side + cls, build)))
 
 
+def letterbox_padding(pixel_values: torch.Tensor, patch: int, tolerance: float = 0.02) -> torch.Tensor:
+    """Which patches of LLaVA-1.5 ``expand2square`` images are padding, ``(images, patches)`` bool.
+
+    The pad colour is the processor's mean colour, i.e. ~0 after normalisation in every
+    channel; a patch is padding when more than half of its pixels are.
+    """
+    pad = pixel_values.abs().amax(1) <= tolerance  # (images, H, W)
+    images, height, width = pad.shape
+    share = pad.view(images, height // patch, patch, width // patch, patch).float().mean((2, 4))
+    return (share > 0.5).flatten(1)
+
+
+def llava_letterbox(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    return letterbox_padding(pixel_values, model.config.vision_config.patch_size)
+
+
 ADAPTER = Adapter(
     family="llava",
     classes=("LlavaForConditionalGeneration",),
@@ -32,4 +52,6 @@ ADAPTER = Adapter(
     text_layers="model.language_model.layers",
     vision_layers="model.vision_tower.encoder.layers",
     layout=llava_layout,
+    letterbox=llava_letterbox,
+    vision_tower="model.vision_tower",
 )
