@@ -136,8 +136,10 @@ def test_a_letterboxing_processors_padding_is_read_from_the_pixels_in_a_forward_
             else:
                 assert all(image.padding is None for image in images), name
         assert torch.equal(kept[True], kept[False]), name
-    assert torch.equal(torch.stack([i.padding for i in vlmtools.wrap(model, letterboxing).layout(inputs).images()]),
-                       expected)
+    vlm = vlmtools.wrap(model, letterboxing)
+    assert torch.equal(torch.stack([image.padding for image in vlm.layout(inputs).images()]), expected)
+    with pytest.raises(KeyError), torch.no_grad(), vlm.use(FastV(keep=14, layer=1, debias=Debias(trend=None))):
+        raise KeyError("inside the block")
     assert not model.model.vision_tower._forward_pre_hooks
 
 
