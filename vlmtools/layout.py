@@ -39,7 +39,8 @@ class ImageTokens:
     ``positions.split([h * w, R * C])``), ``grid`` is the base view's, and ``layout``
     the R image-newline positions that end the stitched rows (never content).
     ``padding`` flags content tokens that only show letterbox padding (LLaVA-1.5
-    ``expand2square``), when known.
+    ``expand2square``): set from the pixels when the model was wrapped with a processor
+    that letterboxes (:meth:`TokenLayout.flag_letterbox`), else None.
     """
 
     positions: torch.Tensor
