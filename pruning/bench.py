@@ -9,6 +9,11 @@ Debias = a recency trend per (model, host, layer) calibrated here on val-split q
 test split: rank 0 fits it, every process gets it), letterbox padding (flagged by the wrapped model
 when its image processor letterboxes, as LLaVA-1.5's does) and visual-sink suppression.
 
+Where the kept tokens fall: for each configuration, the share of the visual tokens read after the
+host's last drop that lie on an object, and on letterbox padding (the world's exact masks, as the
+zoo's model card places tokens); ``none`` gives the shares of all of them, what a random choice
+keeps on average.
+
 vlmtools prune-bench --questions 200                          # every host, the zoo's llava-shapes
 vlmtools prune-bench --model qwen2vl-shapes                   # hosts the family cannot run are skipped, with why
 vlmtools prune-bench --model /models/llava-1.5-7b-hf --hosts fastv,visionzip --device cuda
@@ -19,11 +24,14 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 KEEP = {"100%": 1.0, "33%": 1 / 3, "22%": 2 / 9, "11%": 1 / 9}
 HOSTS = ("fastv", "pdrop", "sparsevlm", "visionzip", "fastervlm", "dart", "random")
 """Hosts run by default (each with its class's default layers)."""
+PLACES = {"object": "objects", "letterbox": "letterbox padding"}
+"""Token kinds (:func:`vlmtools.zoo.card.patch_kinds`) whose share of the kept tokens is reported, and their names."""
 
 
 @dataclass(frozen=True)
@@ -68,10 +76,28 @@ def calibrated(vlm, hosts: list[str], samples: int, directory: str | None) -> di
     return shard.broadcast(trends)
 
 
+def kept_places(vlm, inputs: dict, host, scenes: list) -> list[dict[str, int]]:
+    """Per sample of the last prefill: how many of the visual tokens present after ``host``'s last drop
+    (all of them without a host) lie on an object, the background or letterbox padding."""
+    import torch
+
+    from vlmtools.zoo.card import patch_kinds
+
+    layout = host.state.layout if host else vlm.layout(inputs)
+    kept = host.drop.kept_at(host.layers[-1]).cpu() if host else None
+    places = []
+    for row, (sample, scene) in enumerate(zip(layout.samples, scenes)):
+        image = sample.images[0]
+        kinds = patch_kinds(scene, tuple(int(g) for g in image.grid), vlm.letterbox_tower is not None)
+        present = torch.isin(image.positions.cpu(), kept[row]) if host else torch.ones(len(kinds), dtype=torch.bool)
+        places.append(dict(Counter(kinds[present.numpy()].tolist())))
+    return places
+
+
 def prune_bench_command(args) -> int:
     """Accuracy of each pruning host at 100/33/22/11% of the visual tokens, debias off and on, and random,
-    on held-out zoo questions; a Markdown table and a JSON file. Shards across processes under
-    torchrun / accelerate launch."""
+    on held-out zoo questions, and where the kept tokens fall; Markdown tables and a JSON file. Shards
+    across processes under torchrun / accelerate launch."""
     from vlmtools import bench, shard
     from vlmtools.inputs import chat_inputs, first_word, greedy
     from vlmtools.zoo import world
@@ -89,7 +115,7 @@ def prune_bench_command(args) -> int:
         hosts += [] if refusal else [name]
     trends = calibrated(vlm, hosts, args.calibration_samples, args.calibration) if args.calibration_samples else {}
     items = world.qa_items("test", args.n)
-    images = [world.scene("test", s).image for s, _ in items]
+    scenes = [world.scene("test", s) for s, _ in items]
     runs = configs(hosts)
     n = len(items)
     with tempfile.TemporaryDirectory(prefix="prune-bench-trends-") as directory:
@@ -99,13 +125,14 @@ def prune_bench_command(args) -> int:
         def answer(batch: list[int]) -> list[dict]:
             config = runs[batch[0] // n]
             questions = [items[i % n][1].question for i in batch]
-            inputs = chat_inputs(vlm.processor, [images[i % n] for i in batch], questions, vlm.model.device)
+            inputs = chat_inputs(vlm.processor, [scenes[i % n].image for i in batch], questions, vlm.model.device)
             host = None
             if config.host:
                 debias = (Debias(directory=directory) if trends else Debias(trend=None)) if config.debias else False
                 host = CLASSES[config.host](keep=KEEP[config.ratio], debias=debias)
             texts = greedy(vlm, inputs, *([host] if host else []), max_new_tokens=args.max_new_tokens)
-            records = [{"answer": first_word(text)} for text in texts]
+            places = kept_places(vlm, inputs, host, [scenes[i % n] for i in batch])
+            records = [{"answer": first_word(text), "kept": kept} for text, kept in zip(texts, places)]
             if host and batch[0] % n == 0:  # a configuration's first batch records the host's settings
                 records[0]["settings"] = host.settings
             return records
@@ -114,22 +141,28 @@ def prune_bench_command(args) -> int:
         records = shard.evaluate(work, answer, desc="prune-bench")
     if records is None:
         return 0
-    results = {"n": n, "accuracy": {}, "host_settings": {}, "answers": {},
+    results = {"n": n, "accuracy": {}, "kept_share": {place: {} for place in PLACES},
+               "host_settings": {}, "answers": {},
                "trends": {name: [asdict(t) for t in stages] for name, stages in trends.items()}}
     for c, config in enumerate(runs):
         mine = records[c * n:(c + 1) * n]
         correct = [r["answer"] == q.answer for r, (_, q) in zip(mine, items)]
         results["accuracy"].setdefault(config.label, {})[config.ratio] = sum(correct) / n
         results["answers"].setdefault(config.label, {})[config.ratio] = [r["answer"] for r in mine]
+        kept = sum((Counter(r["kept"]) for r in mine), Counter())
+        for place, share in results["kept_share"].items():
+            share.setdefault(config.label, {})[config.ratio] = kept[place] / kept.total()
         if "settings" in mine[0]:
             results["host_settings"].setdefault(config.label, {})[config.ratio] = mine[0]["settings"]
-    bench.finish(args, results, table(results["accuracy"], n), started)
+    tables = [table(results["accuracy"], n)] + [f"share of the kept visual tokens on {PLACES[place]}:\n{table(share, n)}"
+                                                for place, share in results["kept_share"].items()]
+    bench.finish(args, results, "\n".join(tables), started)
     return 0
 
 
-def table(accuracy: dict[str, dict[str, float]], n: int) -> str:
+def table(values: dict[str, dict[str, float]], n: int) -> str:
     lines = [f"| host (n={n}) | " + " | ".join(KEEP) + " |", "|---|" + "---|" * len(KEEP)]
-    for label, row in accuracy.items():
+    for label, row in values.items():
         cells = [f"{row[r]:.3f}" if r in row else ("(= none)" if r == "100%" else "") for r in KEEP]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -50,6 +51,17 @@ def test_prune_bench_records_every_host_ratio_and_setting(folder, tmp_path, caps
     assert len(result["results"]["answers"]["random"]["22%"]) == 3 and result["run"]["processes"] == 1
     assert [t["key"] for t in result["results"]["trends"]["fastv"]] == [p.stem for p in tmp_path.glob("*fastv*")]
     assert "| fastv +debias |" in capsys.readouterr().out
+    # where the kept tokens fall: unpruned, the shares of the three scenes' own cells (one of them letterboxed);
+    # debias never keeps a token that shows only letterbox padding
+    from vlmtools.zoo import world
+    from vlmtools.zoo.card import patch_kinds
+
+    kinds = np.stack([patch_kinds(world.scene("test", s), (12, 12), letterbox=True) for s, _ in world.qa_items("test", 3)])
+    share = result["results"]["kept_share"]
+    assert (kinds == "letterbox").any()
+    assert share["object"]["none"]["100%"] == pytest.approx((kinds == "object").mean())
+    assert share["letterbox"]["none"]["100%"] == pytest.approx((kinds == "letterbox").mean())
+    assert all(share["letterbox"]["fastv +debias"][ratio] == 0 for ratio in ("33%", "22%", "11%"))
 
 
 def test_prune_bench_skips_hosts_the_family_cannot_run_and_says_why(folder, tmp_path, capsys, monkeypatch,
