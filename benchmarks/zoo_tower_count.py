@@ -81,7 +81,8 @@ def main():
     model, processor = load("llava-shapes")
     tower = model.model.vision_tower.float().train()
     layer = model.config.vision_feature_layer
-    read, read_shipped = TokenReader(tower, layer), TokenReader(copy.deepcopy(tower).eval().requires_grad_(False), layer)
+    read = TokenReader(tower, layer)
+    read_shipped = TokenReader(copy.deepcopy(tower).eval().requires_grad_(False), layer)
     heads = CountHeads(tower.config.hidden_size)
     opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=args.lr, weight_decay=0.01)
 

@@ -154,8 +154,9 @@ def prune_bench_command(args) -> int:
             share.setdefault(config.label, {})[config.ratio] = kept[place] / kept.total()
         if "settings" in mine[0]:
             results["host_settings"].setdefault(config.label, {})[config.ratio] = mine[0]["settings"]
-    tables = [table(results["accuracy"], n)] + [f"share of the kept visual tokens on {PLACES[place]}:\n{table(share, n)}"
-                                                for place, share in results["kept_share"].items()]
+    tables = [table(results["accuracy"], n)] + [
+        f"share of the kept visual tokens on {PLACES[place]}:\n{table(share, n)}"
+        for place, share in results["kept_share"].items()]
     bench.finish(args, results, "\n".join(tables), started)
     return 0
 

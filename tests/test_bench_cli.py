@@ -56,7 +56,8 @@ def test_prune_bench_records_every_host_ratio_and_setting(folder, tmp_path, caps
     from vlmtools.zoo import world
     from vlmtools.zoo.card import patch_kinds
 
-    kinds = np.stack([patch_kinds(world.scene("test", s), (12, 12), letterbox=True) for s, _ in world.qa_items("test", 3)])
+    scenes = [world.scene("test", s) for s, _ in world.qa_items("test", 3)]
+    kinds = np.stack([patch_kinds(scene, (12, 12), letterbox=True) for scene in scenes])
     share = result["results"]["kept_share"]
     assert (kinds == "letterbox").any()
     assert share["object"]["none"]["100%"] == pytest.approx((kinds == "object").mean())
