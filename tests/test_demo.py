@@ -1,0 +1,20 @@
+"""What the demo's report states, checked against the zoo world."""
+import re
+
+import numpy as np
+
+
+def test_the_pruning_table_says_how_much_of_the_image_lies_on_objects(demo_report):
+    from vlmtools.zoo import world
+    from vlmtools.zoo.card import patch_kinds
+
+    text = demo_report.read_text()
+    assert "<th>on objects</th>" in text
+    rows = dict(re.findall(r"<tr><td>(plain \(144 tokens\)|FastV keep 16, debias o\w+)</td>"
+                           r"(?:<td>[^<]*</td>){2}<td>([\d.]+)</td></tr>", text))
+    assert rows.keys() == {"plain (144 tokens)", "FastV keep 16, debias off", "FastV keep 16, debias on"}
+    questions = int(re.search(r"(\d+) held-out questions; speed-up", text).group(1))
+    scenes = [world.scene("test", s) for s, _ in world.qa_items("test", questions)]
+    share = np.mean([(patch_kinds(scene, (12, 12), letterbox=True) == "object").mean() for scene in scenes])
+    assert float(rows["plain (144 tokens)"]) == round(float(share), 2)
+    assert all(0 <= float(value) <= 1 for value in rows.values())
