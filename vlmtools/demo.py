@@ -11,6 +11,8 @@ import base64
 import html
 import io
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,7 +88,9 @@ class QuestionRunner:
         return chat_inputs(self.vlm.processor, [self.images[index]], [self.items[index][1].question])
 
     @torch.no_grad()
-    def answer(self, *interventions) -> tuple[list[str], float]:
+    def answer(self, *interventions, after: Callable[[int, dict], None] | None = None) -> tuple[list[str], float]:
+        """Answers and generation seconds; ``after(index, inputs)`` runs after each answer, untimed,
+        while the interventions still hold that prefill's state."""
         tokenizer = self.vlm.processor.tokenizer
         answers, seconds = [], 0.0
         for index in range(len(self.items)):
@@ -97,26 +101,17 @@ class QuestionRunner:
             seconds += time.perf_counter() - start
             new_tokens = out[0, batch["input_ids"].shape[1]:]
             answers.append(first_word(tokenizer.decode(new_tokens, skip_special_tokens=True)))
+            if after:
+                after(index, batch)
         return answers, seconds
 
     def accuracy(self, answers: list[str]) -> float:
         return float(np.mean([a == q.answer for a, (_, q) in zip(answers, self.items)]))
 
-    @torch.no_grad()
-    def object_share(self, host=None) -> float:
-        """The share of the visual tokens ``host`` keeps (all of them without one) that lie on an object."""
-        from collections import Counter
-
-        from pruning.bench import kept_places
-
-        kept = Counter()
-        for index, scene in enumerate(self.scenes):
-            inputs = self.inputs(index)
-            if host:
-                with self.vlm.use(host):
-                    self.vlm.model(**inputs)
-            kept.update(kept_places(self.vlm, inputs, host, [scene])[0])
-        return kept["object"] / kept.total()
+    def object_share(self, places: list[dict[str, int]]) -> str:
+        """The share of kept visual tokens that lie on an object, from ``pruning.bench.kept_places`` counts."""
+        kept = sum((Counter(p) for p in places), Counter())
+        return f"{kept['object'] / kept.total():.2f}"
 
 
 def grid_picture(image: Image.Image, values: np.ndarray, mask: np.ndarray | None = None) -> Image.Image:
@@ -162,16 +157,20 @@ def calibrated(vlm, out: Path, samples: int):
 
 def pruning_section(report: Report, vlm, runner: QuestionRunner, plain: tuple[list[str], float], out: Path) -> None:
     from pruning import FastV, debiased
+    from pruning.bench import kept_places
 
     def fastv(debias):
         return FastV(keep=KEEP, layer=LAYER, debias=debias)
 
     debias_on = calibrated(vlm, out, samples=16)
-    rows = [["plain (144 tokens)", f"{runner.accuracy(plain[0]):.2f}", "1.00", f"{runner.object_share():.2f}"]]
+    every = [kept_places(vlm, runner.inputs(i), None, [scene])[0] for i, scene in enumerate(runner.scenes)]
+    rows = [["plain (144 tokens)", f"{runner.accuracy(plain[0]):.2f}", "1.00", runner.object_share(every)]]
     for debias in (False, debias_on):
-        answers, seconds = runner.answer(fastv(debias))
+        host, places = fastv(debias), []
+        answers, seconds = runner.answer(
+            host, after=lambda index, inputs: places.extend(kept_places(vlm, inputs, host, [runner.scenes[index]])))
         rows.append([f"FastV keep {KEEP}, debias {'on' if debias else 'off'}", f"{runner.accuracy(answers):.2f}",
-                     f"{plain[1] / seconds:.2f}", f"{runner.object_share(fastv(debias)):.2f}"])
+                     f"{plain[1] / seconds:.2f}", runner.object_share(places)])
     pictures = []
     side = int(round(np.sqrt(144)))
     for debias in (False, debias_on):
