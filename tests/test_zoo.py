@@ -157,14 +157,18 @@ def test_reprobe_is_the_probe_stage_again_after_the_reread():
 
     stages = {s.name: s for s in STAGES}
     probe, again = stages["probe"], stages["reprobe"]
-    assert [s.name for s in STAGES][-3:] == ["reread", "reprobe", "widen"]
+    assert [s.name for s in STAGES][-4:] == ["reread", "reprobe", "widen", "recount"]
     assert (again.lr_scale, again.first_step, again.turns, again.chat) == \
         (probe.lr_scale, probe.first_step, probe.turns, probe.chat)
     assert again.prepare is None  # the LM keeps reading the layer stage 7 moved it to
     widen = stages["widen"]  # stage 9: the same chats' kind and rates, fresh ones, a wider LoRA
     assert (widen.lr_scale, widen.turns, widen.chat, widen.prepare) == \
         (probe.lr_scale, probe.turns, probe.chat, llava_train.widen_lora)
-    assert widen.first_step not in {s.first_step for s in STAGES if s is not widen}
+    recount = stages["recount"]  # stage 10: the same again after the tower learns the count
+    assert (recount.lr_scale, recount.turns, recount.chat, recount.prepare) == \
+        (probe.lr_scale, probe.turns, probe.chat, llava_train.start_recount)
+    for fresh in (widen, recount):
+        assert fresh.first_step not in {s.first_step for s in STAGES if s is not fresh}
 
 
 def test_every_warm_restart_of_a_later_stage_falls_inside_its_shipped_run():
@@ -183,15 +187,15 @@ def test_train_cli_from_shipped_needs_a_stage(capsys):
 
     with pytest.raises(SystemExit):
         main(["qwen2vl-shapes", "--from-shipped"])
-    needs = "--from-shipped needs --refine, --bind, --probe, --reread, --reprobe and/or --widen STEPS"
+    needs = "--from-shipped needs --refine, --bind, --probe, --reread, --reprobe, --widen and/or --recount STEPS"
     assert needs in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["flux-shapes", "--bind", "3"])
     assert "--refine, --bind and --probe apply to llava-shapes and qwen2vl-shapes" in capsys.readouterr().err
-    for stage in ("--reread", "--reprobe", "--widen"):
+    for stage in ("--reread", "--reprobe", "--widen", "--recount"):
         with pytest.raises(SystemExit):
             main(["qwen2vl-shapes", "--from-shipped", stage, "3"])
-        assert "--reread, --reprobe and --widen apply to llava-shapes" in capsys.readouterr().err
+        assert "--reread, --reprobe, --widen and --recount apply to llava-shapes" in capsys.readouterr().err
     for steps in ([], ["--steps", "6000"]):
         with pytest.raises(SystemExit):
             main(["flux-shapes", "--from-shipped", *steps])

@@ -66,6 +66,48 @@ def test_reread_stage_moves_the_lm_to_the_last_layer_once_and_reprobe_keeps_it(t
         llava_train.main(later={"reread": 1}, from_shipped=True, align_batch=1)
 
 
+@pytest.mark.slow
+def test_recount_stage_trains_the_tower_on_the_count_then_the_lm_on_it(train_cache, tmp_path, monkeypatch):
+    """Stage 10 from the shipped weights: 10a moves the tower alone (resumable, reporting each
+    step), then LM steps realign; the LM keeps reading the last layer."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import CLIPVisionModel
+
+    from vlmtools.zoo import llava, llava_train
+
+    (tmp_path / "weights").mkdir()
+    shutil.copy(llava.WEIGHTS / "model.safetensors", tmp_path / "weights")
+    monkeypatch.setattr(llava, "WEIGHTS", tmp_path / "weights")
+    monkeypatch.setattr(llava_train, "COUNT_TOWER_STEPS", 2)
+    shipped = load_file(tmp_path / "weights" / "model.safetensors")
+    llava_train.main(later={"recount": 1}, from_shipped=True, align_batch=1)
+    ckpts = train_cache / "train" / "llava-shapes"
+    assert torch.load(ckpts / "count_tower.pt", weights_only=False)["step"] == 2
+    assert torch.load(ckpts / "recount.pt", weights_only=False)["step"] == 1
+    recounted = load_file(tmp_path / "weights" / "model.safetensors")
+    assert llava.feature_layer(tmp_path / "weights" / "model.safetensors") == -1
+    a = "vision_tower.encoder.layers.0.mlp.fc1.weight"
+    assert not torch.equal(recounted[a], shipped[a])
+
+    tower = CLIPVisionModel(llava.vision_config())
+    tower.load_state_dict({k[13:]: v.float() for k, v in recounted.items() if k.startswith("vision_tower.")})
+    reported = []
+    heads = llava_train.count_tower(tower, -1, 3, batch=2, report=lambda step, read, heads: reported.append(step))
+    assert reported == [2]  # resumed from the checkpoint at step 2: one more step
+    assert isinstance(heads, llava_train.CountHeads)
+    assert torch.load(ckpts / "count_tower.pt", weights_only=False)["step"] == 3
+
+
+def test_moved_is_the_relative_squared_change():
+    from vlmtools.zoo.llava_train import moved
+
+    before = torch.tensor([[1.0, -2.0], [2.0, 1.0]])
+    assert moved(before, before) == 0
+    assert torch.isclose(moved(before + 1, before), torch.tensor(4 / 10))
+
+
 def tiny_lm():
     """Two targeted linear layers on the attribute path add_lora and merge_lora walk
     (model.model.language_model), run as ``forward(model, x)``."""
