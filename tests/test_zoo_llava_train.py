@@ -92,7 +92,8 @@ def test_recount_stage_trains_the_tower_on_the_count_then_the_lm_on_it(train_cac
     assert not torch.equal(recounted[a], shipped[a])
 
     tower = CLIPVisionModel(llava.vision_config())
-    tower.load_state_dict({k[13:]: v.float() for k, v in recounted.items() if k.startswith("vision_tower.")})
+    tower.load_state_dict({k.removeprefix("vision_tower."): v.float() for k, v in recounted.items()
+                           if k.startswith("vision_tower.")})
     reported = []
     heads = llava_train.count_tower(tower, -1, 3, batch=2, report=lambda step, read, heads: reported.append(step))
     assert reported == [2]  # resumed from the checkpoint at step 2: one more step

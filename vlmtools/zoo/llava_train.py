@@ -184,7 +184,12 @@ def tower_loop(ck: Checkpoint, parts: dict, steps: int, lr: float, loss_at, rest
 
 
 REREAD_TOWER_STEPS = 800
-KEEP_WEIGHT = 0.1  # how strongly stage 7a keeps the last layer's output near its input
+KEEP_WEIGHT = 0.1  # how strongly stages 7a and 10a keep the tower's output near where it started
+
+
+def moved(tokens: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """The relative squared change of ``tokens`` from ``before``."""
+    return (tokens - before).pow(2).mean() / before.pow(2).mean()
 
 
 def identity_layer(layer: nn.Module) -> None:
@@ -198,7 +203,8 @@ def identity_layer(layer: nn.Module) -> None:
 
 def reread_tower(tower, steps: int = REREAD_TOWER_STEPS, batch: int = 32, lr: float = 1e-3) -> None:
     """Stage 7a: the last layer from the identity, alone, to per-patch colour x shape (a linear
-    head on its patch outputs), plus ``KEEP_WEIGHT`` x the relative squared change of its output."""
+    head on its patch outputs), plus ``KEEP_WEIGHT`` x the relative squared change of its output
+    (``moved``)."""
     proc = llava.build_processor()
     last = tower.encoder.layers[-1]
     identity_layer(last)  # a checkpoint, when there is one, replaces it
@@ -215,7 +221,7 @@ def reread_tower(tower, steps: int = REREAD_TOWER_STEPS, batch: int = 32, lr: fl
         combo = patch_labels(scenes)[0].to(device)
         logits = head(h[:, 1:])
         losses = {"combo": F.cross_entropy(logits.flatten(0, 1), combo.flatten()),
-                  "keep": KEEP_WEIGHT * (h - x).pow(2).mean() / x.pow(2).mean()}
+                  "keep": KEEP_WEIGHT * moved(h, x)}
         objects = combo > 0
         acc = {"acc_object_patch": (logits.argmax(-1) == combo)[objects].float().mean()}
         return sum(losses.values()), losses, acc
@@ -251,11 +257,6 @@ class TokenReader:
         with autocast(device):
             out = self.tower(pixel_values=pixel_values.to(device), output_hidden_states=True)
         return out.hidden_states[self.layer].float()
-
-
-def moved(tokens: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
-    """The relative squared change of ``tokens`` from ``before``."""
-    return (tokens - before).pow(2).mean() / before.pow(2).mean()
 
 
 def count_tower(tower, layer: int, steps: int = COUNT_TOWER_STEPS, batch: int = 32, lr: float = 5e-4,
