@@ -8,7 +8,8 @@ LLaVA-1.5 checkpoint runs here unchanged:
 - LLaVA's 2-layer GELU projector and the ``default`` select strategy (CLS
   dropped); the LM reads the tower's last layer (``vision_feature_layer=-1``),
   which training stage 7 taught to put each object's shape into each of its
-  patches. Stages 2-6 read layer -2, as LLaVA-1.5 does, and weights exported
+  patches (and stage 10, every layer, to hold the object count in their mean).
+  Stages 2-6 read layer -2, as LLaVA-1.5 does, and weights exported
   before stage 7 record that (``feature_layer``);
 - SmolLM2 as the language model, frozen except for a LoRA on every linear
   layer (rank 8, widened to 16 by training stage 9; shipped as low-rank factors,
