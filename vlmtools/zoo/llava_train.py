@@ -500,7 +500,7 @@ def align_groups(head, tower, loras: dict[str, LoRA]) -> list[dict]:
 
 
 SHIPPED_STEPS = {"refine": 200, "bind": 300, "probe": 180, "reread": 300,
-                 "reprobe": 2400, "widen": 600, "recount": 600}  # the shipped weights' stages 4-10 (docs/zoo.md)
+                 "reprobe": 2400, "widen": 600, "recount": 1200}  # the shipped weights' stages 4-10 (docs/zoo.md)
 WIDE_RANK = 16  # the LoRA's rank from stage 9 on
 
 
@@ -554,7 +554,8 @@ STAGES = (AlignStage("align", 1.0, 0), AlignStage("refine", 0.5, 1_000_000),
                      restarts=(100,)),  # shipped: 100 steps, then resumed to 300
           replace(PROBE, name="reprobe", restarts=(300, 600, 1200, 1800)),  # shipped: each restart began a resumed run
           replace(PROBE, name="widen", first_step=6_000_000, prepare=widen_lora),
-          replace(PROBE, name="recount", first_step=7_000_000, prepare=start_recount))
+          replace(PROBE, name="recount", first_step=7_000_000, prepare=start_recount,
+                  restarts=(600, 900)))  # shipped: each restart began a resumed run
 
 
 def align_stages(name: str, parts: dict, groups: list[dict], steps: dict[str, int], model, proc,

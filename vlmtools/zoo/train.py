@@ -5,11 +5,11 @@ the shipped weights are exported to ``vlmtools/zoo/weights/NAME/`` (flux-shapes:
 Training runs on the first GPU where there is one (``--device``), in bf16 autocast there.
 The defaults are the shipped weights' step counts, with the warm restarts of their
 learning-rate schedules where a stage was resumed with a longer one (llava-shapes' tower,
-reread, reprobe and count-tower stages, flux-shapes: ``train_utils.schedule_end``). On 2 CPU
+reread, reprobe, count-tower and recount stages, flux-shapes: ``train_utils.schedule_end``). On 2 CPU
 cores stages 1-3 of a VLM take 1.5-2 hours, its refine stage about 50 minutes, its bind stage
 about 90 and its probe stage about 60 minutes more (llava-shapes' reread stage about 75, its
 reprobe stage about 260, its widen stage about 65, its recount stage about 60 for the tower and
-75 for the LM), past the 2 hours, as ZOO-NOTES' priorities allow for accuracy.
+140 for the LM), past the 2 hours, as ZOO-NOTES' priorities allow for accuracy.
 flux-shapes' 6000 steps take 65-85 minutes (0.64 s/step in bf16 on a CPU that computes it
 natively, 0.85 in fp32; measured times: docs/zoo.md).
 """
