@@ -17,7 +17,6 @@ been through it.
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 import torch
@@ -35,8 +34,8 @@ class ValCount:
         scenes = [W.scene("val", i) for i in range(n)]
         self.pixels = processor.image_processor([s.image for s in scenes], return_tensors="pt")["pixel_values"]
         self.truth = torch.tensor([len(s.objects) for s in scenes])
-        with torch.no_grad():
-            self.start = T.TokenReader(copy.deepcopy(tower), layer)(self.pixels)
+        with torch.no_grad():  # before count_tower trains the tower or loads its checkpoint
+            self.start = T.TokenReader(tower, layer)(self.pixels)
         self.every = every
 
     @torch.no_grad()
@@ -44,7 +43,7 @@ class ValCount:
         if not (last or (step and step % self.every == 0)):
             return
         tokens = read(self.pixels)
-        right = heads.count(tokens[:, 1:].mean(1)).argmax(-1) == self.truth
+        right = heads.count_from_mean(tokens).argmax(-1) == self.truth
         per_count = " ".join(f"{c}: {right[self.truth == c].float().mean():.3f}" for c in range(1, 6))
         print(f"step {step}: count from the token mean {right.float().mean():.3f} ({per_count}); "
               f"tokens moved {T.moved(tokens, self.start):.3f}", flush=True)

@@ -245,6 +245,10 @@ class CountHeads(nn.Module):
         self.count, self.cls = nn.Linear(d, 6), nn.Linear(d, 6)
         self.centre, self.combo = nn.Linear(d, 1), nn.Linear(d, N_COMBO + 1)
 
+    def count_from_mean(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Count logits from the mean of the patch tokens (``tokens``: CLS first)."""
+        return self.count(tokens[:, 1:].mean(1))
+
 
 class TokenReader:
     """The tokens an LM reads from ``tower``: its ``layer`` output (CLS first), fp32."""
@@ -286,7 +290,7 @@ def count_tower(tower, layer: int, steps: int = COUNT_TOWER_STEPS, batch: int = 
         with torch.no_grad():
             start = read_start(pv)
         patches = tokens[:, 1:]
-        count_logits = heads.count(patches.mean(1))
+        count_logits = heads.count_from_mean(tokens)
         losses = {"count": F.cross_entropy(count_logits, count),
                   "cls": F.cross_entropy(heads.cls(tokens[:, 0]), count),
                   "centre": centre * F.binary_cross_entropy_with_logits(heads.centre(patches)[..., 0], centres),
