@@ -11,8 +11,8 @@ to count at this pace.
 
 Run: ``python benchmarks/zoo_tower_count.py [--steps 5000] [--lr 5e-4] [--keep 0.1]``
 (resumable: the checkpoint is stage 10a's, ``<cache>/train/llava-shapes/count_tower.pt``; remove
-it to start over). With the shipped weights after stage 10 the tower it starts from has already
-been through it.
+it to start over). The shipped tower has already been through it twice (stages 10a and 11a,
+``llava_train.start_tally``).
 """
 from __future__ import annotations
 

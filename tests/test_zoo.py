@@ -157,7 +157,7 @@ def test_reprobe_is_the_probe_stage_again_after_the_reread():
 
     stages = {s.name: s for s in STAGES}
     probe, again = stages["probe"], stages["reprobe"]
-    assert [s.name for s in STAGES][-4:] == ["reread", "reprobe", "widen", "recount"]
+    assert [s.name for s in STAGES][-5:] == ["reread", "reprobe", "widen", "recount", "tally"]
     assert (again.lr_scale, again.first_step, again.turns, again.chat) == \
         (probe.lr_scale, probe.first_step, probe.turns, probe.chat)
     assert again.prepare is None  # the LM keeps reading the layer stage 7 moved it to
@@ -167,7 +167,10 @@ def test_reprobe_is_the_probe_stage_again_after_the_reread():
     recount = stages["recount"]  # stage 10: the same again after the tower learns the count
     assert (recount.lr_scale, recount.turns, recount.chat, recount.prepare) == \
         (probe.lr_scale, probe.turns, probe.chat, llava_train.start_recount)
-    for fresh in (widen, recount):
+    tally = stages["tally"]  # stage 11: the same again after more count steps on the tower
+    assert (tally.lr_scale, tally.turns, tally.chat, tally.prepare) == \
+        (probe.lr_scale, probe.turns, probe.chat, llava_train.start_tally)
+    for fresh in (widen, recount, tally):
         assert fresh.first_step not in {s.first_step for s in STAGES if s is not fresh}
 
 
@@ -187,15 +190,15 @@ def test_train_cli_from_shipped_needs_a_stage(capsys):
 
     with pytest.raises(SystemExit):
         main(["qwen2vl-shapes", "--from-shipped"])
-    needs = "--from-shipped needs --refine, --bind, --probe, --reread, --reprobe, --widen and/or --recount STEPS"
+    needs = "--from-shipped needs --refine, --bind, --probe, --reread, --reprobe, --widen, --recount and/or --tally STEPS"
     assert needs in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["flux-shapes", "--bind", "3"])
     assert "--refine, --bind and --probe apply to llava-shapes and qwen2vl-shapes" in capsys.readouterr().err
-    for stage in ("--reread", "--reprobe", "--widen", "--recount"):
+    for stage in ("--reread", "--reprobe", "--widen", "--recount", "--tally"):
         with pytest.raises(SystemExit):
             main(["qwen2vl-shapes", "--from-shipped", stage, "3"])
-        assert "--reread, --reprobe, --widen and --recount apply to llava-shapes" in capsys.readouterr().err
+        assert "--reread, --reprobe, --widen, --recount and --tally apply to llava-shapes" in capsys.readouterr().err
     for steps in ([], ["--steps", "6000"]):
         with pytest.raises(SystemExit):
             main(["flux-shapes", "--from-shipped", *steps])

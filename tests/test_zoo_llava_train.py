@@ -67,9 +67,10 @@ def test_reread_stage_moves_the_lm_to_the_last_layer_once_and_reprobe_keeps_it(t
 
 
 @pytest.mark.slow
-def test_recount_stage_trains_the_tower_on_the_count_then_the_lm_on_it(train_cache, tmp_path, monkeypatch):
+def test_recount_and_tally_stages_train_the_tower_on_the_count_then_the_lm_on_it(train_cache, tmp_path, monkeypatch):
     """Stage 10 from the shipped weights: 10a moves the tower alone (resumable, reporting each
-    step), then LM steps realign; the LM keeps reading the last layer."""
+    step), then LM steps realign; the LM keeps reading the last layer. Stage 11 does the same
+    under checkpoints of its own."""
     import shutil
 
     from safetensors.torch import load_file
@@ -99,6 +100,14 @@ def test_recount_stage_trains_the_tower_on_the_count_then_the_lm_on_it(train_cac
     assert reported == [2]  # resumed from the checkpoint at step 2: one more step
     assert isinstance(heads, llava_train.CountHeads)
     assert torch.load(ckpts / "count_tower.pt", weights_only=False)["step"] == 3
+
+    monkeypatch.setattr(llava_train, "TALLY_TOWER_STEPS", 2)  # stage 11: the same again, its own checkpoints
+    llava_train.main(later={"tally": 1}, from_shipped=True, align_batch=1)
+    assert torch.load(ckpts / "tally_tower.pt", weights_only=False)["step"] == 2
+    assert torch.load(ckpts / "tally.pt", weights_only=False)["step"] == 1
+    assert torch.load(ckpts / "count_tower.pt", weights_only=False)["step"] == 3
+    tallied = load_file(tmp_path / "weights" / "model.safetensors")
+    assert not torch.equal(tallied[a], recounted[a])
 
 
 def test_moved_is_the_relative_squared_change():
