@@ -12,7 +12,7 @@ to count at this pace.
 Run: ``python benchmarks/zoo_tower_count.py [--steps 5000] [--lr 5e-4] [--keep 0.1]``
 (resumable: the checkpoint is stage 10a's, ``<cache>/train/llava-shapes/count_tower.pt``; remove
 it to start over). The shipped tower has already been through it twice (stages 10a and 11a,
-``llava_train.start_tally``).
+``llava_train.start_tally``), then again with each shape's count too (12a, ``start_census``).
 """
 from __future__ import annotations
 
@@ -28,12 +28,14 @@ from vlmtools.zoo import world as W
 
 class ValCount:
     """Every ``every`` steps: the count read from the token mean on ``val`` scenes, per number of
-    objects, and the tokens' relative squared change from the tower's at the start."""
+    objects, with heads that read each shape's count (stage 12a) that too, over the shapes
+    present, and the tokens' relative squared change from the tower's at the start."""
 
     def __init__(self, tower, layer: int, processor, n: int, every: int):
         scenes = [W.scene("val", i) for i in range(n)]
         self.pixels = processor.image_processor([s.image for s in scenes], return_tensors="pt")["pixel_values"]
         self.truth = torch.tensor([len(s.objects) for s in scenes])
+        self.shape_truth = T.shape_counts(scenes)
         with torch.no_grad():  # before count_tower trains the tower or loads its checkpoint
             self.start = T.TokenReader(tower, layer)(self.pixels)
         self.every = every
@@ -47,6 +49,11 @@ class ValCount:
         per_count = " ".join(f"{c}: {right[self.truth == c].float().mean():.3f}" for c in range(1, 6))
         print(f"step {step}: count from the token mean {right.float().mean():.3f} ({per_count}); "
               f"tokens moved {T.moved(tokens, self.start):.3f}", flush=True)
+        if heads.per_shape is not None:
+            right = heads.shape_counts_from_mean(tokens).argmax(-1) == self.shape_truth
+            per_count = " ".join(f"{c}: {right[self.shape_truth == c].float().mean():.3f}" for c in range(1, 5))
+            print(f"  each shape's count from the token mean {right[self.shape_truth > 0].float().mean():.3f} "
+                  f"({per_count})", flush=True)
 
 
 def main():

@@ -151,13 +151,43 @@ def test_probe_chats_ask_the_probes_without_repeats():
     assert len(asked) == len(set(asked)) == len(pool) and set(asked) == pool
 
 
+def test_shape_counts_ask_how_many_of_every_shape_present():
+    for i in range(40):
+        s = W.scene("train", i)
+        counts = s.shape_counts()
+        shapes = [o.shape for o in s.objects]
+        assert len(counts) == len(set(shapes))
+        for q, x in zip(counts, dict.fromkeys(shapes)):
+            assert q.question.startswith(f"How many {x}") and q.answer == str(shapes.count(x)) and q.type == "count"
+        asked = [q for q in s.questions() if q.type == "count" and q.question != "How many shapes are there?"]
+        assert len(asked) == 1 and asked[0] in counts  # questions() asks one of them
+
+
+def test_count_chats_ask_every_shape_count_among_the_turns():
+    from vlmtools.zoo import llava
+    from vlmtools.zoo.llava_train import chat
+
+    proc = llava.build_processor()
+    rng = np.random.default_rng(0)
+    firsts = set()
+    for i in range(12):
+        s = W.scene("train", i)
+        turns = [t.split("<|im_end|>")[0].split("\n")[-1].replace(" in the image?", "?")
+                 for t in chat(proc, s, rng, turns=6, describe=0.0, every_question=True, probes=True, counts=True)
+                 .split("<|im_start|>user\n")[1:]]
+        assert len(turns) == len(set(turns)) == 6
+        assert {q.question for q in s.shape_counts()} <= set(turns)
+        firsts.add(turns[0].startswith("How many"))
+    assert firsts == {True, False}  # at random turns, not first
+
+
 def test_reprobe_is_the_probe_stage_again_after_the_reread():
     from vlmtools.zoo import llava_train
     from vlmtools.zoo.llava_train import STAGES
 
     stages = {s.name: s for s in STAGES}
     probe, again = stages["probe"], stages["reprobe"]
-    assert [s.name for s in STAGES][-5:] == ["reread", "reprobe", "widen", "recount", "tally"]
+    assert [s.name for s in STAGES][-6:] == ["reread", "reprobe", "widen", "recount", "tally", "census"]
     assert (again.lr_scale, again.first_step, again.turns, again.chat) == \
         (probe.lr_scale, probe.first_step, probe.turns, probe.chat)
     assert again.prepare is None  # the LM keeps reading the layer stage 7 moved it to
@@ -170,7 +200,10 @@ def test_reprobe_is_the_probe_stage_again_after_the_reread():
     tally = stages["tally"]  # stage 11: the same again after more count steps on the tower
     assert (tally.lr_scale, tally.turns, tally.chat, tally.prepare) == \
         (probe.lr_scale, probe.turns, probe.chat, llava_train.start_tally)
-    for fresh in (widen, recount, tally):
+    census = stages["census"]  # stage 12: after the tower learns each shape's count, chats that ask them all
+    assert (census.lr_scale, census.turns, census.chat, census.prepare) == \
+        (probe.lr_scale, probe.turns, {**probe.chat, "counts": True}, llava_train.start_census)
+    for fresh in (widen, recount, tally, census):
         assert fresh.first_step not in {s.first_step for s in STAGES if s is not fresh}
 
 
@@ -190,15 +223,16 @@ def test_train_cli_from_shipped_needs_a_stage(capsys):
 
     with pytest.raises(SystemExit):
         main(["qwen2vl-shapes", "--from-shipped"])
-    needs = "--from-shipped needs --refine, --bind, --probe, --reread, --reprobe, --widen, --recount and/or --tally STEPS"
+    needs = "--from-shipped needs --refine, --bind, --probe, --reread, --reprobe, --widen, --recount, --tally and/or --census STEPS"
     assert needs in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["flux-shapes", "--bind", "3"])
     assert "--refine, --bind and --probe apply to llava-shapes and qwen2vl-shapes" in capsys.readouterr().err
-    for stage in ("--reread", "--reprobe", "--widen", "--recount", "--tally"):
+    for stage in ("--reread", "--reprobe", "--widen", "--recount", "--tally", "--census"):
         with pytest.raises(SystemExit):
             main(["qwen2vl-shapes", "--from-shipped", stage, "3"])
-        assert "--reread, --reprobe, --widen, --recount and --tally apply to llava-shapes" in capsys.readouterr().err
+        assert "--reread, --reprobe, --widen, --recount, --tally and --census apply to llava-shapes" in \
+            capsys.readouterr().err
     for steps in ([], ["--steps", "6000"]):
         with pytest.raises(SystemExit):
             main(["flux-shapes", "--from-shipped", *steps])

@@ -1,6 +1,10 @@
 """llava-shapes' trainer end to end on a few steps: every stage checkpoints, resumes and exports."""
+from collections import Counter
+
 import pytest
 import torch
+
+from vlmtools.zoo import world as W
 
 
 @pytest.mark.slow
@@ -108,6 +112,28 @@ def test_recount_and_tally_stages_train_the_tower_on_the_count_then_the_lm_on_it
     assert torch.load(ckpts / "count_tower.pt", weights_only=False)["step"] == 3
     tallied = load_file(tmp_path / "weights" / "model.safetensors")
     assert not torch.equal(tallied[a], recounted[a])
+
+    monkeypatch.setattr(llava_train, "CENSUS_TOWER_STEPS", 2)  # stage 12: also each shape's count
+    llava_train.main(later={"census": 1}, from_shipped=True, align_batch=1)
+    census = torch.load(ckpts / "census_tower.pt", weights_only=False)
+    assert census["step"] == 2 and census["heads"]["per_shape.weight"].shape == (len(W.SHAPES) * 6, 192)
+    assert torch.load(ckpts / "census.pt", weights_only=False)["step"] == 1
+    assert not torch.equal(load_file(tmp_path / "weights" / "model.safetensors")[a], tallied[a])
+
+
+def test_shape_counts_are_read_from_the_mean_of_the_patch_tokens():
+    from vlmtools.zoo.llava_train import CountHeads, shape_counts
+
+    heads = CountHeads(8, per_shape=True)
+    tokens = torch.randn(3, 5, 8)
+    direct = tokens[:, 1:].mean(1) @ heads.per_shape.weight.T + heads.per_shape.bias
+    assert torch.allclose(heads.shape_counts_from_mean(tokens), direct.view(3, len(W.SHAPES), 6))
+    assert CountHeads(8).per_shape is None  # stages 10a and 11a: no such head
+    scenes = [W.scene("train", i) for i in range(20)]
+    labels = shape_counts(scenes)
+    for s, row in zip(scenes, labels.tolist()):
+        assert sum(row) == len(s.objects)
+        assert dict(zip(W.SHAPES, row)) == {x: Counter(o.shape for o in s.objects)[x] for x in W.SHAPES}
 
 
 def test_moved_is_the_relative_squared_change():

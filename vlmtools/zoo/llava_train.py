@@ -1,4 +1,4 @@
-"""Training of llava-shapes, in eleven resumable stages (see docs/zoo.md).
+"""Training of llava-shapes, in twelve resumable stages (see docs/zoo.md).
 
 1. ``tower``: the CLIP tower alone on the world's labels. A random tower gets
    too weak a gradient through 30 frozen LM layers to learn anything (measured,
@@ -52,7 +52,11 @@
 11. ``tally``: stage 10 again from where it left the tower: 4000 more tower steps on fresh
    scenes (its token mean counted 0.93 of ``val`` scenes after 5000 and was still rising),
    then fresh chats realign the LM.
-``--from-shipped`` runs stages 4-11 (those given steps) from the shipped
+12. ``census``: stage 11's LM miscounted "How many <shape>s are there?" far more often than
+   "How many shapes are there?". Stage 10 again, the tower now also learning each shape's
+   count from the token mean (``CountHeads.shape_counts_from_mean``), then fresh chats that
+   ask "how many" of every shape in the scene (``chat(counts=True)``).
+``--from-shipped`` runs stages 4-12 (those given steps) from the shipped
 weights, which are what the last stage exported.
 
 Scene indices come from the step number, so resuming replays nothing.
@@ -238,21 +242,35 @@ COUNT_TOWER_RESTARTS = (2500,)  # session 19: 2500 steps, then resumed to 5000 (
 COUNT_FIRST_SCENE = 70_000_000  # train scenes no other stage draws
 TALLY_TOWER_STEPS = 4000
 TALLY_FIRST_SCENE = 71_000_000  # past stage 10a's 5000 x 32
+CENSUS_TOWER_STEPS = 3000
+CENSUS_FIRST_SCENE = 72_000_000  # past stage 11a's 4000 x 32
+PER_SHAPE_WEIGHT = 1.0
 CENTRE_WEIGHT = 5.0
 
 
 class CountHeads(nn.Module):
     """Stage 10a's heads: the count (index = number of objects) from the mean of the patch
-    tokens and from CLS, and per patch the object-centre flag and colour x shape class."""
+    tokens and from CLS, and per patch the object-centre flag and colour x shape class; with
+    ``per_shape`` (stage 12a), the count of each shape from the mean too."""
 
-    def __init__(self, d: int):
+    def __init__(self, d: int, per_shape: bool = False):
         super().__init__()
         self.count, self.cls = nn.Linear(d, 6), nn.Linear(d, 6)
         self.centre, self.combo = nn.Linear(d, 1), nn.Linear(d, N_COMBO + 1)
+        self.per_shape = nn.Linear(d, len(W.SHAPES) * 6) if per_shape else None
 
     def count_from_mean(self, tokens: torch.Tensor) -> torch.Tensor:
         """Count logits from the mean of the patch tokens (``tokens``: CLS first)."""
         return self.count(tokens[:, 1:].mean(1))
+
+    def shape_counts_from_mean(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(batch, shape, count) logits of each shape's count from the mean of the patch tokens."""
+        return self.per_shape(tokens[:, 1:].mean(1)).unflatten(-1, (len(W.SHAPES), 6))
+
+
+def shape_counts(scenes) -> torch.Tensor:
+    """(scene, shape): how many objects of each of ``W.SHAPES``."""
+    return torch.tensor([[sum(o.shape == s for o in sc.objects) for s in W.SHAPES] for sc in scenes])
 
 
 class TokenReader:
@@ -271,7 +289,7 @@ class TokenReader:
 def count_tower(tower, layer: int, steps: int = COUNT_TOWER_STEPS, batch: int = 32, lr: float = 5e-4,
                 keep: float = KEEP_WEIGHT, centre: float = CENTRE_WEIGHT,
                 restarts: tuple[int, ...] = COUNT_TOWER_RESTARTS, report: Callable | None = None,
-                stage: str = "count_tower", first_scene: int = COUNT_FIRST_SCENE) -> CountHeads:
+                stage: str = "count_tower", first_scene: int = COUNT_FIRST_SCENE, per_shape: float = 0.0) -> CountHeads:
     """Stage 10a: the whole tower, alone, on the object count read linearly from the mean of the
     tokens the LM reads (``layer``: what an LM attending evenly over the image reads) and from
     CLS, stage 1's per-patch centres (x ``centre``) and colour x shape on the same tokens, plus
@@ -279,11 +297,12 @@ def count_tower(tower, layer: int, steps: int = COUNT_TOWER_STEPS, batch: int = 
     LM's reading of them needs little realignment. Every probe of the tokens stage 9's LM reads
     counts at most 0.86 while the pixels hold the count (docs/zoo.md). ``report(step, read,
     heads)`` runs before each step (the benchmark's ``val`` reading). Checkpointed as ``stage``,
-    on the ``train`` scenes from ``first_scene`` on."""
+    on the ``train`` scenes from ``first_scene`` on; ``per_shape`` > 0 adds x it each shape's
+    count from the token mean (``CountHeads.shape_counts_from_mean``)."""
     proc = llava.build_processor()
     read = TokenReader(tower, layer)
     read_start = TokenReader(copy.deepcopy(tower).requires_grad_(False), layer)  # before a checkpoint loads
-    heads = CountHeads(tower.config.hidden_size).to(device_of(tower))
+    heads = CountHeads(tower.config.hidden_size, per_shape > 0).to(device_of(tower))
     tower.requires_grad_(True)
     opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=lr, weight_decay=0.01)
 
@@ -303,7 +322,12 @@ def count_tower(tower, layer: int, steps: int = COUNT_TOWER_STEPS, batch: int = 
                   "centre": centre * F.binary_cross_entropy_with_logits(heads.centre(patches)[..., 0], centres),
                   "combo": F.cross_entropy(heads.combo(patches).flatten(0, 1), combo.flatten()),
                   "keep": keep * moved(tokens, start)}
-        return sum(losses.values()), losses, {"acc_count": (count_logits.argmax(-1) == count).float().mean()}
+        accuracies = {"acc_count": (count_logits.argmax(-1) == count).float().mean()}
+        if per_shape:
+            logits, truth = heads.shape_counts_from_mean(tokens), shape_counts(scenes).to(count.device)
+            losses["per_shape"] = per_shape * F.cross_entropy(logits.flatten(0, 1), truth.flatten())
+            accuracies["acc_per_shape"] = (logits.argmax(-1) == truth)[truth > 0].float().mean()
+        return sum(losses.values()), losses, accuracies
 
     tower_loop(Checkpoint("llava-shapes", stage), {"tower": tower, "heads": heads, "opt": opt},
                steps, lr, loss_at, restarts)
@@ -381,15 +405,19 @@ def lora_state(loras: dict[str, LoRA]) -> dict:
 
 
 def chat(proc, scene, rng, turns: int, describe: float = 0.5, every_question: bool = False,
-         probes: bool = False):
+         probes: bool = False, counts: bool = False):
     """A multi-turn chat about one scene: with probability ``describe`` first "Describe the
     image." answered by the left-to-right object listing, then one-word answers, every
     question type once, then again; with ``every_question``, ``turns`` questions drawn
     without repeats from all of the scene's questions (with ``probes``, its existence probes
-    among them)."""
+    among them; with ``counts``, "how many" of every shape present always among them)."""
     qs = list(dict.fromkeys(scene.questions() + (scene.existence_probes() if probes else [])))
     if every_question:
-        picked = [qs[i] for i in rng.permutation(len(qs))[:turns]]
+        asked = scene.shape_counts() if counts else []
+        rest = [q for q in qs if q not in asked]
+        picked = asked + [rest[i] for i in rng.permutation(len(rest))[:turns - len(asked)]]
+        if asked:  # at random turns
+            picked = [picked[i] for i in rng.permutation(len(picked))]
     else:
         by_type = {t: [q for q in qs if q.type == t] for t in W.QUESTION_TYPES}
         types = [t for t in rng.permutation(W.QUESTION_TYPES) if by_type[t]]
@@ -468,7 +496,7 @@ def train_align(tower_state, words_steps: int, steps: int, batch: int = 6, turns
 
 def align_and_refine(model, proc, steps: dict[str, int], batch: int, turns: int,
                      factors: dict | None = None) -> dict[str, LoRA]:
-    """Stages 3-11 (``align_stages``) on llava-shapes: tower, projector and LoRA (fresh or from
+    """Stages 3-12 (``align_stages``) on llava-shapes: tower, projector and LoRA (fresh or from
     ``factors``); stage 7 first runs ``reread_tower`` and moves the LM to the last layer."""
     loras = add_lora(model, factors)
     tower, proj = model.model.vision_tower, model.model.multi_modal_projector
@@ -483,7 +511,7 @@ def align_and_refine(model, proc, steps: dict[str, int], batch: int, turns: int,
 
 
 def refine_shipped(steps: dict[str, int], batch: int = 6, turns: int = 6, device: torch.device | str = "cpu") -> None:
-    """Stages 4-11 alone (``steps``: refine, bind, probe, reread, reprobe, widen, recount, tally), from the shipped weights
+    """Stages 4-12 alone (``steps``: refine, bind, probe, reread, reprobe, widen, recount, tally, census), from the shipped weights
     (what the last stage exported)."""
     from safetensors.torch import load_file
 
@@ -511,7 +539,7 @@ def align_groups(head, tower, loras: dict[str, LoRA]) -> list[dict]:
 
 
 SHIPPED_STEPS = {"refine": 200, "bind": 300, "probe": 180, "reread": 300,
-                 "reprobe": 2400, "widen": 600, "recount": 1200, "tally": 750}  # the shipped weights' stages 4-11 (docs/zoo.md)
+                 "reprobe": 2400, "widen": 600, "recount": 1200, "tally": 1050, "census": 450}  # the shipped weights' stages 4-12 (docs/zoo.md)
 WIDE_RANK = 16  # the LoRA's rank from stage 9 on
 
 
@@ -561,6 +589,13 @@ def start_tally(model) -> None:
                 stage="tally_tower", first_scene=TALLY_FIRST_SCENE)
 
 
+def start_census(model) -> None:
+    """Stage 12's start: ``count_tower`` again, on fresh scenes, now also on each shape's count:
+    stage 11's LM miscounted "how many <shape>s" far more often than all the shapes (docs/zoo.md)."""
+    count_tower(model.model.vision_tower, model.config.vision_feature_layer, CENSUS_TOWER_STEPS, restarts=(),
+                stage="census_tower", first_scene=CENSUS_FIRST_SCENE, per_shape=PER_SHAPE_WEIGHT)
+
+
 BIND_CHAT = {"describe": 0.25, "every_question": True}
 PROBE_CHAT = {**BIND_CHAT, "probes": True}
 PROBE = AlignStage("probe", 0.35, 3_000_000, turns=10, chat=PROBE_CHAT)
@@ -574,12 +609,14 @@ STAGES = (AlignStage("align", 1.0, 0), AlignStage("refine", 0.5, 1_000_000),
           replace(PROBE, name="recount", first_step=7_000_000, prepare=start_recount,
                   restarts=(600, 900)),  # shipped: each restart began a resumed run
           replace(PROBE, name="tally", first_step=8_000_000, prepare=start_tally,
-                  restarts=(450,)))  # shipped: the restart began a resumed run
+                  restarts=(450, 750)),  # shipped: each restart began a resumed run
+          replace(PROBE, name="census", first_step=9_000_000, prepare=start_census,
+                  chat={**PROBE_CHAT, "counts": True}))
 
 
 def align_stages(name: str, parts: dict, groups: list[dict], steps: dict[str, int], model, proc,
                  batch: int, turns: int, export) -> None:
-    """Stages 3-11 in order, ``steps[stage]`` each (absent or 0: skipped), each with its own
+    """Stages 3-12 in order, ``steps[stage]`` each (absent or 0: skipped), each with its own
     optimiser over ``groups`` and its own checkpoint of ``parts``, after its ``prepare``."""
     for stage in STAGES:
         if steps.get(stage.name):
@@ -624,15 +661,15 @@ def export(model, loras):
 
 
 def later_stages(given: dict[str, int | None], from_shipped: bool, shipped: dict[str, int]) -> dict[str, int]:
-    """Steps of stages 4-11: those ``given``; the others as the shipped weights had them
+    """Steps of stages 4-12: those ``given``; the others as the shipped weights had them
     (``shipped``) on a full run, none from the shipped weights, which already had them."""
     return {k: v if (v := given.get(k)) is not None else 0 if from_shipped else d for k, d in shipped.items()}
 
 
 def main(tower_steps: int = 2600, words_steps: int = 150, align_steps: int = 400, align_batch: int = 6,
          later: dict[str, int | None] | None = None, from_shipped: bool = False, device: str | None = None):
-    """The eleven stages on ``device`` (default: a GPU where there is one); ``later``: steps of
-    stages 4-11 (refine, bind, probe, reread, reprobe, widen, recount, tally) where not the shipped run's."""
+    """The twelve stages on ``device`` (default: a GPU where there is one); ``later``: steps of
+    stages 4-12 (refine, bind, probe, reread, reprobe, widen, recount, tally, census) where not the shipped run's."""
     torch.manual_seed(0)
     device = training_device(device)
     later = later_stages(later or {}, from_shipped, SHIPPED_STEPS)

@@ -10,7 +10,7 @@ reread, reprobe, count-tower, recount and tally stages, flux-shapes:
 stage about 50 minutes, its bind stage about 90 and its probe stage about 60 minutes more
 (llava-shapes' reread stage about 75, its reprobe stage about 260, its widen stage about 65,
 its recount stage about 60 for the tower and 140 for the LM, its tally stage about 35 for the
-tower and 50 for the LM), past the 2 hours, as ZOO-NOTES' priorities allow for accuracy.
+tower and 70 for the LM, its census stage about 26 for the tower and 31 for the LM), past the 2 hours, as ZOO-NOTES' priorities allow for accuracy.
 flux-shapes' 6000 steps take 65-85 minutes (0.64 s/step in bf16 on a CPU that computes it
 natively, 0.85 in fp32; measured times: docs/zoo.md).
 """
@@ -23,7 +23,7 @@ import torch
 
 from . import MODELS
 
-# the VLM trainers' stages 4-11, each with a flag of its steps: the models it applies to, what it is
+# the VLM trainers' stages 4-12, each with a flag of its steps: the models it applies to, what it is
 VLMS = ("llava-shapes", "qwen2vl-shapes")
 LATER_STAGES = {"refine": (VLMS, "stage 4"),
                 "bind": (VLMS, "stage 5"),
@@ -32,7 +32,8 @@ LATER_STAGES = {"refine": (VLMS, "stage 4"),
                 "reprobe": (("llava-shapes",), "stage 8"),
                 "widen": (("llava-shapes",), "stage 9"),
                 "recount": (("llava-shapes",), "stage 10"),
-                "tally": (("llava-shapes",), "stage 11")}
+                "tally": (("llava-shapes",), "stage 11"),
+                "census": (("llava-shapes",), "stage 12")}
 FLAGS = [f"--{stage}" for stage in LATER_STAGES]
 
 

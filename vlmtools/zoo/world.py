@@ -132,9 +132,16 @@ class Scene:
                 side = "left" if o.cx < self.width / 2 else "right"
                 qs.append(Question(f"Is the {o.name} on the left or the right?", side, "position"))
         qs.append(Question("How many shapes are there?", str(len(objs)), "count"))
-        s = objs[rng.integers(len(objs))].shape
-        qs.append(Question(f"How many {_plural(s)} are there?", str(sum(o.shape == s for o in objs)), "count"))
+        qs.append(self._shape_count(objs[rng.integers(len(objs))].shape))
         return qs
+
+    def shape_counts(self) -> list["Question"]:
+        """"How many <shape>s are there?" for every shape present (``questions()`` asks one, at random)."""
+        return [self._shape_count(s) for s in dict.fromkeys(o.shape for o in self.objects)]
+
+    def _shape_count(self, shape: str) -> "Question":
+        return Question(f"How many {_plural(shape)} are there?", str(sum(o.shape == shape for o in self.objects)),
+                        "count")
 
     def existence_probes(self) -> list["Question"]:
         """Existence questions for training beyond ``questions()``'s two: "yes" for every
