@@ -539,7 +539,7 @@ def align_groups(head, tower, loras: dict[str, LoRA]) -> list[dict]:
 
 
 SHIPPED_STEPS = {"refine": 200, "bind": 300, "probe": 180, "reread": 300,
-                 "reprobe": 2400, "widen": 600, "recount": 1200, "tally": 1050, "census": 450}  # the shipped weights' stages 4-12 (docs/zoo.md)
+                 "reprobe": 2400, "widen": 600, "recount": 1200, "tally": 1050, "census": 750}  # the shipped weights' stages 4-12 (docs/zoo.md)
 WIDE_RANK = 16  # the LoRA's rank from stage 9 on
 
 
@@ -611,7 +611,7 @@ STAGES = (AlignStage("align", 1.0, 0), AlignStage("refine", 0.5, 1_000_000),
           replace(PROBE, name="tally", first_step=8_000_000, prepare=start_tally,
                   restarts=(450, 750)),  # shipped: each restart began a resumed run
           replace(PROBE, name="census", first_step=9_000_000, prepare=start_census,
-                  chat={**PROBE_CHAT, "counts": True}))
+                  chat={**PROBE_CHAT, "counts": True}, restarts=(450,)))  # shipped: the restart began a resumed run
 
 
 def align_stages(name: str, parts: dict, groups: list[dict], steps: dict[str, int], model, proc,

@@ -5,12 +5,13 @@ the shipped weights are exported to ``vlmtools/zoo/weights/NAME/`` (flux-shapes:
 Training runs on the first GPU where there is one (``--device``), in bf16 autocast there.
 The defaults are the shipped weights' step counts, with the warm restarts of their
 learning-rate schedules where a stage was resumed with a longer one (llava-shapes' tower,
-reread, reprobe, count-tower, recount and tally stages, flux-shapes:
+reread, reprobe, count-tower, recount, tally and census stages, flux-shapes:
 ``train_utils.schedule_end``). On 2 CPU cores stages 1-3 of a VLM take 1.5-2 hours, its refine
 stage about 50 minutes, its bind stage about 90 and its probe stage about 60 minutes more
 (llava-shapes' reread stage about 75, its reprobe stage about 260, its widen stage about 65,
 its recount stage about 60 for the tower and 140 for the LM, its tally stage about 35 for the
-tower and 70 for the LM, its census stage about 26 for the tower and 31 for the LM), past the 2 hours, as ZOO-NOTES' priorities allow for accuracy.
+tower and 70 for the LM, its census stage about 26 for the tower and 52 for the LM), past
+the 2 hours, as ZOO-NOTES' priorities allow for accuracy.
 flux-shapes' 6000 steps take 65-85 minutes (0.64 s/step in bf16 on a CPU that computes it
 natively, 0.85 in fp32; measured times: docs/zoo.md).
 """
