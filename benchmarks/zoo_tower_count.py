@@ -9,7 +9,7 @@ the count read from the token mean on ``--val`` ``val`` scenes, per number of ob
 far the tokens have moved. The LM is not involved: this asks only whether the tower can learn
 to count at this pace.
 
-Run: ``python benchmarks/zoo_tower_count.py [--steps 5000] [--lr 5e-4] [--keep 0.1]``
+Run: ``python benchmarks/zoo_tower_count.py [--steps 5000] [--lr 5e-4] [--keep 0.1] [--per-shape 1]``
 (resumable: the checkpoint is stage 10a's, ``<cache>/train/llava-shapes/count_tower.pt``; remove
 it to start over). The shipped tower has already been through it twice (stages 10a and 11a,
 ``llava_train.start_tally``), then again with each shape's count too (12a, ``start_census``).
@@ -63,6 +63,8 @@ def main():
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--keep", type=float, default=T.KEEP_WEIGHT, help="weight of the tokens' relative squared change")
     parser.add_argument("--centre", type=float, default=T.CENTRE_WEIGHT, help="weight of the per-patch centre flag")
+    parser.add_argument("--per-shape", type=float, default=0.0,
+                        help=f"weight of each shape's count from the token mean (stage 12a: {T.PER_SHAPE_WEIGHT})")
     parser.add_argument("--val", type=int, default=512, help="val scenes the count is read on")
     parser.add_argument("--every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2)
@@ -74,7 +76,7 @@ def main():
     tower, layer = model.model.vision_tower.float(), model.config.vision_feature_layer
     val = ValCount(tower, layer, processor, args.val, args.every)
     heads = T.count_tower(tower, layer, args.steps, batch=args.batch, lr=args.lr, keep=args.keep,
-                          centre=args.centre, report=val)  # a restart at or past --steps is ignored
+                          centre=args.centre, per_shape=args.per_shape, report=val)  # a restart at or past --steps is ignored
     val(args.steps, T.TokenReader(tower, layer), heads, last=True)
     print(f"{time.time() - started:.0f} s")
 
