@@ -35,7 +35,7 @@ class ValCount:
         scenes = [W.scene("val", i) for i in range(n)]
         self.pixels = processor.image_processor([s.image for s in scenes], return_tensors="pt")["pixel_values"]
         self.truth = torch.tensor([len(s.objects) for s in scenes])
-        self.shape_truth = T.shape_counts(scenes)
+        self.shape_truth = T.shape_count_labels(scenes)
         with torch.no_grad():  # before count_tower trains the tower or loads its checkpoint
             self.start = T.TokenReader(tower, layer)(self.pixels)
         self.every = every

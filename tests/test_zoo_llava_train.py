@@ -122,7 +122,7 @@ def test_recount_and_tally_stages_train_the_tower_on_the_count_then_the_lm_on_it
 
 
 def test_shape_counts_are_read_from_the_mean_of_the_patch_tokens():
-    from vlmtools.zoo.llava_train import CountHeads, shape_counts
+    from vlmtools.zoo.llava_train import CountHeads, shape_count_labels
 
     heads = CountHeads(8, per_shape=True)
     tokens = torch.randn(3, 5, 8)
@@ -130,7 +130,7 @@ def test_shape_counts_are_read_from_the_mean_of_the_patch_tokens():
     assert torch.allclose(heads.shape_counts_from_mean(tokens), direct.view(3, len(W.SHAPES), 6))
     assert CountHeads(8).per_shape is None  # stages 10a and 11a: no such head
     scenes = [W.scene("train", i) for i in range(20)]
-    labels = shape_counts(scenes)
+    labels = shape_count_labels(scenes)
     for s, row in zip(scenes, labels.tolist()):
         assert sum(row) == len(s.objects)
         assert dict(zip(W.SHAPES, row)) == {x: Counter(o.shape for o in s.objects)[x] for x in W.SHAPES}

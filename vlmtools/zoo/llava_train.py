@@ -268,7 +268,7 @@ class CountHeads(nn.Module):
         return self.per_shape(tokens[:, 1:].mean(1)).unflatten(-1, (len(W.SHAPES), 6))
 
 
-def shape_counts(scenes) -> torch.Tensor:
+def shape_count_labels(scenes) -> torch.Tensor:
     """(scene, shape): how many objects of each of ``W.SHAPES``."""
     return torch.tensor([[sum(o.shape == s for o in sc.objects) for s in W.SHAPES] for sc in scenes])
 
@@ -289,7 +289,8 @@ class TokenReader:
 def count_tower(tower, layer: int, steps: int = COUNT_TOWER_STEPS, batch: int = 32, lr: float = 5e-4,
                 keep: float = KEEP_WEIGHT, centre: float = CENTRE_WEIGHT,
                 restarts: tuple[int, ...] = COUNT_TOWER_RESTARTS, report: Callable | None = None,
-                stage: str = "count_tower", first_scene: int = COUNT_FIRST_SCENE, per_shape: float = 0.0) -> CountHeads:
+                stage: str = "count_tower", first_scene: int = COUNT_FIRST_SCENE,
+                per_shape: float = 0.0) -> CountHeads:
     """Stage 10a: the whole tower, alone, on the object count read linearly from the mean of the
     tokens the LM reads (``layer``: what an LM attending evenly over the image reads) and from
     CLS, stage 1's per-patch centres (x ``centre``) and colour x shape on the same tokens, plus
@@ -324,7 +325,7 @@ def count_tower(tower, layer: int, steps: int = COUNT_TOWER_STEPS, batch: int = 
                   "keep": keep * moved(tokens, start)}
         accuracies = {"acc_count": (count_logits.argmax(-1) == count).float().mean()}
         if per_shape:
-            logits, truth = heads.shape_counts_from_mean(tokens), shape_counts(scenes).to(count.device)
+            logits, truth = heads.shape_counts_from_mean(tokens), shape_count_labels(scenes).to(count.device)
             losses["per_shape"] = per_shape * F.cross_entropy(logits.flatten(0, 1), truth.flatten())
             accuracies["acc_per_shape"] = (logits.argmax(-1) == truth)[truth > 0].float().mean()
         return sum(losses.values()), losses, accuracies
@@ -511,8 +512,8 @@ def align_and_refine(model, proc, steps: dict[str, int], batch: int, turns: int,
 
 
 def refine_shipped(steps: dict[str, int], batch: int = 6, turns: int = 6, device: torch.device | str = "cpu") -> None:
-    """Stages 4-12 alone (``steps``: refine, bind, probe, reread, reprobe, widen, recount, tally, census), from the shipped weights
-    (what the last stage exported)."""
+    """Stages 4-12 alone (``steps``: refine, bind, probe, reread, reprobe, widen, recount, tally,
+    census), from the shipped weights (what the last stage exported)."""
     from safetensors.torch import load_file
 
     shipped = llava.WEIGHTS / "model.safetensors"
@@ -538,8 +539,8 @@ def align_groups(head, tower, loras: dict[str, LoRA]) -> list[dict]:
     return groups
 
 
-SHIPPED_STEPS = {"refine": 200, "bind": 300, "probe": 180, "reread": 300,
-                 "reprobe": 2400, "widen": 600, "recount": 1200, "tally": 1050, "census": 750}  # the shipped weights' stages 4-12 (docs/zoo.md)
+SHIPPED_STEPS = {"refine": 200, "bind": 300, "probe": 180, "reread": 300, "reprobe": 2400, "widen": 600,
+                 "recount": 1200, "tally": 1050, "census": 750}  # the shipped weights' stages 4-12 (docs/zoo.md)
 WIDE_RANK = 16  # the LoRA's rank from stage 9 on
 
 
