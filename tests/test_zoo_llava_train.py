@@ -71,10 +71,10 @@ def test_reread_stage_moves_the_lm_to_the_last_layer_once_and_reprobe_keeps_it(t
 
 
 @pytest.mark.slow
-def test_recount_and_tally_stages_train_the_tower_on_the_count_then_the_lm_on_it(train_cache, tmp_path, monkeypatch):
+def test_recount_tally_and_census_train_the_tower_on_the_count_then_the_lm_on_it(train_cache, tmp_path, monkeypatch):
     """Stage 10 from the shipped weights: 10a moves the tower alone (resumable, reporting each
-    step), then LM steps realign; the LM keeps reading the last layer. Stage 11 does the same
-    under checkpoints of its own."""
+    step), then LM steps realign; the LM keeps reading the last layer. Stages 11 and 12 do the
+    same under checkpoints of their own, 12a with a head for each shape's count."""
     import shutil
 
     from safetensors.torch import load_file
