@@ -76,7 +76,8 @@ def main():
     tower, layer = model.model.vision_tower.float(), model.config.vision_feature_layer
     val = ValCount(tower, layer, processor, args.val, args.every)
     heads = T.count_tower(tower, layer, args.steps, batch=args.batch, lr=args.lr, keep=args.keep,
-                          centre=args.centre, per_shape=args.per_shape, report=val)  # a restart at or past --steps is ignored
+                          centre=args.centre, per_shape=args.per_shape,
+                          report=val)  # a restart at or past --steps is ignored
     val(args.steps, T.TokenReader(tower, layer), heads, last=True)
     print(f"{time.time() - started:.0f} s")
 
