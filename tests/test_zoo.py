@@ -53,6 +53,18 @@ def test_referring_expressions_have_unique_referents():
                 assert sum(p.name == o.name for p in s.objects) == 1
 
 
+def test_referring_expression_kinds_say_what_singles_the_referent_out():
+    kinds = {}
+    for i in range(60):
+        for e in W.scene("test", i).referring_expressions():
+            kinds.setdefault(e.kind, []).append(e.text)
+    assert set(kinds) == {"shape", "attributes", "place"}
+    assert all(len(t.split()) == 2 for t in kinds["shape"])  # "the circle"
+    assert all(len(t.split()) in (3, 4) and " of " not in t for t in kinds["attributes"])  # "the small red circle"
+    assert all(" on the " in t or t.split()[3:5] in (["left", "of"], ["right", "of"])  # "the red circle left of ..."
+               for t in kinds["place"])
+
+
 def test_answers_follow_from_the_scene():
     for i in range(60):
         s = W.scene("val", i)
@@ -430,6 +442,9 @@ def test_flux_shapes_grounding_scores_through_the_seam():
     out = grounding_scores(pipe, n=4)
     assert out["n"] == 4 and out["sites"] == list(REFAM_BLOCKS)
     assert 0 <= out["mIoU"] <= 1 and 0 <= out["IoU_others"] <= 1 and 0.3 < out["ceiling"] <= 1
+    kinds = out["by_kind"]
+    assert sum(k["n"] for k in kinds.values()) == 4
+    assert abs(sum(k["mIoU"] * k["n"] for k in kinds.values()) / 4 - out["mIoU"]) < 2e-3
     assert grounding_scores(pipe, n=4, sites=["dit.double.0"])["sites"] == ["dit.double.0"]
 
 

@@ -114,8 +114,8 @@ def perfect_map_mask(mask: torch.Tensor) -> np.ndarray:
 
 def grounding_scores(pipe, n: int = 300, split: str = "test", t: float = 0.3, sites=None) -> dict:
     """The raw maps' (``heatmaps``, Otsu) mean IoU with the referent and with the other objects, over
-    the first ``n`` referring expressions of ``split``; ``ceiling``: the mean IoU of a perfect map
-    (``perfect_map_mask``)."""
+    the first ``n`` referring expressions of ``split``, and with the referent per kind of expression
+    (``RefExp.kind``); ``ceiling``: the mean IoU of a perfect map (``perfect_map_mask``)."""
     from .flux import REFAM_BLOCKS, letterbox
 
     sites = list(sites or REFAM_BLOCKS)
@@ -125,7 +125,7 @@ def grounding_scores(pipe, n: int = 300, split: str = "test", t: float = 0.3, si
         items += [(s, e) for e in s.referring_expressions()]
         idx += 1
     items = items[:n]
-    ref, other, ceiling = [], [], []
+    ref, other, ceiling, by_kind = [], [], [], {}
     for i in range(0, n, 16):
         chunk = items[i:i + 16]
         boxes = [letterbox(s) for s, _ in chunk]
@@ -135,11 +135,13 @@ def grounding_scores(pipe, n: int = 300, split: str = "test", t: float = 0.3, si
             pred, masks = heatmap_to_mask(m, keep="all"), masks.numpy()
             ceiling.append(iou(perfect_map_mask(torch.from_numpy(masks[e.target])), masks[e.target]))
             ref.append(iou(pred, masks[e.target]))
+            by_kind.setdefault(e.kind, []).append(ref[-1])
             rest = np.delete(masks, e.target, 0)
             if len(rest):
                 other.append(iou(pred, rest.any(0)))
     return {"mIoU": round(float(np.mean(ref)), 3), "IoU_others": round(float(np.mean(other)), 3),
-            "ceiling": round(float(np.mean(ceiling)), 3), "n": n, "t": t, "sites": sites}
+            "ceiling": round(float(np.mean(ceiling)), 3), "n": n, "t": t, "sites": sites,
+            "by_kind": {k: {"mIoU": round(float(np.mean(v)), 3), "n": len(v)} for k, v in sorted(by_kind.items())}}
 
 
 def main(argv=None):

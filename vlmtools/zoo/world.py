@@ -161,6 +161,14 @@ class RefExp:
     target: int  # index into scene.objects
     content_words: list  # the words of the referent's own noun phrase ('red', 'circle')
 
+    @property
+    def kind(self) -> str:
+        """``shape`` ("the circle"), ``attributes`` (a colour or size before the shape) or ``place``
+        (an absolute place or a relation to another object): what singles the referent out."""
+        if " on the " in self.text or " of the " in self.text:
+            return "place"
+        return "shape" if len(self.content_words) == 1 else "attributes"
+
 
 @dataclass(frozen=True)
 class Question:
