@@ -35,7 +35,9 @@ def block_inputs(dit):
     held: dict[str, torch.Tensor] = {}
 
     def keep(name):
-        return lambda module, args, kwargs: held.__setitem__(name, kwargs.get("hidden_states", args[0] if args else None))
+        def hook(module, args, kwargs):
+            held[name] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        return hook
 
     handles = [b.register_forward_pre_hook(keep(n), with_kwargs=True) for n, b in blocks.items()]
     try:
@@ -105,11 +107,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenes", type=int, default=512)
     parser.add_argument("--t", type=float, default=0.3)
-    parser.add_argument("--weights", type=Path, metavar="DIR", help="a flux-shapes export to probe instead of the shipped DiT")
+    parser.add_argument("--weights", type=Path, metavar="DIR",
+                        help="a flux-shapes export to probe instead of the shipped DiT")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    pipe = load("flux-shapes", cache_dir() / "evaluate" / "flux-shapes", args.weights) if args.weights else load("flux-shapes")
+    # other weights are assembled beside, never over, the package's own folder
+    folder = cache_dir() / "evaluate" / "flux-shapes" if args.weights else None
+    pipe = load("flux-shapes", folder, args.weights)
     feats, shapes, colours, scene_of = features(pipe, args.scenes, args.t)
     train = scene_of < scene_of.median()
     print(f"{len(shapes)} object tokens of {args.scenes} val scenes at t = {args.t}; "
