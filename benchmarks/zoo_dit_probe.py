@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from vlmtools.zoo import load
 from vlmtools.zoo import world as W
 from vlmtools.zoo.flux import letterbox, token_share
-from vlmtools.zoo.lm import cache_dir
 
 
 @contextlib.contextmanager
@@ -112,9 +111,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    # other weights are assembled beside, never over, the package's own folder
-    folder = cache_dir() / "evaluate" / "flux-shapes" if args.weights else None
-    pipe = load("flux-shapes", folder, args.weights)
+    pipe = load("flux-shapes", weights=args.weights)
     feats, shapes, colours, scene_of = features(pipe, args.scenes, args.t)
     train = scene_of < scene_of.median()
     print(f"{len(shapes)} object tokens of {args.scenes} val scenes at t = {args.t}; "

@@ -278,7 +278,7 @@ def test_evaluate_cli_scores_the_split_asked_on_the_device_asked(monkeypatch, ca
             self.device = device
             return self
 
-    monkeypatch.setattr(vlmtools.zoo, "load", lambda *a: Pipe())
+    monkeypatch.setattr(vlmtools.zoo, "load", lambda *a, **k: Pipe())
     monkeypatch.setattr(evaluate, "grounding_scores",
                         lambda pipe, n, split: {"device": str(pipe.device), "n": n, "split": split})
     evaluate.main(["flux-shapes", "--n", "4", "--split", "val", "--device", "meta"])
@@ -325,7 +325,7 @@ def test_evaluate_cli_rejects_empty_counts_and_skips_pope_at_zero_scenes(monkeyp
         def to(self, device):
             return self
 
-    monkeypatch.setattr(vlmtools.zoo, "load", lambda *a: (Model(), None))
+    monkeypatch.setattr(vlmtools.zoo, "load", lambda *a, **k: (Model(), None))
     monkeypatch.setattr(evaluate, "qa_answers", lambda *a, **k: [
         {"type": "count", "answer": "2", "predicted": "2"}])
     monkeypatch.setattr(evaluate, "pope_scores", lambda *a, **k: pytest.fail("POPE asked of no scenes"))

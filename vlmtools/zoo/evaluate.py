@@ -147,7 +147,6 @@ def grounding_scores(pipe, n: int = 300, split: str = "test", t: float = 0.3, si
 def main(argv=None):
     from . import MODELS, load
     from .llava import prompt
-    from .lm import cache_dir
     from .train_utils import training_device
 
     ap = argparse.ArgumentParser(prog="python -m vlmtools.zoo.evaluate")
@@ -169,9 +168,7 @@ def main(argv=None):
     if args.n < 1 or args.pope_scenes < 0:
         ap.error("--n must be positive and --pope-scenes not negative")
     torch.set_num_threads(args.threads)
-    # other weights are assembled beside, never over, the package's own folder
-    folder = cache_dir() / "evaluate" / args.name if args.weights else None
-    loaded = load(args.name, folder, args.weights)
+    loaded = load(args.name, weights=args.weights)
     device = training_device(args.device)
     if args.name == "flux-shapes":
         print(json.dumps(grounding_scores(loaded.to(device), n=args.n, split=args.split)))
