@@ -1,4 +1,5 @@
-"""Timing helpers shared by the benchmarks: ratios against a baseline in one process."""
+"""What the benchmarks share: timing ratios against a baseline in one process, Markdown results,
+LLaVA-shaped random models, and the training of probes."""
 from __future__ import annotations
 
 import statistics
@@ -6,6 +7,9 @@ import time
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
 
 
 def timed(fn: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> float:
@@ -97,3 +101,28 @@ def llava_bench(full: bool):
     model = llava_shaped(full).to(device, dtype)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     return model, llava_prompt(device, dtype), sync
+
+
+def fit(make_probe, size: int, inputs, answers: torch.Tensor, epochs: int, batch: int, name: str) -> nn.Module:
+    """``make_probe()`` (seeded) trained on ``size`` examples, ``probe(*inputs(index))`` against
+    ``answers[index]``, the learning rate decaying linearly to 0 so that the last epoch settles."""
+    torch.manual_seed(0)
+    probe = make_probe()
+    opt = torch.optim.AdamW(probe.parameters(), 1e-3, weight_decay=1e-2)
+    steps = epochs * -(-size // batch)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
+    for _ in tqdm(range(epochs), desc=name):
+        probe.train()
+        for index in torch.randperm(size).split(batch):
+            loss = F.cross_entropy(probe(*inputs(index)), answers[index])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            decay.step()
+    return probe.eval()
+
+
+@torch.no_grad()
+def predict(probe: nn.Module, size: int, inputs) -> torch.Tensor:
+    """The classes ``probe`` picks for ``probe(*inputs(index))`` over ``size`` examples, 256 at a time."""
+    return torch.cat([probe(*inputs(index)).argmax(-1) for index in torch.arange(size).split(256)])

@@ -21,10 +21,10 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from common import fit, predict
 from vlmtools.zoo import load
 from vlmtools.zoo import world as W
 
@@ -73,30 +73,6 @@ class CountingCNN(nn.Module):
 
     def forward(self, pixels):
         return self.head(self.features(pixels.float()).sum((2, 3)) / 16)
-
-
-def fit(make_probe, size: int, inputs, answers: torch.Tensor, epochs: int, batch: int, name: str) -> nn.Module:
-    """``make_probe()`` (seeded) trained on ``size`` examples, ``probe(*inputs(index))`` against
-    ``answers[index]``, the learning rate decaying linearly to 0 so that the last epoch settles."""
-    torch.manual_seed(0)
-    probe = make_probe()
-    opt = torch.optim.AdamW(probe.parameters(), 1e-3, weight_decay=1e-2)
-    steps = epochs * -(-size // batch)
-    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)
-    for _ in tqdm(range(epochs), desc=name):
-        probe.train()
-        for index in torch.randperm(size).split(batch):
-            loss = F.cross_entropy(probe(*inputs(index)), answers[index])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            decay.step()
-    return probe.eval()
-
-
-@torch.no_grad()
-def predict(probe: nn.Module, size: int, inputs) -> torch.Tensor:
-    return torch.cat([probe(*inputs(index)).argmax(-1) for index in torch.arange(size).split(256)])
 
 
 class QuestionProbe(nn.Module):

@@ -10,7 +10,7 @@ and its 3 x 3 token neighbourhood, clean and as the DiT sees it at ``--t``. Prob
 first half of the scenes and are scored on the rest (no scene in both); the majority class is
 printed beside them.
 
-Run: ``python benchmarks/zoo_dit_probe.py [--scenes 512] [--t 0.3] [--weights DIR]``
+Run: ``python benchmarks/zoo_dit_probe.py [--scenes 512] [--t 0.3] [--epochs 100] [--weights DIR]``
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from common import fit, predict
 from vlmtools.zoo import load
 from vlmtools.zoo import world as W
 from vlmtools.zoo.flux import letterbox, token_share
@@ -83,18 +84,14 @@ def features(pipe, n: int, t: float, batch: int = 16):
             torch.tensor(scene_of))
 
 
-def probe_accuracy(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, epochs: int = 400) -> float:
-    """Held-out accuracy of a one-hidden-layer MLP trained full-batch on the ``train`` rows."""
-    torch.manual_seed(0)
+def probe_accuracy(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, epochs: int, name: str) -> float:
+    """Held-out accuracy of a one-hidden-layer MLP on standardised ``x``, trained on the ``train`` rows."""
     x = (x - x[train].mean(0)) / (x[train].std(0) + 1e-3)
-    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.GELU(), torch.nn.Linear(256, int(y.max()) + 1))
-    opt = torch.optim.AdamW(net.parameters(), 1e-3, weight_decay=0.05)
-    for _ in range(epochs):
-        opt.zero_grad()
-        F.cross_entropy(net(x[train]), y[train]).backward()
-        opt.step()
-    with torch.no_grad():
-        return (net(x[~train]).argmax(1) == y[~train]).float().mean().item()
+    seen, held = x[train], x[~train]
+    probe = fit(lambda: torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.GELU(),
+                                            torch.nn.Linear(256, int(y.max()) + 1)),
+                len(seen), lambda index: (seen[index],), y[train], epochs, 128, name)
+    return (predict(probe, len(held), lambda index: (held[index],)) == y[~train]).float().mean().item()
 
 
 def majority(y: torch.Tensor, train: torch.Tensor) -> float:
@@ -108,6 +105,7 @@ def main():
     parser.add_argument("--t", type=float, default=0.3)
     parser.add_argument("--weights", type=Path, metavar="DIR",
                         help="a flux-shapes export to probe instead of the shipped DiT")
+    parser.add_argument("--epochs", type=int, default=100, help="epochs of each probe (batches of 128)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -119,8 +117,9 @@ def main():
     print("| feature | dims | shape | colour |\n|---|---|---|---|")
     print(f"| majority class | - | {majority(shapes, train):.3f} | {majority(colours, train):.3f} |")
     for name, x in feats.items():
-        print(f"| {name} | {x.shape[1]} | {probe_accuracy(x, shapes, train):.3f} | "
-              f"{probe_accuracy(x, colours, train):.3f} |", flush=True)
+        accuracy = [probe_accuracy(x, y, train, args.epochs, f"{name}: {label}")
+                    for label, y in (("shape", shapes), ("colour", colours))]
+        print(f"| {name} | {x.shape[1]} | {accuracy[0]:.3f} | {accuracy[1]:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
