@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import vlmtools
 from vlmtools.inputs import first_word
@@ -24,15 +25,17 @@ from . import world as W
 
 # ---- VLMs: greedy generate, one-word answers ----------------------------------
 @torch.no_grad()
-def answer(model, processor, images, questions, prompt_fn, batch: int = 16) -> list[str]:
+def answer(model, processor, images, questions, prompt_fn, batch: int = 16, desc: str = "answering") -> list[str]:
     """Greedy answers (first word, lower case) to one question per image, on the model's device."""
     out = []
-    for i in range(0, len(images), batch):
-        texts = [prompt_fn(processor, q) for q in questions[i:i + batch]]
-        x = processor(images=images[i:i + batch], text=texts, return_tensors="pt", padding=True).to(model.device)
-        gen = model.generate(**x, max_new_tokens=4, do_sample=False)
-        out += map(first_word, processor.tokenizer.batch_decode(gen[:, x["input_ids"].shape[1]:],
-                                                                skip_special_tokens=True))
+    with tqdm(total=len(images), desc=desc, unit="question") as bar:
+        for i in range(0, len(images), batch):
+            texts = [prompt_fn(processor, q) for q in questions[i:i + batch]]
+            x = processor(images=images[i:i + batch], text=texts, return_tensors="pt", padding=True).to(model.device)
+            gen = model.generate(**x, max_new_tokens=4, do_sample=False)
+            out += map(first_word, processor.tokenizer.batch_decode(gen[:, x["input_ids"].shape[1]:],
+                                                                    skip_special_tokens=True))
+            bar.update(len(texts))
     return out
 
 
@@ -41,7 +44,8 @@ def qa_answers(model, processor, prompt_fn, n: int = 520, split: str = "test") -
     scene's index and object count (what an error analysis groups by)."""
     items = W.qa_items(split, n)
     scenes = {i: W.scene(split, i) for i, _ in items}
-    preds = answer(model, processor, [scenes[i].image for i, _ in items], [q.question for _, q in items], prompt_fn)
+    preds = answer(model, processor, [scenes[i].image for i, _ in items], [q.question for _, q in items], prompt_fn,
+                   desc="questions")
     return [{"scene": i, "objects": len(scenes[i].objects), "type": q.type, "question": q.question,
              "answer": q.answer, "predicted": p} for (i, q), p in zip(items, preds)]
 
@@ -62,7 +66,7 @@ def pope_scores(model, processor, prompt_fn, n_scenes: int = 40, split: str = "t
     for kind in ("random", "popular", "adversarial"):
         triples = W.pope(split, n_scenes, kind)
         preds = answer(model, processor, [W.scene(split, i).image for i, _, _ in triples],
-                       [q for _, q, _ in triples], prompt_fn)
+                       [q for _, q, _ in triples], prompt_fn, desc=f"POPE {kind}")
         y = np.array([a == "yes" for _, _, a in triples])
         p = np.array([a == "yes" for a in preds])
         tp, fp, fn = (p & y).sum(), (p & ~y).sum(), (~p & y).sum()
@@ -126,19 +130,21 @@ def grounding_scores(pipe, n: int = 300, split: str = "test", t: float = 0.3, si
         idx += 1
     items = items[:n]
     ref, other, ceiling, by_kind = [], [], [], {}
-    for i in range(0, n, 16):
-        chunk = items[i:i + 16]
-        boxes = [letterbox(s) for s, _ in chunk]
-        maps = heatmaps(pipe, torch.stack([b[0] for b in boxes]), [e.text for _, e in chunk],
-                        [e.content_words for _, e in chunk], t=t, sites=sites)
-        for (s, e), (_, masks), m in zip(chunk, boxes, maps):
-            pred, masks = heatmap_to_mask(m, keep="all"), masks.numpy()
-            ceiling.append(iou(perfect_map_mask(torch.from_numpy(masks[e.target])), masks[e.target]))
-            ref.append(iou(pred, masks[e.target]))
-            by_kind.setdefault(e.kind, []).append(ref[-1])
-            rest = np.delete(masks, e.target, 0)
-            if len(rest):
-                other.append(iou(pred, rest.any(0)))
+    with tqdm(total=n, desc="grounding", unit="expression") as bar:
+        for i in range(0, n, 16):
+            chunk = items[i:i + 16]
+            boxes = [letterbox(s) for s, _ in chunk]
+            maps = heatmaps(pipe, torch.stack([b[0] for b in boxes]), [e.text for _, e in chunk],
+                            [e.content_words for _, e in chunk], t=t, sites=sites)
+            for (s, e), (_, masks), m in zip(chunk, boxes, maps):
+                pred, masks = heatmap_to_mask(m, keep="all"), masks.numpy()
+                ceiling.append(iou(perfect_map_mask(torch.from_numpy(masks[e.target])), masks[e.target]))
+                ref.append(iou(pred, masks[e.target]))
+                by_kind.setdefault(e.kind, []).append(ref[-1])
+                rest = np.delete(masks, e.target, 0)
+                if len(rest):
+                    other.append(iou(pred, rest.any(0)))
+            bar.update(len(chunk))
     return {"mIoU": round(float(np.mean(ref)), 3), "IoU_others": round(float(np.mean(other)), 3),
             "ceiling": round(float(np.mean(ceiling)), 3), "n": n, "t": t, "sites": sites,
             "by_kind": {k: {"mIoU": round(float(np.mean(v)), 3), "n": len(v)} for k, v in sorted(by_kind.items())}}
