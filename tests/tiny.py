@@ -46,13 +46,7 @@ _LLAMA = {
     "num_key_value_heads": 2,
     "vocab_size": VOCAB,
 }
-_QWEN_TEXT = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": VOCAB,
+_QWEN_TEXT = _LLAMA | {
     "bos_token_id": 1,
     "eos_token_id": 2,
     "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
