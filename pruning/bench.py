@@ -57,8 +57,7 @@ def calibrated(vlm, hosts: list[str], samples: int, directory: str | None) -> di
     """Host name -> its trends (one per stage), fitted by rank 0 on val questions and sent to every process;
     rank 0 also writes them to ``directory`` when given (where ``vlmtools prune --debias`` finds them)."""
     from vlmtools import shard
-    from vlmtools.inputs import chat_inputs
-    from vlmtools.zoo import world
+    from vlmtools.inputs import held_out_prompts
 
     from . import HOSTS as CLASSES
     from . import calibrate, calibration_path
@@ -66,8 +65,7 @@ def calibrated(vlm, hosts: list[str], samples: int, directory: str | None) -> di
     trends = {}
     if shard.is_main():
         device = vlm.model.device
-        held_out = [chat_inputs(vlm.processor, [world.scene("val", i).image], [q.question], device)
-                    for i, q in world.qa_items("val", samples)]
+        held_out = list(held_out_prompts(vlm.processor, samples, device))
         for name in hosts:
             if CLASSES[name].attention_based:
                 trends[name] = calibrate(vlm, CLASSES[name](keep=1.0), held_out, save=False)

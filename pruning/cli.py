@@ -3,13 +3,19 @@
 vlmtools prune                                   # a held-out zoo scene, FastV keeping 16 of 144 tokens
 vlmtools prune photo.jpg "What is on the table?" --model /models/llava-1.5-7b-hf --host fastv --keep 64 --debias
 vlmtools calibrate --host fastv --samples 64     # fit the recency trend on the zoo's val split
+
+``prune --debias`` without a calibrated trend for the (model, host, layer) fits one first, as
+``calibrate`` would with its defaults, and keeps it for the next run.
 """
 from __future__ import annotations
 
+import argparse
+import sys
 import time
 
 import torch
 
+CALIBRATION_SAMPLES = 64
 HOST_OPTIONS = {"layer": ("fastv", "dart", "random", "grid"), "layers": ("pdrop", "sparsevlm")}
 
 
@@ -28,14 +34,38 @@ def _add_common(parser, keep_default) -> None:
 
     parser.add_argument("--model", default="llava-shapes", help="llava-shapes (default) or a VLM folder")
     parser.add_argument("--host", default="fastv", choices=sorted(HOSTS), help="the scoring host")
-    parser.add_argument("--keep", type=float, default=keep_default,
-                        help="visual tokens kept: a count (64) or a fraction (0.11)")
+    parser.add_argument("--keep", type=keep_value, default=keep_default,
+                        help="visual tokens kept: a whole count (64) or a fraction in (0, 1] (0.11)")
     parser.add_argument("--layers", type=int, nargs="+",
                         help="drop layer(s): FastV/DART/random/grid take one, PDrop/SparseVLM several")
 
 
-def _keep(value: float) -> int | float:
-    return int(value) if value >= 1 else value
+def keep_value(text: str) -> int | float:
+    """``--keep``: a whole number is a count of tokens (at least 1), anything else a fraction in (0, 1]."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = float(text)
+        if 0 < value <= 1:
+            return value
+        raise argparse.ArgumentTypeError(f"{text} is neither a whole count of tokens nor a fraction in (0, 1]")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: keep at least one token")
+    return value
+
+
+def ensure_trends(vlm, host, samples: int) -> None:
+    """Fit and store ``host``'s trend on ``samples`` val prompts where its calibration file is missing."""
+    from vlmtools.inputs import held_out_prompts
+
+    from . import calibrate, calibration_path
+
+    missing = [key for key in (host.calibration_key(vlm, stage) for stage in range(len(host.layers)))
+               if not calibration_path(key).exists()]
+    if missing:
+        print(f"no calibrated trend {', '.join(missing)}: fitting it on {samples} val prompts "
+              f"(as `vlmtools calibrate` does) into {calibration_path(missing[0]).parent}", file=sys.stderr)
+        calibrate(vlm, host, held_out_prompts(vlm.processor, samples))
 
 
 def prune_command(args) -> int:
@@ -46,12 +76,13 @@ def prune_command(args) -> int:
     from vlmtools.inputs import chat_inputs, load_vlm
     from vlmtools.zoo import world
 
-    args.keep = _keep(args.keep)
     model, processor = load_vlm(args.model)
     vlm = vlmtools.wrap(model, processor)
     image = Image.open(args.image).convert("RGB") if args.image else world.scene("test", 0).image
     inputs = chat_inputs(processor, [image], [args.question])
     host = _host(args, args.debias)
+    if args.debias:
+        ensure_trends(vlm, host, args.calibration_samples)
     for name, interventions in (("plain", ()), (args.host, (host,))):
         start = time.perf_counter()
         with torch.no_grad(), vlm.use(*interventions):
@@ -69,17 +100,14 @@ def prune_command(args) -> int:
 def calibrate_command(args) -> int:
     """Fit the host's recency trend on held-out zoo scenes (val split, never test) and store it by name."""
     import vlmtools
-    from vlmtools.inputs import chat_inputs, load_vlm
-    from vlmtools.zoo import world
+    from vlmtools.inputs import held_out_prompts, load_vlm
 
     from . import calibrate
 
     model, processor = load_vlm(args.model)
     vlm = vlmtools.wrap(model, processor)
-    items = world.qa_items("val", args.samples)
-    samples = (chat_inputs(processor, [world.scene("val", i).image], [q.question]) for i, q in items)
-    args.keep = 1.0
-    trends = calibrate(vlm, _host(args, False), samples, fit=args.fit, directory=args.directory)
+    trends = calibrate(vlm, _host(args, False), held_out_prompts(processor, args.samples), fit=args.fit,
+                       directory=args.directory)
     for trend in trends:
         print(trend)
     return 0
@@ -92,13 +120,15 @@ def register(subparsers) -> None:
     parser.add_argument("question", nargs="?", default="How many shapes are there?")
     _add_common(parser, keep_default=16)
     parser.add_argument("--debias", action="store_true", help="debias the scores (calibrated trend, padding, sinks)")
+    parser.add_argument("--calibration-samples", type=int, default=CALIBRATION_SAMPLES,
+                        help="with --debias, where no trend is calibrated yet: val prompts it is fitted on")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens generated per answer")
     parser.set_defaults(run=prune_command)
 
     parser = subparsers.add_parser("calibrate", help="fit a host's recency trend on held-out inputs",
                                    description=calibrate_command.__doc__)
     _add_common(parser, keep_default=1.0)
-    parser.add_argument("--samples", type=int, default=64, help="held-out prompts averaged")
+    parser.add_argument("--samples", type=int, default=CALIBRATION_SAMPLES, help="held-out prompts averaged")
     parser.add_argument("--fit", choices=["exponential", "cubic"], default="exponential",
                         help="trend shape: exponential (four released hosts) or cubic (FastV's released weights)")
     parser.add_argument("--directory", help="where the trend file goes (default: the package's calibration folder)")

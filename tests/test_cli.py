@@ -1,4 +1,5 @@
-"""The `vlmtools` command: every subcommand is registered and documented; prune and calibrate run."""
+"""The `vlmtools` command: every subcommand is registered and documented; prune and calibrate run; what a
+command refuses ends it with a message, not a traceback."""
 import types
 
 import pytest
@@ -49,9 +50,45 @@ def test_prune_answers_plainly_and_pruned(tiny, capsys):
     assert tiny.config.text_config._attn_implementation == "sdpa"
 
 
-def test_prune_rejects_a_budget_above_the_visual_tokens(tiny):
+def test_prune_refuses_a_budget_above_the_visual_tokens_with_a_message(tiny, capsys, monkeypatch):
+    monkeypatch.delenv("VLMTOOLS_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exit:
+        main(["prune", "--keep", "40", "--layers", "1"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vlmtools prune: error: ") and "exceeds the 16 visual tokens" in err
+    monkeypatch.setenv("VLMTOOLS_TRACEBACK", "1")
     with pytest.raises(ValueError, match="exceeds the 16 visual tokens"):
         main(["prune", "--keep", "40", "--layers", "1"])
+
+
+@pytest.mark.parametrize(("text", "value"), [("64", 64), ("1", 1), ("0.11", 0.11), ("1.0", 1.0)])
+def test_keep_is_a_whole_count_or_a_fraction(text, value):
+    parsed = build_parser().parse_args(["prune", "--keep", text]).keep
+    assert parsed == value and type(parsed) is type(value)
+
+
+@pytest.mark.parametrize(("text", "message"), [("0", "keep at least one token"), ("-3", "keep at least one token"),
+                                               ("1.5", "neither a whole count"), ("0.0", "neither a whole count"),
+                                               ("many", "invalid keep_value value")])
+def test_keep_refuses_what_is_neither(text, message, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["prune", "--keep", text])
+    assert message in capsys.readouterr().err
+
+
+def test_prune_debias_fits_a_missing_trend_once(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PRUNING_CALIBRATION", str(tmp_path))
+    command = ["prune", "--keep", "4", "--layers", "1", "--max-new-tokens", "2", "--debias",
+               "--calibration-samples", "3"]
+    assert main(command) == 0
+    assert "no calibrated trend" in capsys.readouterr().err
+    trend = next(tmp_path.glob("*fastv*L1*"))
+    written = trend.stat().st_mtime_ns
+    assert main(command) == 0
+    out, err = capsys.readouterr()
+    assert "no calibrated trend" not in err and "'trend': 'calibrated'" in out
+    assert trend.stat().st_mtime_ns == written
 
 
 def test_calibrate_writes_a_trend_file(tiny, tmp_path, capsys):

@@ -2,11 +2,16 @@
 
 A package's CLI module defines ``register(subparsers)``, which adds its subcommands
 with ``set_defaults(run=function)``; ``function(args)`` does the work.
+
+What a command refuses (a ValueError or FileNotFoundError: a model no adapter knows, a budget
+above the visual tokens, a missing file) ends it with its message and exit status 2, as
+argparse ends a bad option; ``VLMTOOLS_TRACEBACK=1`` shows the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMAND_MODULES = ("vlmtools.demo", "vlmtools.sinks.command", "pruning.cli", "pruning.bench", "hallucination.bench",
@@ -25,8 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args) or 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except (ValueError, FileNotFoundError) as refusal:
+        if os.environ.get("VLMTOOLS_TRACEBACK"):
+            raise
+        parser.exit(2, f"vlmtools {args.command}: error: {refusal}\n")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .inputs import chat_inputs, first_word
+from .inputs import chat_inputs, first_word, held_out_prompts
 
 KEEP, LAYER = 16, 2  # 144 -> 16 visual tokens (11%, LLaVA-1.5's 576 -> 64), dropped from layer 2
 
@@ -147,11 +147,8 @@ def calibrated(vlm, out: Path, samples: int):
     """Debias settings with a recency trend fitted here on held-out val scenes (never the test split)."""
     from pruning import Debias, FastV, calibrate
 
-    from .zoo import world
-
-    items = world.qa_items("val", samples)
-    inputs = (chat_inputs(vlm.processor, [world.scene("val", i).image], [q.question]) for i, q in items)
-    calibrate(vlm, FastV(keep=1.0, layer=LAYER), inputs, directory=out / "calibration")
+    calibrate(vlm, FastV(keep=1.0, layer=LAYER), held_out_prompts(vlm.processor, samples),
+              directory=out / "calibration")
     return Debias(directory=out / "calibration")
 
 

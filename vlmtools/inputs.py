@@ -31,6 +31,15 @@ def chat_inputs(processor, images: list, questions: list[str], device=None) -> d
     return {key: value.to(device) if device is not None else value for key, value in batch.items()}
 
 
+def held_out_prompts(processor, count: int, device=None):
+    """Chat inputs, one prompt each, of the zoo world's first ``count`` val questions (``qa_items``): the
+    held-out prompts that calibrations fit on, never an evaluation's ``test`` ones."""
+    from .zoo import world
+
+    return (chat_inputs(processor, [world.scene("val", i).image], [q.question], device)
+            for i, q in world.qa_items("val", count))
+
+
 def greedy(vlm, inputs: dict, *interventions, max_new_tokens: int = 4) -> list[str]:
     """The decoded greedy continuation of each prompt of ``inputs``, with ``interventions`` in use."""
     import torch
