@@ -1,5 +1,6 @@
 """``vlmtools segment`` and ``vlmtools segment-bench``: RefAM from the shell.
 
+vlmtools segment                                     # a held-out zoo scene and its first referring expression
 vlmtools segment scene.png "the large red circle on the left" --out out/
 vlmtools segment photo.jpg "the dog on the left" --model /models/FLUX.1-dev --resize 512 512
 vlmtools segment-bench --n 300                       # zoo held-out expressions, ablations, baselines
@@ -77,21 +78,32 @@ def segment_command(args: argparse.Namespace) -> int:
     """Segment one image; write mask.png, heatmap.png and segmentation.json to ``--out``."""
     from PIL import Image
 
-    from .refam import RefAM
-    from .refam.evaluate import Sample, refam_segmenter
+    from vlmtools.masks import iou
 
+    from .refam import RefAM
+    from .refam.evaluate import Sample, refam_segmenter, zoo_samples
+
+    if args.image is None:  # the zoo's first held-out expression, as flux-shapes sees its scene
+        sample = zoo_samples(1, split="test")[0]
+        image, args.expression, truth = sample.image, sample.expression, sample.mask
+        print(f"a held-out zoo scene (test split, scene 0): {args.expression!r}")
+    elif args.expression is None:
+        raise ValueError("give the referring expression after the image")
+    else:
+        image, truth = Image.open(args.image), None
     refam = RefAM(load_model(args.model), settings_from(args))
-    image = Image.open(args.image)
     if args.resize:
-        image = image.convert("RGB")
-        mask, point = refam_segmenter(refam, tuple(args.resize))(Sample(image, args.expression, None))
+        mask, point = refam_segmenter(refam, tuple(args.resize))(Sample(image.convert("RGB"), args.expression, None))
         Path(args.out).mkdir(parents=True, exist_ok=True)
         Image.fromarray(mask).save(Path(args.out) / "mask.png")
         print(f"point (x, y): {point}; wrote {Path(args.out) / 'mask.png'}")
-        return 0
-    seg = refam.segment(image, args.expression)
-    paths = seg.save(args.out)
-    print(f"point (x, y): {seg.point}; mask area {seg.mask.mean():.1%}; wrote " + ", ".join(map(str, paths.values())))
+    else:
+        seg = refam.segment(image, args.expression)
+        paths = seg.save(args.out)
+        mask = seg.mask
+        print(f"point (x, y): {seg.point}; mask area {mask.mean():.1%}; wrote " + ", ".join(map(str, paths.values())))
+    if truth is not None:
+        print(f"IoU with the referent's true mask: {iou(mask, truth):.3f}")
     return 0
 
 
@@ -141,8 +153,9 @@ def register(subparsers) -> None:
     segment = subparsers.add_parser(
         "segment", help="referring segmentation of one image with RefAM", description=segment_command.__doc__
     )
-    segment.add_argument("image")
-    segment.add_argument("expression")
+    segment.add_argument("image", nargs="?",
+                         help="an image file (default: a held-out zoo scene, with its first referring expression)")
+    segment.add_argument("expression", nargs="?", help="the referring expression (needed with an image)")
     segment.add_argument("--out", default="refam-out", help="folder for mask.png, heatmap.png, segmentation.json")
     add_settings_arguments(segment)
     segment.set_defaults(run=segment_command)

@@ -22,6 +22,7 @@ from grounding.refam.prompt import PromptTokens, Segment, token_roles
 from grounding.refam.source import source_for
 from tests.test_dit import BUILDERS, attention_inputs, explicit_probs
 from tests.tiny_pipelines import SIZE, tiny_flux_pipeline, tiny_sd3_pipeline
+from vlmtools.masks import iou
 from vlmtools.text import content_words
 
 GRID = (3, 4)
@@ -390,6 +391,15 @@ def test_cli_segment_and_bench(tmp_path, monkeypatch, capsys):
     assert args.run(args) == 0
     text = (tmp_path / "table.md").read_text()
     assert all(name in text for name in ("| full |", "| no magnets |", "| all words |", "| centre box |"))
+    capsys.readouterr()
+    args = build_parser().parse_args(["segment", "--out", str(tmp_path / "c")])  # the zoo scene, scored
+    assert args.run(args) == 0 and (tmp_path / "c" / "mask.png").exists()
+    out = capsys.readouterr().out
+    mask = np.array(Image.open(tmp_path / "c" / "mask.png")) > 0
+    assert f"{EXPRESSION!r}" in out and f"IoU with the referent's true mask: {iou(mask, gt):.3f}" in out
+    args = build_parser().parse_args(["segment", str(path)])
+    with pytest.raises(ValueError, match="give the referring expression"):
+        args.run(args)
 
 
 def test_refcoco_samples_are_scored_at_their_own_resolution(tmp_path):
