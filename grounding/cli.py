@@ -18,10 +18,12 @@ ZOO = "flux-shapes"
 
 def load_model(name_or_path: str):
     """The zoo's flux-shapes pipeline, or a diffusers pipeline folder (FLUX, SD3)."""
-    if name_or_path == ZOO:
-        from vlmtools import zoo
+    from vlmtools import zoo
 
+    if name_or_path == ZOO:
         return zoo.load(ZOO)
+    if name_or_path in zoo.MODELS:
+        raise ValueError(f"{name_or_path} is a VLM; RefAM reads a diffusion transformer: {ZOO} or a FLUX / SD3 folder")
     if not Path(name_or_path).exists():
         raise FileNotFoundError(f"{name_or_path!r} is neither the zoo model ({ZOO}) nor a pipeline folder")
     from diffusers import DiffusionPipeline
@@ -116,6 +118,8 @@ def segment_bench_command(args: argparse.Namespace) -> int:
     from .refam import RefAM
     from .refam.evaluate import ABLATIONS, baseline, refam_segmenter, refcoco_samples, score, table, zoo_samples
 
+    if args.n < 1:
+        raise ValueError(f"--expressions must be at least 1, got {args.n}")
     if args.refs:
         samples = list(refcoco_samples(args.refs, args.instances, args.images, args.split or "val", args.n))
     else:

@@ -81,6 +81,7 @@ def prune_command(args) -> int:
     image = Image.open(args.image).convert("RGB") if args.image else world.scene("test", 0).image
     inputs = chat_inputs(processor, [image], [args.question])
     host = _host(args, args.debias)
+    host.check(vlm)  # before the plain answer, not after it
     if args.debias:
         ensure_trends(vlm, host, args.calibration_samples)
     for name, interventions in (("plain", ()), (args.host, (host,))):

@@ -132,12 +132,16 @@ class Host:
     def calibration_key(self, vlm, stage: int) -> str:
         return f"{model_key(vlm)}__{self.name}__L{self.layers[stage]}"
 
-    def attach(self, vlm, plan: Plan) -> None:
+    def check(self, vlm) -> None:
+        """Raise ValueError if this host cannot run on ``vlm`` (its family, its drop layers)."""
         refusal = self.refusal(vlm)
         if refusal:
             raise ValueError(refusal)
         if self.layers[-1] >= vlm.num_layers:
             raise ValueError(f"{self.name}: drop layer {self.layers[-1]} >= the model's {vlm.num_layers} layers")
+
+    def attach(self, vlm, plan: Plan) -> None:
+        self.check(vlm)
         self.vlm, self.state = vlm, plan.state
         self.trends = {stage: self.debias.trend_for(self.calibration_key(vlm, stage)) if self.debias else None
                        for stage in range(len(self.layers))}

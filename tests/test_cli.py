@@ -62,6 +62,13 @@ def test_prune_refuses_a_budget_above_the_visual_tokens_with_a_message(tiny, cap
         main(["prune", "--keep", "40", "--layers", "1"])
 
 
+def test_prune_refuses_a_drop_layer_past_the_model_before_answering(tiny, capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--layers", "9"])
+    out, err = capsys.readouterr()
+    assert "drop layer 9 >= the model's 3 layers" in err and "plain" not in out
+
+
 @pytest.mark.parametrize(("text", "value"), [("64", 64), ("1", 1), ("0.11", 0.11), ("1.0", 1.0)])
 def test_keep_is_a_whole_count_or_a_fraction(text, value):
     parsed = build_parser().parse_args(["prune", "--keep", text]).keep

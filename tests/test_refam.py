@@ -397,9 +397,11 @@ def test_cli_segment_and_bench(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     mask = np.array(Image.open(tmp_path / "c" / "mask.png")) > 0
     assert f"{EXPRESSION!r}" in out and f"IoU with the referent's true mask: {iou(mask, gt):.3f}" in out
-    args = build_parser().parse_args(["segment", str(path)])
-    with pytest.raises(ValueError, match="give the referring expression"):
-        args.run(args)
+    for argv, refusal in ((["segment", str(path)], "give the referring expression"),
+                          (["segment-bench", "--n", "0"], "at least 1")):
+        args = build_parser().parse_args(argv)
+        with pytest.raises(ValueError, match=refusal):
+            args.run(args)
 
 
 def test_refcoco_samples_are_scored_at_their_own_resolution(tmp_path):
@@ -417,11 +419,13 @@ def test_refcoco_samples_are_scored_at_their_own_resolution(tmp_path):
     assert score(segment, samples)[0].summary()["n"] == 2
 
 
-def test_cli_refuses_a_missing_model_path(tmp_path):
+def test_cli_refuses_a_missing_model_path_and_a_vlm(tmp_path):
     from grounding.cli import load_model
 
     with pytest.raises(FileNotFoundError, match="flux-shapes"):
         load_model(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="llava-shapes is a VLM"):
+        load_model("llava-shapes")
 
 
 def test_when_every_word_is_a_sink_the_heatmap_is_flat_and_the_mask_empty():
