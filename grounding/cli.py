@@ -13,6 +13,8 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from vlmtools.cli import at_least
+
 ZOO = "flux-shapes"
 
 
@@ -50,7 +52,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", default="otsu", help="'otsu' or a level in [0, 1)")
     parser.add_argument(
         "--resize",
-        type=int,
+        type=at_least(1),
         nargs=2,
         metavar=("W", "H"),
         help="resize images to W x H for the model; masks are mapped back",
@@ -118,8 +120,6 @@ def segment_bench_command(args: argparse.Namespace) -> int:
     from .refam import RefAM
     from .refam.evaluate import ABLATIONS, baseline, refam_segmenter, refcoco_samples, score, table, zoo_samples
 
-    if args.n < 1:
-        raise ValueError(f"--expressions must be at least 1, got {args.n}")
     if args.refs:
         samples = list(refcoco_samples(args.refs, args.instances, args.images, args.split or "val", args.n))
     else:
@@ -168,7 +168,7 @@ def register(subparsers) -> None:
         help="RefAM scores on held-out zoo expressions or RefCOCO",
         description=segment_bench_command.__doc__,
     )
-    bench.add_argument("--expressions", "--n", dest="n", type=int, default=300,
+    bench.add_argument("--expressions", "--n", dest="n", type=at_least(1), default=300,
                        help="number of expressions (under torchrun write --expressions: torchrun reads --n as its own)")
     bench.add_argument("--split", help="zoo: test (default) or val; RefCOCO: val, testA, ...")
     bench.add_argument("--refs", help="REFER refs(*).p file (RefCOCO/+/g); default: zoo held-out scenes")

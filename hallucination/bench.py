@@ -18,6 +18,8 @@ from __future__ import annotations
 import ast
 import time
 
+from vlmtools.cli import at_least
+
 METHODS = ("greedy", "var", "gift", "paint")
 
 
@@ -79,6 +81,8 @@ def hallucination_bench_command(args) -> int:
 
     started = time.time()
     methods = parse_methods(args.methods)
+    if not args.scenes and not args.captions:
+        raise ValueError("nothing to measure: --scenes and --captions are both 0")
     vlm = bench.load(args)
     # one task list per method: the POPE questions, then the captions; (scene, prompt, max new tokens)
     pope_items = [(kind, *triple) for kind in POPE_SPLITS for triple in world.pope("test", args.scenes, kind)]
@@ -138,14 +142,14 @@ def register(subparsers) -> None:
 
     parser = subparsers.add_parser("hallucination-bench", help="POPE and CHAIR of greedy, VAR, GIFT and PAINT",
                                    description=hallucination_bench_command.__doc__)
-    parser.add_argument("--scenes", type=int, default=40,
+    parser.add_argument("--scenes", type=at_least(0), default=40,
                         help="held-out scenes per POPE split (up to 3 present and 3 absent objects asked each)")
-    parser.add_argument("--captions", type=int, default=60, help="held-out scenes captioned for CHAIR (0: no CHAIR)")
+    parser.add_argument("--captions", type=at_least(0), default=60, help="held-out scenes captioned for CHAIR (0: no CHAIR)")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="comma-separated methods, each with its default settings or with settings of its "
                              "own as NAME:KEY=VALUE[:KEY=VALUE...], e.g. gift:alpha=2.5 (a method may appear "
                              "with several settings; results are keyed by the entry) (default: %(default)s)")
-    parser.add_argument("--pope-tokens", type=int, default=4, help="greedy tokens generated per POPE answer")
-    parser.add_argument("--caption-tokens", type=int, default=24, help="greedy tokens generated per caption")
+    parser.add_argument("--pope-tokens", type=at_least(1), default=4, help="greedy tokens generated per POPE answer")
+    parser.add_argument("--caption-tokens", type=at_least(1), default=24, help="greedy tokens generated per caption")
     bench.add_arguments(parser, out="hallucination-bench.json")
     parser.set_defaults(run=hallucination_bench_command)

@@ -77,6 +77,10 @@ class PAINT(AttentionHook):
 
     def __init__(self, alpha: float = 0.7, beta: float = 0.4, head_modulation: bool = True, top: float = 0.25,
                  whisker: float = 1.5):
+        if not 0 < top <= 1:
+            raise ValueError(f"PAINT top must be in (0, 1], got {top}")
+        if whisker < 0:
+            raise ValueError(f"PAINT whisker must not be negative, got {whisker}")
         self.alpha, self.beta, self.head_modulation, self.top, self.whisker = alpha, beta, head_modulation, top, whisker
         self.settings: dict = {}
 

@@ -70,8 +70,11 @@ class VAR(AttentionHook, LayerHook):
                  dims: tuple[int, ...] | None = None):
         if variant not in ("paper", "released"):
             raise ValueError(f"VAR variant must be 'paper' or 'released', got {variant!r}")
-        if not 0 <= p <= 1:
-            raise ValueError(f"VAR p must be in [0, 1], got {p}")
+        for name, value in (("p", p), ("rho", rho), ("min_image", min_image)):
+            if not 0 <= value <= 1:
+                raise ValueError(f"VAR {name} must be in [0, 1], got {value}")
+        if tau <= 0:
+            raise ValueError(f"VAR tau must be positive, got {tau}")
         self.rho, self.p, self.tau, self.variant, self.min_image, self.dims = rho, p, tau, variant, min_image, dims
         self.moved = p if variant == "paper" else 1 - p
         self.settings: dict = {}

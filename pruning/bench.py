@@ -27,6 +27,8 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 
+from vlmtools.cli import at_least
+
 KEEP = {"100%": 1.0, "33%": 1 / 3, "22%": 2 / 9, "11%": 1 / 9}
 HOSTS = ("fastv", "pdrop", "sparsevlm", "visionzip", "fastervlm", "dart", "random")
 """Hosts run by default (each with its class's default layers)."""
@@ -172,14 +174,14 @@ def register(subparsers) -> None:
 
     parser = subparsers.add_parser("prune-bench", help="accuracy of every pruning host at 100/33/22/11%% of the "
                                    "visual tokens, debias off and on", description=prune_bench_command.__doc__)
-    parser.add_argument("--questions", "--n", dest="n", type=int, default=200,
+    parser.add_argument("--questions", "--n", dest="n", type=at_least(1), default=200,
                         help="held-out test questions, cycling over the 5 types (under torchrun write --questions: "
                              "torchrun reads --n as its own)")
     parser.add_argument("--hosts", default=",".join(HOSTS),
                         help="comma-separated hosts, each at its default layers (default: %(default)s)")
-    parser.add_argument("--calibration-samples", type=int, default=48,
+    parser.add_argument("--calibration-samples", type=at_least(0), default=48,
                         help="val questions the debias trends are fitted on (0: debias without a trend)")
     parser.add_argument("--calibration", help="also write the fitted trend files to this folder")
-    parser.add_argument("--max-new-tokens", type=int, default=4, help="greedy tokens generated per answer")
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=4, help="greedy tokens generated per answer")
     bench.add_arguments(parser, out="prune-bench.json")
     parser.set_defaults(run=prune_bench_command)

@@ -32,6 +32,8 @@ def calibrate(vlm, host: Host, samples: Iterable[dict], fit: Fit = "exponential"
     >>> with vlm.use(FastV(keep=64, debias=True)):
     ...     model.generate(**inputs)
     """
+    if not host.attention_based:
+        raise ValueError(f"{host.name} ranks without attention: it has no score trend to calibrate")
     probe = copy.copy(host)
     probe.keep, probe.debias = 1.0, None
     probe.collected = {stage: [] for stage in range(len(host.layers))}

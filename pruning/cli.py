@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from vlmtools.cli import at_least
+
 CALIBRATION_SAMPLES = 64
 HOST_OPTIONS = {"layer": ("fastv", "dart", "random", "grid"), "layers": ("pdrop", "sparsevlm")}
 
@@ -121,15 +123,15 @@ def register(subparsers) -> None:
     parser.add_argument("question", nargs="?", default="How many shapes are there?")
     _add_common(parser, keep_default=16)
     parser.add_argument("--debias", action="store_true", help="debias the scores (calibrated trend, padding, sinks)")
-    parser.add_argument("--calibration-samples", type=int, default=CALIBRATION_SAMPLES,
+    parser.add_argument("--calibration-samples", type=at_least(1), default=CALIBRATION_SAMPLES,
                         help="with --debias, where no trend is calibrated yet: val prompts it is fitted on")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="greedy tokens generated per answer")
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=16, help="greedy tokens generated per answer")
     parser.set_defaults(run=prune_command)
 
     parser = subparsers.add_parser("calibrate", help="fit a host's recency trend on held-out inputs",
                                    description=calibrate_command.__doc__)
     _add_common(parser, keep_default=1.0)
-    parser.add_argument("--samples", type=int, default=CALIBRATION_SAMPLES, help="held-out prompts averaged")
+    parser.add_argument("--samples", type=at_least(1), default=CALIBRATION_SAMPLES, help="held-out prompts averaged")
     parser.add_argument("--fit", choices=["exponential", "cubic"], default="exponential",
                         help="trend shape: exponential (four released hosts) or cubic (FastV's released weights)")
     parser.add_argument("--directory", help="where the trend file goes (default: the package's calibration folder)")

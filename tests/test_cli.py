@@ -101,3 +101,21 @@ def test_prune_debias_fits_a_missing_trend_once(tiny, tmp_path, monkeypatch, cap
 def test_calibrate_writes_a_trend_file(tiny, tmp_path, capsys):
     assert main(["calibrate", "--samples", "3", "--layers", "1", "--directory", str(tmp_path)]) == 0
     assert len(list(tmp_path.glob("*fastv*L1*"))) == 1
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["prune-bench", "--questions", "0"], "--questions/--n: 0: at least 1"),
+    (["hallucination-bench", "--scenes", "-1"], "--scenes: -1: at least 0"),
+    (["segment-bench", "--expressions", "0"], "--expressions/--n: 0: at least 1"),
+    (["prune", "--max-new-tokens", "0"], "--max-new-tokens: 0: at least 1"),
+    (["demo", "--questions", "x"], "invalid count (at least 1) value: 'x'")])
+def test_counts_are_checked_when_parsed(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_calibrate_refuses_a_host_without_attention_scores(tiny, capsys):
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--host", "dart", "--samples", "2", "--layers", "1"])
+    assert "dart ranks without attention" in capsys.readouterr().err

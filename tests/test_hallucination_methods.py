@@ -319,6 +319,16 @@ def test_var_settings_say_which_variant_and_dims():
         VAR(variant="code")
 
 
+@pytest.mark.parametrize(("method", "settings", "refusal"), [
+    ("VAR", {"p": 1.2}, "p must be in"), ("VAR", {"rho": 2}, "rho must be in"),
+    ("VAR", {"min_image": -0.1}, "min_image must be in"), ("VAR", {"tau": 0}, "tau must be positive"),
+    ("PAINT", {"top": 0}, "top must be in"), ("PAINT", {"top": 1.5}, "top must be in"),
+    ("PAINT", {"whisker": -1}, "whisker must not be negative")])
+def test_settings_out_of_range_are_refused_at_construction(method, settings, refusal):
+    with pytest.raises(ValueError, match=refusal):
+        {"VAR": VAR, "PAINT": PAINT}[method](**settings)
+
+
 def test_gift_presets_and_auto_layer():
     assert GIFT.preset("llava-1.5-7b").layers == tuple(range(12, 23))
     assert GIFT.preset("qwen2-vl-7b", alpha=3.0).alpha == 3.0

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from . import shard
+from .cli import at_least
 
 NOT_SETTINGS = ("run", "command", "out")
 """Parsed arguments that are not settings of the evaluation (where the result goes)."""
@@ -18,11 +19,11 @@ NOT_SETTINGS = ("run", "command", "out")
 def add_arguments(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--model", default="llava-shapes",
                         help="llava-shapes (default) or a local Hugging Face VLM folder")
-    parser.add_argument("--batch", type=int, default=16,
+    parser.add_argument("--batch", type=at_least(1), default=16,
                         help="prompts per generate call, left-padded (a batch is never split across processes)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: every process runs on its own GPU (LOCAL_RANK)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's choice)")
+    parser.add_argument("--threads", type=at_least(1), help="torch CPU threads per process (default: torch's choice)")
     parser.add_argument("--out", default=out, help="the JSON file written: settings, results, processes, seconds")
 
 

@@ -18,6 +18,18 @@ COMMAND_MODULES = ("vlmtools.demo", "vlmtools.sinks.command", "pruning.cli", "pr
                    "grounding.cli")
 
 
+def at_least(minimum: int):
+    """An argparse ``type``: a whole number no smaller than ``minimum`` (counts of questions, samples, tokens)."""
+    def count(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text}: at least {minimum}")
+        return value
+
+    count.__name__ = f"count (at least {minimum})"
+    return count
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlmtools",

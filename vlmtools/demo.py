@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from .cli import at_least
 from .inputs import chat_inputs, first_word, held_out_prompts
 
 KEEP, LAYER = 16, 2  # 144 -> 16 visual tokens (11%, LLaVA-1.5's 576 -> 64), dropped from layer 2
@@ -33,8 +34,8 @@ def register(subparsers) -> None:
                     "debiased pruning and VAR/GIFT, segments referring expressions with RefAM on the zoo DiT, "
                     "and writes one self-contained HTML report.")
     parser.add_argument("--out", default="vlmtools-demo", help="output folder (default: ./vlmtools-demo)")
-    parser.add_argument("--questions", type=int, default=24, help="held-out questions answered per method")
-    parser.add_argument("--expressions", type=int, default=4, help="held-out referring expressions segmented")
+    parser.add_argument("--questions", type=at_least(1), default=24, help="held-out questions answered per method")
+    parser.add_argument("--expressions", type=at_least(1), default=4, help="held-out referring expressions segmented")
     parser.set_defaults(run=run)
 
 
