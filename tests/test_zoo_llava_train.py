@@ -200,7 +200,7 @@ def test_widen_lora_keeps_the_model_and_merges_like_the_lora_it_trains():
     before = forward(model, x).detach()
     llava_train.widen_lora(model)
     assert [tuple(m.A.shape) for m in loras.values()] == [(16, 6), (16, 4)]
-    assert torch.equal(forward(model, x).detach(), before)
+    assert (forward(model, x).detach() - before).abs().max() < 1e-6  # zero columns; a wider matmul may sum in another order
     llava_train.widen_lora(model)  # already that wide (a resumed run): unchanged
     assert [m.A.shape[0] for m in loras.values()] == [16, 16]
 
