@@ -1,0 +1,52 @@
+"""bf16 weights and inputs, every family: each pruning host decodes with finite scores and keeps its
+budget of visual tokens; VAR, GIFT and PAINT decode with finite scores and record their settings."""
+import pytest
+import torch
+
+import vlmtools
+from hallucination import GIFT, PAINT, VAR
+from tests.test_pruning import CASES, SPECIAL, make
+from tests.tiny import BUILDERS
+
+METHODS = {"var": lambda: VAR(variant="released"), "gift": lambda: GIFT(saliency_layer=0, layers=[1]),
+           "paint": lambda: PAINT()}
+_MODELS = {}
+
+
+def bf16(family):
+    """The family's tiny model and batch of two, in bf16, built once."""
+    if family not in _MODELS:
+        model, inputs = BUILDERS[family]()
+        _MODELS[family] = (model.to(torch.bfloat16), {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                                                       for k, v in inputs.items()})
+    return _MODELS[family]
+
+
+def decode(family, intervention):
+    model, inputs = bf16(family)
+    with torch.no_grad(), vlmtools.wrap(model).use(intervention):
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, suppress_tokens=SPECIAL,
+                             output_scores=True, return_dict_in_generate=True)
+    assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert all(torch.isfinite(s[:, :min(SPECIAL)]).all() for s in out.scores)  # past it: suppressed, -inf
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("family,host", CASES)
+def test_hosts_decode_in_bf16_keeping_their_budget(family, host):
+    pruner = make(host, 4)
+    decode(family, pruner)
+    if host not in ("fastervlm", "visionzip"):  # those drop inside the vision tower
+        kept = pruner.drop.kept_at(pruner.layers[-1])
+        visual = [int(torch.isin(kept[row], sample.visual_positions().to(kept.device)).sum())
+                  for row, sample in enumerate(pruner.state.layout.samples)]
+        # rows keep equal lengths (pruning.host): where a row cannot drop as many, another keeps more
+        assert min(visual) == 4, visual
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+@pytest.mark.parametrize("method", list(METHODS))
+def test_methods_decode_in_bf16(family, method):
+    edit = METHODS[method]()
+    decode(family, edit)
+    assert edit.settings["method"] == method.upper()
