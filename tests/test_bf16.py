@@ -1,12 +1,17 @@
 """bf16 weights and inputs, every family: each pruning host decodes with finite scores and keeps its
-budget of visual tokens; VAR, GIFT and PAINT decode with finite scores and record their settings."""
+budget of visual tokens; VAR, GIFT and PAINT decode with finite scores and record their settings;
+RefAM on a bf16 FLUX or SD3 pipeline gives the fp32 pipeline's heatmap."""
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import vlmtools
+from grounding import RefAM
 from hallucination import GIFT, PAINT, VAR
 from tests.test_pruning import CASES, SPECIAL, make
 from tests.tiny import BUILDERS
+from tests.tiny_pipelines import SIZE, tiny_flux_pipeline, tiny_sd3_pipeline
 
 METHODS = {"var": lambda: VAR(variant="released"), "gift": lambda: GIFT(saliency_layer=0, layers=[1]),
            "paint": lambda: PAINT()}
@@ -50,3 +55,13 @@ def test_methods_decode_in_bf16(family, method):
     edit = METHODS[method]()
     decode(family, edit)
     assert edit.settings["method"] == method.upper()
+
+
+@pytest.mark.parametrize("build", [tiny_flux_pipeline, tiny_sd3_pipeline])
+def test_refam_heatmap_in_bf16_follows_fp32(build):
+    image = Image.fromarray((np.random.default_rng(0).random((SIZE, SIZE, 3)) * 255).astype(np.uint8))
+    pipe = build()
+    fp32 = RefAM(pipe).segment(image, "the red circle").heatmap
+    seg = RefAM(pipe.to(torch.bfloat16)).segment(image, "the red circle")
+    assert seg.mask.shape == (SIZE, SIZE) and np.isfinite(seg.heatmap).all()
+    assert np.corrcoef(np.ravel(fp32), np.ravel(seg.heatmap))[0, 1] > 0.99
