@@ -119,3 +119,13 @@ def test_calibrate_refuses_a_host_without_attention_scores(tiny, capsys):
     with pytest.raises(SystemExit):
         main(["calibrate", "--host", "dart", "--samples", "2", "--layers", "1"])
     assert "dart ranks without attention" in capsys.readouterr().err
+
+
+def test_a_model_no_adapter_knows_is_refused_with_a_message(monkeypatch, capsys):
+    from vlmtools.adapters import UnsupportedModel
+
+    monkeypatch.setattr(vlmtools.inputs, "load_vlm", lambda name: (torch.nn.Linear(2, 2), None))
+    with pytest.raises(SystemExit):
+        main(["prune"])
+    assert "vlmtools prune: error: vlmtools: unsupported model class Linear" in capsys.readouterr().err
+    assert issubclass(UnsupportedModel, TypeError)  # what callers caught before it had a name

@@ -3,9 +3,10 @@
 A package's CLI module defines ``register(subparsers)``, which adds its subcommands
 with ``set_defaults(run=function)``; ``function(args)`` does the work.
 
-What a command refuses (a ValueError or FileNotFoundError: a model no adapter knows, a budget
-above the visual tokens, a missing file) ends it with its message and exit status 2, as
-argparse ends a bad option; ``VLMTOOLS_TRACEBACK=1`` shows the traceback instead.
+What a command refuses (a ValueError, an OSError or an ``UnsupportedModel``: a budget above the
+visual tokens, a missing file or a folder that is no checkpoint, a model no adapter knows) ends
+it with its message and exit status 2, as argparse ends a bad option; ``VLMTOOLS_TRACEBACK=1``
+shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -42,11 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .adapters import UnsupportedModel
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.run(args) or 0
-    except (ValueError, FileNotFoundError) as refusal:
+    except (ValueError, OSError, UnsupportedModel) as refusal:
         if os.environ.get("VLMTOOLS_TRACEBACK"):
             raise
         parser.exit(2, f"vlmtools {args.command}: error: {refusal}\n")

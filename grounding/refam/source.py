@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlmtools.adapters import UnsupportedModel
+
 from .prompt import Segment
 
 
@@ -238,7 +240,7 @@ def source_for(model, **options) -> Source:
         return FluxTransformerSource(model, **options)
     if "SD3Transformer2DModel" in names:
         return SD3TransformerSource(model)
-    raise TypeError(
+    raise UnsupportedModel(
         f"RefAM: unsupported model {type(model).__name__}; RefAM reads the joint attention of FLUX "
         "(FluxPipeline, FluxTransformer2DModel, the zoo's flux-shapes) and SD3 "
         "(StableDiffusion3Pipeline, SD3Transformer2DModel)"

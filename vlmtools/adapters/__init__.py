@@ -7,6 +7,10 @@ import pkgutil
 from .base import Adapter
 
 
+class UnsupportedModel(TypeError):
+    """A model no family here (or no method's reader) knows; the ``vlmtools`` command reports it as a refusal."""
+
+
 def _discover() -> list[Adapter]:
     found = []
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
@@ -20,10 +24,10 @@ FAMILIES: list[Adapter] = _discover()
 
 
 def find_adapter(model) -> Adapter:
-    """The adapter of ``model``'s class, or a ``TypeError`` naming the supported classes."""
+    """The adapter of ``model``'s class, or :class:`UnsupportedModel` naming the supported classes."""
     for adapter in FAMILIES:
         if adapter.matches(model):
             return adapter
     supported = ", ".join(f"{a.family} ({'/'.join(a.classes)})" for a in FAMILIES)
-    raise TypeError(f"vlmtools: unsupported model class {type(model).__name__}. Supported families: {supported}. "
+    raise UnsupportedModel(f"vlmtools: unsupported model class {type(model).__name__}. Supported families: {supported}. "
                     "To add one, add a module defining ADAPTER to vlmtools/adapters/.")
