@@ -77,6 +77,23 @@ def test_unsupported_model_names_the_families():
     assert {a.family for a in FAMILIES} >= set(BUILDERS)
 
 
+def test_wrap_refuses_another_models_processor(tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from tests.tiny import tiny_llava_folder
+    from vlmtools.zoo import llava, qwen2vl
+
+    folder = tiny_llava_folder(tmp_path)
+    model = LlavaForConditionalGeneration.from_pretrained(folder)
+    assert vlmtools.wrap(model, AutoProcessor.from_pretrained(folder)).processor is not None
+    with pytest.raises(ValueError, match="Qwen2VLProcessor does not go with LlavaForConditionalGeneration"):
+        vlmtools.wrap(model, qwen2vl.build_processor())
+    other_token = llava.build_processor()
+    other_token.image_token_id = model.config.image_token_id + 1
+    with pytest.raises(ValueError, match="image token id"):
+        vlmtools.wrap(model, other_token)
+
+
 class CheckShapes(AttentionHook):
     """Asserts each call's q/k/v match the site's declared heads, kv_heads and head_dim."""
 

@@ -164,8 +164,29 @@ class WrappedDiT(Wrapped):
             yield
 
 
+def check_processor(model: torch.nn.Module, processor: Any) -> None:
+    """Raise ValueError when a transformers processor belongs to another kind of model than ``model``
+    (the class transformers pairs with its ``model_type``, or a subclass), or its image token is not the
+    model's: such a pair fails later, far from the cause. Processors of other kinds are not checked."""
+    from transformers import ProcessorMixin
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    if not isinstance(processor, ProcessorMixin):
+        return
+    expected = PROCESSOR_MAPPING_NAMES.get(model.config.model_type)
+    names = [cls.__name__ for cls in type(processor).__mro__]
+    if expected and expected not in names:
+        raise ValueError(f"vlmtools: a {names[0]} does not go with {type(model).__name__}, whose processor is a "
+                         f"{expected}: load the processor from the model's own folder")
+    ids = getattr(processor, "image_token_id", None), getattr(model.config, "image_token_id", None)
+    if None not in ids and ids[0] != ids[1]:
+        raise ValueError(f"vlmtools: the processor's image token id {ids[0]} is not the model's ({ids[1]}): "
+                         "load the processor from the model's own folder")
+
+
 def wrap(model: Any, processor: Any = None) -> Wrapped:
-    """Wrap a transformers VLM, or a diffusers DiT or its pipeline; raises ``TypeError`` if unsupported.
+    """Wrap a transformers VLM, or a diffusers DiT or its pipeline; raises ``UnsupportedModel`` (a
+    ``TypeError``) if unsupported, ``ValueError`` for another model's processor (``check_processor``).
 
     >>> vlm = vlmtools.wrap(model, processor)       # LLaVA, LLaVA-NeXT, Qwen2-VL, ...
     >>> dit = vlmtools.wrap(flux_pipeline)          # its .transformer
@@ -177,4 +198,5 @@ def wrap(model: Any, processor: Any = None) -> Wrapped:
         if processor is not None:
             raise TypeError(f"vlmtools: a {adapter.family} transformer takes no processor; wrap(transformer) alone")
         return WrappedDiT(model, adapter)
+    check_processor(model, processor)
     return WrappedModel(model, adapter, processor)
