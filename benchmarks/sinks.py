@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 from common import llava_bench, ratios
 
 import vlmtools

@@ -261,12 +261,24 @@ def test_train_cli_gives_seed_and_out_to_flux_only_and_the_device_to_every_train
     main(["flux-shapes", "--steps", "5", "--seed", "3", "--out", str(tmp_path), "--device", "cuda:1"])
     main(["qwen2vl-shapes", "--device", "cuda:1"])
     main(["llava-shapes", "--from-shipped", "--reprobe", "7"])
-    assert calls == [((5,), {"seed": 3, "device": "cuda:1", "out": tmp_path, "from_shipped": False}),
+    main(["flux-shapes", "--dit", "8", "6", "3", "--out", str(tmp_path)])
+    assert calls == [((5,), {"seed": 3, "device": "cuda:1", "out": tmp_path, "from_shipped": False,
+                             "dit_size": (4, 4, 2)}),
                      ((), {"later": {}, "from_shipped": False, "device": "cuda:1"}),
-                     ((), {"later": {"reprobe": 7}, "from_shipped": True, "device": None})]
+                     ((), {"later": {"reprobe": 7}, "from_shipped": True, "device": None}),
+                     ((), {"seed": 0, "device": None, "out": tmp_path, "from_shipped": False,
+                           "dit_size": (8, 6, 3)})]
     with pytest.raises(SystemExit):
         main(["llava-shapes", "--seed", "3"])
-    assert "--seed and --out apply to flux-shapes" in capsys.readouterr().err
+    assert "--seed, --out and --dit apply to flux-shapes" in capsys.readouterr().err
+    for wrong in (["--dit", "8", "6", "3"], ["--dit", "8", "6", "3", "--out", "x", "--from-shipped", "--steps", "7000"]):
+        with pytest.raises(SystemExit):
+            main(["flux-shapes", *wrong])
+        assert "a DiT of another size (--dit) is trained from scratch" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["flux-shapes", "--dit", "4", "0", "2", "--out", "x"])
+    assert "at least one head and one block" in capsys.readouterr().err
+    assert len(calls) == 4
 
 
 def test_evaluate_cli_scores_the_split_asked_on_the_device_asked(monkeypatch, capsys):
@@ -280,9 +292,24 @@ def test_evaluate_cli_scores_the_split_asked_on_the_device_asked(monkeypatch, ca
 
     monkeypatch.setattr(vlmtools.zoo, "load", lambda *a, **k: Pipe())
     monkeypatch.setattr(evaluate, "grounding_scores",
-                        lambda pipe, n, split: {"device": str(pipe.device), "n": n, "split": split})
+                        lambda pipe, n, split, sites: {"device": str(pipe.device), "n": n, "split": split,
+                                                       "sites": sites})
     evaluate.main(["flux-shapes", "--n", "4", "--split", "val", "--device", "meta"])
-    assert json.loads(capsys.readouterr().out) == {"device": "meta", "n": 4, "split": "val"}
+    assert json.loads(capsys.readouterr().out) == {"device": "meta", "n": 4, "split": "val", "sites": None}
+
+
+def test_evaluate_cli_reads_the_blocks_asked_and_names_the_dits_blocks_for_an_unknown_one(monkeypatch, capsys):
+    from vlmtools.zoo import evaluate
+
+    monkeypatch.setattr(evaluate, "grounding_scores", lambda pipe, n, split, sites: {"sites": sites})
+    evaluate.main(["flux-shapes", "--blocks", "dit.double.3", "dit.single.1"])
+    assert json.loads(capsys.readouterr().out) == {"sites": ["dit.double.3", "dit.single.1"]}
+    with pytest.raises(SystemExit):
+        evaluate.main(["flux-shapes", "--blocks", "dit.single.2"])
+    assert "no block dit.single.2 in this DiT; its blocks: dit.double.0, " in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["llava-shapes", "--blocks", "text.3"])
+    assert "--blocks applies to flux-shapes" in capsys.readouterr().err
 
 
 def test_answers_are_generated_on_the_models_device():

@@ -1,5 +1,6 @@
 """One call of a zoo trainer reproduces a run that was stopped and resumed with a longer
 learning-rate schedule, as some shipped stages were trained (``train_utils.schedule_end``)."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -109,3 +110,25 @@ def test_flux_training_through_a_new_round_is_the_shipped_run_gone_on_from(train
         weights = load_file(tmp_path / run / file)
         for name in gone_on:
             torch.testing.assert_close(weights[name], gone_on[name], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_a_dit_of_another_size_trains_to_its_own_checkpoint_and_loads_with_its_config(train_cache, tmp_path,
+                                                                                      monkeypatch):
+    from vlmtools import zoo
+    from vlmtools.zoo import evaluate, flux, flux_train, world
+
+    monkeypatch.setattr(flux, "WEIGHTS", tmp_path / "shipped")  # never the shipped file
+    with pytest.raises(ValueError, match="exported to --out"):
+        flux_train.main(1, size=2, dit_size=(2, 1, 1))
+    flux_train.main(1, size=2, dit_size=(2, 1, 1), seed=5, out=tmp_path / "small")
+    assert torch.load(train_cache / "train" / "flux-shapes" / "dit-2x1x1-seed5.pt")["step"] == 1
+    assert not (tmp_path / "shipped").exists()
+    pipe = zoo.load("flux-shapes", folder=tmp_path / "assembled", weights=tmp_path / "small")
+    config = pipe.transformer.config
+    assert (config.num_attention_heads, config.num_layers, config.num_single_layers) == (2, 1, 1)
+    scene = world.scene("val", 0)
+    image, _ = flux.letterbox(scene)
+    expression = scene.referring_expressions()[0]
+    (heatmap,) = evaluate.heatmaps(pipe, image[None], [expression.text], [expression.content_words])
+    assert heatmap.shape == image.shape[-2:] and np.isfinite(heatmap).all() and heatmap.max() > 0

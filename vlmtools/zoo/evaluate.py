@@ -168,16 +168,24 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--answers", type=Path, metavar="FILE",
                     help="VLMs: also write every question with the true and the model's answer (JSON)")
+    ap.add_argument("--blocks", nargs="+", metavar="SITE",
+                    help="flux-shapes: the blocks whose maps are averaged (default: RefAM's, dit.single.0), "
+                         "e.g. to choose them on val for a DiT of another size")
     args = ap.parse_args(argv)
     if args.answers and args.name == "flux-shapes":
         ap.error("--answers applies to llava-shapes and qwen2vl-shapes")
+    if args.blocks and args.name != "flux-shapes":
+        ap.error("--blocks applies to flux-shapes")
     if args.n < 1 or args.pope_scenes < 0:
         ap.error("--n must be positive and --pope-scenes not negative")
     torch.set_num_threads(args.threads)
     loaded = load(args.name, weights=args.weights)
     device = training_device(args.device)
     if args.name == "flux-shapes":
-        print(json.dumps(grounding_scores(loaded.to(device), n=args.n, split=args.split)))
+        sites = [s.name for s in vlmtools.wrap(loaded).sites] if args.blocks else []
+        if unknown := [b for b in args.blocks or [] if b not in sites]:
+            ap.error(f"no block {', '.join(unknown)} in this DiT; its blocks: {', '.join(sites)}")
+        print(json.dumps(grounding_scores(loaded.to(device), n=args.n, split=args.split, sites=args.blocks)))
         return
     model, processor = loaded
     model.to(device)

@@ -35,9 +35,15 @@ one alone on ``val`` expressions (``benchmarks/grounding_quality.py --sweep-bloc
 which the source states rather than inherits: it was measured, and the default may change."""
 
 
-def transformer_config() -> dict:
-    return dict(patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=4, num_single_layers=2,
-                attention_head_dim=32, num_attention_heads=4, joint_attention_dim=576,
+DIT_SIZE = (4, 4, 2)
+"""The shipped DiT's attention heads (of 32 dims), double-stream and single-stream blocks."""
+
+
+def transformer_config(heads: int = DIT_SIZE[0], double: int = DIT_SIZE[1], single: int = DIT_SIZE[2]) -> dict:
+    """The DiT's config: the shipped size by default, a larger one to train on a GPU
+    (``python -m vlmtools.zoo.train flux-shapes --dit HEADS DOUBLE SINGLE``)."""
+    return dict(patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=double, num_single_layers=single,
+                attention_head_dim=32, num_attention_heads=heads, joint_attention_dim=576,
                 pooled_projection_dim=576, guidance_embeds=False, axes_dims_rope=(8, 12, 12))
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file
 
 from . import flux
@@ -81,22 +82,28 @@ def optimiser(dit, lr: float) -> torch.optim.AdamW:
 
 
 def main(steps: int = STEPS, size: int = 16, lr: float = 1e-3, seed: int = 0, device: str | None = None,
-         out: Path | None = None, from_shipped: bool = False):
+         out: Path | None = None, from_shipped: bool = False, dit_size: tuple[int, int, int] = flux.DIT_SIZE):
     """Train (or resume) the DiT of ``seed`` (checkpoint ``dit``, other seeds ``dit-seed<N>``) on
     ``device`` (default: a GPU where there is one) and export it to ``out`` (default: the
     package's shipped weights) every 25 steps. ``from_shipped``: go on from the shipped DiT as if
     from its checkpoint at ``STEPS``, in a new round toward ``steps`` (checkpoint
-    ``dit-from-shipped``)."""
+    ``dit-from-shipped``). ``dit_size``: (heads, double-stream, single-stream blocks) of a DiT
+    trained from scratch (checkpoint ``dit-<H>x<D>x<S>``), exported to ``out`` only."""
+    dit_size = tuple(dit_size)
     first = STEPS if from_shipped else 0
     if steps <= first:
         raise ValueError(f"the shipped DiT had {first} steps: --from-shipped needs more")
+    resized = dit_size != flux.DIT_SIZE
+    if resized and (from_shipped or out is None):
+        raise ValueError("a DiT of another size than the shipped one is trained from scratch and exported to --out")
     rounds = ROUNDS + (first,) if from_shipped else ROUNDS
     torch.manual_seed(seed)
     device = training_device(device)
-    pipe = flux.build_pipeline().to(device)
+    pipe = flux.build_pipeline(FluxTransformer2DModel(**flux.transformer_config(*dit_size))).to(device)
     dit = pipe.transformer.train()
     opt = optimiser(dit, lr)
-    name = "dit" + ("-from-shipped" if from_shipped else "") + (f"-seed{seed}" if seed else "")
+    name = ("dit" + ("-from-shipped" if from_shipped else "") + ("-{}x{}x{}".format(*dit_size) if resized else "")
+            + (f"-seed{seed}" if seed else ""))
     ck = Checkpoint("flux-shapes", name)
     if from_shipped and not ck.path.exists():  # a checkpoint, when there is one, holds the DiT
         dit.load_state_dict(load_file(flux.WEIGHTS / "transformer" / "diffusion_pytorch_model.safetensors"))

@@ -13,7 +13,8 @@ its recount stage about 60 for the tower and 140 for the LM, its tally stage abo
 tower and 70 for the LM, its census stage about 26 for the tower and 52 for the LM), past
 the 2 hours, as ZOO-NOTES' priorities allow for accuracy.
 flux-shapes' 6000 steps take 65-85 minutes (0.64 s/step in bf16 on a CPU that computes it
-natively, 0.85 in fp32; measured times: docs/zoo.md).
+natively, 0.85 in fp32; measured times: docs/zoo.md). ``--dit HEADS DOUBLE SINGLE`` trains a
+larger DiT than the shipped one from scratch, to ``--out`` (what its grounding needs a GPU for).
 """
 from __future__ import annotations
 
@@ -59,6 +60,10 @@ def main(argv=None):
                     help="flux-shapes: the DiT's initial weights and noise (0: the shipped run's); the data stay")
     ap.add_argument("--out", type=Path, metavar="DIR",
                     help="flux-shapes: export the DiT to DIR/transformer instead of the package's shipped weights")
+    ap.add_argument("--dit", type=int, nargs=3, metavar=("HEADS", "DOUBLE", "SINGLE"),
+                    help="flux-shapes: train a DiT of HEADS heads of 32 dims, DOUBLE double-stream and SINGLE "
+                         "single-stream blocks from scratch, e.g. on a GPU (default: the shipped 4 4 2; "
+                         "another size needs --out)")
     ap.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: a GPU where there is one, else the CPU)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -80,10 +85,18 @@ def main(argv=None):
 
         if args.from_shipped and (args.steps or [STEPS])[0] <= STEPS:
             ap.error(f"--from-shipped goes on from the shipped DiT's {STEPS} steps: give --steps above that")
-        run(*(args.steps or []), seed=args.seed, device=args.device, out=args.out, from_shipped=args.from_shipped)
+        from .flux import DIT_SIZE
+
+        dit_size = tuple(args.dit or DIT_SIZE)
+        if dit_size != DIT_SIZE and (args.from_shipped or not args.out):
+            ap.error("a DiT of another size (--dit) is trained from scratch: give --out, not --from-shipped")
+        if min(dit_size) < 1:
+            ap.error("--dit takes at least one head and one block of each stream")
+        run(*(args.steps or []), seed=args.seed, device=args.device, out=args.out, from_shipped=args.from_shipped,
+            dit_size=dit_size)
         return
-    if args.seed or args.out:
-        ap.error("--seed and --out apply to flux-shapes")
+    if args.seed or args.out or args.dit:
+        ap.error("--seed, --out and --dit apply to flux-shapes")
     if args.from_shipped and not later:
         ap.error(f"--from-shipped needs {listing(FLAGS, 'and/or')} STEPS")
     run(*(args.steps or []), later=later, from_shipped=args.from_shipped, device=args.device)
