@@ -92,7 +92,9 @@ def segment_command(args: argparse.Namespace) -> int:
         image, args.expression, truth = sample.image, sample.expression, sample.mask
         print(f"a held-out zoo scene (test split, scene 0): {args.expression!r}")
     elif args.expression is None:
-        raise ValueError("give the referring expression after the image")
+        missing = "" if Path(args.image).exists() else f"no image file {args.image!r}: "
+        raise ValueError(f"{missing}give an image and its referring expression (segment photo.jpg "
+                         "'the red mug on the left'), or neither for a held-out zoo scene")
     else:
         image, truth = Image.open(args.image), None
     refam = RefAM(load_model(args.model), settings_from(args))

@@ -115,6 +115,19 @@ def test_counts_are_checked_when_parsed(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_segment_with_an_expression_alone_says_what_it_takes(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["segment", "the red circle"])
+    assert "segment: error: no image file 'the red circle': give an image and its referring expression" in \
+        capsys.readouterr().err
+    image = tmp_path / "scene.png"
+    image.write_bytes(b"")
+    with pytest.raises(SystemExit):
+        main(["segment", str(image)])
+    err = capsys.readouterr().err
+    assert "no image file" not in err and "or neither for a held-out zoo scene" in err
+
+
 def test_calibrate_refuses_a_host_without_attention_scores(tiny, capsys):
     with pytest.raises(SystemExit):
         main(["calibrate", "--host", "dart", "--samples", "2", "--layers", "1"])
