@@ -77,6 +77,30 @@ def test_answers_follow_from_the_scene():
                 assert q.answer == str(len(s.objects))
 
 
+def test_label_map_numbers_each_objects_mask_and_leaves_the_background_zero():
+    for i in range(10):
+        s = W.scene("val", i)
+        expected = np.zeros((s.height, s.width), np.uint8)
+        for k, m in enumerate(s.masks):
+            expected[m] = k + 1
+        assert np.array_equal(s.label_map, expected)
+        assert set(np.unique(s.label_map)) == set(range(len(s.objects) + 1))  # every object drawn
+
+
+def test_caption_and_description_name_every_object_and_the_background():
+    for i in range(20):
+        s = W.scene("test", i)
+        caption, description = s.caption(), s.description()
+        n = len(s.objects)
+        assert description.startswith(f"There {'is' if n == 1 else 'are'} {W.NUMBERS[n]} shape")
+        for text in (caption, description):
+            assert f"{s.background} background" in text
+            for o in s.objects:
+                assert f"{o.size} {o.colour} {o.shape}" in text
+        for o in s.objects:
+            assert f"{o.size} {o.name} is at the {s.place(o)}." in description
+
+
 def test_listing_names_every_object_left_to_right():
     for i in range(30):
         s = W.scene("test", i)
