@@ -398,7 +398,7 @@ def test_cli_segment_and_bench(tmp_path, monkeypatch, capsys):
     mask = np.array(Image.open(tmp_path / "c" / "mask.png")) > 0
     assert f"{EXPRESSION!r}" in out and f"IoU with the referent's true mask: {iou(mask, gt):.3f}" in out
     args = build_parser().parse_args(["segment", str(path)])
-    with pytest.raises(ValueError, match="give the referring expression"):
+    with pytest.raises(ValueError, match="give an image and its referring expression"):
         args.run(args)
 
 
