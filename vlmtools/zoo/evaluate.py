@@ -182,9 +182,10 @@ def main(argv=None):
     loaded = load(args.name, weights=args.weights)
     device = training_device(args.device)
     if args.name == "flux-shapes":
-        sites = [s.name for s in vlmtools.wrap(loaded).sites] if args.blocks else []
-        if unknown := [b for b in args.blocks or [] if b not in sites]:
-            ap.error(f"no block {', '.join(unknown)} in this DiT; its blocks: {', '.join(sites)}")
+        if args.blocks:
+            sites = [s.name for s in vlmtools.wrap(loaded).sites]
+            if unknown := [b for b in args.blocks if b not in sites]:
+                ap.error(f"no block {', '.join(unknown)} in this DiT; its blocks: {', '.join(sites)}")
         print(json.dumps(grounding_scores(loaded.to(device), n=args.n, split=args.split, sites=args.blocks)))
         return
     model, processor = loaded

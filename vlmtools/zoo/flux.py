@@ -218,11 +218,12 @@ def build_text_encoder():
     return enc, tok
 
 
-def build_pipeline(transformer=None) -> ShapesFluxPipeline:
+def build_pipeline(transformer=None, size: tuple[int, int, int] = DIT_SIZE) -> ShapesFluxPipeline:
+    """The pipeline around ``transformer``, else a fresh DiT of ``size`` (``transformer_config``'s)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
     enc, tok = build_text_encoder()
-    transformer = transformer or FluxTransformer2DModel(**transformer_config())
+    transformer = transformer or FluxTransformer2DModel(**transformer_config(*size))
     return ShapesFluxPipeline(transformer, FlowMatchEulerDiscreteScheduler(shift=1.0), enc, tok)
 
 

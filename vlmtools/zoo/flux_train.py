@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file
 
 from . import flux
@@ -81,6 +80,16 @@ def optimiser(dit, lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(dit.parameters(), lr=lr, weight_decay=0.0)
 
 
+def check_size(dit_size: tuple[int, int, int], from_shipped: bool, out: Path | None) -> None:
+    """Raise ValueError unless a DiT of ``dit_size`` can be trained as asked: at least one head and
+    one block of each stream; another size than the shipped one from scratch, to ``out``."""
+    if min(dit_size) < 1:
+        raise ValueError("--dit takes at least one head and one block of each stream")
+    if tuple(dit_size) != flux.DIT_SIZE and (from_shipped or out is None):
+        raise ValueError("a DiT of another size (--dit) is trained from scratch and exported to --out, "
+                         "not --from-shipped")
+
+
 def main(steps: int = STEPS, size: int = 16, lr: float = 1e-3, seed: int = 0, device: str | None = None,
          out: Path | None = None, from_shipped: bool = False, dit_size: tuple[int, int, int] = flux.DIT_SIZE):
     """Train (or resume) the DiT of ``seed`` (checkpoint ``dit``, other seeds ``dit-seed<N>``) on
@@ -93,13 +102,12 @@ def main(steps: int = STEPS, size: int = 16, lr: float = 1e-3, seed: int = 0, de
     first = STEPS if from_shipped else 0
     if steps <= first:
         raise ValueError(f"the shipped DiT had {first} steps: --from-shipped needs more")
+    check_size(dit_size, from_shipped, out)
     resized = dit_size != flux.DIT_SIZE
-    if resized and (from_shipped or out is None):
-        raise ValueError("a DiT of another size than the shipped one is trained from scratch and exported to --out")
     rounds = ROUNDS + (first,) if from_shipped else ROUNDS
     torch.manual_seed(seed)
     device = training_device(device)
-    pipe = flux.build_pipeline(FluxTransformer2DModel(**flux.transformer_config(*dit_size))).to(device)
+    pipe = flux.build_pipeline(size=dit_size).to(device)
     dit = pipe.transformer.train()
     opt = optimiser(dit, lr)
     name = ("dit" + ("-from-shipped" if from_shipped else "") + ("-{}x{}x{}".format(*dit_size) if resized else "")

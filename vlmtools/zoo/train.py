@@ -81,17 +81,16 @@ def main(argv=None):
         flags = [f"--{k}" for k, (applies_to, _) in LATER_STAGES.items() if applies_to == models]
         ap.error(f"{listing(flags, 'and')} apply to {listing(list(models), 'and')}")
     if args.name == "flux-shapes":
-        from .flux_train import STEPS
+        from .flux import DIT_SIZE
+        from .flux_train import STEPS, check_size
 
         if args.from_shipped and (args.steps or [STEPS])[0] <= STEPS:
             ap.error(f"--from-shipped goes on from the shipped DiT's {STEPS} steps: give --steps above that")
-        from .flux import DIT_SIZE
-
         dit_size = tuple(args.dit or DIT_SIZE)
-        if dit_size != DIT_SIZE and (args.from_shipped or not args.out):
-            ap.error("a DiT of another size (--dit) is trained from scratch: give --out, not --from-shipped")
-        if min(dit_size) < 1:
-            ap.error("--dit takes at least one head and one block of each stream")
+        try:
+            check_size(dit_size, args.from_shipped, args.out)
+        except ValueError as refusal:
+            ap.error(str(refusal))
         run(*(args.steps or []), seed=args.seed, device=args.device, out=args.out, from_shipped=args.from_shipped,
             dit_size=dit_size)
         return
