@@ -91,8 +91,8 @@ def in_subprocess(variant: str) -> dict[str, float]:
 
 def zoo_speed(images: int) -> tuple[float, str]:
     from grounding.refam import RefAM
-    from grounding.refam.evaluate import zoo_samples
-    from vlmtools.zoo import flux
+    from vlmtools_zoo.refam import zoo_samples
+    from vlmtools_zoo import flux
 
     shipped = (flux.WEIGHTS / "transformer" / "diffusion_pytorch_model.safetensors").exists()
     pipeline = flux.load() if shipped else flux.build_pipeline()

@@ -29,7 +29,8 @@ from common import write_section
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from grounding.refam import RefAM, RefAMSettings
-from grounding.refam.evaluate import ABLATIONS, baseline, score, table, zoo_samples
+from grounding.refam.evaluate import ABLATIONS, baseline, score, table
+from vlmtools_zoo.refam import zoo_samples
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 EXTRA = {
@@ -63,8 +64,8 @@ def main():
     parser.add_argument("--write", action="store_true", help="write the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    from vlmtools import zoo
-    from vlmtools.zoo import flux, flux_train
+    import vlmtools_zoo as zoo
+    from vlmtools_zoo import flux, flux_train
 
     pipeline = zoo.load("flux-shapes")
     weights = flux.WEIGHTS / "transformer" / "diffusion_pytorch_model.safetensors"

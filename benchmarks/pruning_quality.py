@@ -1,4 +1,4 @@
-"""Pruning quality on the zoo's llava-shapes: ``vlmtools prune-bench`` (``pruning/bench.py``), plus ``--snapshot``.
+"""Pruning quality on the zoo's llava-shapes: ``vlmtools prune-bench`` (``vlmtools_app/prune_bench.py``), plus ``--snapshot``.
 
 ``--snapshot`` evaluates a copy of the shipped weights (a training run may rewrite them meanwhile);
 every other argument goes to ``vlmtools prune-bench`` unchanged (``vlmtools prune-bench --help``).
@@ -14,12 +14,12 @@ from pathlib import Path
 
 # this folder holds pruning.py, which shadows the package while the folder is first on the path
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-from vlmtools.cli import main
+from vlmtools_app.cli import main
 
 
 def snapshot() -> str:
     """A llava-shapes folder assembled from a copy of the shipped weights (named llava-shapes: the calibration key)."""
-    from vlmtools.zoo import llava
+    from vlmtools_zoo import llava
 
     copy = Path(tempfile.mkdtemp(prefix="llava-shapes-snapshot-"))
     shutil.copy(llava.WEIGHTS / "model.safetensors", copy / "model.safetensors")

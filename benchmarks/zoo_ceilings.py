@@ -25,8 +25,8 @@ from torch import nn
 from tqdm import tqdm
 
 from common import fit, predict
-from vlmtools.zoo import load
-from vlmtools.zoo import world as W
+from vlmtools_zoo import load
+from vlmtools_zoo import world as W
 
 
 @torch.no_grad()

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from common import fit, predict
-from vlmtools.zoo import load
-from vlmtools.zoo import world as W
-from vlmtools.zoo.flux import letterbox, token_share
+from vlmtools_zoo import load
+from vlmtools_zoo import world as W
+from vlmtools_zoo.flux import letterbox, token_share
 
 
 @contextlib.contextmanager

@@ -21,9 +21,9 @@ import time
 
 import torch
 
-from vlmtools.zoo import load
-from vlmtools.zoo import llava_train as T
-from vlmtools.zoo import world as W
+from vlmtools_zoo import load
+from vlmtools_zoo import llava_train as T
+from vlmtools_zoo import world as W
 
 
 class ValCount:

@@ -1,7 +1,7 @@
 """grounding: built on vlmtools only.
 
 >>> from grounding import RefAM
->>> from vlmtools import zoo
+>>> import vlmtools_zoo as zoo
 >>> seg = RefAM(zoo.load("flux-shapes")).segment(image, "the large red circle")
 """
 

@@ -4,8 +4,6 @@
 >>> with vlm.use(FastV(keep=64, layer=2, debias=True)):
 ...     out = model.generate(**inputs)
 """
-from vlmtools.adapters.llava import letterbox_padding
-
 from .calibrate import calibrate
 from .debias import Debias, Trend, calibration_path, debiased, fit_trend, model_key
 from .host import Host
@@ -32,6 +30,5 @@ __all__ = [
     "calibration_path",
     "debiased",
     "fit_trend",
-    "letterbox_padding",
     "model_key",
 ]

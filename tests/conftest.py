@@ -9,7 +9,7 @@ import pytest
 def demo_report(tmp_path_factory):
     """``report.html`` of one ``vlmtools demo`` run (about a minute), shared by every test that reads it."""
     out = tmp_path_factory.mktemp("demo")
-    subprocess.run([sys.executable, "-m", "vlmtools.cli", "demo", "--out", str(out)], check=True)
+    subprocess.run([sys.executable, "-m", "vlmtools_app.cli", "demo", "--out", str(out)], check=True)
     return out / "report.html"
 
 
@@ -17,7 +17,7 @@ def demo_report(tmp_path_factory):
 def train_cache(tmp_path, monkeypatch):
     """An empty ``VLMTOOLS_CACHE`` for trainer runs, with the dequantised SmolLM2 linked in
     (no second dequantisation); its ``train/`` folder receives the checkpoints."""
-    from vlmtools.zoo.lm import smollm2_dir
+    from vlmtools_zoo.lm import smollm2_dir
 
     lm = smollm2_dir()
     cache = tmp_path / "cache"

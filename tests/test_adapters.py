@@ -14,8 +14,8 @@ from transformers import (
 from transformers.masking_utils import eager_mask
 
 import vlmtools
-from tests.tiny import BUILDERS
-from vlmtools.adapters import FAMILIES
+from vlmtools.testing.vlm import BUILDERS
+from vlmtools.adapters import builtin_families
 from vlmtools.plan import AttentionHook
 
 IMAGE_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
@@ -74,14 +74,14 @@ def test_unsupported_model_names_the_families():
     assert "LlamaForCausalLM" in str(error.value)
     for family in ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl"):
         assert family in str(error.value)
-    assert {a.family for a in FAMILIES} >= set(BUILDERS)
+    assert set(builtin_families()) >= set(BUILDERS)
 
 
 def test_wrap_refuses_another_models_processor(tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from tests.tiny import tiny_llava_folder
-    from vlmtools.zoo import llava, qwen2vl
+    from tests.zoo_folders import tiny_llava_folder
+    from vlmtools_zoo import llava, qwen2vl
 
     folder = tiny_llava_folder(tmp_path)
     model = LlavaForConditionalGeneration.from_pretrained(folder)

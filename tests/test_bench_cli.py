@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny import tiny_llava_folder
-from vlmtools import shard
-from vlmtools.cli import main
+from tests.zoo_folders import tiny_llava_folder
+from vlmtools_app import shard
+from vlmtools_app.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PRUNE = ["--questions", "3", "--batch", "2", "--hosts", "fastv,random", "--calibration-samples", "2", "--threads", "1"]
@@ -53,8 +53,8 @@ def test_prune_bench_records_every_host_ratio_and_setting(folder, tmp_path, caps
     assert "| fastv +debias |" in capsys.readouterr().out
     # where the kept tokens fall: unpruned, the shares of the three scenes' own cells (one of them letterboxed);
     # debias never keeps a token that shows only letterbox padding
-    from vlmtools.zoo import world
-    from vlmtools.zoo.card import patch_kinds
+    from vlmtools_zoo import world
+    from vlmtools_zoo.card import patch_kinds
 
     scenes = [world.scene("test", s) for s, _ in world.qa_items("test", 3)]
     kinds = np.stack([patch_kinds(scene, (12, 12), letterbox=True) for scene in scenes])
@@ -108,14 +108,14 @@ def test_hallucination_bench_runs_a_method_at_several_strengths(folder, tmp_path
     ("vaar", r"unknown methods \['vaar'\]"),
 ])
 def test_bad_method_entries_fail_before_the_run(methods, error):
-    from hallucination.bench import parse_methods
+    from vlmtools_app.hallucination_bench import parse_methods
 
     with pytest.raises(ValueError, match=error):
         parse_methods(methods)
 
 
 def test_method_entries_parse_to_settings():
-    from hallucination.bench import parse_methods
+    from vlmtools_app.hallucination_bench import parse_methods
 
     assert parse_methods("greedy,var:variant=released,paint:alpha=0.35:head_modulation=False") == [
         ("greedy", "greedy", {}), ("var:variant=released", "var", {"variant": "released"}),
@@ -135,7 +135,7 @@ def test_two_processes_give_exactly_the_one_process_json(folder, tmp_path, one_t
     main(["prune-bench", "--model", folder, *PRUNE, "--out", str(tmp_path / "one.json")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
-    subprocess.run([*launch, "vlmtools.cli", "prune-bench", "--model", folder, *PRUNE, "--out", str(tmp_path / "two.json")],
+    subprocess.run([*launch, "vlmtools_app.cli", "prune-bench", "--model", folder, *PRUNE, "--out", str(tmp_path / "two.json")],
                    check=True, env=env, cwd=tmp_path, timeout=900)
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
     assert (one["run"]["processes"], two["run"]["processes"]) == (1, 2)
@@ -144,7 +144,7 @@ def test_two_processes_give_exactly_the_one_process_json(folder, tmp_path, one_t
 
 
 def test_bench_names_are_checked_against_what_exists():
-    from vlmtools.bench import chosen
+    from vlmtools_app.bench import chosen
 
     assert chosen("fastv,dart", ["fastv", "pdrop", "dart"], "hosts") == ["fastv", "dart"]
     with pytest.raises(ValueError, match=r"unknown hosts \['fastvv'\]; available: fastv, pdrop"):
@@ -152,7 +152,7 @@ def test_bench_names_are_checked_against_what_exists():
 
 
 def test_answers_are_scored_by_their_first_word():
-    from vlmtools.inputs import first_word
+    from vlmtools_app.inputs import first_word
 
     assert first_word(" Blue. It is blue") == "blue"
     assert first_word("3,") == "3"

@@ -10,8 +10,8 @@ import vlmtools
 from grounding import RefAM
 from hallucination import GIFT, PAINT, VAR
 from tests.test_pruning import CASES, SPECIAL, make
-from tests.tiny import BUILDERS
-from tests.tiny_pipelines import SIZE, tiny_flux_pipeline, tiny_sd3_pipeline
+from vlmtools.testing.vlm import BUILDERS
+from vlmtools.testing.pipelines import SIZE, tiny_flux_pipeline, tiny_sd3_pipeline
 
 METHODS = {"var": lambda: VAR(variant="released"), "gift": lambda: GIFT(saliency_layer=0, layers=[1]),
            "paint": lambda: PAINT()}

@@ -5,9 +5,9 @@ import types
 import pytest
 import torch
 
-import vlmtools.inputs
-from tests.tiny import tiny_llava
-from vlmtools.cli import build_parser, main
+import vlmtools_app.inputs
+from vlmtools.testing.vlm import tiny_llava
+from vlmtools_app.cli import build_parser, main
 
 COMMANDS = {"demo", "sinks", "prune", "calibrate", "prune-bench", "hallucination-bench", "segment", "segment-bench"}
 
@@ -39,7 +39,7 @@ class StubProcessor:
 @pytest.fixture()
 def tiny(monkeypatch):
     model, inputs = tiny_llava()
-    monkeypatch.setattr(vlmtools.inputs, "load_vlm", lambda name: (model, StubProcessor(inputs)))
+    monkeypatch.setattr(vlmtools_app.inputs, "load_vlm", lambda name: (model, StubProcessor(inputs)))
     return model
 
 
@@ -137,7 +137,7 @@ def test_calibrate_refuses_a_host_without_attention_scores(tiny, capsys):
 def test_a_model_no_adapter_knows_is_refused_with_a_message(monkeypatch, capsys):
     from vlmtools.adapters import UnsupportedModel
 
-    monkeypatch.setattr(vlmtools.inputs, "load_vlm", lambda name: (torch.nn.Linear(2, 2), None))
+    monkeypatch.setattr(vlmtools_app.inputs, "load_vlm", lambda name: (torch.nn.Linear(2, 2), None))
     with pytest.raises(SystemExit):
         main(["prune"])
     assert "vlmtools prune: error: vlmtools: unsupported model class Linear" in capsys.readouterr().err

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import vlmtools
-from pruning import Debias, FastV, Trend, calibrate, debiased, fit_trend, letterbox_padding
-from tests.tiny import tiny_llava
+from pruning import Debias, FastV, Trend, calibrate, debiased, fit_trend
+from vlmtools.adapters.llava import letterbox_padding
+from vlmtools.testing.vlm import tiny_llava
 
 
 def planted(samples=400, count=144, slope=3.0, seed=0):
@@ -178,7 +179,7 @@ def test_visual_sinks_from_the_shared_detector_are_suppressed():
 def test_calibration_on_2d_positions_reports_row_and_column_residuals(tmp_path):
     """Qwen2-VL (M-RoPE): prompts with different grids share one trend over the normalised index;
     the file keeps the residual per tenth of rows and columns to check the 1-D trend against."""
-    from tests.tiny import tiny_qwen2_vl
+    from vlmtools.testing.vlm import tiny_qwen2_vl
 
     model, inputs = tiny_qwen2_vl()
     vlm = vlmtools.wrap(model)

@@ -5,8 +5,8 @@ import numpy as np
 
 
 def test_the_pruning_table_says_how_much_of_the_image_lies_on_objects(demo_report):
-    from vlmtools.zoo import world
-    from vlmtools.zoo.card import patch_kinds
+    from vlmtools_zoo import world
+    from vlmtools_zoo.card import patch_kinds
 
     text = demo_report.read_text()
     assert "<th>on objects</th>" in text

@@ -11,7 +11,7 @@ from diffusers import UNet2DModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 import vlmtools
-from tests.tiny_dit import GRID, TEXT, tiny_flux, tiny_sd3
+from vlmtools.testing.dit import GRID, TEXT, tiny_flux, tiny_sd3
 from vlmtools.adapters.dit import Probe
 
 BUILDERS = {"flux": tiny_flux, "sd3": tiny_sd3}

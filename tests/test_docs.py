@@ -24,7 +24,7 @@ def python_blocks(path: Path) -> list[str]:
 @pytest.mark.parametrize(("path", "index"), COMPLETE_EXAMPLES)
 def test_complete_example_runs(path, index, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # examples that save write here
-    monkeypatch.syspath_prepend(str(ROOT))  # "from tests.tiny import ..."
+    monkeypatch.syspath_prepend(str(ROOT))  # "from vlmtools.testing.vlm import ..."
     exec(compile(python_blocks(ROOT / path)[index], path, "exec"), {})
     assert capsys.readouterr().out.strip() or path.startswith("grounding")
     if path.startswith("grounding"):
@@ -39,11 +39,11 @@ def test_adding_a_family_example_runs(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("vipllava_example", file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    adapters.FAMILIES.append(module.ADAPTER)
+    adapters.register(module.ADAPTER)
     try:
         exec(compile(check, "adding-a-family.md", "exec"), {})
     finally:
-        adapters.FAMILIES.remove(module.ADAPTER)
+        adapters.unregister(module.ADAPTER)
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == "vipllava (4, 4)"
     assert any(line.startswith("VAR torch.Size([1, 4, 1, 21])") for line in printed)

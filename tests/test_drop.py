@@ -6,7 +6,7 @@ import torch
 
 import vlmtools
 from vlmtools.drop import DropTokens
-from tests.tiny import tiny_llava
+from vlmtools.testing.vlm import tiny_llava
 
 
 def keep_every_other_visual(layout):

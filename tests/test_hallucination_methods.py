@@ -18,7 +18,7 @@ from hallucination.common import key_mask, visual_mask
 from hallucination.gift import enhance, gaze_shift, question_tokens, saliency_factor
 from hallucination.paint import _merged_scores, boost, token_sets, visual_sensitivity
 from hallucination.var import redistribute
-from tests import tiny
+from vlmtools.testing import vlm as tiny
 
 LAYERS = 5  # VAR's layers 2 .. L-2 need more than the builders' 3
 

@@ -5,7 +5,7 @@ import torch
 
 import vlmtools
 from pruning import DART, FasterVLM, FastV, PDrop, RandomPrune, SparseVLM, UniformGrid, VisionZip
-from tests.tiny import BUILDERS, IMAGE, VIDEO, VISION_END, VISION_START
+from vlmtools.testing.vlm import BUILDERS, IMAGE, VIDEO, VISION_END, VISION_START
 from vlmtools.drop import DropTokens
 from vlmtools.plan import LayerHook
 

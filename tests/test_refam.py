@@ -21,7 +21,7 @@ from grounding.refam.maps import word_maps
 from grounding.refam.prompt import PromptTokens, Segment, token_roles
 from grounding.refam.source import source_for
 from tests.test_dit import BUILDERS, attention_inputs, explicit_probs
-from tests.tiny_pipelines import SIZE, tiny_flux_pipeline, tiny_sd3_pipeline
+from vlmtools.testing.pipelines import SIZE, tiny_flux_pipeline, tiny_sd3_pipeline
 from vlmtools.masks import iou
 from vlmtools.text import content_words
 
@@ -203,7 +203,7 @@ def test_too_long_prompt_is_refused():
     ],
 )
 def test_unsupported_family_names_the_supported_ones(model):
-    with pytest.raises(TypeError, match="FLUX.*SD3"):
+    with pytest.raises(TypeError, match="FluxPipeline.*SD3Transformer2DModel"):
         RefAM(model)
 
 
@@ -352,15 +352,15 @@ def test_baselines_and_scores():
 
 
 def test_cli_segment_and_bench(tmp_path, monkeypatch, capsys):
-    import grounding.cli
+    import vlmtools_app.segment
     from grounding.refam.evaluate import Sample
 
-    def build_parser():  # as vlmtools.cli does, with only this package's commands
+    def build_parser():  # as vlmtools_app.cli does, with only this package's commands
         parser = argparse.ArgumentParser(prog="vlmtools")
-        grounding.cli.register(parser.add_subparsers(dest="command", required=True))
+        vlmtools_app.segment.register(parser.add_subparsers(dest="command", required=True))
         return parser
 
-    monkeypatch.setattr(grounding.cli, "load_model", lambda name: tiny_flux_pipeline())
+    monkeypatch.setattr(vlmtools_app.segment, "load_model", lambda name: tiny_flux_pipeline())
     path = tmp_path / "in.png"
     image(size=20).save(path)
     args = build_parser().parse_args(
@@ -386,7 +386,7 @@ def test_cli_segment_and_bench(tmp_path, monkeypatch, capsys):
     assert '"sinks": "suppress"' in (tmp_path / "b" / "segmentation.json").read_text()
     gt = np.zeros((SIZE, SIZE), bool)
     gt[4:12, 4:12] = True
-    monkeypatch.setattr("grounding.refam.evaluate.zoo_samples", lambda n, split: [Sample(image(), EXPRESSION, gt)] * n)
+    monkeypatch.setattr("vlmtools_zoo.refam.zoo_samples", lambda n, split: [Sample(image(), EXPRESSION, gt)] * n)
     args = build_parser().parse_args(["segment-bench", "--n", "1", "--out", str(tmp_path / "table.md")])
     assert args.run(args) == 0
     text = (tmp_path / "table.md").read_text()
@@ -418,7 +418,7 @@ def test_refcoco_samples_are_scored_at_their_own_resolution(tmp_path):
 
 
 def test_cli_refuses_a_missing_model_path_and_a_vlm(tmp_path):
-    from grounding.cli import load_model
+    from vlmtools_app.segment import load_model
 
     with pytest.raises(FileNotFoundError, match="flux-shapes"):
         load_model(str(tmp_path / "nowhere"))
@@ -436,12 +436,12 @@ def test_when_every_word_is_a_sink_the_heatmap_is_flat_and_the_mask_empty():
 
 def test_blocks_come_from_the_settings_then_the_source_then_the_family_default(monkeypatch):
     from grounding.refam.method import default_blocks
-    from vlmtools import zoo
-    from vlmtools.zoo.flux import REFAM_BLOCKS
+    import vlmtools_zoo as zoo
+    from vlmtools_zoo.flux import REFAM_BLOCKS
 
     pipe = zoo.load("flux-shapes")
     assert RefAM(pipe).blocks == REFAM_BLOCKS
-    monkeypatch.setattr("vlmtools.zoo.flux.REFAM_BLOCKS", ("dit.double.1",))  # the source's, not the default
+    monkeypatch.setattr("vlmtools_zoo.refam.REFAM_BLOCKS", ("dit.double.1",))  # the source's, not the default
     assert RefAM(pipe).blocks == ("dit.double.1",) != default_blocks(vlmtools.wrap(pipe.transformer))
     assert RefAM(pipe, RefAMSettings(blocks=("dit.single.1",))).blocks == ("dit.single.1",)
     model, _, _ = tiny("flux")

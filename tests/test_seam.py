@@ -9,7 +9,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 import vlmtools
 from vlmtools.plan import AttentionHook, StopForward
-from tests.tiny import tiny_llava
+from vlmtools.testing.vlm import tiny_llava
 
 
 @pytest.fixture()

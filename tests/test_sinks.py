@@ -10,7 +10,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
 import vlmtools
-from tests.tiny_dit import GRID, TEXT, tiny_flux
+from vlmtools.testing.dit import GRID, TEXT, tiny_flux
 from vlmtools.layout import ImageTokens, SampleLayout, Span, TokenLayout
 from vlmtools.record import RecordHidden
 from vlmtools.sinks import (
@@ -260,7 +260,7 @@ def test_discovery_finds_planted_dims_in_edited_llama():
 @pytest.mark.slow
 def test_smollm2_first_token_sink_dimension_is_discovered():
     """The pretrained LM of llava-shapes: dimension 507 is massive on the first token (ZOO-NOTES)."""
-    from vlmtools.zoo.lm import load_smollm2
+    from vlmtools_zoo.lm import load_smollm2
 
     model, tokenizer = load_smollm2()
     ids = tokenizer("<|im_start|>user\nHow many red circles are in the picture?<|im_end|>", return_tensors="pt")

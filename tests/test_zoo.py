@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlmtools.zoo import world as W
+from vlmtools_zoo import world as W
 
 
 def test_scenes_are_deterministic_and_splits_disjoint():
@@ -30,7 +30,7 @@ def test_masks_match_pixels_and_do_not_overlap():
 
 def test_the_shipped_weights_stay_under_50_mb():
     """The issue's budget for the project's own trained parts (SmolLM2 comes from the index)."""
-    from vlmtools.zoo import llava
+    from vlmtools_zoo import llava
 
     shipped = llava.WEIGHTS.parent
     assert sum(p.stat().st_size for p in shipped.rglob("*") if p.is_file()) < 50e6
@@ -112,8 +112,8 @@ def test_listing_names_every_object_left_to_right():
 
 
 def test_training_chats_open_with_the_describe_prompt_about_half_the_time():
-    from vlmtools.zoo import llava
-    from vlmtools.zoo.llava_train import answer_positions, chat
+    from vlmtools_zoo import llava
+    from vlmtools_zoo.llava_train import answer_positions, chat
 
     proc = llava.build_processor()
     rng = np.random.default_rng(0)
@@ -131,8 +131,8 @@ def test_training_chats_open_with_the_describe_prompt_about_half_the_time():
 
 
 def test_bind_chats_ask_distinct_questions_from_all_of_the_scene_s():
-    from vlmtools.zoo import llava
-    from vlmtools.zoo.llava_train import chat
+    from vlmtools_zoo import llava
+    from vlmtools_zoo.llava_train import chat
 
     proc = llava.build_processor()
     rng = np.random.default_rng(0)
@@ -151,7 +151,7 @@ def test_bind_chats_ask_distinct_questions_from_all_of_the_scene_s():
 
 
 def test_later_stages_default_to_the_shipped_run_but_not_from_the_shipped_weights():
-    from vlmtools.zoo.llava_train import later_stages
+    from vlmtools_zoo.llava_train import later_stages
 
     shipped = {"refine": 200, "bind": 300, "probe": 0}
     assert later_stages({}, False, shipped) == shipped
@@ -174,8 +174,8 @@ def test_existence_probes_ask_every_object_and_as_many_near_misses():
 
 
 def test_probe_chats_ask_the_probes_without_repeats():
-    from vlmtools.zoo import llava
-    from vlmtools.zoo.llava_train import chat
+    from vlmtools_zoo import llava
+    from vlmtools_zoo.llava_train import chat
 
     proc = llava.build_processor()
     rng = np.random.default_rng(0)
@@ -200,8 +200,8 @@ def test_shape_counts_ask_how_many_of_every_shape_present():
 
 
 def test_count_chats_ask_every_shape_count_among_the_turns():
-    from vlmtools.zoo import llava
-    from vlmtools.zoo.llava_train import chat
+    from vlmtools_zoo import llava
+    from vlmtools_zoo.llava_train import chat
 
     proc = llava.build_processor()
     rng = np.random.default_rng(0)
@@ -218,8 +218,8 @@ def test_count_chats_ask_every_shape_count_among_the_turns():
 
 
 def test_reprobe_is_the_probe_stage_again_after_the_reread():
-    from vlmtools.zoo import llava_train
-    from vlmtools.zoo.llava_train import STAGES
+    from vlmtools_zoo import llava_train
+    from vlmtools_zoo.llava_train import STAGES
 
     stages = {s.name: s for s in STAGES}
     probe, again = stages["probe"], stages["reprobe"]
@@ -246,7 +246,7 @@ def test_reprobe_is_the_probe_stage_again_after_the_reread():
 def test_every_warm_restart_of_a_later_stage_falls_inside_its_shipped_run():
     """A restart at or past a stage's shipped steps would be ignored (``schedule_end``), so one
     call would not follow the resumed runs that docs/zoo.md says produced the shipped weights."""
-    from vlmtools.zoo.llava_train import SHIPPED_STEPS, STAGES
+    from vlmtools_zoo.llava_train import SHIPPED_STEPS, STAGES
 
     for stage in STAGES:
         if stage.restarts:
@@ -255,7 +255,7 @@ def test_every_warm_restart_of_a_later_stage_falls_inside_its_shipped_run():
 
 
 def test_train_cli_from_shipped_needs_a_stage(capsys):
-    from vlmtools.zoo.train import main
+    from vlmtools_zoo.train import main
 
     with pytest.raises(SystemExit):
         main(["qwen2vl-shapes", "--from-shipped"])
@@ -276,8 +276,8 @@ def test_train_cli_from_shipped_needs_a_stage(capsys):
 
 
 def test_train_cli_gives_seed_and_out_to_flux_only_and_the_device_to_every_trainer(capsys, monkeypatch, tmp_path):
-    from vlmtools.zoo import flux_train, llava_train, qwen2vl_train
-    from vlmtools.zoo.train import main
+    from vlmtools_zoo import flux_train, llava_train, qwen2vl_train
+    from vlmtools_zoo.train import main
 
     calls = []
     for module in (flux_train, qwen2vl_train, llava_train):
@@ -306,15 +306,15 @@ def test_train_cli_gives_seed_and_out_to_flux_only_and_the_device_to_every_train
 
 
 def test_evaluate_cli_scores_the_split_asked_on_the_device_asked(monkeypatch, capsys):
-    import vlmtools.zoo
-    from vlmtools.zoo import evaluate
+    import vlmtools_zoo
+    from vlmtools_zoo import evaluate
 
     class Pipe:
         def to(self, device):
             self.device = device
             return self
 
-    monkeypatch.setattr(vlmtools.zoo, "load", lambda *a, **k: Pipe())
+    monkeypatch.setattr(vlmtools_zoo, "load", lambda *a, **k: Pipe())
     monkeypatch.setattr(evaluate, "grounding_scores",
                         lambda pipe, n, split, sites: {"device": str(pipe.device), "n": n, "split": split,
                                                        "sites": sites})
@@ -323,7 +323,7 @@ def test_evaluate_cli_scores_the_split_asked_on_the_device_asked(monkeypatch, ca
 
 
 def test_evaluate_cli_reads_the_blocks_asked_and_names_the_dits_blocks_for_an_unknown_one(monkeypatch, capsys):
-    from vlmtools.zoo import evaluate
+    from vlmtools_zoo import evaluate
 
     monkeypatch.setattr(evaluate, "grounding_scores", lambda pipe, n, split, sites: {"sites": sites})
     evaluate.main(["flux-shapes", "--blocks", "dit.double.3", "dit.single.1"])
@@ -337,8 +337,8 @@ def test_evaluate_cli_reads_the_blocks_asked_and_names_the_dits_blocks_for_an_un
 
 
 def test_answers_are_generated_on_the_models_device():
-    from vlmtools.zoo import llava
-    from vlmtools.zoo.evaluate import answer
+    from vlmtools_zoo import llava
+    from vlmtools_zoo.evaluate import answer
 
     proc = llava.build_processor()
     yes = proc.tokenizer.encode("yes")[0]
@@ -356,7 +356,7 @@ def test_answers_are_generated_on_the_models_device():
 
 
 def test_evaluate_cli_writes_answers_for_vlms_only(capsys):
-    from vlmtools.zoo.evaluate import main
+    from vlmtools_zoo.evaluate import main
 
     with pytest.raises(SystemExit):
         main(["flux-shapes", "--answers", "answers.json"])
@@ -364,8 +364,8 @@ def test_evaluate_cli_writes_answers_for_vlms_only(capsys):
 
 
 def test_evaluate_cli_rejects_empty_counts_and_skips_pope_at_zero_scenes(monkeypatch, capsys):
-    import vlmtools.zoo
-    from vlmtools.zoo import evaluate
+    import vlmtools_zoo
+    from vlmtools_zoo import evaluate
 
     for bad in (["--n", "0"], ["--pope-scenes", "-1"]):
         with pytest.raises(SystemExit):
@@ -376,7 +376,7 @@ def test_evaluate_cli_rejects_empty_counts_and_skips_pope_at_zero_scenes(monkeyp
         def to(self, device):
             return self
 
-    monkeypatch.setattr(vlmtools.zoo, "load", lambda *a, **k: (Model(), None))
+    monkeypatch.setattr(vlmtools_zoo, "load", lambda *a, **k: (Model(), None))
     monkeypatch.setattr(evaluate, "qa_answers", lambda *a, **k: [
         {"type": "count", "answer": "2", "predicted": "2"}])
     monkeypatch.setattr(evaluate, "pope_scores", lambda *a, **k: pytest.fail("POPE asked of no scenes"))
@@ -387,8 +387,8 @@ def test_evaluate_cli_rejects_empty_counts_and_skips_pope_at_zero_scenes(monkeyp
 def test_an_identity_layer_passes_the_features_through():
     from transformers import CLIPVisionModel
 
-    from vlmtools.zoo import llava
-    from vlmtools.zoo.llava_train import identity_layer
+    from vlmtools_zoo import llava
+    from vlmtools_zoo.llava_train import identity_layer
 
     tower = CLIPVisionModel(llava.vision_config()).eval()
     pv = torch.randn(2, 3, llava.IMAGE_SIZE, llava.IMAGE_SIZE)
@@ -403,7 +403,7 @@ def test_an_identity_layer_passes_the_features_through():
 def test_weights_record_the_layer_their_lm_reads(tmp_path):
     from safetensors.torch import save_file
 
-    from vlmtools.zoo import llava
+    from vlmtools_zoo import llava
 
     state = {"x": torch.zeros(1)}
     save_file(state, str(tmp_path / "old.safetensors"))
@@ -416,7 +416,7 @@ def test_weights_record_the_layer_their_lm_reads(tmp_path):
 def test_a_cache_folder_is_reassembled_when_its_weights_or_config_change(tmp_path):
     import os
 
-    from vlmtools.zoo.lm import assembled, stamp, write_folder
+    from vlmtools_zoo.lm import assembled, stamp, write_folder
 
     class Part:
         def save_pretrained(self, folder):
@@ -450,8 +450,8 @@ def test_qa_items_balance_types():
 
 
 def test_llava_shapes_loads_and_reads_the_image():
-    from vlmtools.zoo import llava, load
-    from vlmtools.zoo.llava import NUM_PATCHES, prompt
+    from vlmtools_zoo import llava, load
+    from vlmtools_zoo.llava import NUM_PATCHES, prompt
 
     model, processor = load("llava-shapes")
     assert processor.tokenizer.padding_side == "left"  # batched generate needs it
@@ -469,8 +469,8 @@ def test_llava_shapes_loads_and_reads_the_image():
 
 
 def test_flux_shapes_loads_and_predicts_a_velocity():
-    from vlmtools.zoo import load
-    from vlmtools.zoo.flux import letterbox
+    from vlmtools_zoo import load
+    from vlmtools_zoo.flux import letterbox
 
     pipe = load("flux-shapes")
     img = letterbox(W.scene("test", 0))[0][None]
@@ -485,9 +485,9 @@ def test_flux_shapes_loads_and_predicts_a_velocity():
 
 
 def test_flux_shapes_grounding_scores_through_the_seam():
-    from vlmtools.zoo import load
-    from vlmtools.zoo.evaluate import grounding_scores
-    from vlmtools.zoo.flux import REFAM_BLOCKS
+    from vlmtools_zoo import load
+    from vlmtools_zoo.evaluate import grounding_scores
+    from vlmtools_zoo.flux import REFAM_BLOCKS
 
     pipe = load("flux-shapes")
     out = grounding_scores(pipe, n=4)
@@ -501,7 +501,7 @@ def test_flux_shapes_grounding_scores_through_the_seam():
 
 def test_a_perfect_map_recovers_a_mask_on_the_token_grid_and_spreads_one_off_it():
     from vlmtools.masks import iou
-    from vlmtools.zoo.evaluate import perfect_map_mask
+    from vlmtools_zoo.evaluate import perfect_map_mask
 
     on_grid = torch.zeros(64, 64, dtype=torch.bool)
     on_grid[8:24, 12:28] = True  # whole 4 x 4 tokens
@@ -512,8 +512,8 @@ def test_a_perfect_map_recovers_a_mask_on_the_token_grid_and_spreads_one_off_it(
 
 
 def test_flux_training_captions_name_every_object_or_are_a_referring_expression():
-    from vlmtools.zoo import world as W
-    from vlmtools.zoo.flux_train import caption
+    from vlmtools_zoo import world as W
+    from vlmtools_zoo.flux_train import caption
 
     rng = np.random.default_rng(0)
     kinds = set()
@@ -531,9 +531,9 @@ def test_flux_training_captions_name_every_object_or_are_a_referring_expression(
 
 
 def test_flux_training_loss_weight_is_the_object_cover_of_each_token():
-    from vlmtools.zoo import flux
-    from vlmtools.zoo import world as W
-    from vlmtools.zoo.flux_train import OBJECT_WEIGHT, batch
+    from vlmtools_zoo import flux
+    from vlmtools_zoo import world as W
+    from vlmtools_zoo.flux_train import OBJECT_WEIGHT, batch
 
     pipe = flux.build_pipeline()
     *_, weight = batch(pipe, 0, 2)
@@ -545,8 +545,8 @@ def test_flux_training_loss_weight_is_the_object_cover_of_each_token():
 
 
 def test_qwen2vl_text_port_reproduces_smollm2_logits():
-    from vlmtools.zoo import qwen2vl
-    from vlmtools.zoo.lm import load_smollm2
+    from vlmtools_zoo import qwen2vl
+    from vlmtools_zoo.lm import load_smollm2
 
     lm, tok = load_smollm2()
     port = qwen2vl.port()
@@ -562,9 +562,9 @@ def test_qwen2vl_text_port_reproduces_smollm2_logits():
 def test_shipped_vlms_answer_held_out_questions_far_above_chance(name):
     """The shipped weights are trained ones (docs/zoo.md: 0.51-0.98 per type at n = 520; chance
     0.17-0.5): 25 held-out questions, 5 per type, answered by greedy generate."""
-    from vlmtools.zoo import load
-    from vlmtools.zoo.evaluate import qa_accuracy
-    from vlmtools.zoo.llava import prompt
+    from vlmtools_zoo import load
+    from vlmtools_zoo.evaluate import qa_accuracy
+    from vlmtools_zoo.llava import prompt
 
     model, processor = load(name)
     scores = qa_accuracy(model, processor, prompt, n=25)

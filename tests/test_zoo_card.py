@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from vlmtools.zoo import card, world
+from vlmtools_zoo import card, world
 
 
 def wide_scene():
@@ -24,7 +24,7 @@ def test_patch_kinds_marks_letterbox_rows_and_object_patches():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llava-shapes", "qwen2vl-shapes"])
 def test_vlm_card_measures_every_layer(name):
-    from vlmtools.zoo import load
+    from vlmtools_zoo import load
 
     model, processor = load(name)
     out = card.vlm_card(model, processor, n=1)

@@ -5,8 +5,8 @@ The LM stages cannot run on meta (transformers checks image-token counts by valu
 covered only by the CPU tests."""
 import torch
 
-from vlmtools.zoo import world as W
-from vlmtools.zoo.train_utils import training_device
+from vlmtools_zoo import world as W
+from vlmtools_zoo.train_utils import training_device
 
 
 def test_the_training_device_is_the_one_named_else_a_gpu_else_the_cpu(monkeypatch):
@@ -18,8 +18,8 @@ def test_the_training_device_is_the_one_named_else_a_gpu_else_the_cpu(monkeypatc
 
 
 def test_a_flux_training_step_runs_on_the_pipelines_device():
-    from vlmtools.zoo import flux
-    from vlmtools.zoo.flux_train import batch
+    from vlmtools_zoo import flux
+    from vlmtools_zoo.flux_train import batch
 
     pipe = flux.build_pipeline().to("meta")
     x_t, t, emb, pooled, text_ids, target, weight = inputs = batch(pipe, 0, 2)
@@ -29,8 +29,8 @@ def test_a_flux_training_step_runs_on_the_pipelines_device():
 
 
 def test_flux_seeds_change_the_noise_not_the_data():
-    from vlmtools.zoo import flux
-    from vlmtools.zoo.flux_train import batch
+    from vlmtools_zoo import flux
+    from vlmtools_zoo.flux_train import batch
 
     pipe = flux.build_pipeline()
     first, again, other = batch(pipe, 3, 2), batch(pipe, 3, 2, seed=0), batch(pipe, 3, 2, seed=1)
@@ -51,8 +51,8 @@ def test_flux_seeds_change_the_noise_not_the_data():
 def test_a_llava_tower_step_runs_on_the_towers_device():
     from transformers import CLIPVisionModel
 
-    from vlmtools.zoo import llava
-    from vlmtools.zoo.llava_train import TowerHeads, patch_labels, tower_step
+    from vlmtools_zoo import llava
+    from vlmtools_zoo.llava_train import TowerHeads, patch_labels, tower_step
 
     scenes = [W.scene("train", i) for i in range(2)]
     pv = llava.build_processor().image_processor([s.image for s in scenes], return_tensors="pt")["pixel_values"]
@@ -63,7 +63,7 @@ def test_a_llava_tower_step_runs_on_the_towers_device():
 
 
 def test_lora_factors_live_on_their_layers_device():
-    from vlmtools.zoo.llava_train import LoRA
+    from vlmtools_zoo.llava_train import LoRA
 
     lora = LoRA(torch.nn.Linear(4, 3).to("meta"))
     assert lora.A.device.type == lora.B.device.type == "meta"

@@ -4,14 +4,14 @@ from collections import Counter
 import pytest
 import torch
 
-from vlmtools.zoo import world as W
+from vlmtools_zoo import world as W
 
 
 @pytest.mark.slow
 def test_llava_trainer_smoke_run_resumes_and_exports(train_cache, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from vlmtools.zoo import llava, llava_train
+    from vlmtools_zoo import llava, llava_train
 
     monkeypatch.setattr(llava, "WEIGHTS", tmp_path / "weights")  # never the shipped file
     tower = llava_train.train_tower(2, batch=2)
@@ -28,7 +28,7 @@ def test_llava_trainer_smoke_run_resumes_and_exports(train_cache, tmp_path, monk
 def test_refine_stage_follows_align_and_restarts_from_the_shipped_weights(train_cache, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from vlmtools.zoo import llava, llava_train
+    from vlmtools_zoo import llava, llava_train
 
     monkeypatch.setattr(llava, "WEIGHTS", tmp_path / "weights")
     tower = llava_train.train_tower(2, batch=2)
@@ -48,7 +48,7 @@ def test_refine_stage_follows_align_and_restarts_from_the_shipped_weights(train_
 
 @pytest.mark.slow
 def test_reread_stage_moves_the_lm_to_the_last_layer_once_and_reprobe_keeps_it(train_cache, tmp_path, monkeypatch):
-    from vlmtools.zoo import llava, llava_train
+    from vlmtools_zoo import llava, llava_train
 
     monkeypatch.setattr(llava, "WEIGHTS", tmp_path / "weights")
     monkeypatch.setattr(llava_train, "REREAD_TOWER_STEPS", 2)
@@ -80,7 +80,7 @@ def test_recount_tally_and_census_train_the_tower_on_the_count_then_the_lm_on_it
     from safetensors.torch import load_file
     from transformers import CLIPVisionModel
 
-    from vlmtools.zoo import llava, llava_train
+    from vlmtools_zoo import llava, llava_train
 
     (tmp_path / "weights").mkdir()
     shutil.copy(llava.WEIGHTS / "model.safetensors", tmp_path / "weights")
@@ -122,7 +122,7 @@ def test_recount_tally_and_census_train_the_tower_on_the_count_then_the_lm_on_it
 
 
 def test_shape_counts_are_read_from_the_mean_of_the_patch_tokens():
-    from vlmtools.zoo.llava_train import CountHeads, shape_count_labels
+    from vlmtools_zoo.llava_train import CountHeads, shape_count_labels
 
     heads = CountHeads(8, per_shape=True)
     tokens = torch.randn(3, 5, 8)
@@ -137,7 +137,7 @@ def test_shape_counts_are_read_from_the_mean_of_the_patch_tokens():
 
 
 def test_moved_is_the_relative_squared_change():
-    from vlmtools.zoo.llava_train import moved
+    from vlmtools_zoo.llava_train import moved
 
     before = torch.tensor([[1.0, -2.0], [2.0, 1.0]])
     assert moved(before, before) == 0
@@ -162,7 +162,7 @@ def forward(model, x):
 
 
 def test_lora_from_factors_round_trips():
-    from vlmtools.zoo import llava_train
+    from vlmtools_zoo import llava_train
 
     factors = {"attn.q_proj.A": torch.randn(8, 6), "attn.q_proj.B": torch.randn(4, 8),
                "attn.o_proj.A": torch.randn(8, 4), "attn.o_proj.B": torch.randn(6, 8)}
@@ -183,7 +183,7 @@ def test_widen_lora_keeps_the_model_and_merges_like_the_lora_it_trains():
     """Stage 9's start, after stages that trained at rank 8: rank 8 -> 16 changes no output, the
     optimiser built before it trains the new columns, and the shipped factors (rank 16) merged at
     the shipped scale give what the LoRA computed."""
-    from vlmtools.zoo import llava, llava_train
+    from vlmtools_zoo import llava, llava_train
 
     torch.manual_seed(0)
     model = tiny_lm()

@@ -3,12 +3,12 @@ import pytest
 import torch
 
 import vlmtools
-from vlmtools.zoo import world as W
+from vlmtools_zoo import world as W
 
 
 @pytest.fixture(scope="module")
 def qwen():
-    from vlmtools.zoo import load
+    from vlmtools_zoo import load
 
     return load("qwen2vl-shapes")
 
@@ -18,7 +18,7 @@ def scene_with_canvas(width, height):
 
 
 def chat(processor, images, question="How many shapes are there?"):
-    from vlmtools.zoo.llava import prompt
+    from vlmtools_zoo.llava import prompt
 
     return processor(images=images, text=[prompt(processor, question)] * len(images), return_tensors="pt",
                      padding=True)
@@ -45,7 +45,7 @@ def test_m_rope_turns_the_width_section_across_an_image():
     frequencies, which turn by under 0.01 rad across the image (docs/zoo.md)."""
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding
 
-    from vlmtools.zoo import qwen2vl
+    from vlmtools_zoo import qwen2vl
 
     rotary = Qwen2VLRotaryEmbedding(qwen2vl.build_config().text_config)
     ids = torch.tensor([[[9, 9]], [[11, 11]], [[9, 16]]])  # (t, h, w) of two tokens in one row
@@ -73,7 +73,7 @@ def test_dynamic_resolution_keeps_each_canvas(qwen, canvas):
 
 
 def test_large_images_shrink_within_max_pixels_keeping_aspect(qwen):
-    from vlmtools.zoo.qwen2vl import MAX_PIXELS
+    from vlmtools_zoo.qwen2vl import MAX_PIXELS
 
     _, processor = qwen
     big = scene_with_canvas(128, 64).image.resize((512, 256))
@@ -110,8 +110,8 @@ def test_wrap_gives_the_merged_token_layout(qwen):
 
 
 def test_evaluation_reports_every_question_type(qwen):
-    from vlmtools.zoo.evaluate import qa_accuracy
-    from vlmtools.zoo.llava import prompt
+    from vlmtools_zoo.evaluate import qa_accuracy
+    from vlmtools_zoo.llava import prompt
 
     model, processor = qwen
     scores = qa_accuracy(model, processor, prompt, n=5)
@@ -124,7 +124,7 @@ def test_trainer_smoke_run_resumes_and_exports(train_cache, tmp_path):
     from safetensors.torch import load_file
     from transformers import Qwen2VLForConditionalGeneration
 
-    from vlmtools.zoo import qwen2vl, qwen2vl_train
+    from vlmtools_zoo import qwen2vl, qwen2vl_train
 
     weights = tmp_path / "weights"
     qwen2vl_train.main(3, 3, 3, 1, later={"refine": 0, "bind": 0, "probe": 0}, tower_batch=4, weights=weights)
@@ -152,7 +152,7 @@ def test_evaluate_reads_other_weights_beside_the_package_folder(train_cache, tmp
     import json
     import shutil
 
-    from vlmtools.zoo import evaluate, qwen2vl
+    from vlmtools_zoo import evaluate, qwen2vl
 
     other = tmp_path / "other"
     shutil.copytree(qwen2vl.WEIGHTS, other)
@@ -177,7 +177,7 @@ def test_processes_started_together_assemble_the_folder_once(train_cache):
     import subprocess
     import sys
 
-    code = "from vlmtools.zoo import qwen2vl; qwen2vl.load(); print('loaded')"
+    code = "from vlmtools_zoo import qwen2vl; qwen2vl.load(); print('loaded')"
     env = {**os.environ, "VLMTOOLS_CACHE": str(train_cache), "OMP_NUM_THREADS": "1"}
     runs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True) for _ in range(2)]

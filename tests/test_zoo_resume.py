@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from vlmtools.zoo.train_utils import Checkpoint, schedule_end
+from vlmtools_zoo.train_utils import Checkpoint, schedule_end
 
 
 def test_the_schedule_ends_at_the_next_restart_then_at_the_last_step():
@@ -18,7 +18,7 @@ def test_the_schedule_ends_at_the_next_restart_then_at_the_last_step():
 def tower_run(steps: int, restarts: tuple[int, ...]) -> tuple[torch.Tensor, list[float]]:
     """``llava_train.tower_loop`` on a linear layer (checkpoint ``demo/tower``): its weight and
     the learning rate of each step this call ran."""
-    from vlmtools.zoo.llava_train import tower_loop
+    from vlmtools_zoo.llava_train import tower_loop
 
     torch.manual_seed(0)
     layer = nn.Linear(3, 1)
@@ -49,7 +49,7 @@ def test_a_tower_stage_with_a_restart_is_the_stopped_and_resumed_run(train_cache
 def test_flux_training_in_one_call_is_the_run_stopped_at_the_restart_and_resumed(train_cache, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from vlmtools.zoo import flux, flux_train
+    from vlmtools_zoo import flux, flux_train
 
     monkeypatch.setattr(flux, "WEIGHTS", tmp_path / "weights")  # never the shipped file
     monkeypatch.setattr(flux_train, "RESTARTS", (2,))
@@ -69,7 +69,7 @@ def test_flux_training_in_one_call_is_the_run_stopped_at_the_restart_and_resumed
 def test_flux_training_goes_on_from_the_shipped_dit(train_cache, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from vlmtools.zoo import flux, flux_train
+    from vlmtools_zoo import flux, flux_train
 
     monkeypatch.setattr(flux, "WEIGHTS", tmp_path / "shipped")
     monkeypatch.setattr(flux_train, "STEPS", 2)
@@ -94,7 +94,7 @@ def test_flux_training_through_a_new_round_is_the_shipped_run_gone_on_from(train
     optimiser and the warm-up start afresh at the round, from a run resumed there or not."""
     from safetensors.torch import load_file
 
-    from vlmtools.zoo import flux, flux_train
+    from vlmtools_zoo import flux, flux_train
 
     monkeypatch.setattr(flux, "WEIGHTS", tmp_path / "shipped")
     monkeypatch.setattr(flux_train, "ROUNDS", (2,))
@@ -115,8 +115,8 @@ def test_flux_training_through_a_new_round_is_the_shipped_run_gone_on_from(train
 @pytest.mark.slow
 def test_a_dit_of_another_size_trains_to_its_own_checkpoint_and_loads_with_its_config(train_cache, tmp_path,
                                                                                       monkeypatch):
-    from vlmtools import zoo
-    from vlmtools.zoo import evaluate, flux, flux_train, world
+    import vlmtools_zoo as zoo
+    from vlmtools_zoo import evaluate, flux, flux_train, world
 
     monkeypatch.setattr(flux, "WEIGHTS", tmp_path / "shipped")  # never the shipped file
     with pytest.raises(ValueError, match="exported to --out"):

@@ -1,4 +1,4 @@
-"""Scoring RefAM: held-out zoo expressions or RefCOCO-style data, ablations and model-free baselines.
+"""Scoring RefAM: samples of any source (RefCOCO-style data here), ablations and model-free baselines.
 
 A sample is ``(image, expression, target mask)``. ``score`` runs any segmenter over
 samples into :class:`~grounding.metrics.SegmentationScores` (mIoU, oIoU, point
@@ -32,21 +32,6 @@ class Sample:
     image: Image.Image
     expression: str
     mask: np.ndarray  # (H, W) bool, the image's size
-
-
-def zoo_samples(n: int, split: str = "test", start: int = 0) -> list[Sample]:
-    """The first ``n`` referring expressions of held-out world scenes, letterboxed to 64 x 64 as flux-shapes sees them."""
-    from vlmtools.zoo import world
-    from vlmtools.zoo.flux import letterbox
-
-    samples, index = [], start
-    while len(samples) < n:
-        scene = world.scene(split, index)
-        pixels, masks = letterbox(scene)
-        image = Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-        samples += [Sample(image, ref.text, masks[ref.target].numpy()) for ref in scene.referring_expressions()]
-        index += 1
-    return samples[:n]
 
 
 def refcoco_samples(refs: str, instances: str, images: str, split: str, n: int | None = None) -> Iterator[Sample]:

@@ -33,7 +33,7 @@ class RefAMSettings:
     """Every choice RefAM makes; recorded in each result (``seg.settings``).
 
     ``blocks`` are site names (``dit.double.0``); None takes the source's measured blocks
-    (flux-shapes: ``vlmtools.zoo.flux.REFAM_BLOCKS``), else :func:`default_blocks`.
+    (flux-shapes: ``vlmtools_zoo.flux.REFAM_BLOCKS``), else :func:`default_blocks`.
     ``heads`` index the heads averaged (None: all). ``words``: ``content`` reads the
     content words, ``expression`` every word of the expression (no stop-word
     filtering), ``all`` every real token (magnets and special tokens too).
@@ -74,7 +74,7 @@ def default_blocks(dit) -> tuple[str, ...]:
 
     The paper reads "middle-to-late blocks" of real checkpoints; nothing of full size was
     measured here. A source that knows its model's best blocks overrides this (the zoo's
-    flux-shapes localises in its first double block: ``vlmtools.zoo.flux.REFAM_BLOCKS``,
+    flux-shapes localises in its first double block: ``vlmtools_zoo.flux.REFAM_BLOCKS``,
     measured with ``benchmarks/grounding_quality.py --sweep-blocks``).
     """
     names = [site.name for site in dit.sites]
@@ -139,7 +139,7 @@ class StopAfter(AttentionHook):
 class RefAM:
     """Zero-shot referring segmentation with a FLUX or SD3 pipeline (or the zoo's flux-shapes).
 
-    >>> refam = RefAM(zoo.load("flux-shapes"))  # from vlmtools import zoo
+    >>> refam = RefAM(zoo.load("flux-shapes"))  # import vlmtools_zoo as zoo
     >>> seg = refam.segment(image, "the large red circle on the left")
     >>> seg.mask, seg.heatmap, seg.point; seg.save("out/")
 

@@ -2,7 +2,7 @@
 
 RefAM needs four things from a pipeline, each done by the pipeline's own public
 pieces so that the numbers are the pipeline's: the clean latents of the image (its
-VAE; the zoo DiT's exact pixel autoencoder), the prompt's text features
+VAE), the prompt's text features
 (``encode_prompt``), what each text position stands for (its tokenizers, with
 character offsets), and the keyword arguments of one transformer call at
 flow-matching time ``t``. A bare transformer has no VAE or text encoder: its source
@@ -12,9 +12,9 @@ only builds calls, from latents and text features the caller encoded
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -142,42 +142,8 @@ class FluxSource(FluxTransformerSource):
         embeds, pooled, text_ids = self.pipe.encode_prompt(
             prompt=text, prompt_2=None, max_sequence_length=self.max_length
         )
-        segment = _segment(self.pipe.tokenizer_2, text, self.max_length)
+        segment = token_segment(self.pipe.tokenizer_2, text, self.max_length)
         return EncodedPrompt(embeds, pooled, [segment], text_ids)
-
-
-class ZooFluxSource(FluxTransformerSource):
-    """The zoo's ``flux-shapes``: 64 x 64 RGB images, SmolLM2 prompts padded to 32 without a mask."""
-
-    def __init__(self, pipe):
-        from vlmtools.zoo.flux import REFAM_BLOCKS
-
-        super().__init__(pipe.transformer)
-        self.pipe, self.blocks = pipe, REFAM_BLOCKS
-
-    def check_image(self, image):
-        from vlmtools.zoo.flux import IMAGE_SIZE
-
-        image = super().check_image(image)
-        if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-            raise ValueError(
-                f"RefAM: flux-shapes was trained on {IMAGE_SIZE}x{IMAGE_SIZE} images, got "
-                f"{image.size[0]}x{image.size[1]}; letterbox and resize it first "
-                "(vlmtools.zoo.flux.letterbox does this for world scenes)"
-            )
-        return image
-
-    def latents(self, image):
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
-        tokens = self.pipe.image_tokens(pixels)
-        side = int(tokens.shape[1] ** 0.5)
-        return tokens, (side, side)
-
-    def prompt(self, text):
-        embeds, pooled, text_ids = self.pipe.encode_prompt(text)
-        return EncodedPrompt(
-            embeds, pooled, [_segment(self.pipe.tokenizer, text, self.pipe.tokenizer_max_length)], text_ids
-        )
 
 
 class SD3Source(SD3TransformerSource):
@@ -201,11 +167,11 @@ class SD3Source(SD3TransformerSource):
             do_classifier_free_guidance=False,
             max_sequence_length=self.max_length,
         )
-        segments = [_segment(self.pipe.tokenizer, text, self.pipe.tokenizer_max_length)]
+        segments = [token_segment(self.pipe.tokenizer, text, self.pipe.tokenizer_max_length)]
         if self.pipe.text_encoder_3 is None:  # the pipeline feeds zeros there: nothing real
             segments.append(Segment([(0, 0)] * self.max_length, [0] * self.max_length))
         else:
-            segments.append(_segment(self.pipe.tokenizer_3, text, self.max_length))
+            segments.append(token_segment(self.pipe.tokenizer_3, text, self.max_length))
         return EncodedPrompt(embeds, pooled, segments)
 
 
@@ -215,7 +181,7 @@ def _vae_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
     return (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
 
 
-def _segment(tokenizer, text: str, max_length: int) -> Segment:
+def token_segment(tokenizer, text: str, max_length: int) -> Segment:
     """The positions ``tokenizer`` gives ``text`` as the pipeline pads it; refuses truncation."""
     full = tokenizer(text)["input_ids"]
     if len(full) > max_length:
@@ -227,24 +193,30 @@ def _segment(tokenizer, text: str, max_length: int) -> Segment:
     return Segment([tuple(o) for o in enc["offset_mapping"]], list(enc["attention_mask"]))
 
 
+SOURCES: dict[str, Callable[..., Source]] = {}
+"""Class name (of a pipeline or a bare transformer) -> its source factory ``(model, **options)``."""
+
+
+def register_source(class_name: str, factory: Callable[..., Source]) -> None:
+    """Make RefAM read models of ``class_name`` (or a subclass) through ``factory(model, **options)``."""
+    SOURCES[class_name] = factory
+
+
 def source_for(model, **options) -> Source:
-    """The source for a zoo/FLUX/SD3 pipeline or a bare FLUX/SD3 transformer; ``TypeError`` for anything else."""
-    names = {cls.__name__ for cls in type(model).__mro__}
-    if "ShapesFluxPipeline" in names:
-        return ZooFluxSource(model)
-    if "FluxPipeline" in names:
-        return FluxSource(model, **options)
-    if "StableDiffusion3Pipeline" in names:
-        return SD3Source(model, **options)
-    if "FluxTransformer2DModel" in names:
-        return FluxTransformerSource(model, **options)
-    if "SD3Transformer2DModel" in names:
-        return SD3TransformerSource(model)
+    """The source registered for ``model``'s class or its nearest base; ``UnsupportedModel`` for anything else."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in SOURCES:
+            return SOURCES[cls.__name__](model, **options)
     raise UnsupportedModel(
-        f"RefAM: unsupported model {type(model).__name__}; RefAM reads the joint attention of FLUX "
-        "(FluxPipeline, FluxTransformer2DModel, the zoo's flux-shapes) and SD3 "
-        "(StableDiffusion3Pipeline, SD3Transformer2DModel)"
+        f"RefAM: unsupported model {type(model).__name__}; RefAM reads the joint attention of "
+        f"{', '.join(sorted(SOURCES))}; register another with grounding.refam.register_source"
     )
+
+
+for _name, _factory in {"FluxPipeline": FluxSource, "StableDiffusion3Pipeline": SD3Source,
+                        "FluxTransformer2DModel": FluxTransformerSource,
+                        "SD3Transformer2DModel": SD3TransformerSource}.items():
+    register_source(_name, _factory)
 
 
 def _round(value: int, multiple: int) -> int:

@@ -45,9 +45,6 @@ class Adapter:
     letterbox: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
     vision_tower: str | None = None
 
-    def matches(self, model: torch.nn.Module) -> bool:
-        return type(model).__name__ in self.classes
-
     def blocks(self, model: torch.nn.Module, stream: str = "text") -> list[torch.nn.Module]:
         path = self.text_layers if stream == "text" else self.vision_layers
         if path is None:

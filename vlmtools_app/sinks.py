@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..inputs import chat_inputs, load_vlm
-from .detector import DEFAULT, SinkDetector
-from .report import SinkReport
+from .inputs import chat_inputs, load_vlm
+from vlmtools.sinks.detector import DEFAULT, SinkDetector
+from vlmtools.sinks.report import SinkReport
 
 
 def run_sinks_cli(model: str, image, question: str, out_dir, criteria: Iterable[str] = DEFAULT) -> SinkReport:
@@ -22,7 +22,7 @@ def run_sinks_cli(model: str, image, question: str, out_dir, criteria: Iterable[
     """
     from PIL import Image
 
-    from .. import wrap
+    from vlmtools import wrap
 
     vlm_model, processor = load_vlm(model)
     picture = Image.open(image).convert("RGB") if isinstance(image, (str, Path)) else image
@@ -39,7 +39,7 @@ def run_sinks_cli(model: str, image, question: str, out_dir, criteria: Iterable[
 
 def sinks_command(args) -> int:
     """Sinks of one prompt, by every chosen criterion: a table on stdout, sinks.png and sinks.json in --out."""
-    from ..zoo import scene
+    from vlmtools_zoo import scene
 
     image = args.image or scene("test", 0).image
     run_sinks_cli(args.model, image, args.question, args.out, args.criteria)

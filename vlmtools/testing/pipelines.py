@@ -3,7 +3,7 @@
 Real diffusers pipeline classes with real (tiny) components: a word-level fast
 tokenizer standing in for CLIP's and T5's (only its offsets and ids matter to
 RefAM), random CLIP / T5 text encoders, a 2-block AutoencoderKL (scale factor 2),
-and the transformers of ``tests.tiny_dit``. Images are 16 x 16 RGB: a 4 x 4 grid.
+and the transformers of ``vlmtools.testing.dit``. Images are 16 x 16 RGB: a 4 x 4 grid.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from transformers import (
     T5EncoderModel,
 )
 
-from tests.tiny_dit import tiny_flux, tiny_sd3
+from .dit import tiny_flux, tiny_sd3
 
 WORDS = [
     "the",

@@ -1,7 +1,7 @@
-"""``python -m vlmtools.zoo.train NAME``: reproduce a zoo model from scratch.
+"""``python -m vlmtools_zoo.train NAME``: reproduce a zoo model from scratch.
 
 Every stage checkpoints under ``<cache>/train/NAME/`` and resumes from there;
-the shipped weights are exported to ``vlmtools/zoo/weights/NAME/`` (flux-shapes: or ``--out``).
+the shipped weights are exported to ``vlmtools_zoo/weights/NAME/`` (flux-shapes: or ``--out``).
 Training runs on the first GPU where there is one (``--device``), in bf16 autocast there.
 The defaults are the shipped weights' step counts, with the warm restarts of their
 learning-rate schedules where a stage was resumed with a longer one (llava-shapes' tower,
@@ -45,7 +45,7 @@ def listing(flags: list[str], last: str) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m vlmtools.zoo.train")
+    ap = argparse.ArgumentParser(prog="python -m vlmtools_zoo.train")
     ap.add_argument("name", choices=MODELS)
     ap.add_argument("--steps", type=int, nargs="*",
                     help="llava-shapes, qwen2vl-shapes: TOWER WORDS ALIGN [ALIGN_BATCH]; flux-shapes: STEPS [BATCH]")

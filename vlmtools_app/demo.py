@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .cli import at_least
+from .args import at_least
 from .inputs import chat_inputs, first_word, held_out_prompts
 
 KEEP, LAYER = 16, 2  # 144 -> 16 visual tokens (11%, LLaVA-1.5's 576 -> 64), dropped from layer 2
@@ -78,7 +78,7 @@ class QuestionRunner:
     """Greedy one-word answers of the zoo VLM to held-out questions, under any interventions."""
 
     def __init__(self, vlm, n: int):
-        from .zoo import world
+        from vlmtools_zoo import world
 
         self.vlm = vlm
         self.items = world.qa_items("test", n)
@@ -110,7 +110,7 @@ class QuestionRunner:
         return float(np.mean([a == q.answer for a, (_, q) in zip(answers, self.items)]))
 
     def object_share(self, places: list[dict[str, int]]) -> str:
-        """The share of kept visual tokens that lie on an object, from ``pruning.bench.kept_places`` counts."""
+        """The share of kept visual tokens that lie on an object, from ``vlmtools_app.prune_bench.kept_places`` counts."""
         kept = sum((Counter(p) for p in places), Counter())
         return f"{kept['object'] / kept.total():.2f}"
 
@@ -132,7 +132,7 @@ def _letterbox(image: Image.Image) -> Image.Image:
 
 
 def sinks_section(report: Report, vlm, runner: QuestionRunner, out: Path) -> None:
-    from .sinks import SinkDetector
+    from vlmtools.sinks import SinkDetector
 
     found = SinkDetector().detect(vlm, runner.inputs(0))
     found.plot(out / "sinks.png")
@@ -155,7 +155,7 @@ def calibrated(vlm, out: Path, samples: int):
 
 def pruning_section(report: Report, vlm, runner: QuestionRunner, plain: tuple[list[str], float], out: Path) -> None:
     from pruning import FastV, debiased
-    from pruning.bench import kept_places
+    from .prune_bench import kept_places
 
     def fastv(debias):
         return FastV(keep=KEEP, layer=LAYER, debias=debias)
@@ -212,9 +212,9 @@ def grounding_section(report: Report, n: int) -> None:
     from grounding import RefAM
     from grounding.masks import overlay
     from grounding.metrics import SegmentationScores
-    from grounding.refam.evaluate import zoo_samples
+    from vlmtools_zoo.refam import zoo_samples
 
-    from . import zoo
+    import vlmtools_zoo as zoo
 
     refam = RefAM(zoo.load("flux-shapes"))
     scores, pictures = SegmentationScores(), []
@@ -235,7 +235,8 @@ def grounding_section(report: Report, n: int) -> None:
 
 
 def run(args) -> int:
-    from . import wrap, zoo
+    import vlmtools_zoo as zoo
+    from vlmtools import wrap
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

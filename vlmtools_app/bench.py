@@ -1,6 +1,6 @@
 """What the VLM bench commands (``prune-bench``, ``hallucination-bench``) share: their run options,
 loading the model into each process, and the result: a Markdown table printed and one JSON file
-holding the settings the run used, the results and how it ran. Sharding: :mod:`vlmtools.shard`.
+holding the settings the run used, the results and how it ran. Sharding: :mod:`vlmtools_app.shard`.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from . import shard
-from .cli import at_least
+from .args import at_least
 
 NOT_SETTINGS = ("run", "command", "out")
 """Parsed arguments that are not settings of the evaluation (where the result goes)."""
@@ -31,7 +31,7 @@ def load(args: argparse.Namespace):
     """The wrapped model of ``--model`` on this process's device, with ``--threads`` applied."""
     import torch
 
-    from . import wrap
+    from vlmtools import wrap
     from .inputs import load_vlm
 
     if args.threads:

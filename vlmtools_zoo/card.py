@@ -1,6 +1,6 @@
 """The sink section of the zoo's model card (docs/zoo.md), measured, never typed in.
 
-``python -m vlmtools.zoo.card llava-shapes|qwen2vl-shapes|flux-shapes [--n N]`` prints the
+``python -m vlmtools_zoo.card llava-shapes|qwen2vl-shapes|flux-shapes [--n N]`` prints the
 numbers as JSON (docs/zoo.md states them in prose). Everything goes through the shared sink detector and the
 seam's recorders, on ``N`` held-out scenes:
 
@@ -48,9 +48,9 @@ def patch_kinds(scene, grid: tuple[int, int], letterbox: bool) -> np.ndarray:
 
 @torch.no_grad()
 def vlm_card(model, processor, n: int) -> dict:
-    from .. import wrap
-    from ..record import RecordColumnMass, RecordRows
-    from ..sinks import SinkDetector
+    from vlmtools import wrap
+    from vlmtools.record import RecordColumnMass, RecordRows
+    from vlmtools.sinks import SinkDetector
     from .llava import prompt
 
     vlm = wrap(model, processor)
@@ -104,8 +104,8 @@ def vlm_card(model, processor, n: int) -> dict:
 
 @torch.no_grad()
 def dit_card(pipe, n: int, t: float = 0.3) -> dict:
-    from .. import wrap
-    from ..sinks import SinkDetector
+    from vlmtools import wrap
+    from vlmtools.sinks import SinkDetector
     from .flux import MAX_TOKENS, letterbox
 
     dit = wrap(pipe.transformer)
@@ -136,7 +136,7 @@ def dit_card(pipe, n: int, t: float = 0.3) -> dict:
 def main(argv=None):
     from . import MODELS, load
 
-    ap = argparse.ArgumentParser(prog="python -m vlmtools.zoo.card")
+    ap = argparse.ArgumentParser(prog="python -m vlmtools_zoo.card")
     ap.add_argument("name", choices=MODELS)
     ap.add_argument("--n", type=int, default=32, help="held-out scenes")
     args = ap.parse_args(argv)

@@ -17,7 +17,7 @@ keeps on average.
 vlmtools prune-bench --questions 200                          # every host, the zoo's llava-shapes
 vlmtools prune-bench --model qwen2vl-shapes                   # hosts the family cannot run are skipped, with why
 vlmtools prune-bench --model /models/llava-1.5-7b-hf --hosts fastv,visionzip --device cuda
-torchrun --nproc_per_node 4 -m vlmtools.cli prune-bench       # the same numbers, four processes
+torchrun --nproc_per_node 4 -m vlmtools_app.cli prune-bench       # the same numbers, four processes
 """
 from __future__ import annotations
 
@@ -27,13 +27,13 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 
-from vlmtools.cli import at_least
+from .args import at_least
 
 KEEP = {"100%": 1.0, "33%": 1 / 3, "22%": 2 / 9, "11%": 1 / 9}
 HOSTS = ("fastv", "pdrop", "sparsevlm", "visionzip", "fastervlm", "dart", "random")
 """Hosts run by default (each with its class's default layers)."""
 PLACES = {"object": "objects", "letterbox": "letterbox padding"}
-"""Token kinds (:func:`vlmtools.zoo.card.patch_kinds`) whose share of the kept tokens is reported, and their names."""
+"""Token kinds (:func:`vlmtools_zoo.card.patch_kinds`) whose share of the kept tokens is reported, and their names."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Config:
 
 
 def configs(hosts: list[str]) -> list[Config]:
-    from . import HOSTS as CLASSES
+    from pruning import HOSTS as CLASSES
 
     out = [Config("none", None, "100%", False)]
     for name in hosts:
@@ -58,11 +58,11 @@ def configs(hosts: list[str]) -> list[Config]:
 def calibrated(vlm, hosts: list[str], samples: int, directory: str | None) -> dict[str, list]:
     """Host name -> its trends (one per stage), fitted by rank 0 on val questions and sent to every process;
     rank 0 also writes them to ``directory`` when given (where ``vlmtools prune --debias`` finds them)."""
-    from vlmtools import shard
-    from vlmtools.inputs import held_out_prompts
+    from . import shard
+    from .inputs import held_out_prompts
 
-    from . import HOSTS as CLASSES
-    from . import calibrate, calibration_path
+    from pruning import HOSTS as CLASSES
+    from pruning import calibrate, calibration_path
 
     trends = {}
     if shard.is_main():
@@ -81,7 +81,7 @@ def kept_places(vlm, inputs: dict, host, scenes: list) -> list[dict[str, int]]:
     (all of them without a host) lie on an object, the background or letterbox padding."""
     import torch
 
-    from vlmtools.zoo.card import patch_kinds
+    from vlmtools_zoo.card import patch_kinds
 
     layout = host.state.layout if host else vlm.layout(inputs)
     kept = host.drop.kept_at(host.layers[-1]).cpu() if host else None
@@ -98,12 +98,12 @@ def prune_bench_command(args) -> int:
     """Accuracy of each pruning host at 100/33/22/11% of the visual tokens, debias off and on, and random,
     on held-out zoo questions, and where the kept tokens fall; Markdown tables and a JSON file. Shards
     across processes under torchrun / accelerate launch."""
-    from vlmtools import bench, shard
-    from vlmtools.inputs import chat_inputs, first_word, greedy
-    from vlmtools.zoo import world
+    from . import bench, shard
+    from .inputs import chat_inputs, first_word, greedy
+    from vlmtools_zoo import world
 
-    from . import HOSTS as CLASSES
-    from . import Debias, calibration_path
+    from pruning import HOSTS as CLASSES
+    from pruning import Debias, calibration_path
 
     started = time.time()
     vlm = bench.load(args)
@@ -170,7 +170,7 @@ def table(values: dict[str, dict[str, float]], n: int) -> str:
 
 
 def register(subparsers) -> None:
-    from vlmtools import bench
+    from . import bench
 
     parser = subparsers.add_parser("prune-bench", help="accuracy of every pruning host at 100/33/22/11%% of the "
                                    "visual tokens, debias off and on", description=prune_bench_command.__doc__)

@@ -1,6 +1,6 @@
 """Held-out measurements of the zoo models (the numbers in docs/zoo.md).
 
-``python -m vlmtools.zoo.evaluate llava-shapes|qwen2vl-shapes|flux-shapes [--n N]`` prints JSON:
+``python -m vlmtools_zoo.evaluate llava-shapes|qwen2vl-shapes|flux-shapes [--n N]`` prints JSON:
 per-type QA accuracy and POPE for a VLM (``--answers FILE``: every answer too), RefAM-style
 grounding scores for the DiT.
 """
@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 import vlmtools
-from vlmtools.inputs import first_word
+from vlmtools_app.inputs import first_word
 from vlmtools.masks import heatmap_to_mask, iou, upsample
 from vlmtools.record import RecordBlock
 
@@ -155,7 +155,7 @@ def main(argv=None):
     from .llava import prompt
     from .train_utils import training_device
 
-    ap = argparse.ArgumentParser(prog="python -m vlmtools.zoo.evaluate")
+    ap = argparse.ArgumentParser(prog="python -m vlmtools_zoo.evaluate")
     ap.add_argument("name", choices=MODELS)
     ap.add_argument("--n", type=int, default=520, help="questions (VLMs) or referring expressions (the DiT)")
     ap.add_argument("--pope-scenes", type=int, default=40, help="scenes per POPE split (0: no POPE)")

@@ -21,7 +21,7 @@ Qwen2-VL checkpoint runs here unchanged:
   their input embeddings are one shared vector up to the Q4_1 quantisation
   step, i.e. never trained apart.
 
-Trained parts (``python -m vlmtools.zoo.train qwen2vl-shapes``) are shipped
+Trained parts (``python -m vlmtools_zoo.train qwen2vl-shapes``) are shipped
 under ``weights/qwen2vl-shapes/``: the vision tower with its merger and a
 rank-8 LoRA on every LM linear layer, merged into the weights when the folder is
 assembled. Without shipped weights the folder gets a seeded random tower.
@@ -135,7 +135,7 @@ def load_trained(model, state: dict) -> dict:
 def load(folder: Path | None = None, weights: Path = WEIGHTS):
     """(model, processor) for qwen2vl-shapes, assembled into the cache on first use.
 
-    Prompts: ``vlmtools.zoo.llava.prompt(processor, question)`` (image first in the user turn).
+    Prompts: ``vlmtools_zoo.llava.prompt(processor, question)`` (image first in the user turn).
     """
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 

@@ -13,14 +13,14 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from vlmtools.cli import at_least
+from .args import at_least
 
 ZOO = "flux-shapes"
 
 
 def load_model(name_or_path: str):
     """The zoo's flux-shapes pipeline, or a diffusers pipeline folder (FLUX, SD3)."""
-    from vlmtools import zoo
+    import vlmtools_zoo as zoo
 
     if name_or_path == ZOO:
         return zoo.load(ZOO)
@@ -34,7 +34,7 @@ def load_model(name_or_path: str):
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    from .refam import DEFAULT_MAGNETS
+    from grounding.refam import DEFAULT_MAGNETS
 
     parser.add_argument("--model", default=ZOO, help=f"{ZOO} (default) or a FLUX / SD3 pipeline folder")
     parser.add_argument("--timesteps", type=float, nargs="+", default=[0.3], help="flow-matching times, averaged")
@@ -60,7 +60,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace, **changes):
-    from .refam import RefAMSettings
+    from grounding.refam import RefAMSettings
 
     threshold = args.threshold if args.threshold == "otsu" else float(args.threshold)
     settings = RefAMSettings(
@@ -84,8 +84,9 @@ def segment_command(args: argparse.Namespace) -> int:
 
     from vlmtools.masks import iou
 
-    from .refam import RefAM
-    from .refam.evaluate import Sample, refam_segmenter, zoo_samples
+    from grounding.refam import RefAM
+    from grounding.refam.evaluate import Sample, refam_segmenter
+    from vlmtools_zoo.refam import zoo_samples
 
     if args.image is None:  # the zoo's first held-out expression, as flux-shapes sees its scene
         sample = zoo_samples(1, split="test")[0]
@@ -116,11 +117,12 @@ def segment_command(args: argparse.Namespace) -> int:
 def segment_bench_command(args: argparse.Namespace) -> int:
     """mIoU, oIoU and point accuracy of RefAM, its ablations and two baselines, as a Markdown table.
     Shards the expressions across processes under torchrun / accelerate launch (same numbers)."""
-    from vlmtools import shard
+    from . import shard
 
-    from .metrics import SegmentationScores
-    from .refam import RefAM
-    from .refam.evaluate import ABLATIONS, baseline, refam_segmenter, refcoco_samples, score, table, zoo_samples
+    from grounding.metrics import SegmentationScores
+    from grounding.refam import RefAM
+    from grounding.refam.evaluate import ABLATIONS, baseline, refam_segmenter, refcoco_samples, score, table
+    from vlmtools_zoo.refam import zoo_samples
 
     if args.refs:
         samples = list(refcoco_samples(args.refs, args.instances, args.images, args.split or "val", args.n))

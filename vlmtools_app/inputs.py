@@ -6,7 +6,7 @@ from pathlib import Path
 
 def load_vlm(name_or_path: str):
     """(model, processor) for a zoo VLM (``llava-shapes``) or a Hugging Face folder."""
-    from . import zoo
+    import vlmtools_zoo as zoo
 
     if name_or_path in zoo.MODELS:
         loaded = zoo.load(name_or_path)
@@ -34,7 +34,7 @@ def chat_inputs(processor, images: list, questions: list[str], device=None) -> d
 def held_out_prompts(processor, count: int, device=None):
     """Chat inputs, one prompt each, of the zoo world's first ``count`` val questions (``qa_items``): the
     held-out prompts that calibrations fit on, never an evaluation's ``test`` ones."""
-    from .zoo import world
+    from vlmtools_zoo import world
 
     return (chat_inputs(processor, [world.scene("val", i).image], [q.question], device)
             for i, q in world.qa_items("val", count))

@@ -1,7 +1,7 @@
 """``vlmtools hallucination-bench``: POPE and CHAIR on held-out zoo scenes, greedy vs VAR vs GIFT vs PAINT.
 
 POPE asks "Is there a <colour shape> in the image?" with balanced yes/no labels on the random,
-popular and adversarial splits of the shapes world (``vlmtools.zoo.world.pope``); CHAIR scores free
+popular and adversarial splits of the shapes world (``vlmtools_zoo.world.pope``); CHAIR scores free
 captions (``world.DESCRIBE_PROMPT``, the prompt the zoo VLMs were trained to answer with an object listing) against each scene's exact colour-shape objects. Every method runs
 under ``vlm.use`` around a plain batched, left-padded greedy ``generate``, with its default settings or
 those its ``--methods`` entry gives (``gift:alpha=2.5``);
@@ -11,21 +11,21 @@ saliency layer are found per batch).
 
 vlmtools hallucination-bench --scenes 40 --captions 60
 vlmtools hallucination-bench --methods greedy,gift:alpha=1,paint:alpha=0.2:beta=0.1   # other strengths
-torchrun --nproc_per_node 4 -m vlmtools.cli hallucination-bench    # the same numbers, four processes
+torchrun --nproc_per_node 4 -m vlmtools_app.cli hallucination-bench    # the same numbers, four processes
 """
 from __future__ import annotations
 
 import ast
 import time
 
-from vlmtools.cli import at_least
+from .args import at_least
 
 METHODS = ("greedy", "var", "gift", "paint")
 
 
 def intervention(method: str, settings: dict, questions: list[str]):
     """A fresh instance of ``method`` with keyword ``settings`` for one batch (None for greedy)."""
-    from . import GIFT, PAINT, VAR
+    from hallucination import GIFT, PAINT, VAR
 
     if method == "greedy":
         return None
@@ -37,7 +37,7 @@ def intervention(method: str, settings: dict, questions: list[str]):
 def parse_methods(text: str) -> list[tuple[str, str, dict]]:
     """``--methods`` entries ``NAME[:KEY=VALUE...]`` (``gift:alpha=2.5``, ``paint:alpha=0.35:beta=0.2``) as
     (entry, method, keyword settings); every entry is built once here, so a bad setting fails before the run."""
-    from vlmtools import bench
+    from . import bench
 
     entries = text.split(",")
     names = bench.chosen(",".join(e.split(":")[0] for e in entries), METHODS, "methods")
@@ -73,11 +73,11 @@ def hallucination_bench_command(args) -> int:
     """POPE (random / popular / adversarial: accuracy, F1, yes-ratio) and CHAIR (CHAIR_S, CHAIR_I, recall) of
     greedy decoding, VAR, GIFT and PAINT on held-out zoo scenes; Markdown tables and a JSON file. Shards across
     processes under torchrun / accelerate launch."""
-    from vlmtools import bench, shard
-    from vlmtools.inputs import chat_inputs, greedy
-    from vlmtools.zoo import world
+    from . import bench, shard
+    from .inputs import chat_inputs, greedy
+    from vlmtools_zoo import world
 
-    from .metrics import POPE_SPLITS, chair, pope_by_split
+    from hallucination.metrics import POPE_SPLITS, chair, pope_by_split
 
     started = time.time()
     methods = parse_methods(args.methods)
@@ -138,7 +138,7 @@ def tables(methods: dict[str, dict]) -> str:
 
 
 def register(subparsers) -> None:
-    from vlmtools import bench
+    from . import bench
 
     parser = subparsers.add_parser("hallucination-bench", help="POPE and CHAIR of greedy, VAR, GIFT and PAINT",
                                    description=hallucination_bench_command.__doc__)

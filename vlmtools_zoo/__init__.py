@@ -3,7 +3,7 @@
 ``load(name)`` returns ``(model, processor)`` for a VLM or the pipeline for
 the DiT, assembling the full Hugging Face folder in the cache
 (``$VLMTOOLS_CACHE`` or ``~/.cache/vlmtools``) from the pip-installed SmolLM2
-and the trained parts shipped under ``vlmtools/zoo/weights/<name>/``.
+and the trained parts shipped under ``vlmtools_zoo/weights/<name>/``.
 """
 from __future__ import annotations
 

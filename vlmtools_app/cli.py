@@ -1,7 +1,8 @@
-"""The ``vlmtools`` command. Each job's subcommands live in its own package.
+"""The ``vlmtools`` command. Each job's subcommands live in their own module of this package.
 
-A package's CLI module defines ``register(subparsers)``, which adds its subcommands
-with ``set_defaults(run=function)``; ``function(args)`` does the work.
+A command module defines ``register(subparsers)``, which adds its subcommands with
+``set_defaults(run=function)``; ``function(args)`` does the work. ``COMMANDS`` lists them
+in the order ``vlmtools --help`` shows them.
 
 What a command refuses (a ValueError, an OSError or an ``UnsupportedModel``: a budget above the
 visual tokens, a missing file or a folder that is no checkpoint, a model no adapter knows) ends
@@ -11,24 +12,12 @@ shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
-COMMAND_MODULES = ("vlmtools.demo", "vlmtools.sinks.command", "pruning.cli", "pruning.bench", "hallucination.bench",
-                   "grounding.cli")
+from . import demo, hallucination_bench, prune, prune_bench, segment, sinks
 
-
-def at_least(minimum: int):
-    """An argparse ``type``: a whole number no smaller than ``minimum`` (counts of questions, samples, tokens)."""
-    def count(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{text}: at least {minimum}")
-        return value
-
-    count.__name__ = f"count (at least {minimum})"
-    return count
+COMMANDS = (demo, sinks, prune, prune_bench, hallucination_bench, segment)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,13 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Attention-sink tools for VLMs and diffusion transformers. Every command runs on the "
                     "embedded zoo models by default; --model PATH takes a local Hugging Face folder.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    for command in COMMANDS:
+        command.register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .adapters import UnsupportedModel
+    from vlmtools.adapters import UnsupportedModel
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -15,14 +15,14 @@ import time
 
 import torch
 
-from vlmtools.cli import at_least
+from .args import at_least
 
 CALIBRATION_SAMPLES = 64
 HOST_OPTIONS = {"layer": ("fastv", "dart", "random", "grid"), "layers": ("pdrop", "sparsevlm")}
 
 
 def _host(args, debias):
-    from . import HOSTS
+    from pruning import HOSTS
 
     options = {}
     if args.layers:
@@ -32,7 +32,7 @@ def _host(args, debias):
 
 
 def _add_common(parser, keep_default) -> None:
-    from . import HOSTS
+    from pruning import HOSTS
 
     parser.add_argument("--model", default="llava-shapes", help="llava-shapes (default) or a VLM folder")
     parser.add_argument("--host", default="fastv", choices=sorted(HOSTS), help="the scoring host")
@@ -58,9 +58,9 @@ def keep_value(text: str) -> int | float:
 
 def ensure_trends(vlm, host, samples: int) -> None:
     """Fit and store ``host``'s trend on ``samples`` val prompts where its calibration file is missing."""
-    from vlmtools.inputs import held_out_prompts
+    from .inputs import held_out_prompts
 
-    from . import calibrate, calibration_path
+    from pruning import calibrate, calibration_path
 
     missing = [key for key in (host.calibration_key(vlm, stage) for stage in range(len(host.layers)))
                if not calibration_path(key).exists()]
@@ -75,8 +75,8 @@ def prune_command(args) -> int:
     from PIL import Image
 
     import vlmtools
-    from vlmtools.inputs import chat_inputs, load_vlm
-    from vlmtools.zoo import world
+    from .inputs import chat_inputs, load_vlm
+    from vlmtools_zoo import world
 
     model, processor = load_vlm(args.model)
     vlm = vlmtools.wrap(model, processor)
@@ -103,9 +103,9 @@ def prune_command(args) -> int:
 def calibrate_command(args) -> int:
     """Fit the host's recency trend on held-out zoo scenes (val split, never test) and store it by name."""
     import vlmtools
-    from vlmtools.inputs import held_out_prompts, load_vlm
+    from .inputs import held_out_prompts, load_vlm
 
-    from . import calibrate
+    from pruning import calibrate
 
     model, processor = load_vlm(args.model)
     vlm = vlmtools.wrap(model, processor)

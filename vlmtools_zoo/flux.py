@@ -41,7 +41,7 @@ DIT_SIZE = (4, 4, 2)
 
 def transformer_config(heads: int = DIT_SIZE[0], double: int = DIT_SIZE[1], single: int = DIT_SIZE[2]) -> dict:
     """The DiT's config: the shipped size by default, a larger one to train on a GPU
-    (``python -m vlmtools.zoo.train flux-shapes --dit HEADS DOUBLE SINGLE``)."""
+    (``python -m vlmtools_zoo.train flux-shapes --dit HEADS DOUBLE SINGLE``)."""
     return dict(patch_size=1, in_channels=4 * LATENT_CHANNELS, num_layers=double, num_single_layers=single,
                 attention_head_dim=32, num_attention_heads=heads, joint_attention_dim=576,
                 pooled_projection_dim=576, guidance_embeds=False, axes_dims_rope=(8, 12, 12))
@@ -239,3 +239,6 @@ def load(folder: Path | None = None, weights: Path = WEIGHTS) -> ShapesFluxPipel
         if not assembled(folder, made := stamp(src, config)):
             write_folder(folder, made, build_pipeline(FluxTransformer2DModel.from_pretrained(weights / "transformer")))
     return ShapesFluxPipeline.from_pretrained(folder)
+
+
+from . import refam  # noqa: E402,F401  (imported for its effect:) registers ShapesFluxPipeline's RefAM source with grounding

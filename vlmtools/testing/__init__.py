@@ -1,0 +1,27 @@
+"""Tiny random-weight models of every supported family, built from the real transformers / diffusers
+classes, with matching inputs: for tests of code that wraps them (this project's and yours).
+
+>>> from vlmtools.testing import BUILDERS
+>>> model, inputs = BUILDERS["llava"]()          # fp32, eval mode, a left-padded batch of two
+>>> from vlmtools.testing import tiny_flux       # diffusers is imported on first use
+>>> transformer, kwargs = tiny_flux()
+"""
+from __future__ import annotations
+
+from importlib import import_module
+
+from .vlm import BUILDERS, IMAGE, VOCAB, left_padded, tiny_llava, tiny_llava_next, tiny_qwen2_5_vl, tiny_qwen2_vl
+
+_LAZY = {"tiny_flux": "dit", "tiny_sd3": "dit", "GRID": "dit", "TEXT": "dit",
+         "tiny_flux_pipeline": "pipelines", "tiny_sd3_pipeline": "pipelines", "tiny_tokenizer": "pipelines"}
+"""Names whose modules import diffusers: loaded when first asked for."""
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["BUILDERS", "IMAGE", "VOCAB", "left_padded", "tiny_llava", "tiny_llava_next", "tiny_qwen2_5_vl",
+           "tiny_qwen2_vl", *_LAZY]
