@@ -152,7 +152,7 @@ def test_bench_names_are_checked_against_what_exists():
 
 
 def test_answers_are_scored_by_their_first_word():
-    from vlmtools_app.inputs import first_word
+    from vlmtools.chat import first_word
 
     assert first_word(" Blue. It is blue") == "blue"
     assert first_word("3,") == "3"

@@ -13,6 +13,7 @@ import vlmtools
 from vlmtools.testing.dit import GRID, TEXT, tiny_flux
 from vlmtools.layout import ImageTokens, SampleLayout, Span, TokenLayout
 from vlmtools.record import RecordHidden
+from vlmtools_app import sinks as command
 from vlmtools.sinks import (
     PUBLISHED_SINK_DIMS,
     ColumnMassSink,
@@ -23,7 +24,6 @@ from vlmtools.sinks import (
     SinkDimensions,
     SinkReport,
     ValueDrain,
-    command,
     model_signature,
     visual_sink_positions,
 )

@@ -22,7 +22,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from .args import at_least
-from .inputs import chat_inputs, first_word, held_out_prompts
+from vlmtools.chat import chat_inputs, first_word
+
+from .inputs import held_out_prompts
 
 KEEP, LAYER = 16, 2  # 144 -> 16 visual tokens (11%, LLaVA-1.5's 576 -> 64), dropped from layer 2
 

@@ -74,7 +74,7 @@ def hallucination_bench_command(args) -> int:
     greedy decoding, VAR, GIFT and PAINT on held-out zoo scenes; Markdown tables and a JSON file. Shards across
     processes under torchrun / accelerate launch."""
     from . import bench, shard
-    from .inputs import chat_inputs, greedy
+    from vlmtools.chat import chat_inputs, greedy
     from vlmtools_zoo import world
 
     from hallucination.metrics import POPE_SPLITS, chair, pope_by_split

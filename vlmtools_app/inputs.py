@@ -1,7 +1,9 @@
-"""Loading a VLM by zoo name or folder, and turning images and questions into its inputs."""
+"""Loading a VLM by zoo name or folder, and the held-out zoo prompts calibrations fit on."""
 from __future__ import annotations
 
 from pathlib import Path
+
+from vlmtools.chat import chat_inputs
 
 
 def load_vlm(name_or_path: str):
@@ -21,16 +23,6 @@ def load_vlm(name_or_path: str):
     return AutoModelForImageTextToText.from_pretrained(name_or_path).eval(), AutoProcessor.from_pretrained(name_or_path)
 
 
-def chat_inputs(processor, images: list, questions: list[str], device=None) -> dict:
-    """A left-padded batch: one image then one question per user turn, through the processor's chat template."""
-    texts = [processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True)
-        for q in questions]
-    processor.tokenizer.padding_side = "left"
-    batch = processor(images=images, text=texts, return_tensors="pt", padding=True)
-    return {key: value.to(device) if device is not None else value for key, value in batch.items()}
-
-
 def held_out_prompts(processor, count: int, device=None):
     """Chat inputs, one prompt each, of the zoo world's first ``count`` val questions (``qa_items``): the
     held-out prompts that calibrations fit on, never an evaluation's ``test`` ones."""
@@ -38,18 +30,3 @@ def held_out_prompts(processor, count: int, device=None):
 
     return (chat_inputs(processor, [world.scene("val", i).image], [q.question], device)
             for i, q in world.qa_items("val", count))
-
-
-def greedy(vlm, inputs: dict, *interventions, max_new_tokens: int = 4) -> list[str]:
-    """The decoded greedy continuation of each prompt of ``inputs``, with ``interventions`` in use."""
-    import torch
-
-    with torch.no_grad(), vlm.use(*interventions):
-        out = vlm.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return vlm.processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def first_word(text: str) -> str:
-    """A one-word answer as scored: the text's first word, lower case, without trailing punctuation."""
-    words = text.strip().lower().split()
-    return words[0].strip(".,") if words else ""

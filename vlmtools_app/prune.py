@@ -75,7 +75,9 @@ def prune_command(args) -> int:
     from PIL import Image
 
     import vlmtools
-    from .inputs import chat_inputs, load_vlm
+    from vlmtools.chat import chat_inputs
+
+    from .inputs import load_vlm
     from vlmtools_zoo import world
 
     model, processor = load_vlm(args.model)

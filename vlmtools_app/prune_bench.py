@@ -99,7 +99,7 @@ def prune_bench_command(args) -> int:
     on held-out zoo questions, and where the kept tokens fall; Markdown tables and a JSON file. Shards
     across processes under torchrun / accelerate launch."""
     from . import bench, shard
-    from .inputs import chat_inputs, first_word, greedy
+    from vlmtools.chat import chat_inputs, first_word, greedy
     from vlmtools_zoo import world
 
     from pruning import HOSTS as CLASSES

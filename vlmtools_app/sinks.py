@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from .inputs import chat_inputs, load_vlm
+from vlmtools.chat import chat_inputs
+
+from .inputs import load_vlm
 from vlmtools.sinks.detector import DEFAULT, SinkDetector
 from vlmtools.sinks.report import SinkReport
 

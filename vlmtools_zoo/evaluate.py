@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 import vlmtools
-from vlmtools_app.inputs import first_word
+from vlmtools.chat import first_word
 from vlmtools.masks import heatmap_to_mask, iou, upsample
 from vlmtools.record import RecordBlock
 

@@ -30,8 +30,9 @@ LATENT_CHANNELS = 12
 WEIGHTS = Path(__file__).parent / "weights" / "flux-shapes"
 REFAM_BLOCKS = ("dit.single.0",)
 """The block RefAM and ``zoo.evaluate``'s grounding read on flux-shapes (its source's ``blocks``): the best
-one alone on ``val`` expressions (``benchmarks/grounding_quality.py --sweep-blocks``: mIoU 0.299, against
-0.221 for ``dit.single.1`` and at most 0.070 for a double-stream block). It is also RefAM's FLUX default,
+one alone on 30 ``val`` expressions with the shipped weights (``benchmarks/grounding_quality.py --sweep-blocks
+--sweep-n 30``: mIoU 0.280, against 0.167 for ``dit.single.1`` and at most 0.089 for a double-stream block;
+benchmarks/RESULTS.md). It is also RefAM's FLUX default,
 which the source states rather than inherits: it was measured, and the default may change."""
 
 

@@ -74,7 +74,7 @@ def default_blocks(dit) -> tuple[str, ...]:
 
     The paper reads "middle-to-late blocks" of real checkpoints; nothing of full size was
     measured here. A source that knows its model's best blocks overrides this (the zoo's
-    flux-shapes localises in its first double block: ``vlmtools_zoo.flux.REFAM_BLOCKS``,
+    flux-shapes localises best in its first single-stream block: ``vlmtools_zoo.flux.REFAM_BLOCKS``,
     measured with ``benchmarks/grounding_quality.py --sweep-blocks``).
     """
     names = [site.name for site in dit.sites]
