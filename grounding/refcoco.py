@@ -21,6 +21,26 @@ import numpy as np
 from skimage.draw import polygon
 
 
+class DataUnpickler(pickle.Unpickler):
+    """Reads a pickle of plain data only: dicts, lists, tuples, sets, strings, bytes and numbers.
+
+    A pickle names the classes it rebuilds and ``pickle.load`` imports and calls them, so a crafted
+    refs file could run any code; REFER's refs are plain containers and need no class. Python 2
+    pickles (REFER's own) have byte strings, read as latin-1 text.
+    """
+
+    PLAIN = {("builtins", "set"), ("builtins", "frozenset"), ("__builtin__", "set"), ("__builtin__", "frozenset")}
+
+    def __init__(self, file):
+        super().__init__(file, encoding="latin1")
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.PLAIN:
+            return super().find_class("builtins", name)
+        raise pickle.UnpicklingError(f"refuses to rebuild {module}.{name}: a REFER refs file holds plain data only "
+                                     "(dicts, lists, strings, numbers), and rebuilding a class can run code")
+
+
 @dataclass(frozen=True)
 class RefSample:
     image_path: Path
@@ -76,7 +96,10 @@ class RefCOCO(Sequence):
         self, refs_path: str | Path, instances_path: str | Path, image_dir: str | Path, split: str | None = "val"
     ):
         with open(refs_path, "rb") as f:
-            refs = pickle.load(f)
+            try:
+                refs = DataUnpickler(f).load()
+            except pickle.UnpicklingError as error:
+                raise ValueError(f"{refs_path}: {error}") from None
         instances = json.loads(Path(instances_path).read_text())
         self.image_dir = Path(image_dir)
         self.images = {im["id"]: im for im in instances["images"]}

@@ -1,7 +1,9 @@
 import doctest
+import io
 import json
 import pickle
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,3 +118,36 @@ def test_rle(rasteriser):
 
 def test_docstring_examples(rasteriser):
     assert doctest.testmod(refcoco).failed == 0
+
+
+class _RunsCode:
+    """What a crafted refs file could hold: unpickling it calls ``Path.touch``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_a_refs_file_that_would_run_code_is_refused(tmp_path):
+    refs, instances = write_dataset(tmp_path)
+    touched = tmp_path / "ran"
+    with open(refs, "wb") as f:
+        pickle.dump([{"ref_id": 0, "hook": _RunsCode(touched)}], f)
+    with pytest.raises(ValueError, match=r"refs.*refuses to rebuild pathlib.*Path.touch"):
+        RefCOCO(refs, instances, tmp_path / "train2014")
+    assert not touched.exists()
+    with open(refs, "rb") as f:  # the same file would have run it
+        pickle.load(f)
+    assert touched.exists()
+
+
+def test_plain_data_pickles_of_both_pythons_are_read(tmp_path):
+    from grounding.refcoco import DataUnpickler
+
+    data = [{"ref_id": 1, "sentences": [{"sent": "the man"}], "split": "val", "ids": {3, 4}}]
+    for protocol in (0, 2, pickle.HIGHEST_PROTOCOL):
+        assert DataUnpickler(io.BytesIO(pickle.dumps(data, protocol=protocol))).load() == data
+    python2_str = b"(lp0\n(dp1\nS'sent'\np2\nS'caf\\xe9'\np3\nsa."  # a Python 2 byte string
+    assert DataUnpickler(io.BytesIO(python2_str)).load() == [{"sent": "caf\xe9"}]
