@@ -18,8 +18,9 @@ from typing import Literal
 import numpy as np
 import torch
 
+from vlmtools.cache import cache_dir
+
 Fit = Literal["exponential", "cubic"]
-PACKAGE_CALIBRATION = Path(__file__).parent / "calibration"
 CUBIC_FLOOR = 1e-3
 """The cubic trend is clamped at this fraction of its maximum, so that a fit crossing zero never divides by ~0."""
 
@@ -105,7 +106,7 @@ class Debias:
 
     ``trend``: ``"calibrated"`` loads the file made by :func:`pruning.calibrate` for
     this (model, host, layer) from ``directory`` (default: ``$PRUNING_CALIBRATION``, else
-    the package's ``pruning/calibration``), a :class:`Trend` or path uses that one for
+    ``calibration/`` in the cache, ``$VLMTOOLS_CACHE`` or ``~/.cache/vlmtools``), a :class:`Trend` or path uses that one for
     every stage, None skips the trend. ``padding``/``sinks`` switch the ``m = 0`` terms; sinks are
     the visual tokens that :func:`vlmtools.sinks.visual_sink_positions` (VAR's sink dimensions)
     finds in the hidden states entering the drop layer.
@@ -138,7 +139,7 @@ class Debias:
 
 def calibration_path(key: str, directory: str | Path | None = None) -> Path:
     """``<directory>/<model>__<host>__<layer>.json``."""
-    directory = directory or os.environ.get("PRUNING_CALIBRATION") or PACKAGE_CALIBRATION
+    directory = directory or os.environ.get("PRUNING_CALIBRATION") or cache_dir() / "calibration"
     return Path(directory) / f"{key}.json"
 
 

@@ -2,6 +2,7 @@
 calibration files made, found by name and used; padding and sink suppression."""
 import json
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -200,3 +201,15 @@ def test_calibration_leaves_padded_patches_out():
     (trend,) = calibrate(vlm, FastV(keep=4, layer=1), [padded], save=False, progress=False,
                          padding=lambda x: letterbox_padding(x["pixel_values"], patch=8))
     assert trend.rows and len(trend.rows) == 2  # only the real lower two patch rows contribute
+
+
+def test_trends_are_kept_in_the_cache_never_in_the_package(tmp_path, monkeypatch):
+    import pruning
+    from pruning import calibration_path
+
+    monkeypatch.delenv("PRUNING_CALIBRATION", raising=False)
+    monkeypatch.setenv("VLMTOOLS_CACHE", str(tmp_path))
+    assert calibration_path("m__fastv__L2") == tmp_path / "calibration" / "m__fastv__L2.json"
+    monkeypatch.setenv("PRUNING_CALIBRATION", str(tmp_path / "mine"))
+    assert calibration_path("m__fastv__L2") == tmp_path / "mine" / "m__fastv__L2.json"
+    assert Path(pruning.__file__).parent not in calibration_path("m__fastv__L2").parents

@@ -12,16 +12,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from vlmtools.cache import cache_dir
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("VLMTOOLS_CACHE", Path.home() / ".cache" / "vlmtools"))
 
 
 def gguf_path() -> Path:
