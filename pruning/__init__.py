@@ -7,6 +7,7 @@
 from .calibrate import calibrate
 from .debias import Debias, Trend, calibration_path, debiased, fit_trend, model_key
 from .host import Host
+from .samples import DEFAULT_QUESTION, calibration_samples, image_question_pairs
 from .hosts import DART, FastV, PDrop, RandomPrune, SparseVLM, UniformGrid
 from .vision import FasterVLM, VisionZip
 
@@ -14,6 +15,7 @@ HOSTS = {host.name: host for host in (FastV, PDrop, SparseVLM, VisionZip, Faster
 """Host name -> class, as used in calibration file names and benchmark tables."""
 
 __all__ = [
+    "DEFAULT_QUESTION",
     "DART",
     "HOSTS",
     "Debias",
@@ -28,7 +30,9 @@ __all__ = [
     "VisionZip",
     "calibrate",
     "calibration_path",
+    "calibration_samples",
     "debiased",
     "fit_trend",
+    "image_question_pairs",
     "model_key",
 ]

@@ -142,3 +142,55 @@ def test_a_model_no_adapter_knows_is_refused_with_a_message(monkeypatch, capsys)
         main(["prune"])
     assert "vlmtools prune: error: vlmtools: unsupported model class Linear" in capsys.readouterr().err
     assert issubclass(UnsupportedModel, TypeError)  # what callers caught before it had a name
+
+
+def test_prune_debias_on_a_checkpoint_without_a_trend_says_how_to_calibrate(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PRUNING_CALIBRATION", str(tmp_path))
+    with pytest.raises(SystemExit) as exit:
+        main(["prune", "--model", "/models/my-llava", "--keep", "4", "--layers", "1", "--debias"])
+    assert exit.value.code == 2
+    out, err = capsys.readouterr()
+    assert "calibrate on your own images first: vlmtools calibrate --model /models/my-llava --host fastv --images DIR" in err
+    assert "plain" not in out and not list(tmp_path.iterdir())
+
+
+def test_calibrate_a_checkpoint_reads_the_users_images_never_shapes(tiny, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--model", "/models/my-llava", "--layers", "1", "--directory", str(tmp_path)])
+    assert "give --images DIR" in capsys.readouterr().err and not list(tmp_path.iterdir())
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, colour in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (20, 10 + i), colour).save(images / f"{i}.png")
+    (tmp_path / "questions.txt").write_text("What is this?\n\nWhere is it?\n")
+    seen = []
+    processor = vlmtools_app.inputs.load_vlm("x")[1]
+    real_call = processor.__call__
+    monkeypatch.setattr(type(processor), "__call__", lambda self, images, text, **kw: seen.append(
+        (images[0].size, text)) or real_call(images, text, **kw))
+    trends_dir = tmp_path / "trends"
+    assert main(["calibrate", "--model", "/models/my-llava", "--layers", "1", "--images", str(images),
+                 "--questions", str(tmp_path / "questions.txt"), "--directory", str(trends_dir)]) == 0
+    assert [size for size, _ in seen] == [(20, 10), (20, 11), (20, 12)]
+    assert len(list(trends_dir.glob("*fastv*L1*"))) == 1
+
+
+def test_image_question_pairs_take_the_questions_in_turn_and_refuse_empty_input(tmp_path):
+    from PIL import Image
+
+    from pruning import DEFAULT_QUESTION, image_question_pairs
+
+    for name in ("b.jpg", "a.png", "c.PNG"):
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "q.txt").write_text("one?\ntwo?\n")
+    assert [q for _, q in image_question_pairs(tmp_path, tmp_path / "q.txt")] == ["one?", "two?", "one?"]
+    assert [q for _, q in image_question_pairs(tmp_path)] == [DEFAULT_QUESTION] * 3
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no image files"):
+        image_question_pairs(tmp_path / "empty")
+    (tmp_path / "blank.txt").write_text("\n")
+    with pytest.raises(ValueError, match="no questions"):
+        image_question_pairs(tmp_path, tmp_path / "blank.txt")

@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from pruning.samples import DEFAULT_QUESTION
+
 from .args import at_least
 
 CALIBRATION_SAMPLES = 64
@@ -56,18 +58,26 @@ def keep_value(text: str) -> int | float:
     return value
 
 
-def ensure_trends(vlm, host, samples: int) -> None:
-    """Fit and store ``host``'s trend on ``samples`` val prompts where its calibration file is missing."""
-    from .inputs import held_out_prompts
-
+def ensure_trends(vlm, host, model: str, samples: int) -> None:
+    """Where ``host``'s calibration file is missing: on a zoo model, fit and store the trend on ``samples``
+    val prompts; on any other model refuse, saying how to calibrate it on its own kind of images (a
+    trend fitted on shapes would silently misdebias a real checkpoint)."""
+    import vlmtools_zoo as zoo
     from pruning import calibrate, calibration_path
+
+    from .inputs import held_out_prompts
 
     missing = [key for key in (host.calibration_key(vlm, stage) for stage in range(len(host.layers)))
                if not calibration_path(key).exists()]
-    if missing:
-        print(f"no calibrated trend {', '.join(missing)}: fitting it on {samples} val prompts "
-              f"(as `vlmtools calibrate` does) into {calibration_path(missing[0]).parent}", file=sys.stderr)
-        calibrate(vlm, host, held_out_prompts(vlm.processor, samples))
+    if not missing:
+        return
+    if model not in zoo.MODELS:
+        raise ValueError(f"no calibrated trend {missing[0]} in {calibration_path(missing[0]).parent}: calibrate on "
+                         f"your own images first: vlmtools calibrate --model {model} --host {host.name} "
+                         "--images DIR [--questions FILE]")
+    print(f"no calibrated trend {', '.join(missing)}: fitting it on {samples} val prompts "
+          f"(as `vlmtools calibrate` does) into {calibration_path(missing[0]).parent}", file=sys.stderr)
+    calibrate(vlm, host, held_out_prompts(vlm.processor, samples))
 
 
 def prune_command(args) -> int:
@@ -87,7 +97,7 @@ def prune_command(args) -> int:
     host = _host(args, args.debias)
     host.check(vlm)  # before the plain answer, not after it
     if args.debias:
-        ensure_trends(vlm, host, args.calibration_samples)
+        ensure_trends(vlm, host, args.model, args.calibration_samples)
     for name, interventions in (("plain", ()), (args.host, (host,))):
         start = time.perf_counter()
         with torch.no_grad(), vlm.use(*interventions):
@@ -103,16 +113,24 @@ def prune_command(args) -> int:
 
 
 def calibrate_command(args) -> int:
-    """Fit the host's recency trend on held-out zoo scenes (val split, never test) and store it by name."""
+    """Fit the host's recency trend on held-out inputs and store it by name: a folder of your images
+    (--images, with --questions), else, for a zoo model, the world's val scenes (never test)."""
     import vlmtools
+    import vlmtools_zoo as zoo
+    from pruning import calibrate, calibration_samples, image_question_pairs
+
     from .inputs import held_out_prompts, load_vlm
 
-    from pruning import calibrate
-
+    if args.images is None and args.model not in zoo.MODELS:
+        raise ValueError(f"{args.model} is no zoo model: give --images DIR (and --questions FILE) of the kind of "
+                         "images it will see; a trend fitted on shapes scenes would misdebias it")
+    if args.questions is not None and args.images is None:
+        raise ValueError("--questions goes with --images")
+    pairs = image_question_pairs(args.images, args.questions)[:args.samples] if args.images else None
     model, processor = load_vlm(args.model)
     vlm = vlmtools.wrap(model, processor)
-    trends = calibrate(vlm, _host(args, False), held_out_prompts(processor, args.samples), fit=args.fit,
-                       directory=args.directory)
+    samples = calibration_samples(processor, pairs) if pairs else held_out_prompts(processor, args.samples)
+    trends = calibrate(vlm, _host(args, False), samples, fit=args.fit, directory=args.directory)
     for trend in trends:
         print(trend)
     return 0
@@ -126,15 +144,20 @@ def register(subparsers) -> None:
     _add_common(parser, keep_default=16)
     parser.add_argument("--debias", action="store_true", help="debias the scores (calibrated trend, padding, sinks)")
     parser.add_argument("--calibration-samples", type=at_least(1), default=CALIBRATION_SAMPLES,
-                        help="with --debias, where no trend is calibrated yet: val prompts it is fitted on")
+                        help="with --debias on a zoo model with no trend calibrated yet: val prompts it is fitted on")
     parser.add_argument("--max-new-tokens", type=at_least(1), default=16, help="greedy tokens generated per answer")
     parser.set_defaults(run=prune_command)
 
     parser = subparsers.add_parser("calibrate", help="fit a host's recency trend on held-out inputs",
                                    description=calibrate_command.__doc__)
     _add_common(parser, keep_default=1.0)
-    parser.add_argument("--samples", type=at_least(1), default=CALIBRATION_SAMPLES, help="held-out prompts averaged")
+    parser.add_argument("--samples", type=at_least(1), default=CALIBRATION_SAMPLES,
+                        help="held-out prompts averaged (at most this many of --images)")
+    parser.add_argument("--images", help="a folder of your images to calibrate on (required for a non-zoo model)")
+    parser.add_argument("--questions", help="with --images: a text file of questions, one a line, taken in turn "
+                                            f"(default: {DEFAULT_QUESTION!r})")
     parser.add_argument("--fit", choices=["exponential", "cubic"], default="exponential",
                         help="trend shape: exponential (four released hosts) or cubic (FastV's released weights)")
-    parser.add_argument("--directory", help="where the trend file goes (default: the package's calibration folder)")
+    parser.add_argument("--directory", help="where the trend file goes (default: $PRUNING_CALIBRATION, else "
+                                             "calibration/ in $VLMTOOLS_CACHE or ~/.cache/vlmtools)")
     parser.set_defaults(run=calibrate_command)
