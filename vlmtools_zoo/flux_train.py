@@ -9,18 +9,18 @@ The loss on a token is weighted ``1 + OBJECT_WEIGHT`` x the fraction of it an
 object covers. Objects cover about 6 % of the tokens, so a plain mean is nearly
 all background, which the caption hardly predicts. Trained on that mean, the
 DiT barely used its caption: on object tokens another scene's caption raised
-the loss by 3 % at t = 0.3. It bound no words to objects (docs/zoo.md).
+the loss by 3 % at t = 0.3. It bound no words to objects (docs/zoo-history.md).
 
 Timesteps are drawn logit-normal as in SD3/FLUX training. Scenes, captions,
 timesteps and noise all come from the step number, so a resumed run draws what
 an uninterrupted one would, on any device. ``seed`` changes the DiT's initial
 weights and the noise, not the data: the grounding of this recipe varies with
-that draw as much as with any change of recipe tried (docs/zoo.md), so variants
+that draw as much as with any change of recipe tried (docs/zoo-history.md), so variants
 are compared over several seeds. The learning rate decays linearly toward step 2000,
 then restarts toward step 3000 (``RESTARTS``): the first shipped weights were trained to
 2000 steps and resumed to 3000. Training then went on from them in a new round
 (``ROUNDS``: a fresh optimiser and warm-up, and the decay restarted toward the last step),
-which lifted grounding (docs/zoo.md). The defaults are that whole run.
+which lifted grounding (docs/zoo-history.md). The defaults are that whole run.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Training of llava-shapes, in twelve resumable stages (see docs/zoo.md).
+"""Training of llava-shapes, in twelve resumable stages (see docs/zoo.md; their history: docs/zoo-history.md).
 
 1. ``tower``: the CLIP tower alone on the world's labels. A random tower gets
    too weak a gradient through 30 frozen LM layers to learn anything (measured,
@@ -18,12 +18,12 @@
    autocast where the CPU has native bf16: ``train_utils.autocast``).
 4. ``refine``: the align stage again on fresh chats, a warm restart with a new
    optimiser at half its learning rates (more alignment was the one lever
-   measured to help, docs/zoo.md).
+   measured to help, docs/zoo-history.md).
 5. ``bind``: the refine stage on chats of 10 questions drawn from all of each
    scene's questions, not one per type, a quarter of them opening with the
    listing. Crowded scenes then ask most about colour and shape: every wrong
    colour or shape answer of the refined models named another object of the
-   scene (docs/zoo.md), so the binding, not the seeing, is what fails.
+   scene (docs/zoo-history.md), so the binding, not the seeing, is what fails.
 6. ``probe``: the bind stage at a lower learning rate with the scene's existence
    probes (every object present, as many near-miss absent ones) among the
    questions: the bind stage's chats ask existence least, and it fell there.
@@ -38,11 +38,11 @@
 8. ``reprobe``: the probe stage again, its chats from their start, on the layer
    the LM now reads: stage 7's 300 LM steps left the LM still improving on it
    (600 more steps raised every question type but count on ``val``, 1200 count too;
-   1800 and 2400 gained less each time, docs/zoo.md).
+   1800 and 2400 gained less each time, docs/zoo-history.md).
 9. ``widen``: the probe stage on fresh chats with the LoRA widened from rank 8
    to 16 at the same scale (``widen_lora``): whether the LoRA's rank was what
    held the LM back once more steps at rank 8 had stopped paying. It was not
-   (600 steps at rank 16 moved ``val`` about as 600 at rank 8 had, docs/zoo.md),
+   (600 steps at rank 16 moved ``val`` about as 600 at rank 8 had, docs/zoo-history.md),
    but they were better steps than none, so the shipped weights have them.
 10. ``recount``: every probe of the tokens the LM reads counted at most 0.86
    while the pixels hold the count (0.999 from a small CNN): the tower lost it.
@@ -148,7 +148,7 @@ def tower_step(tower, heads, pixel_values, labels):
     return sum(losses.values()), losses, acc
 
 
-TOWER_RESTARTS = (600,)  # the shipped tower: 600 steps, then resumed to 2600 (docs/zoo.md)
+TOWER_RESTARTS = (600,)  # the shipped tower: 600 steps, then resumed to 2600 (docs/zoo-history.md)
 
 
 def train_tower(steps: int, batch: int = 32, lr: float = 1e-3, device: torch.device | str = "cpu"):
@@ -238,7 +238,7 @@ def reread_tower(tower, steps: int = REREAD_TOWER_STEPS, batch: int = 32, lr: fl
 
 
 COUNT_TOWER_STEPS = 5000
-COUNT_TOWER_RESTARTS = (2500,)  # session 19: 2500 steps, then resumed to 5000 (docs/zoo.md)
+COUNT_TOWER_RESTARTS = (2500,)  # stage 10a: 2500 steps, then resumed to 5000 (docs/zoo-history.md)
 COUNT_FIRST_SCENE = 70_000_000  # train scenes no other stage draws
 TALLY_TOWER_STEPS = 4000
 TALLY_FIRST_SCENE = 71_000_000  # past stage 10a's 5000 x 32
@@ -296,7 +296,7 @@ def count_tower(tower, layer: int, steps: int = COUNT_TOWER_STEPS, batch: int = 
     CLS, stage 1's per-patch centres (x ``centre``) and colour x shape on the same tokens, plus
     ``keep`` x the tokens' relative squared change from the tower's at the start, so that the
     LM's reading of them needs little realignment. Every probe of the tokens stage 9's LM reads
-    counts at most 0.86 while the pixels hold the count (docs/zoo.md). ``report(step, read,
+    counts at most 0.86 while the pixels hold the count (docs/zoo-history.md). ``report(step, read,
     heads)`` runs before each step (the benchmark's ``val`` reading). Checkpointed as ``stage``,
     on the ``train`` scenes from ``first_scene`` on; ``per_shape`` > 0 adds x it each shape's
     count from the token mean (``CountHeads.shape_counts_from_mean``)."""
@@ -540,7 +540,7 @@ def align_groups(head, tower, loras: dict[str, LoRA]) -> list[dict]:
 
 
 SHIPPED_STEPS = {"refine": 200, "bind": 300, "probe": 180, "reread": 300, "reprobe": 2400, "widen": 600,
-                 "recount": 1200, "tally": 1050, "census": 750}  # the shipped weights' stages 4-12 (docs/zoo.md)
+                 "recount": 1200, "tally": 1050, "census": 750}  # the shipped weights' stages 4-12 (docs/zoo-history.md)
 WIDE_RANK = 16  # the LoRA's rank from stage 9 on
 
 
@@ -592,7 +592,7 @@ def start_tally(model) -> None:
 
 def start_census(model) -> None:
     """Stage 12's start: ``count_tower`` again, on fresh scenes, now also on each shape's count:
-    stage 11's LM miscounted "how many <shape>s" far more often than all the shapes (docs/zoo.md)."""
+    stage 11's LM miscounted "how many <shape>s" far more often than all the shapes (docs/zoo-history.md)."""
     count_tower(model.model.vision_tower, model.config.vision_feature_layer, CENSUS_TOWER_STEPS, restarts=(),
                 stage="census_tower", first_scene=CENSUS_FIRST_SCENE, per_shape=PER_SHAPE_WEIGHT)
 

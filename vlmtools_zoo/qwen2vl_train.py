@@ -48,7 +48,7 @@ from .llava_train import (
 )
 from .train_utils import Checkpoint, autocast, training_device
 
-SHIPPED_STEPS = {"refine": 300, "bind": 400, "probe": 240}  # the shipped weights' stages 4-6 (docs/zoo.md)
+SHIPPED_STEPS = {"refine": 300, "bind": 400, "probe": 240}  # the shipped weights' stages 4-6 (docs/zoo-history.md)
 
 NAME = "qwen2vl-shapes"
 WINDOW = qwen2vl.MERGE ** 2

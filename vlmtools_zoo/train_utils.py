@@ -39,7 +39,7 @@ def schedule_end(step: int, steps: int, restarts: tuple[int, ...] = ()) -> int:
     """The step the learning-rate schedule decays toward at ``step``: the first warm restart
     after ``step`` (below ``steps``), else ``steps``. A run with a restart at r follows the
     schedule of a run to r resumed to ``steps``, as some shipped stages were trained
-    (docs/zoo.md), so one call reproduces them."""
+    (docs/zoo-history.md), so one call reproduces them."""
     return next((r for r in sorted(restarts) if step < r < steps), steps)
 
 
