@@ -35,14 +35,16 @@ def calibrate(vlm, host: Host, samples: Iterable[dict], fit: Fit = "exponential"
     if not host.attention_based:
         raise ValueError(f"{host.name} ranks without attention: it has no score trend to calibrate")
     probe = copy.copy(host)
-    probe.keep, probe.debias = 1.0, None
-    probe.collected = {stage: [] for stage in range(len(host.layers))}
+    probe.keep, probe.debias, probe.collect = 1.0, None, True
+    collected: dict[int, list] = {stage: [] for stage in range(len(host.layers))}
     for inputs in tqdm(samples, desc=f"calibrating {host.name}", disable=not progress):
         probe.padding = padding(inputs) if padding is not None else host.padding
-        with torch.no_grad(), vlm.use(probe):
+        with torch.no_grad(), vlm.use(probe) as trace:
             vlm.model(**inputs)
+        for stage, entries in trace[probe].collected.items():
+            collected[stage] += entries
     trends = []
-    for stage, entries in probe.collected.items():
+    for stage, entries in collected.items():
         if not entries:
             raise ValueError("pruning.calibrate: no samples with images were seen")
         key = host.calibration_key(vlm, stage)

@@ -7,6 +7,10 @@ sample by the (debiased) score, keeps the top ``R`` and always keeps every non-v
 token (text, layout tokens such as NeXT newlines, padding). Hosts differ only in
 :meth:`Host.score` (and, for merging hosts, :meth:`Host.select`).
 
+A host holds settings only: each block gets its own :class:`HostRun` (its scorers, trends
+and drop runtime), read after the block as ``trace[host]`` (``trace[host].kept_at(layer)``),
+so one host may serve several blocks, also at once on two threads.
+
 Batches: every sample keeps the same number of tokens (``DropTokens`` slices one
 tensor). Left-padding tokens are masked keys, so dropping or keeping them changes no
 output: a row shorter than the batch's widest keeps its padding tokens first, then its
@@ -97,20 +101,21 @@ class Host:
             raise ValueError(f"{self.name} ranks without attention; debiasing applies to attention-based hosts "
                              "(FastV, PDrop, SparseVLM, VisionZip, FasterVLM)")
         self.padding = padding
-        self.trends: dict[int, Trend | None] = {}
-        self.collected: dict[int, list] | None = None
-        self.vlm = self.state = self.drop = None
+        self.collect = False
+        """Calibration (:func:`pruning.calibrate`): drop nothing and keep each stage's raw scores
+        of real patches in ``trace[host].collected``."""
 
     # -- what a host defines ------------------------------------------------------------
-    def add_scorers(self, vlm, plan: Plan) -> None:
-        """Add the hooks :meth:`score` reads."""
+    def scorers(self, run: HostRun, vlm, plan: Plan) -> list[SiteRows]:
+        """Add the hooks :meth:`score` reads to ``plan``; they become ``run.scorers``."""
+        return []
 
-    def score(self, stage: int, hidden: torch.Tensor, kept: torch.Tensor, layout: TokenLayout,
+    def score(self, run: HostRun, stage: int, hidden: torch.Tensor, kept: torch.Tensor, layout: TokenLayout,
               targets: list[int]) -> torch.Tensor:
         """Raw score ``a`` of every present token, ``(B, n)`` aligned with ``kept`` (only visual ones are read)."""
         raise NotImplementedError
 
-    def select(self, sample: int, scores: torch.Tensor, columns: torch.Tensor, hidden: torch.Tensor,
+    def select(self, run: HostRun, sample: int, scores: torch.Tensor, columns: torch.Tensor, hidden: torch.Tensor,
                target: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Columns (of ``kept``) of the candidates to keep and, when merging, their new hidden states.
 
@@ -140,14 +145,10 @@ class Host:
         if self.layers[-1] >= vlm.num_layers:
             raise ValueError(f"{self.name}: drop layer {self.layers[-1]} >= the model's {vlm.num_layers} layers")
 
-    def attach(self, vlm, plan: Plan) -> None:
+    def attach(self, vlm, plan: Plan) -> HostRun:
         self.check(vlm)
-        self.vlm, self.state = vlm, plan.state
-        self.trends = {stage: self.debias.trend_for(self.calibration_key(vlm, stage)) if self.debias else None
-                       for stage in range(len(self.layers))}
-        self.add_scorers(vlm, plan)
-        self.drop = DropTokens({layer: partial(self._choose, stage) for stage, layer in enumerate(self.layers)})
-        self.drop.attach(vlm, plan)
+        run = plan.trace[self] = HostRun(self, vlm, plan)
+        return run
 
     @classmethod
     def refusal(cls, vlm) -> str | None:
@@ -160,12 +161,6 @@ class Host:
 
     unsupported: ClassVar[str] = ""
     """What to use instead on a family outside ``families``."""
-
-    def present_at(self, layer: int, batch: int, length: int, device) -> torch.Tensor:
-        """Original positions present in ``layer`` during the current prefill, ``(B, n)``."""
-        if layer < self.layers[0]:
-            return torch.arange(length, device=device).expand(batch, -1)
-        return self.drop.kept_at(layer)
 
     def budget(self, sample: int, count: int, padded: int) -> int:
         wanted = self.keep if isinstance(self.keep, int) else max(1, round(self.keep * count))
@@ -180,27 +175,73 @@ class Host:
             return budget
         return round(count * (budget / count) ** ((stage + 1) / len(self.layers)))
 
+    def _padded(self, layout, device) -> list[torch.Tensor]:
+        out, image_index = [], 0
+        for sample in layout.samples:
+            found = []
+            for image in sample.images:
+                flags = self.padding[image_index] if self.padding is not None else image.padding
+                image_index += 1
+                if flags is None:
+                    continue
+                if len(flags) != len(image):
+                    raise ValueError(f"padding mask of image {image_index - 1} has {len(flags)} entries for "
+                                     f"{len(image)} visual tokens")
+                found.append(image.positions[flags.bool().cpu()])
+            out.append(torch.cat(found).to(device) if found else torch.empty(0, dtype=torch.long, device=device))
+        return out
+
+
+class HostRun:
+    """One block of a host (``trace[host]``): its scorers, the trends it debiases by, and the
+    :class:`~vlmtools.drop.DropRun` whose choosers rank and keep.
+
+    ``kept_at(layer)``: original positions present in ``layer`` at the latest prefill;
+    ``collected`` (calibration only): per stage, ``(sample layout, visual indices, raw scores,
+    visual count)`` of each sample's real patches.
+    """
+
+    def __init__(self, host: Host, vlm, plan: Plan):
+        self.host, self.vlm, self.state = host, vlm, plan.state
+        stages = range(len(host.layers))
+        self.trends: dict[int, Trend | None] = {
+            stage: host.debias.trend_for(host.calibration_key(vlm, stage)) if host.debias else None for stage in stages}
+        self.collected: dict[int, list] | None = {stage: [] for stage in stages} if host.collect else None
+        self.scorers = host.scorers(self, vlm, plan)
+        self.drop = DropTokens({layer: partial(self._choose, stage)
+                                for stage, layer in enumerate(host.layers)}).attach(vlm, plan)
+
+    def kept_at(self, layer: int) -> torch.Tensor:
+        """Original positions present in ``layer`` (at or after the first drop) at the latest prefill, ``(B, n)``."""
+        return self.drop.kept_at(layer)
+
+    def present_at(self, layer: int, batch: int, length: int, device) -> torch.Tensor:
+        """Original positions present in ``layer`` during the current prefill, ``(B, n)``."""
+        if layer < self.host.layers[0]:
+            return torch.arange(length, device=device).expand(batch, -1)
+        return self.drop.kept_at(layer)
+
     def _choose(self, stage: int, state, hidden: torch.Tensor, kept: torch.Tensor):
-        layout: TokenLayout = state.layout
+        host, layout = self.host, state.layout
         layout.require_images()
         visual = [sample.visual_positions().to(kept.device) for sample in layout.samples]
         suppress = self._suppressed(stage, hidden, kept, layout)
-        budgets = [self.budget(b, len(v), len(suppress[b][0])) for b, v in enumerate(visual)]
-        targets = [self.stage_target(stage, len(v), r) for v, r in zip(visual, budgets)]
-        raw = self.score(stage, hidden, kept, layout, targets)
+        budgets = [host.budget(b, len(v), len(suppress[b][0])) for b, v in enumerate(visual)]
+        targets = [host.stage_target(stage, len(v), r) for v, r in zip(visual, budgets)]
+        raw = host.score(self, stage, hidden, kept, layout, targets)
         chosen = []
         for b, present in enumerate(kept):
             columns = torch.isin(present, visual[b]).nonzero().squeeze(1)
             index = torch.searchsorted(visual[b], present[columns])
             if self.collected is not None:  # calibration: raw scores of real (non-padding) patches
-                real = ~torch.isin(present[columns], self._padded(layout, kept.device)[b])
+                real = ~torch.isin(present[columns], host._padded(layout, kept.device)[b])
                 self.collected[stage].append((layout.samples[b], index[real].cpu(),
                                               raw[b, columns[real]].detach().float().cpu(), len(visual[b])))
                 continue
             padded, sinks = suppress[b]
-            flags = torch.isin(present[columns], torch.cat([padded, sinks])) if self.debias else None
+            flags = torch.isin(present[columns], torch.cat([padded, sinks])) if host.debias else None
             scores = debiased(raw[b, columns], index, len(visual[b]), self.trends[stage], flags)
-            keep, merged = self.select(b, scores, columns, hidden[b], min(targets[b], len(columns)))
+            keep, merged = host.select(self, b, scores, columns, hidden[b], min(targets[b], len(columns)))
             is_pad = torch.isin(present, layout.samples[b].padding.to(present.device))
             others = ~is_pad
             others[columns] = False
@@ -232,33 +273,17 @@ class Host:
 
     def _suppressed(self, stage, hidden, kept, layout) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per sample, the (padding, sink) visual positions whose ``m`` is 0."""
-        empty = torch.empty(0, dtype=torch.long, device=kept.device)
-        padded = self._padded(layout, kept.device) if self.debias and self.debias.padding else [empty] * len(layout)
-        if not (self.debias and self.debias.sinks):
+        host, empty = self.host, torch.empty(0, dtype=torch.long, device=kept.device)
+        padded = host._padded(layout, kept.device) if host.debias and host.debias.padding else [empty] * len(layout)
+        if not (host.debias and host.debias.sinks):
             return [(p, empty) for p in padded]
         full = hidden.new_zeros(hidden.shape[0], layout.seq_len, hidden.shape[-1])
         full.scatter_(1, kept[..., None].expand(-1, -1, hidden.shape[-1]), hidden)
-        layer = self.layers[stage]
+        layer = host.layers[stage]
         sinks = visual_sink_positions({layer: full}, layout, signature=model_signature(self.vlm.model.config),
                                       num_layers=self.vlm.num_layers, layers=(layer,),
-                                      **self.debias.sink_settings)
+                                      **host.debias.sink_settings)
         return [(p, s.to(kept.device)) for p, s in zip(padded, sinks)]
-
-    def _padded(self, layout, device) -> list[torch.Tensor]:
-        out, image_index = [], 0
-        for sample in layout.samples:
-            found = []
-            for image in sample.images:
-                flags = self.padding[image_index] if self.padding is not None else image.padding
-                image_index += 1
-                if flags is None:
-                    continue
-                if len(flags) != len(image):
-                    raise ValueError(f"padding mask of image {image_index - 1} has {len(flags)} entries for "
-                                     f"{len(image)} visual tokens")
-                found.append(image.positions[flags.bool().cpu()])
-            out.append(torch.cat(found).to(device) if found else torch.empty(0, dtype=torch.long, device=device))
-        return out
 
 
 def at_present(values: list[torch.Tensor], layout: TokenLayout, kept: torch.Tensor) -> torch.Tensor:

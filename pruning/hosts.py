@@ -23,11 +23,11 @@ class _LastQuery(Host):
 
     reads_previous_layer = True
 
-    def add_scorers(self, vlm, plan):
-        self.sites = [plan.attention(vlm.site(f"text.{layer - 1}"), SiteRows(_last_row)) for layer in self.layers]
+    def scorers(self, run, vlm, plan):
+        return [plan.attention(vlm.site(f"text.{layer - 1}"), SiteRows(_last_row)) for layer in self.layers]
 
-    def score(self, stage, hidden, kept, layout, targets):
-        return self.sites[stage].latest()[1][:, -1]
+    def score(self, run, stage, hidden, kept, layout, targets):
+        return run.scorers[stage].latest()[1][:, -1]
 
 
 class FastV(_LastQuery):
@@ -86,20 +86,21 @@ class SparseVLM(Host):
         super().__init__(keep, tuple(layers), **kwargs)
         self.recycle, self.merged = recycle, merged
 
-    def add_scorers(self, vlm, plan):
-        self.sites = [plan.attention(vlm.site(f"text.{layer - 1}"), SiteRows(partial(self.text_rows, layer - 1)))
-                      for layer in self.layers]
+    def scorers(self, run, vlm, plan):
+        return [plan.attention(vlm.site(f"text.{layer - 1}"), SiteRows(partial(self.text_rows, run, layer - 1)))
+                for layer in self.layers]
 
-    def text_rows(self, layer: int, call) -> torch.Tensor:
+    @staticmethod
+    def text_rows(run, layer: int, call) -> torch.Tensor:
         """Rows (indices into the tokens present in ``layer``) of any sample's question tokens."""
-        present = self.present_at(layer, call.query.shape[0], call.q_len, call.query.device)
+        present = run.present_at(layer, call.query.shape[0], call.q_len, call.query.device)
         rows = [torch.isin(present[b], sample.text.indices().to(present.device))
-                for b, sample in enumerate(self.state.layout.samples)]
+                for b, sample in enumerate(run.state.layout.samples)]
         return torch.stack(rows).any(0).nonzero().squeeze(1)
 
-    def score(self, stage, hidden, kept, layout, targets):
-        rows, probs = self.sites[stage].latest()
-        present = self.present_at(self.layers[stage] - 1, len(kept), probs.shape[-1], kept.device)
+    def score(self, run, stage, hidden, kept, layout, targets):
+        rows, probs = run.scorers[stage].latest()
+        present = run.present_at(self.layers[stage] - 1, len(kept), probs.shape[-1], kept.device)
         out = []
         for b, sample in enumerate(layout.samples):
             mine = torch.isin(present[b][rows], sample.text.indices().to(kept.device))
@@ -110,9 +111,9 @@ class SparseVLM(Host):
             out.append(attention[raters if raters.any() else slice(None)].mean(0))
         return torch.stack(out)
 
-    def select(self, sample, scores, columns, hidden, target):
+    def select(self, run, sample, scores, columns, hidden, target):
         if not self.recycle:
-            return super().select(sample, scores, columns, hidden, target)
+            return super().select(run, sample, scores, columns, hidden, target)
         order = columns[scores.argsort(descending=True, stable=True)]
         count = min(target - 1, math.ceil(self.merged * target)) if target > 1 else 0
         if not count:
@@ -147,11 +148,11 @@ class DART(Host):
         super().__init__(keep, (layer,), **kwargs)
         self.pivots = pivots
 
-    def add_scorers(self, vlm, plan):
-        self.site = plan.attention(vlm.site(f"text.{self.layers[0] - 1}"), SiteRows(keys=True))
+    def scorers(self, run, vlm, plan):
+        return [plan.attention(vlm.site(f"text.{self.layers[0] - 1}"), SiteRows(keys=True))]
 
-    def score(self, stage, hidden, kept, layout, targets):
-        norms = self.site.keys.float().pow(2).sum((1, 3)).sqrt()  # (B, n): heads concatenated
+    def score(self, run, stage, hidden, kept, layout, targets):
+        norms = run.scorers[0].keys.float().pow(2).sum((1, 3)).sqrt()  # (B, n): heads concatenated
         normed = torch.nn.functional.normalize(hidden.float(), dim=-1)
         out = []
         for b, sample in enumerate(layout.samples):
@@ -183,7 +184,7 @@ class RandomPrune(Host):
         super().__init__(keep, (layer,), **kwargs)
         self.seed = seed
 
-    def score(self, stage, hidden, kept, layout, targets):
+    def score(self, run, stage, hidden, kept, layout, targets):
         generator = torch.Generator().manual_seed(self.seed)
         return torch.rand(kept.shape, generator=generator).to(kept.device)
 
@@ -200,7 +201,7 @@ class UniformGrid(Host):
     def __init__(self, keep: int | float = 64, layer: int = 2, **kwargs):
         super().__init__(keep, (layer,), **kwargs)
 
-    def score(self, stage, hidden, kept, layout, targets):
+    def score(self, run, stage, hidden, kept, layout, targets):
         values = []
         for sample, target in zip(layout.samples, targets):
             grids = [grid for image in sample.images for grid in (image.tiles or [image.grid])]

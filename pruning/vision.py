@@ -29,26 +29,26 @@ class _ClsHost(Host):
 
     def __init__(self, keep: int | float = 64, **kwargs):
         super().__init__(keep, (0,), **kwargs)
-        self.vision_layer: int | None = None
 
     unsupported = ("It ranks by the vision encoder's [CLS] attention and Qwen2-VL / Qwen2.5-VL encoders have no [CLS] "
                    "token: use FastV, PDrop, SparseVLM or DART there.")
 
-    def add_scorers(self, vlm, plan):
+    def scorers(self, run, vlm, plan):
         config = vlm.model.config
         if config.vision_feature_select_strategy != "default" or not isinstance(config.vision_feature_layer, int):
             raise NotImplementedError(f"{self.name}: needs one vision_feature_layer and the 'default' strategy "
                                       "(CLS dropped), as LLaVA-1.5 / NeXT ship")
         depth = len(vlm.adapter.blocks(vlm.model, "vision"))
-        self.vision_layer = config.vision_feature_layer % (depth + 1) - 1
-        self.site = plan.attention(vlm.site(f"vision.{self.vision_layer}"), SiteRows(_cls_row, keys=self.keys_needed))
+        vision_layer = config.vision_feature_layer % (depth + 1) - 1
+        return [plan.attention(vlm.site(f"vision.{vision_layer}"), SiteRows(_cls_row, keys=self.keys_needed))]
 
-    def cls_scores(self, layout, kept) -> torch.Tensor:
-        _, probs = self.site.latest()  # (tiles, 1, 1 + patches)
+    @staticmethod
+    def cls_scores(run, layout, kept) -> torch.Tensor:
+        _, probs = run.scorers[0].latest()  # (tiles, 1, 1 + patches)
         return at_present(visual_order(probs[:, 0, 1:], layout), layout, kept)
 
-    def score(self, stage, hidden, kept, layout, targets):
-        return self.cls_scores(layout, kept)
+    def score(self, run, stage, hidden, kept, layout, targets):
+        return self.cls_scores(run, layout, kept)
 
 
 class FasterVLM(_ClsHost):
@@ -57,7 +57,7 @@ class FasterVLM(_ClsHost):
     name = "fastervlm"
 
     def options(self):
-        return {"site": f"vision.{self.vision_layer} [CLS] row (paper: second-to-last layer)", "heads": "mean"}
+        return {"site": "[CLS] row of the vision_feature_layer (paper: second-to-last layer)", "heads": "mean"}
 
 
 class VisionZip(_ClsHost):
@@ -78,13 +78,8 @@ class VisionZip(_ClsHost):
             raise ValueError("dominant must be in (0, 1] and merge 'sum' or 'mean'")
         super().__init__(keep, **kwargs)
         self.dominant, self.merge = dominant, merge
-        self.features: list[torch.Tensor] = []
 
-    def score(self, stage, hidden, kept, layout, targets):
-        self.features = visual_order(self.site.keys.float().mean(1)[:, 1:], layout)
-        return self.cls_scores(layout, kept)
-
-    def select(self, sample, scores, columns, hidden, target):
+    def select(self, run, sample, scores, columns, hidden, target):
         dominant = max(1, min(target, round(target * self.dominant)))
         order = scores.argsort(descending=True, stable=True)
         rest = order[dominant:].sort().values
@@ -94,12 +89,13 @@ class VisionZip(_ClsHost):
         targets = rest[::max(1, len(rest) // contextual)][:contextual]
         sources = rest[~torch.isin(rest, targets)]
         candidates = hidden[columns]
-        merged = merge_into(candidates, targets, sources, self.features[sample].to(hidden.device), self.merge)
+        features = visual_order(run.scorers[0].keys.float().mean(1)[:, 1:], run.state.layout)[sample]
+        merged = merge_into(candidates, targets, sources, features.to(hidden.device), self.merge)
         return (torch.cat([columns[order[:dominant]], columns[targets]]),
                 torch.cat([candidates[order[:dominant]].float(), merged]))
 
     def options(self):
-        return {"site": f"vision.{self.vision_layer} [CLS] row", "dominant": self.dominant,
+        return {"site": "[CLS] row of the vision_feature_layer", "dominant": self.dominant,
                 "merge": f"{self.merge} ('sum' = released code) of projected features by key cosine"}
 
 

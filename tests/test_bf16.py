@@ -28,23 +28,25 @@ def bf16(family):
 
 
 def decode(family, intervention):
+    """Decode three tokens in bf16 under ``intervention``; checks finite scores and returns the trace."""
     model, inputs = bf16(family)
-    with torch.no_grad(), vlmtools.wrap(model).use(intervention):
+    with torch.no_grad(), vlmtools.wrap(model).use(intervention) as trace:
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False, suppress_tokens=SPECIAL,
                              output_scores=True, return_dict_in_generate=True)
     assert out.sequences.shape[1] == inputs["input_ids"].shape[1] + 3
     assert all(torch.isfinite(s[:, :min(SPECIAL)]).all() for s in out.scores)  # past it: suppressed, -inf
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    return trace
 
 
 @pytest.mark.parametrize("family,host", CASES)
 def test_hosts_decode_in_bf16_keeping_their_budget(family, host):
     pruner = make(host, 4)
-    decode(family, pruner)
+    run = decode(family, pruner)[pruner]
     if host not in ("fastervlm", "visionzip"):  # those drop inside the vision tower
-        kept = pruner.drop.kept_at(pruner.layers[-1])
+        kept = run.kept_at(pruner.layers[-1])
         visual = [int(torch.isin(kept[row], sample.visual_positions().to(kept.device)).sum())
-                  for row, sample in enumerate(pruner.state.layout.samples)]
+                  for row, sample in enumerate(run.state.layout.samples)]
         # rows keep equal lengths (pruning.host): where a row cannot drop as many, another keeps more
         assert min(visual) == 4, visual
 
@@ -53,8 +55,7 @@ def test_hosts_decode_in_bf16_keeping_their_budget(family, host):
 @pytest.mark.parametrize("method", list(METHODS))
 def test_methods_decode_in_bf16(family, method):
     edit = METHODS[method]()
-    decode(family, edit)
-    assert edit.settings["method"] == method.upper()
+    assert decode(family, edit)[edit].settings["method"] == method.upper()
 
 
 @pytest.mark.parametrize("build", [tiny_flux_pipeline, tiny_sd3_pipeline])

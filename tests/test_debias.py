@@ -66,9 +66,9 @@ def test_calibrate_writes_a_file_that_debias_finds_by_name(tmp_path, capsys):
     assert stored["fit"] == "exponential" and stored["samples"] == 2 and len(stored["rows"]) == 4
     assert Trend.load(path) == trends[0]
     host = FastV(keep=4, layer=1, debias=Debias(directory=tmp_path))
-    with torch.no_grad(), vlm.use(host):
+    with torch.no_grad(), vlm.use(host) as trace:
         model(**inputs)
-    assert host.trends[0] == trends[0] and host.settings["debias"]["trend"] == "calibrated"
+    assert trace[host].trends[0] == trends[0] and host.settings["debias"]["trend"] == "calibrated"
     with pytest.raises(FileNotFoundError, match="pruning.calibrate"):
         with vlm.use(FastV(keep=4, layer=2, debias=Debias(directory=tmp_path))):
             model(**inputs)
@@ -82,10 +82,10 @@ def test_debiasing_moves_the_choice_away_from_the_trend():
     chosen = {}
     for name, debias in (("plain", False), ("debiased", Debias(trend=steep, sinks=False))):
         host = FastV(keep=4, layer=1, debias=debias)
-        with torch.no_grad(), vlm.use(host):
+        with torch.no_grad(), vlm.use(host) as trace:
             model(**inputs)
         visual = vlm.layout(inputs).visual_positions()
-        kept = host.drop.kept_at(1)
+        kept = trace[host].kept_at(1)
         chosen[name] = torch.stack([k[torch.isin(k, v)] - v[0] for k, v in zip(kept, visual)]).float().mean()
     assert chosen["debiased"] < chosen["plain"]
     assert chosen["debiased"] <= 1.5  # the first four-ish tokens
@@ -101,10 +101,10 @@ def test_letterbox_padding_lowers_the_budget_and_is_never_kept():
     assert padding.view(2, 4, 4)[0].nonzero()[:, 0].unique().tolist() == [0]
     assert padding.view(2, 4, 4)[1].nonzero()[:, 1].unique().tolist() == [3]
     host = FastV(keep=14, layer=1, debias=Debias(trend=None, sinks=False), padding=padding)
-    with torch.no_grad(), vlm.use(host):
+    with torch.no_grad(), vlm.use(host) as trace:
         model(**{**inputs, "pixel_values": pixels})
     layout = vlm.layout(inputs)
-    for b, (sample, kept) in enumerate(zip(layout.samples, host.drop.kept_at(1))):
+    for b, (sample, kept) in enumerate(zip(layout.samples, trace[host].kept_at(1))):
         visual = sample.visual_positions()
         kept_visual = kept[torch.isin(kept, visual)]
         assert len(kept_visual) == 12  # min(14, 16 - 4 padded)
@@ -129,10 +129,10 @@ def test_a_letterboxing_processors_padding_is_read_from_the_pixels_in_a_forward_
         kept = {}
         for vlm, padding in ((vlmtools.wrap(model, letterboxing), None), (vlmtools.wrap(model), expected)):
             host = FastV(keep=14, layer=1, debias=Debias(trend=None, sinks=False), padding=padding)
-            with torch.no_grad(), vlm.use(host):
+            with torch.no_grad(), vlm.use(host) as trace:
                 run()
-            kept[padding is None] = host.drop.kept_at(1)
-            images = host.state.layout.images()
+            kept[padding is None] = trace[host].kept_at(1)
+            images = trace[host].state.layout.images()
             if padding is None:
                 assert torch.equal(torch.stack([image.padding for image in images]), expected), name
             else:
@@ -170,9 +170,9 @@ def test_visual_sinks_from_the_shared_detector_are_suppressed():
     kept = {}
     for sinks in (False, True):
         host = FastV(keep=15, layer=1, debias=Debias(trend=None, sinks=sinks, sink_settings={"tau": 5.0}))
-        with torch.no_grad(), vlm.use(Plant(), host):
+        with torch.no_grad(), vlm.use(Plant(), host) as trace:
             model(**inputs)
-        kept[sinks] = [int(t) in k.tolist() for t, k in zip(target, host.drop.kept_at(1))]
+        kept[sinks] = [int(t) in k.tolist() for t, k in zip(target, trace[host].kept_at(1))]
     assert kept[True] == [False, False]
     assert any(kept[False])
 

@@ -23,11 +23,12 @@ def keep_every_other_visual(layout):
 
 @torch.no_grad()
 def hidden_then_pruned(vlm, inputs, layer, drop):
-    """The residual stream entering ``layer`` unpruned, then the logits under ``drop``."""
+    """The residual stream entering ``layer`` unpruned, then the logits and the kept positions under ``drop``."""
     with vlm.use(vlmtools.RecordHidden([layer])) as trace:
         vlm.model(**inputs)
-    with vlm.use(drop):
-        return trace[f"text.{layer}.resid_pre"][0], vlm.model(**inputs).logits
+    with vlm.use(drop) as pruned:
+        logits = vlm.model(**inputs).logits
+    return trace[f"text.{layer}.resid_pre"][0], logits, pruned[drop].kept_at(layer)
 
 
 def tail_model(language_model, start):
@@ -44,9 +45,8 @@ def test_pruned_forward_equals_the_kept_tokens_alone(layer):
     vlm = vlmtools.wrap(model)
     chooser = keep_every_other_visual(None)
     drop = DropTokens({layer: chooser})
-    hidden, pruned = hidden_then_pruned(vlm, inputs, layer, drop)
+    hidden, pruned, kept = hidden_then_pruned(vlm, inputs, layer, drop)
     with torch.no_grad():
-        kept = drop.kept_at(layer)
         n = inputs["input_ids"].shape[1]
         positions = torch.arange(n).expand(2, -1).gather(1, kept)
         mask = inputs["attention_mask"].gather(1, kept)
@@ -126,11 +126,10 @@ def test_merging_chooser_replaces_the_kept_hidden_states():
         return keep, merged
 
     drop = DropTokens({layer: merge})
-    hidden, pruned = hidden_then_pruned(vlm, inputs, layer, drop)
+    hidden, pruned, kept = hidden_then_pruned(vlm, inputs, layer, drop)
     with torch.no_grad():
         with vlm.use(DropTokens({layer: keep_even})):
             plain_drop = model(**inputs).logits
-        kept = drop.kept_at(layer)
         reference_in = hidden.gather(1, kept[..., None].expand(-1, -1, hidden.shape[-1])).clone()
         for b in range(2):
             visual = vlm.layout(inputs).samples[b].visual_positions()

@@ -88,22 +88,23 @@ def test_pruned_forward_equals_the_kept_tokens_alone(family, pruner):
     with torch.no_grad():
         with vlm.use(probe):
             model(**inputs)
-        with vlm.use(pruner):
+        with vlm.use(pruner) as trace:
             pruned = model(**inputs).logits
-        kept = pruner.drop.kept_at(start)
+        kept = trace[pruner].kept_at(start)
         expected, real = kept_alone(model, vlm, start, probe.seen["hidden"], probe.seen["rotary"],
                                     inputs["attention_mask"], kept)
     assert pruned.shape[1] == kept.shape[1] < inputs["input_ids"].shape[1]
     torch.testing.assert_close(pruned[real], expected[real], atol=1e-5, rtol=0)
 
 
-def frozen(host, prompt_len):
-    """The host's prefill choice, replayed on longer sequences (generated tokens always kept).
+def frozen(host, run, prompt_len):
+    """The host's prefill choice (``run``: its block's ``trace[host]``), replayed on longer sequences
+    (generated tokens always kept).
 
     A language-model host ranks by the last query row, which changes as tokens are appended:
     recomputation without cache must reuse the prefill's choice to be the same computation.
     """
-    chosen = {layer: host.drop.kept[layer].clone() for layer in host.layers}
+    chosen = {layer: run.drop.kept[layer].clone() for layer in host.layers}
     return DropTokens({layer: lambda state, hidden, kept, layer=layer: torch.cat(
         [chosen[layer], kept[kept >= prompt_len].view(len(kept), -1)], 1) for layer in host.layers})
 
@@ -116,9 +117,9 @@ def test_cached_greedy_decoding_equals_recomputation(family, host):
     vlm = vlmtools.wrap(model)
     steps = 3
     pruner = make(host, 4)
-    with torch.no_grad(), vlm.use(pruner):
+    with torch.no_grad(), vlm.use(pruner) as trace:
         out = generate(model, inputs, output_scores=True, return_dict_in_generate=True)
-    replay = make(host, 4) if host in VISION_HOSTS else frozen(pruner, inputs["input_ids"].shape[1])
+    replay = make(host, 4) if host in VISION_HOSTS else frozen(pruner, trace[pruner], inputs["input_ids"].shape[1])
     images = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
     sequence, mask = inputs["input_ids"], inputs["attention_mask"]
     with torch.no_grad(), vlm.use(replay):
@@ -151,9 +152,9 @@ def test_each_sample_keeps_its_budget_and_every_non_visual_token(host):
     model, inputs = tiny("llava_next")
     vlm = vlmtools.wrap(model)
     pruner = make(host, 6)
-    with torch.no_grad(), vlm.use(pruner):
+    with torch.no_grad(), vlm.use(pruner) as trace:
         model(**inputs)
-        kept = pruner.drop.kept_at(vlm.num_layers - 1)
+    kept = trace[pruner].kept_at(vlm.num_layers - 1)
     layout = vlm.layout(inputs)
     for sample, positions in zip(layout.samples, kept):
         visual = torch.isin(positions, sample.visual_positions())

@@ -44,28 +44,40 @@ class PrunedCacheLayer(DynamicLayer):
         return super().get_seq_length() + self.dropped
 
 
-class DropTokens(LayerHook):
+class DropTokens:
     """Intervention: at each ``layer`` of ``stages`` keep only what its chooser picks.
 
-    >>> with vlm.use(DropTokens({2: keep_first_half})):
+    What one block kept is its :class:`DropRun`, ``trace[drop]``:
+
+    >>> drop = DropTokens({2: keep_first_half})
+    >>> with vlm.use(drop) as trace:
     ...     model.generate(**inputs)
+    >>> trace[drop].kept_at(2)          # (B, n) original positions present in layer 2
     """
 
     def __init__(self, stages: dict[int, Chooser]):
         if not stages or min(stages) < 0:
             raise ValueError("stages must map decoder-layer indices >= 0 to choosers")
         self.stages = dict(sorted(stages.items()))
-        self.kept: dict[int, torch.Tensor] = {}
-        self.prompt_len = 0
-        self.state: ForwardState | None = None
 
-    def attach(self, vlm, plan: Plan) -> None:
-        self.state = plan.state
+    def attach(self, vlm, plan: Plan) -> DropRun:
         first = min(self.stages)
         if first >= vlm.num_layers:
             raise ValueError(f"drop layer {first} >= the model's {vlm.num_layers} decoder layers")
+        run = plan.trace[self] = DropRun(self.stages, plan.state)
         for index in range(first, vlm.num_layers):
-            plan.layer(index, vlm.layers[index], self)
+            plan.layer(index, vlm.layers[index], run)
+        return run
+
+
+class DropRun(LayerHook):
+    """One block of :class:`DropTokens`: the hook on its layers and what each drop layer kept."""
+
+    def __init__(self, stages: dict[int, Chooser], state: ForwardState):
+        self.stages, self.state = stages, state
+        self.kept: dict[int, torch.Tensor] = {}
+        """Drop layer -> original positions it kept at the latest prefill, ``(B, n)``."""
+        self.prompt_len = 0
 
     def kept_at(self, index: int) -> torch.Tensor:
         """Original positions present in layer ``index`` during the last prefill, ``(B, n)``."""

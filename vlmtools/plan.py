@@ -135,21 +135,49 @@ class LayerHook:
 
 
 class Chunks(list):
-    """The row chunks of one call's record, joined along the query dim when first read."""
+    """The row chunks of one call's record (the seam may hand rows over in several chunks)."""
+
+    def joined(self) -> torch.Tensor:
+        """The chunks joined along the query dim; the join is kept until another chunk lands."""
+        if len(self) == 1:
+            return self[0]
+        cached = getattr(self, "_joined", None)
+        if cached is None or cached[0] != len(self):
+            self._joined = cached = (len(self), torch.cat(self, 2))
+        return cached[1]
 
 
 class Trace(dict):
-    """Records of one ``use`` block: ``trace["text.3.rows"]`` is a list, one entry per call.
+    """What one ``use`` block recorded and computed.
 
-    Recorders write with ``setdefault``; reading an entry joins its row chunks.
+    * A string key holds a recorder's entries, one per call: ``trace["text.3.rows"]``.
+      Recorders write with ``setdefault``; reading an entry joins its row chunks into a
+      new list, so a read (also from a hook in the middle of a forward) changes nothing
+      that is read after it.
+    * An intervention as key gives what that intervention computed in this block (the
+      run its ``attach`` made): ``trace[host].kept_at(2)``, ``trace[var].sinks``. The
+      intervention object itself holds only settings, so one object may serve several
+      blocks, also at once on two threads, each with its own trace.
     """
 
+    def __init__(self):
+        super().__init__()
+        self._runs: dict[int, tuple[Any, Any]] = {}
+
     def __getitem__(self, key):
-        entries = super().__getitem__(key)
-        for index, entry in enumerate(entries):
-            if isinstance(entry, Chunks):
-                entries[index] = torch.cat(entry, 2)
-        return entries
+        if not isinstance(key, str):
+            try:
+                return self._runs[id(key)][1]
+            except KeyError:
+                raise KeyError(f"vlmtools: {type(key).__name__} was not used in this block") from None
+        return [entry.joined() if isinstance(entry, Chunks) else entry for entry in super().__getitem__(key)]
+
+    def __setitem__(self, key, value):
+        if isinstance(key, str):
+            return super().__setitem__(key, value)
+        if id(key) in self._runs:
+            raise ValueError(f"vlmtools: one {type(key).__name__} used twice in one block; make a second one")
+        self._runs[id(key)] = (key, value)  # the intervention is held so that its id stays its own
 
 
 class StopForward(Exception):
