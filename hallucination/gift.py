@@ -116,7 +116,7 @@ def question_tokens(ids: torch.Tensor, start: int, tokenizer, question: str | No
     return inside, content, words.tagger
 
 
-class GIFT(AttentionHook):
+class GIFT:
     """Gaze-shift guided enhancement of the last query row on ``layers``.
 
     ``saliency_layer="auto"`` is the paper's choice (largest total shift), an int the
@@ -124,8 +124,12 @@ class GIFT(AttentionHook):
     (or one for all); without them the whole text after the image is the question.
     Presets: :attr:`PRESETS` (0-indexed layers as the authors ship them), via :meth:`preset`.
 
-    >>> with vlm.use(GIFT.preset("llava-1.5-7b", questions=["Is there a dog?"])):
+    What one block computed is its :class:`GIFTRun`, ``trace[gift]``:
+
+    >>> gift = GIFT.preset("llava-1.5-7b", questions=["Is there a dog?"])
+    >>> with vlm.use(gift) as trace:
     ...     out = model.generate(**inputs, max_new_tokens=32)
+    >>> trace[gift].saliency, trace[gift].factor, trace[gift].settings["chosen_layer"]
     """
 
     PRESETS: ClassVar[dict[str, dict]] = {
@@ -139,7 +143,6 @@ class GIFT(AttentionHook):
                  tagger: Literal["auto", "spacy", "stopwords"] = "auto"):
         self.alpha, self.saliency_layer, self.layers, self.tagger = alpha, saliency_layer, layers, tagger
         self.questions = [questions] if isinstance(questions, str) else questions
-        self.settings: dict = {}
 
     @classmethod
     def preset(cls, name: str, **overrides) -> GIFT:
@@ -147,22 +150,34 @@ class GIFT(AttentionHook):
             raise KeyError(f"no GIFT preset {name!r}; presets are {sorted(cls.PRESETS)}")
         return cls(**{**cls.PRESETS[name], **overrides})
 
-    def attach(self, vlm, plan) -> None:
+    def attach(self, vlm, plan) -> GIFTRun:
+        run = plan.trace[self] = GIFTRun(self, vlm, plan)
+        return run
+
+
+class GIFTRun(AttentionHook):
+    """One block of :class:`GIFT` (``trace[gift]``): its hook and, from the latest prefill, ``saliency``
+    (``(B, L)`` gaze-shift map of each sample's chosen layer), ``factor`` (``(B, L)``, ``exp(alpha * S)``
+    on visual keys, 1 elsewhere) and ``settings`` (with the tagger and each sample's chosen layer)."""
+
+    def __init__(self, gift: GIFT, vlm, plan):
         num_layers = vlm.num_layers
-        edit = sorted(self.layers) if self.layers is not None else list(
+        edit = sorted(gift.layers) if gift.layers is not None else list(
             range(round(num_layers * 12 / 32), round(num_layers * 23 / 32)))
-        if self.saliency_layer == "auto":
+        if gift.saliency_layer == "auto":
             candidates = list(range(min(edit)))
         else:
-            candidates = [int(self.saliency_layer)]
+            candidates = [int(gift.saliency_layer)]
         if not edit or not candidates or max(edit + candidates) >= num_layers:
             raise ValueError(f"GIFT: layers {edit} / saliency layer(s) {candidates} do not fit a "
                              f"{num_layers}-layer model; pass layers= and saliency_layer=")
-        self.edit, self.candidates, self.state = set(edit), candidates, plan.state
+        self.gift, self.edit, self.candidates, self.state = gift, set(edit), candidates, plan.state
         self.tokenizer = getattr(vlm.processor, "tokenizer", vlm.processor)
-        self.settings = {"method": "GIFT", "variant": "paper" if self.saliency_layer == "auto" else "released",
-                         "alpha": self.alpha, "saliency_layer": self.saliency_layer,
+        self.settings = {"method": "GIFT", "variant": "paper" if gift.saliency_layer == "auto" else "released",
+                         "alpha": gift.alpha, "saliency_layer": gift.saliency_layer,
                          "candidates": candidates, "layers": edit, "tagger": None, "chosen_layer": None}
+        self.saliency: torch.Tensor | None = None
+        self.factor: torch.Tensor | None = None
         self._layout = None
         for index in sorted(self.edit | set(candidates)):
             plan.attention(vlm.site(f"text.{index}"), self)
@@ -170,11 +185,11 @@ class GIFT(AttentionHook):
     def _new_prompt(self) -> None:
         """Question and content tokens of every sample; forget the previous prompt's saliency."""
         layout, ids = self.state.layout, self.state.input_ids
-        questions = self.questions or [None] * len(layout)
+        questions = self.gift.questions or [None] * len(layout)
         if len(questions) == 1:
             questions = questions * len(layout)
         found = [question_tokens(ids[b, s.text.start:s.text.stop].tolist(), s.text.start, self.tokenizer, q,
-                                 self.tagger) for b, (s, q) in enumerate(zip(layout.samples, questions))]
+                                 self.gift.tagger) for b, (s, q) in enumerate(zip(layout.samples, questions))]
         if any(not content for _, content, _ in found):
             raise ValueError("GIFT: a prompt's question has no content word to read gaze shifts from")
         self.settings["tagger"] = found[0][2]
@@ -184,7 +199,7 @@ class GIFT(AttentionHook):
         self.content_rows = content.any(0).nonzero()[:, 0]
         self.row_mask = content[:, self.content_rows]
         self.saliency_rows = torch.unique(torch.cat([self.content_rows, self.content_rows - 1]))
-        self._layout, self._buffers, self._maps, self.factor = layout, {}, {}, None
+        self._layout, self._buffers, self._maps, self.saliency, self.factor = layout, {}, {}, None, None
 
     def rows(self, call):
         index, device = call.site.index, call.query.device
@@ -226,6 +241,6 @@ class GIFT(AttentionHook):
     def _choose(self) -> None:
         totals = torch.stack([self._maps[index][1] for index in self.candidates], 1)  # (B, candidates)
         chosen = totals.argmax(1)
-        maps = torch.stack([self._maps[self.candidates[int(c)]][0][b] for b, c in enumerate(chosen)])
+        self.saliency = torch.stack([self._maps[self.candidates[int(c)]][0][b] for b, c in enumerate(chosen)])
         self.settings["chosen_layer"] = [self.candidates[int(c)] for c in chosen]
-        self.factor = saliency_factor(maps, self.visual, self.alpha)
+        self.factor = saliency_factor(self.saliency, self.visual, self.gift.alpha)

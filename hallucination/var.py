@@ -52,7 +52,7 @@ def redistribute(probs: torch.Tensor, visual: torch.Tensor, sinks: torch.Tensor,
     return torch.where(selected, edited, probs), selected[..., 0]
 
 
-class VAR(AttentionHook, LayerHook):
+class VAR:
     """Visual attention redistribution on layers 2 .. L-2 (``variant="released"``: 2 .. L-1).
 
     ``p``: the paper's meaning is the fraction of sink attention moved; the released
@@ -61,8 +61,12 @@ class VAR(AttentionHook, LayerHook):
     sink dimensions; by default the detector uses the published table, else discovers
     them on each layer's input.
 
-    >>> with vlm.use(VAR(rho=0.5, p=0.6)):
+    What one block found and ran with is its :class:`VARRun`, ``trace[var]``:
+
+    >>> var = VAR(rho=0.5, p=0.6)
+    >>> with vlm.use(var) as trace:
     ...     out = model.generate(**inputs, max_new_tokens=32)
+    >>> trace[var].sinks[2], trace[var].settings
     """
 
     def __init__(self, rho: float = 0.5, p: float = 0.6, tau: float = 20.0,
@@ -77,25 +81,34 @@ class VAR(AttentionHook, LayerHook):
             raise ValueError(f"VAR tau must be positive, got {tau}")
         self.rho, self.p, self.tau, self.variant, self.min_image, self.dims = rho, p, tau, variant, min_image, dims
         self.moved = p if variant == "paper" else 1 - p
-        self.settings: dict = {}
-        self.sinks: dict[int, list[torch.Tensor]] = {}
 
-    def attach(self, vlm, plan) -> None:
+    def attach(self, vlm, plan) -> VARRun:
+        run = plan.trace[self] = VARRun(self, vlm, plan)
+        return run
+
+
+class VARRun(AttentionHook, LayerHook):
+    """One block of :class:`VAR` (``trace[var]``): its hooks, ``sinks`` (edited layer -> each sample's
+    visual sink positions, found at the latest prefill) and ``settings`` (what it ran with, the sink
+    dimensions each layer used included)."""
+
+    def __init__(self, var: VAR, vlm, plan):
         num_layers = vlm.num_layers
-        last = num_layers - 1 if self.variant == "released" else num_layers - 2
+        last = num_layers - 1 if var.variant == "released" else num_layers - 2
         self.layers = list(range(2, last + 1))
         if not self.layers:
             raise ValueError(f"VAR edits layers 2 .. L-2; this model has only {num_layers} layers")
-        self.state, self.num_layers = plan.state, num_layers
+        self.var, self.state, self.num_layers = var, plan.state, num_layers
         self.signature = model_signature(vlm.model.config)
-        source = "given" if self.dims is not None else (
+        source = "given" if var.dims is not None else (
             "published" if self.signature in PUBLISHED_SINK_DIMS else "discovered per layer at prefill")
-        self.settings = {"method": "VAR", "variant": self.variant, "rho": self.rho, "p": self.p,
-                         "p_meaning": "moved" if self.variant == "paper" else "kept", "moved": self.moved,
-                         "tau": self.tau, "min_image": self.min_image, "layers": self.layers,
-                         "dims": list(self.dims or PUBLISHED_SINK_DIMS.get(self.signature, ())),
+        self.settings = {"method": "VAR", "variant": var.variant, "rho": var.rho, "p": var.p,
+                         "p_meaning": "moved" if var.variant == "paper" else "kept", "moved": var.moved,
+                         "tau": var.tau, "min_image": var.min_image, "layers": self.layers,
+                         "dims": list(var.dims or PUBLISHED_SINK_DIMS.get(self.signature, ())),
                          "dims_source": source, "dims_by_layer": {}}
-        self.sinks, self._sink_masks, self._visual, self._image_end = {}, {}, None, None
+        self.sinks: dict[int, list[torch.Tensor]] = {}
+        self._sink_masks, self._visual, self._image_end = {}, None, None
         for index in self.layers:
             plan.layer(index, vlm.layers[index], self)
             plan.attention(vlm.site(f"text.{index}"), self)
@@ -108,9 +121,9 @@ class VAR(AttentionHook, LayerHook):
             self._visual = visual_mask(layout)
             self._image_end = torch.tensor([int(s.visual_positions().max()) for s in layout.samples])
         tensors = SinkTensors(layout, self.num_layers, hidden={index: hidden}, signature=self.signature)
-        dims, _ = SinkDimensions(tau=self.tau, dims=self.dims, layers=(index,)).resolve_dims(tensors)
+        dims, _ = SinkDimensions(tau=self.var.tau, dims=self.var.dims, layers=(index,)).resolve_dims(tensors)
         self.settings["dims_by_layer"][index] = list(dims)
-        sinks = visual_sink_positions({index: hidden}, layout, self.signature, self.num_layers, tau=self.tau,
+        sinks = visual_sink_positions({index: hidden}, layout, self.signature, self.num_layers, tau=self.var.tau,
                                       dims=dims, layers=(index,))
         self.sinks[index] = sinks
         self._sink_masks[index] = key_mask(sinks, layout.seq_len)
@@ -127,6 +140,6 @@ class VAR(AttentionHook, LayerHook):
         if self.state.step == 0:
             after = rows[None].cpu() > self._image_end[:, None]
         edited, _ = redistribute(probs, widen(self._visual, call.k_len, device),
-                                 widen(self._sink_masks[call.site.index], call.k_len, device), self.moved,
-                                 self.rho, self.min_image, None if after is None else after.to(device))
+                                 widen(self._sink_masks[call.site.index], call.k_len, device), self.var.moved,
+                                 self.var.rho, self.var.min_image, None if after is None else after.to(device))
         return edited

@@ -154,14 +154,48 @@ def test_stop_forward_ends_a_probe_run_quietly(llava):
     model, inputs, vlm = llava
 
     class StopAfterRecording(vlmtools.RecordRows):
-        def record(self, call, rows, probs):
-            super().record(call, rows, probs)
+        def record(self, block, call, rows, probs):
+            super().record(block, call, rows, probs)
             raise StopForward
 
     with vlm.use(StopAfterRecording(["text.0"])) as trace:
         model(**inputs)
     assert len(trace["text.0.rows"]) == 1
     assert "text.1.rows" not in trace
+
+
+def test_reading_the_trace_mid_forward_changes_nothing_read_after(llava, monkeypatch):
+    """A hook that reads ``text.1.rows`` while the seam still hands that call's rows over in chunks,
+    and a layer hook that reads it before the next layer, leave the final read as it is without them
+    (a read used to join the stored chunks in place, and the chunks after it then failed to land)."""
+    model, inputs, vlm = llava
+    monkeypatch.setattr(vlmtools.attention, "CHUNK_BYTES", 4000)  # a few query rows per chunk
+    seen = []
+
+    class Reader(AttentionHook, vlmtools.LayerHook):
+        def attach(self, vlm, plan):
+            self.trace = plan.trace  # a test hook: one block only
+            plan.attention(vlm.site("text.1"), self)
+            plan.layer(2, vlm.layers[2], self)
+
+        def rows(self, call):
+            return vlmtools.ALL
+
+        def record(self, call, rows, probs):
+            seen.append(self.trace["text.1.rows"][-1].shape[2])
+
+        def before_layer(self, index, hidden, kwargs):
+            seen.append(self.trace["text.1.rows"][-1].shape[2])
+
+    record = vlmtools.RecordRows(["text.1"], "all")
+    with torch.no_grad(), vlm.use(record) as plain:
+        model(**inputs)
+    with torch.no_grad(), vlm.use(record, Reader()) as read:
+        model(**inputs)
+    rows = inputs["input_ids"].shape[1]
+    assert len(seen) > 2 and seen == sorted(seen) and seen[0] < rows and seen[-1] == rows  # read part-way
+    assert len(read["text.1.rows"]) == 1
+    torch.testing.assert_close(read["text.1.rows"][0], plain["text.1.rows"][0], atol=0, rtol=0)
 
 
 def test_nested_plans_compose_and_unwind(llava):

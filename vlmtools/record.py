@@ -3,6 +3,8 @@
 Each is an intervention for ``vlm.use``; what it keeps lands in the block's trace
 under ``{site}.{what}`` (``text.3.rows``, ``text.3.column_mass``, ``dit.double.1.block``,
 ``text.5.resid_pre``, ``text.5.value_norms``), one list entry per forward call.
+A recorder holds settings only; each block gets its own hook (:class:`Recording`) that
+writes into that block's trace, so one recorder may serve two blocks at once.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Callable, Iterable, Union
 import torch
 
 from .layout import Span
-from .plan import ALL, AttentionCall, AttentionHook, AttentionSite, Chunks, ForwardState, LayerHook, Plan
+from .plan import ALL, AttentionCall, AttentionHook, AttentionSite, Chunks, ForwardState, LayerHook, Plan, Rows
 
 Sites = Iterable[Union[str, AttentionSite]]
 Queries = Union[str, Span, torch.Tensor, Callable[[AttentionCall, ForwardState], torch.Tensor]]
@@ -33,41 +35,69 @@ def resolve_rows(queries: Queries, call: AttentionCall, state: ForwardState):
     return queries
 
 
-class _SiteRecorder(AttentionHook):
+class SiteRecorder:
+    """Base of the recorders of attention sites: what to keep at ``sites``, under ``{site}.{what}``.
+
+    Subclasses define ``rows`` / ``observe`` / ``record`` as an :class:`AttentionHook` does, with
+    the block's :class:`Recording` first: it holds the block's trace and forward state.
+    """
+
     what = ""
 
     def __init__(self, sites: Sites):
         self.site_names = list(sites)
-        self.trace = None
-        self.state = None
 
-    def attach(self, vlm, plan: Plan) -> None:
-        self.trace, self.state = plan.trace, plan.state
+    def attach(self, vlm, plan: Plan) -> Recording:
+        block = Recording(self, plan)
         for name in self.site_names:
-            plan.attention(vlm.site(name), self)
+            plan.attention(vlm.site(name), block)
+        return block
 
-    def _entries(self, call: AttentionCall) -> list:
-        return self.trace.setdefault(f"{call.site.name}.{self.what}", [])
+    def rows(self, block: Recording, call: AttentionCall) -> Rows | None:
+        return None
 
-    def _store(self, call: AttentionCall, value) -> None:
-        self._entries(call).append(value)
+    def observe(self, block: Recording, call: AttentionCall) -> None:
+        pass
+
+    def record(self, block: Recording, call: AttentionCall, rows: torch.Tensor, probs: torch.Tensor) -> None:
+        pass
 
 
-class _RowRecorder(_SiteRecorder):
+class Recording(AttentionHook):
+    """One block of a :class:`SiteRecorder`: the hook that writes its entries into the block's trace."""
+
+    def __init__(self, recorder: SiteRecorder, plan: Plan):
+        self.recorder, self.trace, self.state = recorder, plan.trace, plan.state
+
+    def entries(self, call: AttentionCall) -> list:
+        """This call's site's entries in the trace (created empty)."""
+        return self.trace.setdefault(f"{call.site.name}.{self.recorder.what}", [])
+
+    def rows(self, call):
+        return self.recorder.rows(self, call)
+
+    def observe(self, call):
+        self.recorder.observe(self, call)
+
+    def record(self, call, rows, probs):
+        self.recorder.record(self, call, rows, probs)
+
+
+class _RowRecorder(SiteRecorder):
     """Keeps (a function of) the probability rows of its queries, one joined tensor per call."""
 
     def __init__(self, sites: Sites, queries: Queries):
         super().__init__(sites)
         self.queries = queries
 
-    def rows(self, call):
-        return resolve_rows(self.queries, call, self.state)
+    def rows(self, block, call):
+        return resolve_rows(self.queries, call, block.state)
 
-    def observe(self, call):
-        self._store(call, Chunks())
+    def observe(self, block, call):
+        block.entries(call).append(Chunks())
 
-    def record(self, call, rows, probs):
-        self._entries(call)[-1].append(self.keep(probs).detach())
+    def record(self, block, call, rows, probs):
+        block.entries(call)[-1].append(self.keep(probs).detach())
 
     def keep(self, probs: torch.Tensor) -> torch.Tensor:
         return probs
@@ -95,27 +125,27 @@ class ColumnMass:
         return self.total / self.queries.clamp(min=1)
 
 
-class RecordColumnMass(_SiteRecorder):
+class RecordColumnMass(SiteRecorder):
     """Column mass over all visible queries, accumulated chunk by chunk (no L x L tensor kept)."""
 
     what = "column_mass"
 
-    def rows(self, call):
+    def rows(self, block, call):
         return ALL
 
-    def observe(self, call):
+    def observe(self, block, call):
         batch, heads = call.query.shape[:2]
         zeros = call.query.new_zeros
-        self._store(call, ColumnMass(zeros(batch, heads, call.k_len, dtype=torch.float32),
-                                     zeros(batch, 1, call.k_len, dtype=torch.float32)))
+        block.entries(call).append(ColumnMass(zeros(batch, heads, call.k_len, dtype=torch.float32),
+                                              zeros(batch, 1, call.k_len, dtype=torch.float32)))
 
-    def record(self, call, rows, probs):
+    def record(self, block, call, rows, probs):
         visible = call.visible_rows(rows)
         if visible is None:
             visible = torch.ones(1, 1, len(rows), call.k_len, dtype=torch.bool, device=probs.device)
         # rows that see no key at all (left-padding queries) hold no attention
         visible = visible & visible.any(-1, keepdim=True)
-        mass = self._entries(call)[-1]
+        mass = block.entries(call)[-1]
         mass.total += (probs * visible).sum(2)
         mass.queries += visible[:, :1].float().sum(2)
 
@@ -146,27 +176,34 @@ class RecordBlock(_RowRecorder):
         return trace[f"{site}.{name}"]
 
 
-class RecordValueNorms(_SiteRecorder):
+class RecordValueNorms(SiteRecorder):
     """L2 norm of each key's value vector per head, ``(B, H, Lk)``: value-drain sinks."""
 
     what = "value_norms"
 
-    def observe(self, call):
-        self._store(call, call.value.detach().float().norm(dim=-1))
+    def observe(self, block, call):
+        block.entries(call).append(call.value.detach().float().norm(dim=-1))
 
 
-class RecordHidden(LayerHook):
+class RecordHidden:
     """The residual stream entering each chosen decoder layer, ``text.{i}.resid_pre``."""
 
     def __init__(self, layers: Iterable[int] | None = None):
         self.layer_indices = None if layers is None else list(layers)
-        self.trace = None
 
-    def attach(self, vlm, plan: Plan) -> None:
-        self.trace = plan.trace
+    def attach(self, vlm, plan: Plan) -> HiddenRecording:
+        block = HiddenRecording(plan.trace)
         indices = range(vlm.num_layers) if self.layer_indices is None else self.layer_indices
         for index in indices:
-            plan.layer(index, vlm.layers[index], self)
+            plan.layer(index, vlm.layers[index], block)
+        return block
+
+
+class HiddenRecording(LayerHook):
+    """One block of :class:`RecordHidden`: the layer hook that writes into the block's trace."""
+
+    def __init__(self, trace):
+        self.trace = trace
 
     def before_layer(self, index, hidden, kwargs):
         self.trace.setdefault(f"text.{index}.resid_pre", []).append(hidden.detach())

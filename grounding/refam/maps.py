@@ -24,7 +24,8 @@ from typing import Literal
 
 import torch
 
-from vlmtools.plan import AttentionHook, Plan
+from vlmtools.plan import Plan
+from vlmtools.record import SiteRecorder
 from vlmtools.sinks import GlobalSink, JointColumns, SinkTensors, plain_layout
 
 from .prompt import PromptTokens
@@ -35,37 +36,36 @@ PaddingMode = Literal["budget", "exclude"]
 READ = {"content": ("content",), "expression": ("content", "stop"), "all": ("content", "stop", "magnet", "special")}
 
 
-class RecordImageText(AttentionHook):
+class RecordImageText(SiteRecorder):
     """``trace["{site}.image_text"]``: per call, image-query x text-key attention ``(B, N_image, T)``,
     fp32, averaged over ``heads`` (all when None)."""
 
     what = "image_text"
 
     def __init__(self, sites: Sequence[str], heads: Sequence[int] | None = None):
-        self.site_names, self.heads = list(sites), None if heads is None else list(heads)
-        self.trace = self.state = None
+        super().__init__(sites)
+        self.heads = None if heads is None else list(heads)
 
-    def attach(self, vlm, plan: Plan) -> None:
-        self.trace, self.state = plan.trace, plan.state
+    def attach(self, vlm, plan: Plan):
         for name in self.site_names:
             site = vlm.site(name)
             if self.heads is not None and not all(0 <= h < site.heads for h in self.heads):
                 raise ValueError(f"RefAM: heads {self.heads} out of range for {name}, which has {site.heads} heads")
-            plan.attention(site, self)
+        return super().attach(vlm, plan)
 
-    def rows(self, call):
-        return self.state.layout.image.positions.to(call.query.device)
+    def rows(self, block, call):
+        return block.state.layout.image.positions.to(call.query.device)
 
-    def observe(self, call):
-        layout = self.state.layout
-        block = torch.zeros(call.query.shape[0], len(layout.image), len(layout.text), device=call.query.device)
-        self.trace.setdefault(f"{call.site.name}.{self.what}", []).append(block)
+    def observe(self, block, call):
+        layout = block.state.layout
+        image_text = torch.zeros(call.query.shape[0], len(layout.image), len(layout.text), device=call.query.device)
+        block.entries(call).append(image_text)
 
-    def record(self, call, rows, probs):
-        layout = self.state.layout
+    def record(self, block, call, rows, probs):
+        layout = block.state.layout
         heads = probs if self.heads is None else probs[:, self.heads]
-        block = self.trace[f"{call.site.name}.{self.what}"][-1]
-        block[:, rows - layout.image.span.start] = heads.mean(1)[..., layout.text.start : layout.text.stop]
+        image_text = block.entries(call)[-1]
+        image_text[:, rows - layout.image.span.start] = heads.mean(1)[..., layout.text.start : layout.text.stop]
 
 
 def global_sinks(columns: dict[int, JointColumns], layout, ratio: float, max_cv: float) -> dict[int, list[int]]:

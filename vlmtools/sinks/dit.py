@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import DiTLayout, SampleLayout, TokenLayout
-from ..plan import ALL, AttentionHook, Plan
+from ..plan import ALL
+from ..record import SiteRecorder
 from .base import Criterion, Evaluation, Finding, SinkTensors, median_over_tokens
 
 
@@ -60,29 +61,23 @@ class JointColumns:
         return variance.sqrt() / mean.clamp(min=1e-12)
 
 
-class RecordJointColumns(AttentionHook):
+class RecordJointColumns(SiteRecorder):
     """Fills ``trace["{site}.joint_columns"]`` with one :class:`JointColumns` per call."""
 
     what = "joint_columns"
 
     def __init__(self, sites: list[str], image_queries: torch.Tensor):
-        self.site_names, self.image_queries = sites, image_queries
-        self.trace = None
+        super().__init__(sites)
+        self.image_queries = image_queries
 
-    def attach(self, vlm, plan: Plan) -> None:
-        self.trace = plan.trace
-        for name in self.site_names:
-            plan.attention(vlm.site(name), self)
-
-    def rows(self, call):
+    def rows(self, block, call):
         return ALL
 
-    def observe(self, call):
-        columns = JointColumns.zeros(call.query.shape[0], call.k_len, call.query.device)
-        self.trace.setdefault(f"{call.site.name}.{self.what}", []).append(columns)
+    def observe(self, block, call):
+        block.entries(call).append(JointColumns.zeros(call.query.shape[0], call.k_len, call.query.device))
 
-    def record(self, call, rows, probs):
-        self.trace[f"{call.site.name}.{self.what}"][-1].add(rows, probs.mean(1), self.image_queries)
+    def record(self, block, call, rows, probs):
+        block.entries(call)[-1].add(rows, probs.mean(1), self.image_queries)
 
 
 def joint_token_layout(layout: DiTLayout, batch: int) -> TokenLayout:
