@@ -83,9 +83,6 @@ class Host:
     attention_based: ClassVar[bool] = True
     reads_previous_layer: ClassVar[bool] = False
     """The score reads the layer before each drop layer (which must then be >= 1)."""
-    families: ClassVar[tuple[str, ...] | None] = None
-    """Families the host is limited to; None: every VLM adapter (LM-side hosts read only the layout)."""
-
     def __init__(self, keep: int | float, layers: tuple[int, ...], debias: bool | Debias = False,
                  padding: torch.Tensor | None = None):
         if isinstance(keep, bool) or not isinstance(keep, (int, float)) or keep <= 0 or (
@@ -152,15 +149,11 @@ class Host:
 
     @classmethod
     def refusal(cls, vlm) -> str | None:
-        """Why this host cannot run on ``vlm``; None when it can."""
+        """Why this host cannot run on ``vlm``; None when it can (LM-side hosts read only the layout, so run
+        on every VLM; a host that needs more of the family asks its adapter and refuses with its reason)."""
         if vlm.adapter.kind != "vlm":
             return f"{cls.name} prunes a VLM's visual tokens; {vlm.family} is a {vlm.adapter.kind}"
-        if cls.families is not None and vlm.family not in cls.families:
-            return f"{cls.name} supports {', '.join(cls.families)}; not {vlm.family}. {cls.unsupported}"
         return None
-
-    unsupported: ClassVar[str] = ""
-    """What to use instead on a family outside ``families``."""
 
     def budget(self, sample: int, count: int, padded: int) -> int:
         wanted = self.keep if isinstance(self.keep, int) else max(1, round(self.keep * count))

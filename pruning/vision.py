@@ -1,20 +1,19 @@
 """Hosts that rank inside the vision encoder: FasterVLM and VisionZip.
 
-Both read the [CLS] query row of the encoder layer whose output feeds the projector
-(``vision_feature_layer``, -2 for LLaVA-1.5: the second-to-last layer) and drop at the
-LM's input (layer 0), so the whole LM runs on the kept tokens. Only encoders with a
-[CLS] token qualify: LLaVA-1.5 and LLaVA-NeXT (CLIP). Qwen2-VL / Qwen2.5-VL encoders
-have none: these hosts refuse them with a clear error (use an LM-side host there).
-
-LLaVA-NeXT: the encoder sees each image as a base tile plus anyres tiles; scores are
-put where the model puts the tiles' features (base grid, then the stitched and
-unpadded grid, whose newline tokens are layout tokens, always kept).
+Both read the [CLS] query row of the encoder block whose output feeds the projector
+(-2 for LLaVA-1.5: the second-to-last layer) and drop at the LM's input (layer 0), so
+the whole LM runs on the kept tokens. The family's adapter says which block that is and
+puts the encoder's per-token values where the LM's visual tokens are (LLaVA-NeXT: base
+tile, then the stitched and unpadded anyres grid, whose newlines are layout tokens,
+always kept); a family without such a [CLS] row (Qwen2-VL / Qwen2.5-VL) is refused with
+the adapter's reason.
 """
 from __future__ import annotations
 
-import math
-
 import torch
+
+from vlmtools.adapters import UnsupportedModel
+from vlmtools.adapters.vision import join_samples
 
 from .host import Host, SiteRows, at_present, merge_into
 
@@ -24,28 +23,29 @@ def _cls_row(call):
 
 
 class _ClsHost(Host):
-    families = ("llava", "llava_next")
     keys_needed = False
 
     def __init__(self, keep: int | float = 64, **kwargs):
         super().__init__(keep, (0,), **kwargs)
 
-    unsupported = ("It ranks by the vision encoder's [CLS] attention and Qwen2-VL / Qwen2.5-VL encoders have no [CLS] "
-                   "token: use FastV, PDrop, SparseVLM or DART there.")
+    @classmethod
+    def refusal(cls, vlm) -> str | None:
+        refusal = super().refusal(vlm)
+        if refusal is None:
+            try:
+                vlm.adapter.vision_encoder().cls_block(vlm.model)
+            except UnsupportedModel as reason:
+                return f"{cls.name} ranks by the vision encoder's [CLS] attention; {vlm.family}: {reason}"
+        return refusal
 
     def scorers(self, run, vlm, plan):
-        config = vlm.model.config
-        if config.vision_feature_select_strategy != "default" or not isinstance(config.vision_feature_layer, int):
-            raise NotImplementedError(f"{self.name}: needs one vision_feature_layer and the 'default' strategy "
-                                      "(CLS dropped), as LLaVA-1.5 / NeXT ship")
-        depth = len(vlm.adapter.blocks(vlm.model, "vision"))
-        vision_layer = config.vision_feature_layer % (depth + 1) - 1
-        return [plan.attention(vlm.site(f"vision.{vision_layer}"), SiteRows(_cls_row, keys=self.keys_needed))]
+        block = vlm.adapter.vision.cls_block(vlm.model)
+        return [plan.attention(vlm.site(f"vision.{block}"), SiteRows(_cls_row, keys=self.keys_needed))]
 
     @staticmethod
     def cls_scores(run, layout, kept) -> torch.Tensor:
         _, probs = run.scorers[0].latest()  # (tiles, 1, 1 + patches)
-        return at_present(visual_order(probs[:, 0, 1:], layout), layout, kept)
+        return at_present(visual_order(run, probs[:, 0, 1:], layout), layout, kept)
 
     def score(self, run, stage, hidden, kept, layout, targets):
         return self.cls_scores(run, layout, kept)
@@ -89,7 +89,7 @@ class VisionZip(_ClsHost):
         targets = rest[::max(1, len(rest) // contextual)][:contextual]
         sources = rest[~torch.isin(rest, targets)]
         candidates = hidden[columns]
-        features = visual_order(run.scorers[0].keys.float().mean(1)[:, 1:], run.state.layout)[sample]
+        features = visual_order(run, run.scorers[0].keys.float().mean(1)[:, 1:], run.state.layout)[sample]
         merged = merge_into(candidates, targets, sources, features.to(hidden.device), self.merge)
         return (torch.cat([columns[order[:dominant]], columns[targets]]),
                 torch.cat([candidates[order[:dominant]].float(), merged]))
@@ -99,25 +99,8 @@ class VisionZip(_ClsHost):
                 "merge": f"{self.merge} ('sum' = released code) of projected features by key cosine"}
 
 
-def visual_order(values: torch.Tensor, layout) -> list[torch.Tensor]:
-    """Per-tile values ``(tiles, patches, ...)`` -> per sample, in the order of its visual tokens."""
-    out, tile = [], 0
-    for sample in layout.samples:
-        parts = []
-        for image in sample.images:
-            if not image.tiles:
-                parts.append(values[tile])
-                tile += 1
-                continue
-            (height, width), (rows, cols) = image.tiles
-            grid_h, grid_w = math.ceil(rows / height), math.ceil(cols / width)
-            stitched = values[tile + 1:tile + 1 + grid_h * grid_w]
-            stitched = stitched.reshape(grid_h, grid_w, height, width, *values.shape[2:]).transpose(1, 2)
-            stitched = stitched.reshape(grid_h * height, grid_w * width, *values.shape[2:])
-            top, left = (grid_h * height - rows) // 2, (grid_w * width - cols) // 2
-            parts += [values[tile], stitched[top:top + rows, left:left + cols].flatten(0, 1)]
-            tile += 1 + grid_h * grid_w
-        out.append(torch.cat(parts) if parts else values.new_empty(0, *values.shape[2:]))
-    if tile != len(values):
-        raise ValueError(f"the vision encoder saw {len(values)} tiles but the prompt's layout accounts for {tile}")
-    return out
+def visual_order(run, values: torch.Tensor, layout) -> list[torch.Tensor]:
+    """Per-sequence encoder values ``(sequences, patches, ...)`` -> per sample, in the order of its visual
+    tokens (the family's mapping)."""
+    to_lm = run.vlm.adapter.vision.to_lm
+    return join_samples(to_lm(run.vlm.model, values.flatten(0, 1), layout.images()), layout)

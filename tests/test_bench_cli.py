@@ -67,13 +67,21 @@ def test_prune_bench_records_every_host_ratio_and_setting(folder, tmp_path, caps
 
 def test_prune_bench_skips_hosts_the_family_cannot_run_and_says_why(folder, tmp_path, capsys, monkeypatch,
                                                                       one_thread):
-    from pruning import FastV
+    import dataclasses
 
-    monkeypatch.setattr(FastV, "families", ("qwen2_vl",))  # as VisionZip / FasterVLM on Qwen-VL
+    import vlmtools.adapters
+    from vlmtools.adapters import llava
+    from vlmtools.adapters.vision import VisionEncoder, same_order
+
+    without_cls = VisionEncoder(to_lm=same_order, no_cls="no [CLS] token here, as on Qwen-VL")
+    monkeypatch.setitem(vlmtools.adapters.REGISTERED, "LlavaForConditionalGeneration",
+                        dataclasses.replace(llava.ADAPTER, vision=without_cls))
     out = tmp_path / "prune.json"
-    assert main(["prune-bench", "--model", folder, *PRUNE, "--out", str(out)]) == 0
+    hosts = [arg.replace("fastv", "visionzip") for arg in PRUNE]
+    assert main(["prune-bench", "--model", folder, *hosts, "--out", str(out)]) == 0
     assert json.loads(out.read_text())["results"]["accuracy"].keys() == {"none", "random"}
-    assert "skipping fastv: fastv supports qwen2_vl; not llava" in capsys.readouterr().err
+    assert ("skipping visionzip: visionzip ranks by the vision encoder's [CLS] attention; llava: no [CLS] token "
+            "here") in capsys.readouterr().err
 
 
 def test_hallucination_bench_scores_pope_and_chair_per_method(folder, tmp_path, capsys, one_thread):

@@ -190,17 +190,16 @@ def test_bad_input_is_a_clear_error_and_the_model_is_unchanged():
         assert torch.equal(model(**inputs).logits, plain)
         assert model.config.text_config._attn_implementation != "vlmtools"
     qwen, qwen_inputs = tiny("qwen2_vl")
-    assert FastV.refusal(vlmtools.wrap(qwen)) is None and "[CLS]" in VisionZip.refusal(vlmtools.wrap(qwen))
+    reason = vlmtools.wrap(qwen).adapter.vision.no_cls  # the family's own reason
+    assert FastV.refusal(vlmtools.wrap(qwen)) is None and reason in VisionZip.refusal(vlmtools.wrap(qwen))
     with pytest.raises(ValueError, match="no \\[CLS\\] token"):
         with vlmtools.wrap(qwen).use(VisionZip(keep=4)):
             qwen(**qwen_inputs)
 
 
 def test_next_tiles_land_where_the_model_packs_them():
-    """``visual_order`` puts per-tile values where LLaVA-NeXT packs each tile's features (base grid,
-    then the stitched, unpadded grid without its newlines): checked on the features themselves."""
-    from pruning.vision import visual_order
-
+    """The LLaVA-NeXT adapter's ``to_lm`` puts per-tile values where the model packs each tile's features
+    (base grid, then the stitched, unpadded grid without its newlines): checked on the features themselves."""
     model, inputs = tiny("llava_next")
     vlm = vlmtools.wrap(model)
     layout = vlm.layout(inputs)
@@ -209,7 +208,7 @@ def test_next_tiles_land_where_the_model_packs_them():
         hidden = model.model.vision_tower(tiles, output_hidden_states=True).hidden_states[-2][:, 1:]
         per_tile = model.model.multi_modal_projector(hidden)
         packed = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
-        ordered = visual_order(per_tile, layout)
+        ordered = vlm.adapter.vision.to_lm(model, per_tile.flatten(0, 1), layout.images())
     for sample, features, mine in zip(layout.samples, packed, ordered):
         newline = torch.isin(sample.images[0].span.indices(), sample.images[0].layout)
         torch.testing.assert_close(mine, features[~newline], atol=1e-5, rtol=0)

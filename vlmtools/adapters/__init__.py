@@ -13,17 +13,13 @@ import importlib
 import pkgutil
 import re
 
-from .base import Adapter
-
-
-class UnsupportedModel(TypeError):
-    """A model no family here (or no method's reader) knows; the ``vlmtools`` command reports it as a refusal."""
+from .base import Adapter, UnsupportedModel
 
 
 REGISTERED: dict[str, Adapter] = {}
 """Class name -> adapter of every family registered so far (built-in ones as their models are met)."""
 
-_NOT_FAMILIES = {"base", "dit"}
+_NOT_FAMILIES = {"base", "dit", "dit_source", "vision"}
 
 
 def register(adapter: Adapter) -> Adapter:

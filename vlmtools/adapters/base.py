@@ -8,16 +8,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from ..layout import ImageTokens, SampleLayout, Span, TokenLayout
 from ..plan import AttentionSite
 
+if TYPE_CHECKING:
+    from .vision import VisionEncoder
+
 LayoutFn = Callable[[Any, dict[str, Any]], TokenLayout]
 ImageBuilder = Callable[[int, torch.Tensor], ImageTokens]
 """``build(sample, run)``: one image's :class:`ImageTokens` from its placeholder positions in ``sample``."""
+
+
+class UnsupportedModel(TypeError):
+    """A model no family here knows, or a question its family cannot answer for a method; the ``vlmtools``
+    command reports it as a refusal."""
 
 
 @dataclass(frozen=True)
@@ -30,7 +38,8 @@ class Adapter:
     (``""`` for the top-level config). ``letterbox(model, pixel_values)`` flags, per
     image, the content tokens that show only the padding a letterboxing processor added
     (LLaVA-1.5's ``expand2square``); the seam reads it where the pixels enter the module
-    at ``vision_tower``.
+    at ``vision_tower``. ``vision`` is what the methods that read inside the vision encoder
+    ask of it (:class:`~vlmtools.adapters.vision.VisionEncoder`).
     """
 
     family: str
@@ -44,6 +53,14 @@ class Adapter:
     layout: LayoutFn | None = None
     letterbox: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
     vision_tower: str | None = None
+    vision: VisionEncoder | None = None
+
+    def vision_encoder(self) -> VisionEncoder:
+        """:attr:`vision`, or :class:`UnsupportedModel` saying the family does not describe its encoder."""
+        if self.vision is None:
+            raise UnsupportedModel(f"the {self.family} adapter does not say how its vision encoder's tokens become "
+                                   "LM tokens (Adapter.vision)")
+        return self.vision
 
     def blocks(self, model: torch.nn.Module, stream: str = "text") -> list[torch.nn.Module]:
         path = self.text_layers if stream == "text" else self.vision_layers

@@ -5,6 +5,7 @@ tokens in raster order, preceded by the CLS token with the "full" feature strate
 (then a layout token: it has no place on the grid). A processor that letterboxes
 (``do_pad``) fills non-square images to a square with its mean colour: the patches
 showing only that fill are flagged in the layout (:func:`letterbox_padding`).
+The CLIP tower's sequences start with [CLS]; its patches reach the LM in their own order.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import itertools
 import torch
 
 from ..layout import ImageTokens, TokenLayout
-from .base import Adapter, sequence_layout, span_of
+from .base import Adapter, UnsupportedModel, sequence_layout, span_of
+from .vision import VisionEncoder, same_order
 
 
 def llava_layout(model, inputs) -> TokenLayout:
@@ -45,6 +47,22 @@ def llava_letterbox(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return letterbox_padding(pixel_values, model.config.vision_config.patch_size)
 
 
+def clip_cls_layer(model) -> int:
+    """The CLIP block whose output the projector reads (``vision_feature_layer`` indexes the tower's hidden
+    states, -2: the second-to-last block), when the projector reads one and the LM never sees [CLS]."""
+    config = model.config
+    if not isinstance(config.vision_feature_layer, int):
+        raise UnsupportedModel(f"the projector reads several encoder layers (vision_feature_layer="
+                               f"{config.vision_feature_layer}), so no one [CLS] row ranks the LM's visual tokens")
+    if config.vision_feature_select_strategy != "default":
+        raise UnsupportedModel(f"with vision_feature_select_strategy={config.vision_feature_select_strategy!r} the "
+                               "LM sees the [CLS] token too; the [CLS] row ranks the patches only with 'default'")
+    return config.vision_feature_layer % (config.vision_config.num_hidden_layers + 1) - 1
+
+
+CLIP = VisionEncoder(to_lm=same_order, cls=True, cls_layer=clip_cls_layer)
+"""LLaVA-1.5's CLIP tower: one sequence per image, [CLS] first."""
+
 ADAPTER = Adapter(
     family="llava",
     classes=("LlavaForConditionalGeneration",),
@@ -54,4 +72,5 @@ ADAPTER = Adapter(
     layout=llava_layout,
     letterbox=llava_letterbox,
     vision_tower="model.vision_tower",
+    vision=CLIP,
 )

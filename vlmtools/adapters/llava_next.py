@@ -9,9 +9,13 @@ back to the image's aspect ratio (``unpad_image``) to ``R x C``, and every one o
 image size (``image_sizes``, (height, width)), as the processor computes it.
 Under ``generate`` the model gets the packed features instead of ``image_sizes``;
 the grids are then read back from where ``image_newline`` sits in them.
+The CLIP tower encodes the base view and each tile as its own sequence ([CLS] first):
+:func:`tiles_to_lm` puts per-tile values where the packing puts the tiles' features.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from transformers.models.llava_next.modeling_llava_next import (
@@ -21,6 +25,8 @@ from transformers.models.llava_next.modeling_llava_next import (
 
 from ..layout import ImageTokens, TokenLayout
 from .base import Adapter, encoded_images, sequence_layout, span_of
+from .llava import clip_cls_layer
+from .vision import VisionEncoder
 
 
 def anyres_grids(config, image_size) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -72,6 +78,27 @@ def _image_from_features(model, feature: torch.Tensor):
     return count, build
 
 
+def tiles_to_lm(model, values: torch.Tensor, images) -> list[torch.Tensor]:
+    """Per-tile encoder values (base view, then the anyres tiles, image after image) -> each image's values
+    in its token order: the base grid, then the stitched tiles cropped as ``unpad_image`` crops them."""
+    vision = model.config.vision_config
+    tiles = values.unflatten(0, (-1, (vision.image_size // vision.patch_size) ** 2))
+    rest, out, tile = tiles.shape[2:], [], 0
+    for image in images:
+        (height, width), (rows, cols) = image.tiles
+        grid_h, grid_w = math.ceil(rows / height), math.ceil(cols / width)
+        stitched = tiles[tile + 1:tile + 1 + grid_h * grid_w]
+        stitched = stitched.reshape(grid_h, grid_w, height, width, *rest).transpose(1, 2)
+        stitched = stitched.reshape(grid_h * height, grid_w * width, *rest)
+        top, left = (grid_h * height - rows) // 2, (grid_w * width - cols) // 2
+        out.append(torch.cat([tiles[tile], stitched[top:top + rows, left:left + cols].flatten(0, 1)]))
+        tile += 1 + grid_h * grid_w
+    if tile != len(tiles):
+        raise ValueError(f"the vision encoder saw {len(tiles)} tiles but the prompt's layout accounts for {tile}; "
+                         "an image's anyres padding may span a whole tile")
+    return out
+
+
 ADAPTER = Adapter(
     family="llava_next",
     classes=("LlavaNextForConditionalGeneration",),
@@ -79,4 +106,5 @@ ADAPTER = Adapter(
     text_layers="model.language_model.layers",
     vision_layers="model.vision_tower.encoder.layers",
     layout=llava_next_layout,
+    vision=VisionEncoder(to_lm=tiles_to_lm, cls=True, cls_layer=clip_cls_layer),
 )

@@ -14,12 +14,17 @@ width), built by ``model.model.get_rope_index(input_ids, mm_token_type_ids,
 image_grid_thw, attention_mask=...)``; during generation the per-sample offset
 to the plain 1-D position lives in ``model.model.rope_deltas`` (anything that
 drops tokens must keep both consistent).
+The tower has no [CLS] token; its merger fuses each ``m x m`` group of consecutive patches
+into one LM token.
 """
 
 from __future__ import annotations
 
+import torch
+
 from ..layout import ImageTokens, TokenLayout
 from .base import Adapter, encoded_images, sequence_layout, span_of
+from .vision import VisionEncoder, split_images
 
 
 def qwen_vl_layout(model, inputs) -> TokenLayout:
@@ -64,6 +69,19 @@ def _images_from_rope(inputs):
     return ((len(feature), build) for feature in encoded_images(inputs))
 
 
+def merge_groups(model, values: torch.Tensor) -> torch.Tensor:
+    """Per-patch values in the tower's order -> one mean per merge group (one LM token each)."""
+    return values.unflatten(0, (-1, model.config.vision_config.spatial_merge_size ** 2)).mean(1)
+
+
+def merged_to_lm(model, values: torch.Tensor, images) -> list[torch.Tensor]:
+    return split_images(merge_groups(model, values), images)
+
+
+def no_cls(name: str) -> str:
+    return f"{name}'s vision encoder has no [CLS] token: use FastV, PDrop, SparseVLM or DART there"
+
+
 ADAPTER = Adapter(
     family="qwen2_vl",
     classes=("Qwen2VLForConditionalGeneration",),
@@ -72,4 +90,5 @@ ADAPTER = Adapter(
     vision_layers="model.visual.blocks",
     vision_attn="attn",
     layout=qwen_vl_layout,
+    vision=VisionEncoder(to_lm=merged_to_lm, no_cls=no_cls("Qwen2-VL")),
 )
