@@ -203,7 +203,7 @@ def test_too_long_prompt_is_refused():
     ],
 )
 def test_unsupported_family_names_the_supported_ones(model):
-    with pytest.raises(TypeError, match="FluxPipeline.*SD3Transformer2DModel"):
+    with pytest.raises(TypeError, match="unsupported model class.*flux.*sd3"):
         RefAM(model)
 
 
@@ -434,15 +434,18 @@ def test_when_every_word_is_a_sink_the_heatmap_is_flat_and_the_mask_empty():
     assert {s["role"] for s in seg.sinks} >= {"content", "image"}
 
 
-def test_blocks_come_from_the_settings_then_the_source_then_the_family_default(monkeypatch):
+def test_blocks_come_from_the_settings_then_the_source_then_the_default(monkeypatch):
     from grounding.refam.method import default_blocks
     import vlmtools_zoo as zoo
+    from vlmtools.adapters.flux import FluxTransformerSource
     from vlmtools_zoo.flux import REFAM_BLOCKS
 
     pipe = zoo.load("flux-shapes")
     assert RefAM(pipe).blocks == REFAM_BLOCKS
-    monkeypatch.setattr("vlmtools_zoo.refam.REFAM_BLOCKS", ("dit.double.1",))  # the source's, not the default
-    assert RefAM(pipe).blocks == ("dit.double.1",) != default_blocks(vlmtools.wrap(pipe.transformer))
+    monkeypatch.setattr("vlmtools_zoo.refam.REFAM_BLOCKS", ("dit.double.1",))  # the zoo source's, not FLUX's rule
+    assert RefAM(pipe).blocks == ("dit.double.1",) != FluxTransformerSource(pipe.transformer).blocks
     assert RefAM(pipe, RefAMSettings(blocks=("dit.single.1",))).blocks == ("dit.single.1",)
-    model, _, _ = tiny("flux")
-    assert RefAM(model).blocks == default_blocks(vlmtools.wrap(model))
+    flux, _, _ = tiny("flux")  # FLUX's source: the first half of its 2 single-stream blocks
+    assert RefAM(flux).blocks == ("dit.single.0",) != default_blocks(vlmtools.wrap(flux))
+    sd3, _, _ = tiny("sd3")  # SD3's names none: the middle third of its 3 joint blocks
+    assert RefAM(sd3).blocks == default_blocks(vlmtools.wrap(sd3)) == ("dit.joint.1",)

@@ -7,7 +7,9 @@ import torch
 from PIL import Image
 
 from grounding.refam.evaluate import Sample
-from grounding.refam.source import EncodedPrompt, FluxTransformerSource, register_source, token_segment
+from grounding.refam.source import register_source
+from vlmtools.adapters.dit_source import EncodedPrompt, token_segment
+from vlmtools.adapters.flux import FluxTransformerSource
 
 from . import world
 from .flux import IMAGE_SIZE, REFAM_BLOCKS, letterbox

@@ -20,20 +20,22 @@ from PIL import Image
 
 import vlmtools
 from grounding.masks import heatmap_to_mask, overlay, peak_point, upsample
+from vlmtools.adapters.dit_source import EncodedPrompt
 from vlmtools.plan import AttentionHook, StopForward
 from vlmtools.sinks import RecordJointColumns
 
 from .maps import MapAccumulator, PaddingMode, RecordImageText, SinkMode, WordMode, global_sinks, word_maps
 from .prompt import DEFAULT_MAGNETS, PromptTokens, build_prompt, check_expression, token_roles
-from .source import EncodedPrompt, source_for
+from .source import source_for
 
 
 @dataclass(frozen=True)
 class RefAMSettings:
     """Every choice RefAM makes; recorded in each result (``seg.settings``).
 
-    ``blocks`` are site names (``dit.double.0``); None takes the source's measured blocks
-    (flux-shapes: ``vlmtools_zoo.flux.REFAM_BLOCKS``), else :func:`default_blocks`.
+    ``blocks`` are site names (``dit.double.0``); None takes the source's blocks (its family's
+    rule, FLUX: the first half of the single-stream blocks, or those measured best on its model,
+    flux-shapes: ``vlmtools_zoo.flux.REFAM_BLOCKS``), else :func:`default_blocks`.
     ``heads`` index the heads averaged (None: all). ``words``: ``content`` reads the
     content words, ``expression`` every word of the expression (no stop-word
     filtering), ``all`` every real token (magnets and special tokens too).
@@ -70,17 +72,15 @@ class RefAMSettings:
 
 
 def default_blocks(dit) -> tuple[str, ...]:
-    """FLUX: the first half of the single-stream blocks; SD3: the middle third of the joint blocks.
+    """The middle third of the sites (SD3's joint blocks), where the family's source names no blocks.
 
     The paper reads "middle-to-late blocks" of real checkpoints; nothing of full size was
-    measured here. A source that knows its model's best blocks overrides this (the zoo's
-    flux-shapes localises best in its first single-stream block: ``vlmtools_zoo.flux.REFAM_BLOCKS``,
-    measured with ``benchmarks/grounding_quality.py --sweep-blocks``).
+    measured here. A family's source may name its own (FLUX: the first half of the
+    single-stream blocks), and a source that knows its model's best blocks names those (the
+    zoo's flux-shapes localises best in its first single-stream block:
+    ``vlmtools_zoo.flux.REFAM_BLOCKS``, measured with ``benchmarks/grounding_quality.py --sweep-blocks``).
     """
     names = [site.name for site in dit.sites]
-    single = [n for n in names if n.startswith("dit.single.")]
-    if single:
-        return tuple(single[: max(1, len(single) // 2)])
     return tuple(names[len(names) // 3 : max(len(names) // 3 + 1, 2 * len(names) // 3)])
 
 

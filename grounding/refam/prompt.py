@@ -21,19 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from vlmtools.adapters.dit_source import Segment
 from vlmtools.text import Words, content_words, word_ids_for_tokens
 
 Role = Literal["content", "stop", "magnet", "special", "padding"]
 DEFAULT_MAGNETS = (".", "a", "with")
-
-
-@dataclass(frozen=True)
-class Segment:
-    """One tokenizer's stretch of the text sequence: per position its character span in
-    the prompt and whether it is a real token (the tokenizer's attention mask)."""
-
-    offsets: Sequence[tuple[int, int]]
-    real: Sequence[int]
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ import torch
 from ..attention import run_planned, visibility
 from ..plan import ACTIVE_PLAN, AttentionCall, AttentionHook, AttentionSite
 from .base import Adapter
+from .dit_source import Source
 
 Sizes = Callable[[Any, dict[str, Any]], tuple[int, tuple[int, int]]]
 
@@ -72,6 +73,8 @@ class DiTAdapter(Adapter):
     the :class:`Probe` subclass set on planned modules; ``sizes(model, inputs)``
     reads ``(text_len, (rows, cols))`` from the transformer's keyword inputs;
     ``image_first`` orders the joint sequence (SD3), FLUX putting the text first.
+    ``sources`` pairs class names (of the family's pipelines and of the bare transformer)
+    with the :class:`~vlmtools.adapters.dit_source.Source` that reads them, ``source(model, **options)``.
     """
 
     kind: Literal["vlm", "dit"] = "dit"
@@ -82,6 +85,7 @@ class DiTAdapter(Adapter):
     probe: type[Probe] = Probe
     sizes: Sizes | None = None
     image_first: bool = False
+    sources: tuple[tuple[str, Callable[..., Source]], ...] = ()
 
     def sites(self, model: torch.nn.Module) -> list[AttentionSite]:
         sites = []

@@ -4,6 +4,8 @@ Double-stream blocks project text and image separately and attend jointly over
 ``[text, image]``; single-stream blocks receive that concatenation as one sequence.
 Rotary embeddings come from ``txt_ids`` and ``img_ids``; the pipeline's ``img_ids``
 hold each latent token's (row, col) in raster order, which gives the image grid.
+RefAM reads a ``FluxPipeline`` or a bare transformer through :class:`FluxSource` /
+:class:`FluxTransformerSource`, by default on the first half of the single-stream blocks.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
 from .dit import DiTAdapter, Probe
+from .dit_source import EncodedPrompt, Source, token_segment, vae_latents
 
 
 class FluxProbe(Probe):
@@ -70,10 +73,67 @@ def flux_sizes(model, inputs) -> tuple[int, tuple[int, int]]:
     return inputs["encoder_hidden_states"].shape[1], (rows, cols)
 
 
+class FluxTransformerSource(Source):
+    """FLUX calls: packed latents, (0, row, col) image ids, timestep = t, guidance when embedded.
+
+    Default blocks: the first half of the single-stream blocks (the paper reads "middle-to-late
+    blocks" of real checkpoints; nothing of full size was measured here).
+    """
+
+    family = "flux"
+
+    def __init__(self, transformer, guidance: float = 3.5):
+        super().__init__(transformer)
+        self.guidance = guidance
+        single = transformer.config.num_single_layers
+        self.blocks = tuple(f"dit.single.{i}" for i in range(max(1, single // 2))) if single else None
+
+    def call(self, x_t, t, prompt, grid):
+        from diffusers import FluxPipeline
+
+        x_t, batch = self._tensor(x_t), x_t.shape[0]
+        ids = FluxPipeline._prepare_latent_image_ids(batch, *grid, x_t.device, x_t.dtype)
+        text_ids = prompt.text_ids if prompt.text_ids is not None else x_t.new_zeros(prompt.embeds.shape[1], 3)
+        kwargs = {
+            "hidden_states": x_t,
+            "encoder_hidden_states": self._tensor(prompt.embeds),
+            "pooled_projections": self._tensor(prompt.pooled),
+            "timestep": x_t.new_full((batch,), t),
+            "img_ids": ids,
+            "txt_ids": text_ids.to(x_t.device),
+            "return_dict": False,
+        }
+        if self.transformer.config.guidance_embeds:
+            kwargs["guidance"] = x_t.new_full((batch,), self.guidance)
+        return kwargs
+
+
+class FluxSource(FluxTransformerSource):
+    """A diffusers ``FluxPipeline``: its VAE, CLIP (pooled) and T5 (sequence, padded to 512, no mask)."""
+
+    def __init__(self, pipe, guidance: float = 3.5, max_sequence_length: int = 512):
+        super().__init__(pipe.transformer, guidance)
+        self.pipe, self.max_length = pipe, max_sequence_length
+        self.multiple = pipe.vae_scale_factor * 2
+
+    def latents(self, image):
+        latents = vae_latents(self.pipe.vae, self.pipe.image_processor.preprocess(image))
+        batch, channels, height, width = latents.shape
+        return self.pipe._pack_latents(latents, batch, channels, height, width), (height // 2, width // 2)
+
+    def prompt(self, text):
+        embeds, pooled, text_ids = self.pipe.encode_prompt(
+            prompt=text, prompt_2=None, max_sequence_length=self.max_length
+        )
+        segment = token_segment(self.pipe.tokenizer_2, text, self.max_length)
+        return EncodedPrompt(embeds, pooled, [segment], text_ids)
+
+
 ADAPTER = DiTAdapter(
     family="flux",
     classes=("FluxTransformer2DModel",),
     streams=(("double", "transformer_blocks"), ("single", "single_transformer_blocks")),
     probe=FluxProbe,
     sizes=flux_sizes,
+    sources=(("FluxPipeline", FluxSource), ("FluxTransformer2DModel", FluxTransformerSource)),
 )

@@ -3,7 +3,8 @@
 Every block's ``attn`` attends jointly over ``[image, text]``; the last block is
 ``context_pre_only`` (no text output projection). SD3.5's dual-attention blocks add
 an image-only ``attn2``, which is not a site. The image grid is the latent's
-height and width divided by the patch size.
+height and width divided by the patch size. RefAM reads a ``StableDiffusion3Pipeline`` or a bare
+transformer through :class:`SD3Source` / :class:`SD3TransformerSource`.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 
 from .dit import DiTAdapter, Probe
+from .dit_source import EncodedPrompt, Segment, Source, token_segment, vae_latents
 
 
 class JointProbe(Probe):
@@ -63,6 +65,51 @@ def sd3_sizes(model, inputs) -> tuple[int, tuple[int, int]]:
     return inputs["encoder_hidden_states"].shape[1], (height // patch, width // patch)
 
 
+class SD3TransformerSource(Source):
+    """SD3 calls: (B, C, h, w) latents, timestep = 1000 t (the scheduler's sigmas x 1000)."""
+
+    family = "sd3"
+
+    def call(self, x_t, t, prompt, grid):
+        x_t, batch = self._tensor(x_t), x_t.shape[0]
+        return {
+            "hidden_states": x_t,
+            "encoder_hidden_states": self._tensor(prompt.embeds),
+            "pooled_projections": self._tensor(prompt.pooled),
+            "timestep": x_t.new_full((batch,), 1000.0 * t),
+            "return_dict": False,
+        }
+
+
+class SD3Source(SD3TransformerSource):
+    """A diffusers ``StableDiffusion3Pipeline``: CLIP-L/G tokens (77) then T5 tokens (zeros without T5)."""
+
+    def __init__(self, pipe, max_sequence_length: int = 256):
+        super().__init__(pipe.transformer)
+        self.pipe, self.max_length = pipe, max_sequence_length
+        self.multiple = pipe.vae_scale_factor * pipe.patch_size
+
+    def latents(self, image):
+        latents = vae_latents(self.pipe.vae, self.pipe.image_processor.preprocess(image))
+        patch = self.pipe.patch_size
+        return latents, (latents.shape[2] // patch, latents.shape[3] // patch)
+
+    def prompt(self, text):
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=text,
+            prompt_2=None,
+            prompt_3=None,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_length,
+        )
+        segments = [token_segment(self.pipe.tokenizer, text, self.pipe.tokenizer_max_length)]
+        if self.pipe.text_encoder_3 is None:  # the pipeline feeds zeros there: nothing real
+            segments.append(Segment([(0, 0)] * self.max_length, [0] * self.max_length))
+        else:
+            segments.append(token_segment(self.pipe.tokenizer_3, text, self.max_length))
+        return EncodedPrompt(embeds, pooled, segments)
+
+
 ADAPTER = DiTAdapter(
     family="sd3",
     classes=("SD3Transformer2DModel",),
@@ -70,4 +117,5 @@ ADAPTER = DiTAdapter(
     probe=JointProbe,
     sizes=sd3_sizes,
     image_first=True,
+    sources=(("StableDiffusion3Pipeline", SD3Source), ("SD3Transformer2DModel", SD3TransformerSource)),
 )

@@ -1,0 +1,106 @@
+"""What a DiT family gives readers of its attention on real inputs (RefAM): a source.
+
+A source turns a real image and prompt into one transformer call, each step done by the
+pipeline's own public pieces so that the numbers are the pipeline's: the clean latents of
+the image (its VAE), the prompt's text features (``encode_prompt``), what each text
+position stands for (its tokenizers, with character offsets), and the keyword arguments
+of one call at flow-matching time ``t``. A bare transformer has no VAE or text encoder:
+its source only builds calls, from latents and text features the caller encoded. Each
+family's module names its sources in ``DiTAdapter.sources`` (``flux.py``, ``sd3.py``).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One tokenizer's stretch of the text sequence: per position its character span in
+    the prompt and whether it is a real token (the tokenizer's attention mask)."""
+
+    offsets: Sequence[tuple[int, int]]
+    real: Sequence[int]
+
+
+@dataclass
+class EncodedPrompt:
+    """Text features of one prompt as the transformer takes them, and the token segments they stand for."""
+
+    embeds: torch.Tensor  # (1, T, D)
+    pooled: torch.Tensor  # (1, P)
+    segments: list[Segment]
+    text_ids: torch.Tensor | None = None  # FLUX only: (T, 3)
+
+
+class Source:
+    """A bare transformer: builds calls; encoding images and prompts needs a pipeline."""
+
+    family = ""
+    multiple = 1  # image sides must be multiples of this
+    blocks: tuple[str, ...] | None = None
+    """Sites read by default on this source's model (a family's rule, or blocks measured best on it);
+    None: the reader's own default."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        self.transformer = transformer
+
+    def check_image(self, image) -> Image.Image:
+        if not isinstance(image, Image.Image):
+            raise TypeError(
+                f"RefAM: the image must be a PIL image, got {type(image).__name__}; "
+                "use PIL.Image.fromarray(array) for an (H, W, 3) uint8 array"
+            )
+        if image.mode != "RGB":
+            raise ValueError(f"RefAM: the image is in mode {image.mode!r}; convert it with image.convert('RGB')")
+        width, height = image.size
+        if width % self.multiple or height % self.multiple:
+            raise ValueError(
+                f"RefAM: {self.family} needs image sides that are multiples of {self.multiple}, got "
+                f"{width}x{height}; resize to e.g. {_round(width, self.multiple)}x"
+                f"{_round(height, self.multiple)} (image.resize) and resize the mask back"
+            )
+        return image
+
+    def latents(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
+        raise TypeError(
+            "RefAM: a bare transformer has no VAE; pass its pipeline, or encode the image yourself and "
+            "call RefAM.segment_encoded(latents, grid, prompt, expression)"
+        )
+
+    def prompt(self, text: str) -> EncodedPrompt:
+        raise TypeError(
+            "RefAM: a bare transformer has no tokenizer or text encoder; pass its pipeline, or call "
+            "RefAM.segment_encoded with an EncodedPrompt"
+        )
+
+    def call(self, x_t: torch.Tensor, t: float, prompt: EncodedPrompt, grid: tuple[int, int]) -> dict:
+        raise NotImplementedError
+
+    def _tensor(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(device=self.transformer.device, dtype=self.transformer.dtype)
+
+
+def vae_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """The pipelines' own latent normalisation of a VAE's posterior mode (SD3/FLUX VAEs have a shift)."""
+    latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
+    return (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+
+
+def token_segment(tokenizer, text: str, max_length: int) -> Segment:
+    """The positions ``tokenizer`` gives ``text`` as the pipeline pads it; refuses truncation."""
+    full = tokenizer(text)["input_ids"]
+    if len(full) > max_length:
+        raise ValueError(
+            f"RefAM: the prompt {text!r} takes {len(full)} tokens, more than the {max_length} the "
+            "text encoder sees; shorten the expression or use fewer magnets"
+        )
+    enc = tokenizer(text, padding="max_length", max_length=max_length, truncation=True, return_offsets_mapping=True)
+    return Segment([tuple(o) for o in enc["offset_mapping"]], list(enc["attention_mask"]))
+
+
+def _round(value: int, multiple: int) -> int:
+    return max(multiple, round(value / multiple) * multiple)
