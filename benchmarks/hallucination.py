@@ -59,14 +59,16 @@ def main():
     # random weights grow no sink dimensions: plant two so that VAR really redistributes
     var = VAR() if args.full else VAR(dims=(0, 1), tau=3.0)
     methods = {"var": var, "gift": gift, "paint": PAINT()}
+    settings = {}  # method -> what it ran with in its latest block
 
     def run(tokens, method=None):
         def go():
             if method is None:
                 model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
             else:
-                with vlm.use(method):
+                with vlm.use(method) as trace:
                     model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+                settings[method] = trace[method].settings
             sync()
         return go
 
@@ -79,7 +81,7 @@ def main():
     base_cpu, cpu = ratios(run(args.tokens), generate_all, repeats=args.repeats, clock=time.process_time)
     print(f"greedy_cpu_seconds_per_token: {base_cpu / args.tokens:.4f}")
     for name, method in methods.items():
-        print(f"{name}_settings: {method.settings}")
+        print(f"{name}_settings: {settings[method]}")
         print(f"{name}_cpu_ratio: {cpu[name]:.3f}", flush=True)
     if args.decode:
         prefill, first = ratios(run(1), {name: run(1, m) for name, m in methods.items()}, repeats=args.repeats,

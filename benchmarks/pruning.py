@@ -109,15 +109,15 @@ def _debias_seconds(vlm, batch, host, repeats: int) -> float:
     the end-to-end difference is below the noise of a shared CPU."""
     with torch.inference_mode(), vlm.use(vlmtools.RecordHidden([host.layers[0]]), host) as trace:
         vlm.model(**batch, logits_to_keep=1)
-    hidden = trace[f"text.{host.layers[0]}.resid_pre"][0]
+    hidden, run = trace[f"text.{host.layers[0]}.resid_pre"][0], trace[host]
     layout = vlm.layout(batch)
     kept = torch.arange(hidden.shape[1], device=hidden.device)[None]
     visual = layout.samples[0].visual_positions().to(hidden.device)
     scores = torch.rand(len(visual), device=hidden.device)
 
     def work():
-        padded, sinks = host._suppressed(0, hidden, kept, layout)[0]
-        debiased(scores, torch.arange(len(visual), device=hidden.device), len(visual), host.trends[0],
+        padded, sinks = run._suppressed(0, hidden, kept, layout)[0]
+        debiased(scores, torch.arange(len(visual), device=hidden.device), len(visual), run.trends[0],
                  torch.isin(visual, torch.cat([padded, sinks])))
 
     with torch.inference_mode():

@@ -16,9 +16,13 @@ from .plan import ACTIVE_PLAN, AttentionSite, Plan, StopForward, Trace
 
 
 class Intervention(Protocol):
-    """Anything ``use`` accepts: it adds its hooks to the plan of the block."""
+    """Anything ``use`` accepts: it adds its hooks to the plan of the block.
 
-    def attach(self, vlm: Wrapped, plan: Plan) -> None: ...
+    An intervention holds settings only; what one block computes lives on a per-block run that
+    ``attach`` registers as ``plan.trace[self]`` (and returns), read as ``trace[intervention]``.
+    """
+
+    def attach(self, vlm: Wrapped, plan: Plan) -> Any: ...
 
 
 class Wrapped:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from .args import at_least
 from vlmtools.chat import chat_inputs, first_word
+from vlmtools.plan import Trace
 
 from .inputs import held_out_prompts
 
@@ -91,21 +92,22 @@ class QuestionRunner:
         return chat_inputs(self.vlm.processor, [self.images[index]], [self.items[index][1].question])
 
     @torch.no_grad()
-    def answer(self, *interventions, after: Callable[[int, dict], None] | None = None) -> tuple[list[str], float]:
-        """Answers and generation seconds; ``after(index, inputs)`` runs after each answer, untimed,
-        while the interventions still hold that prefill's state."""
+    def answer(self, *interventions, after: Callable[[int, dict, Trace], None] | None = None
+               ) -> tuple[list[str], float]:
+        """Answers and generation seconds; ``after(index, inputs, trace)`` runs after each answer, untimed,
+        with the trace of that answer's block."""
         tokenizer = self.vlm.processor.tokenizer
         answers, seconds = [], 0.0
         for index in range(len(self.items)):
             batch = self.inputs(index)
             start = time.perf_counter()
-            with self.vlm.use(*interventions):
+            with self.vlm.use(*interventions) as trace:
                 out = self.vlm.model.generate(**batch, max_new_tokens=4, do_sample=False)
             seconds += time.perf_counter() - start
             new_tokens = out[0, batch["input_ids"].shape[1]:]
             answers.append(first_word(tokenizer.decode(new_tokens, skip_special_tokens=True)))
             if after:
-                after(index, batch)
+                after(index, batch, trace)
         return answers, seconds
 
     def accuracy(self, answers: list[str]) -> float:
@@ -168,20 +170,21 @@ def pruning_section(report: Report, vlm, runner: QuestionRunner, plain: tuple[li
     for debias in (False, debias_on):
         host, places = fastv(debias), []
         answers, seconds = runner.answer(
-            host, after=lambda index, inputs: places.extend(kept_places(vlm, inputs, host, [runner.scenes[index]])))
+            host, after=lambda index, inputs, trace: places.extend(
+                kept_places(vlm, inputs, trace[host], [runner.scenes[index]])))
         rows.append([f"FastV keep {KEEP}, debias {'on' if debias else 'off'}", f"{runner.accuracy(answers):.2f}",
                      f"{plain[1] / seconds:.2f}", runner.object_share(places)])
     pictures = []
     side = int(round(np.sqrt(144)))
     for debias in (False, debias_on):
         host = fastv(debias)
-        with torch.no_grad(), vlm.use(host) as _:
+        with torch.no_grad(), vlm.use(host) as trace:
             vlm.model(**runner.inputs(0))
-        layout = host.state.layout.samples[0]
-        visual = layout.visual_positions()
-        raw = host.sites[0].latest()[1][0, -1, visual].float()
-        score = debiased(raw, torch.arange(len(visual)), len(visual), host.trends[0], None) if debias else raw
-        kept = torch.isin(visual, host.drop.kept_at(LAYER)[0]).numpy().reshape(side, side)
+        run = trace[host]
+        visual = run.state.layout.samples[0].visual_positions()
+        raw = run.scorers[0].latest()[1][0, -1, visual].float()
+        score = debiased(raw, torch.arange(len(visual)), len(visual), run.trends[0], None) if debias else raw
+        kept = torch.isin(visual, run.kept_at(LAYER)[0]).numpy().reshape(side, side)
         name = "debiased" if debias else "raw"
         pictures.append(picture(grid_picture(runner.images[0], score.numpy().reshape(side, side)),
                                 f"FastV score, {name}"))
