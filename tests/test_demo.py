@@ -2,6 +2,9 @@
 import re
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow  # the demo report: about 40 s on a 2-core CPU
 
 
 def test_the_pruning_table_says_how_much_of_the_image_lies_on_objects(demo_report):
