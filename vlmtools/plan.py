@@ -138,13 +138,13 @@ class Chunks(list):
     """The row chunks of one call's record (the seam may hand rows over in several chunks)."""
 
     def joined(self) -> torch.Tensor:
-        """The chunks joined along the query dim; the join is kept until another chunk lands."""
-        if len(self) == 1:
-            return self[0]
-        cached = getattr(self, "_joined", None)
-        if cached is None or cached[0] != len(self):
-            self._joined = cached = (len(self), torch.cat(self, 2))
-        return cached[1]
+        """The chunks joined along the query dim. The join replaces the chunks inside this list
+        (one copy held), and chunks that land after a read are appended after it."""
+        if not self:
+            raise LookupError("vlmtools: no rows of this call are recorded yet")
+        if len(self) > 1:
+            self[:] = [torch.cat(self, 2)]
+        return self[0]
 
 
 class Trace(dict):
@@ -171,6 +171,9 @@ class Trace(dict):
             except KeyError:
                 raise KeyError(f"vlmtools: {type(key).__name__} was not used in this block") from None
         return [entry.joined() if isinstance(entry, Chunks) else entry for entry in super().__getitem__(key)]
+
+    def __contains__(self, key) -> bool:
+        return super().__contains__(key) if isinstance(key, str) else id(key) in self._runs
 
     def __setitem__(self, key, value):
         if isinstance(key, str):
