@@ -108,6 +108,24 @@ def test_chooser_errors_are_clear_and_leave_the_model_unchanged():
     torch.testing.assert_close(model(**inputs).logits, plain, atol=0, rtol=0)
 
 
+def test_the_trace_gives_what_this_drop_kept_in_this_block():
+    """``trace[drop]`` is what that DropTokens kept in that block; one not used there, or the same one
+    twice in one block, is refused."""
+    model, inputs = tiny_llava()
+    vlm = vlmtools.wrap(model)
+    drop, unused = DropTokens({1: keep_every_other_visual(None)}), DropTokens({1: lambda s, h, kept: kept})
+    with torch.no_grad(), vlm.use(drop) as trace:
+        model(**inputs)
+    assert drop in trace and unused not in trace
+    kept = trace[drop].kept_at(2)
+    for sample, positions in zip(vlm.layout(inputs).samples, kept):
+        assert torch.equal(positions[torch.isin(positions, sample.visual_positions())], sample.visual_positions()[::2])
+    with pytest.raises(KeyError, match="not used in this block"):
+        trace[unused]
+    with pytest.raises(ValueError, match="used twice in one block"), vlm.use(drop, drop):
+        pass
+
+
 def test_merging_chooser_replaces_the_kept_hidden_states():
     """A chooser may return ``(positions, hidden)``: each kept even visual token becomes the mean of
     itself and the odd token after it, in an order other than sorted (guards the reordering)."""
