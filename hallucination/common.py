@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from vlmtools.layout import TokenLayout
+from vlmtools.record import last_row  # noqa: F401  (PAINT imports it from here until it takes vlmtools.record's)
 
 
 def key_mask(per_sample: Sequence[torch.Tensor], width: int) -> torch.Tensor:
@@ -33,8 +34,3 @@ def widen(mask: torch.Tensor, k_len: int, device=None) -> torch.Tensor:
     if mask.shape[-1] < k_len:
         mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], k_len - mask.shape[-1])], -1)
     return mask[..., :k_len].to(device)
-
-
-def last_row(call) -> torch.Tensor:
-    """The row index of the query that predicts the next token."""
-    return torch.tensor([call.q_len - 1], device=call.query.device)

@@ -22,9 +22,10 @@ from typing import ClassVar, Literal
 import torch
 
 from vlmtools.plan import AttentionHook
+from vlmtools.record import last_row
 from vlmtools.text import content_words, word_ids_for_tokens
 
-from .common import key_mask, last_row, visual_mask, widen
+from .common import key_mask, visual_mask, widen
 
 TINY = 1e-12
 

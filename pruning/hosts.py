@@ -11,11 +11,9 @@ from functools import partial
 
 import torch
 
+from vlmtools.record import last_row
+
 from .host import Host, SiteRows, at_present, lattice, merge_into
-
-
-def _last_row(call):
-    return torch.tensor([call.q_len - 1], device=call.query.device)
 
 
 class _LastQuery(Host):
@@ -24,7 +22,7 @@ class _LastQuery(Host):
     reads_previous_layer = True
 
     def scorers(self, run, vlm, plan):
-        return [plan.attention(vlm.site(f"text.{layer - 1}"), SiteRows(_last_row)) for layer in self.layers]
+        return [plan.attention(vlm.site(f"text.{layer - 1}"), SiteRows(last_row)) for layer in self.layers]
 
     def score(self, run, stage, hidden, kept, layout, targets):
         return run.scorers[stage].latest()[1][:, -1]

@@ -20,11 +20,16 @@ Sites = Iterable[Union[str, AttentionSite]]
 Queries = Union[str, Span, torch.Tensor, Callable[[AttentionCall, ForwardState], torch.Tensor]]
 
 
+def last_row(call: AttentionCall) -> torch.Tensor:
+    """The row index of the call's last query: at prefill the last prompt token, then the one being decoded."""
+    return torch.tensor([call.q_len - 1], device=call.query.device)
+
+
 def resolve_rows(queries: Queries, call: AttentionCall, state: ForwardState):
     """Turn a query selector into row indices of this call (or ALL)."""
     if isinstance(queries, str):
         if queries == "last":
-            return torch.tensor([call.q_len - 1], device=call.query.device)
+            return last_row(call)
         if queries == "all":
             return ALL
         raise ValueError(f"unknown query selector {queries!r}: use 'last', 'all', a Span, indices or a callable")

@@ -22,6 +22,7 @@ import vlmtools
 from grounding.masks import heatmap_to_mask, overlay, peak_point, upsample
 from vlmtools.adapters.dit_source import EncodedPrompt
 from vlmtools.plan import AttentionHook, StopForward
+from vlmtools.record import last_row
 from vlmtools.sinks import RecordJointColumns
 
 from .maps import MapAccumulator, PaddingMode, RecordImageText, SinkMode, WordMode, global_sinks, word_maps
@@ -130,7 +131,7 @@ class StopAfter(AttentionHook):
         plan.attention(vlm.site(self.site), self)
 
     def rows(self, call):
-        return torch.tensor([call.q_len - 1], device=call.query.device)  # in the last chunk of rows
+        return last_row(call)  # in the last chunk of rows
 
     def record(self, call, rows, probs):
         raise StopForward
