@@ -36,7 +36,7 @@ def test_adding_a_family_example_runs(tmp_path, capsys):
     module_text, check = python_blocks(DOCS / "adding-a-family.md")[:2]
     file = tmp_path / "vipllava.py"
     file.write_text(module_text.replace("from ..layout", "from vlmtools.layout")
-                    .replace("from .base", "from vlmtools.adapters.base"))
+                    .replace("from .", "from vlmtools.adapters."))
     spec = importlib.util.spec_from_file_location("vipllava_example", file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -48,4 +48,7 @@ def test_adding_a_family_example_runs(tmp_path, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == "vipllava (4, 4)"
     assert any(line.startswith("VAR torch.Size([1, 4, 1, 21])") for line in printed)
-    assert printed[-1] == "fastv torch.Size([1, 9])"
+    assert printed[-2] == "fastv torch.Size([1, 9])"
+    assert any(line.startswith("PAINT torch.Size([1, 4, 1, 21])") for line in printed)
+    assert printed[-1] == ("visionzip ranks by the vision encoder's [CLS] attention; vipllava: "
+                           + module.ADAPTER.vision.no_cls)  # the family's reason
