@@ -9,10 +9,11 @@ tokens). The LLM, in contrast, drifts away from the image as it generates; addin
 ``alpha*|z|`` to the last query row's pre-softmax logits on local tokens and
 ``beta*|z|`` on summary tokens pulls it back to both kinds of evidence.
 
-Qwen2-VL and Qwen2.5-VL towers have no CLS token; there (our substitute, recorded in
-``settings["scores"]``) a patch's score is the mean attention it receives from the
-patches of its image (window, for Qwen2.5-VL's windowed layers), averaged over the
-2x2 patches the merger fuses into one LLM token.
+Where the family's adapter says the encoder has no CLS token (Qwen2-VL, Qwen2.5-VL), a
+patch's score is the mean attention it receives from the patches of its image (window,
+for Qwen2.5-VL's windowed layers): our substitute, recorded in ``settings["scores"]``.
+The adapter puts encoder scores on the LLM's tokens (LLaVA-NeXT tiles, Qwen-VL merge
+groups averaged, Qwen2.5-VL windows back in raster order) and refuses families it cannot.
 
 Head-specific modulation (in the paper, not in the released code; the definition is
 ours): a head's visual sensitivity is its attention mass on the image in the row being
@@ -25,15 +26,12 @@ from __future__ import annotations
 import math
 
 import torch
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import get_vision_window_index
 
+from vlmtools.adapters.vision import join_samples
 from vlmtools.plan import AttentionHook
-from vlmtools.record import RecordColumnMass, RecordRows
+from vlmtools.record import RecordColumnMass, RecordRows, last_row
 
-from .common import key_mask, last_row, visual_mask, widen
-
-CLS_FAMILIES = ("llava", "llava_next")
-MEAN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+from .common import key_mask, visual_mask, widen
 
 
 def token_sets(first: torch.Tensor, penultimate: torch.Tensor, top: float = 0.25,
@@ -68,11 +66,15 @@ def boost(logits: torch.Tensor, local: torch.Tensor, summary: torch.Tensor, alph
     return logits + gain * logits.abs()
 
 
-class PAINT(AttentionHook):
+class PAINT:
     """PAINT on LLM layers 2 .. L-1, last query row, every step.
 
-    >>> with vlm.use(PAINT(alpha=0.7, beta=0.4)):
+    What one block computed is its :class:`PAINTRun`, ``trace[paint]``:
+
+    >>> paint = PAINT(alpha=0.7, beta=0.4)
+    >>> with vlm.use(paint) as trace:
     ...     out = model.generate(**inputs, max_new_tokens=32)
+    >>> trace[paint].local, trace[paint].summary
     """
 
     def __init__(self, alpha: float = 0.7, beta: float = 0.4, head_modulation: bool = True, top: float = 0.25,
@@ -82,26 +84,34 @@ class PAINT(AttentionHook):
         if whisker < 0:
             raise ValueError(f"PAINT whisker must not be negative, got {whisker}")
         self.alpha, self.beta, self.head_modulation, self.top, self.whisker = alpha, beta, head_modulation, top, whisker
-        self.settings: dict = {}
 
-    def attach(self, vlm, plan) -> None:
-        if vlm.family not in CLS_FAMILIES + MEAN_FAMILIES:
-            raise NotImplementedError(f"PAINT reads the vision encoder's attention; {vlm.family} is not supported "
-                                      f"({', '.join(CLS_FAMILIES + MEAN_FAMILIES)} are)")
+    def attach(self, vlm, plan) -> PAINTRun:
+        run = plan.trace[self] = PAINTRun(self, vlm, plan)
+        return run
+
+
+class PAINTRun(AttentionHook):
+    """One block of :class:`PAINT` (``trace[paint]``): its hooks, ``local`` and ``summary`` (``(B, L)``
+    bool masks of the latest prompt's local and summary tokens) and ``settings``."""
+
+    def __init__(self, paint: PAINT, vlm, plan):
+        self.encoder = vlm.adapter.vision_encoder()  # UnsupportedModel: the family's reason
         depth = len(vlm.adapter.blocks(vlm.model, "vision"))
         self.vision_sites = ["vision.0", f"vision.{max(depth - 2, 0)}"]
         sites = sorted(set(self.vision_sites))
-        if vlm.family in CLS_FAMILIES:
+        if self.encoder.cls:
             RecordRows(sites, queries=torch.tensor([0])).attach(vlm, plan)
         else:
             RecordColumnMass(sites).attach(vlm, plan)
-        self.vlm, self.trace, self.state = vlm, plan.trace, plan.state
+        self.paint, self.vlm, self.trace, self.state = paint, vlm, plan.trace, plan.state
         self.layers = list(range(2, vlm.num_layers))
-        self.settings = {"method": "PAINT", "alpha": self.alpha, "beta": self.beta,
-                         "head_modulation": self.head_modulation, "top": self.top, "whisker": self.whisker,
+        self.settings = {"method": "PAINT", "alpha": paint.alpha, "beta": paint.beta,
+                         "head_modulation": paint.head_modulation, "top": paint.top, "whisker": paint.whisker,
                          "vision_sites": self.vision_sites, "layers": self.layers,
-                         "scores": "CLS attention" if vlm.family in CLS_FAMILIES else "mean attention received",
-                         "variant": "paper" if self.head_modulation else "released"}
+                         "scores": "CLS attention" if self.encoder.cls else "mean attention received",
+                         "variant": "paper" if paint.head_modulation else "released"}
+        self.local: torch.Tensor | None = None
+        self.summary: torch.Tensor | None = None
         self._layout, self._seen = None, dict.fromkeys(sites, 0)
         for index in self.layers:
             plan.attention(vlm.site(f"text.{index}"), self)
@@ -113,28 +123,22 @@ class PAINT(AttentionHook):
         first, penultimate = (scores[site] for site in self.vision_sites)
         local, summary = [], []
         for image, scores0, scores1 in zip(images, first, penultimate):
-            loc, summ = token_sets(scores0, scores1, self.top, self.whisker)
+            loc, summ = token_sets(scores0, scores1, self.paint.top, self.paint.whisker)
             local.append(image.positions[loc])
             summary.append(image.positions[summ])
-        per_sample = [len(sample.images) for sample in layout.samples]
-        self.local = key_mask([torch.cat(p) for p in _regroup(local, per_sample)], layout.seq_len)
-        self.summary = key_mask([torch.cat(p) for p in _regroup(summary, per_sample)], layout.seq_len)
+        self.local = key_mask(join_samples(local, layout), layout.seq_len)
+        self.summary = key_mask(join_samples(summary, layout), layout.seq_len)
         self.visual = visual_mask(layout)
 
     def _scores(self, site: str, images) -> list[torch.Tensor]:
         """Each image's token scores at a vision site, head-averaged, in layout order."""
-        config = self.vlm.model.config
-        if self.vlm.family in MEAN_FAMILIES:
+        if self.encoder.cls:
+            values = self.trace[f"{site}.rows"][-1].float().mean(1)[:, 0, 1:].cpu()  # (sequences, patches)
+        else:
             calls = self.trace[f"{site}.column_mass"]
             fresh, self._seen[site] = calls[self._seen[site]:], len(calls)  # this prompt's images / windows
-            received = torch.cat([mass.mean.mean(1)[0] for mass in fresh]).cpu()
-            return _merged_scores(received, images, config.vision_config, self.vlm.family == "qwen2_5_vl")
-        cls = self.trace[f"{site}.rows"][-1].float().mean(1)[:, 0].cpu()  # (tiles, 1 + patches)
-        if config.vision_feature_select_strategy == "default":
-            cls = cls[:, 1:]
-        if self.vlm.family == "llava":
-            return list(cls)
-        return _anyres_scores(cls, images, config.vision_config.image_size // config.vision_config.patch_size)
+            values = torch.cat([mass.mean.mean(1).flatten() for mass in fresh]).cpu()  # sequence after sequence
+        return self.encoder.to_lm(self.vlm.model, values.flatten(), images)  # the family's token order
 
     def rows(self, call):
         if self.state.step == 0 and self._layout is not self.state.layout:
@@ -143,45 +147,7 @@ class PAINT(AttentionHook):
 
     def edit_logits(self, call, rows, logits):
         device = logits.device
-        scale = visual_sensitivity(logits, widen(self.visual, call.k_len, device)) if self.head_modulation else None
+        paint = self.paint
+        scale = visual_sensitivity(logits, widen(self.visual, call.k_len, device)) if paint.head_modulation else None
         return boost(logits, widen(self.local, call.k_len, device), widen(self.summary, call.k_len, device),
-                     self.alpha, self.beta, scale)
-
-
-def _regroup(items: list, counts: list[int]) -> list[list]:
-    out, start = [], 0
-    for count in counts:
-        out.append(items[start:start + count])
-        start += count
-    return out
-
-
-def _anyres_scores(cls: torch.Tensor, images, side: int) -> list[torch.Tensor]:
-    """LLaVA-NeXT: per-tile scores ``(tiles, side*side)`` to each image's token order
-    (base grid, then the stitched tile grid cropped as ``unpad_image`` crops it)."""
-    scores, tile = [], 0
-    for image in images:
-        rows, cols = image.tiles[1]
-        tiles_h, tiles_w = -(-rows // side), -(-cols // side)
-        base, grid = cls[tile], cls[tile + 1: tile + 1 + tiles_h * tiles_w]
-        tile += 1 + tiles_h * tiles_w
-        grid = grid.view(tiles_h, tiles_w, side, side).permute(0, 2, 1, 3).reshape(tiles_h * side, tiles_w * side)
-        top, left = (tiles_h * side - rows) // 2, (tiles_w * side - cols) // 2
-        scores.append(torch.cat([base, grid[top:top + rows, left:left + cols].flatten()]))
-    if tile != cls.shape[0]:
-        raise ValueError(f"PAINT: {cls.shape[0]} vision tiles recorded but the layout's grids account for {tile}; "
-                         "this image's anyres padding spans a whole tile")
-    return scores
-
-
-def _merged_scores(received: torch.Tensor, images, vision, windowed: bool) -> list[torch.Tensor]:
-    """Qwen-VL: per-patch scores of the whole batch (window order for Qwen2.5-VL) to each
-    image's merged tokens, averaging each merge group of ``m x m`` patches."""
-    group = vision.spatial_merge_size ** 2
-    merged = received.view(-1, group).mean(-1)
-    if windowed:  # the tower runs on tokens reordered window by window
-        m = vision.spatial_merge_size
-        grid = torch.tensor([[t, h * m, w * m] for t, h, w in (image.thw for image in images)])
-        order, _ = get_vision_window_index(grid, m, vision.window_size, vision.patch_size)
-        merged = torch.empty_like(merged).index_copy_(0, order.cpu(), merged)
-    return list(merged.split([len(image) for image in images]))
+                     paint.alpha, paint.beta, scale)

@@ -16,7 +16,7 @@ import vlmtools
 from hallucination import GIFT, PAINT, VAR
 from hallucination.common import key_mask, visual_mask
 from hallucination.gift import enhance, gaze_shift, question_tokens, saliency_factor
-from hallucination.paint import _merged_scores, boost, token_sets, visual_sensitivity
+from hallucination.paint import boost, token_sets, visual_sensitivity
 from hallucination.var import redistribute
 from vlmtools.testing import vlm as tiny
 
@@ -211,16 +211,17 @@ def test_var_hook_applies_the_formula_in_its_layers_and_rows():
     model, inputs = tiny.tiny_llava()
     vlm = vlmtools.wrap(model)
     var = VAR(rho=0.3, tau=2.0, dims=(0, 1, 2, 3))
-    with vlm.use(var):
+    with vlm.use(var) as trace:
         got = logits(model, inputs)
+    run = trace[var]
     layout = vlm.layout(inputs)
     visual, image_end = visual_mask(layout), torch.tensor([int(s.visual_positions().max()) for s in layout.samples])
-    assert var.layers == [2, 3] and any(s.numel() for sinks in var.sinks.values() for s in sinks)
+    assert run.layers == [2, 3] and any(s.numel() for sinks in run.sinks.values() for s in sinks)
 
     def edit(layer, z):
         p = z.softmax(-1)
-        if layer in var.layers:
-            sinks = key_mask(var.sinks[layer], z.shape[-1])
+        if layer in run.layers:
+            sinks = key_mask(run.sinks[layer], z.shape[-1])
             rows = torch.arange(z.shape[2])[None] > image_end[:, None]
             p = redistribute(p, visual, sinks, var.moved, var.rho, var.min_image, rows)[0]
         return p
@@ -233,14 +234,16 @@ def test_gift_hook_applies_the_formula_to_the_last_row():
     model, inputs = tiny.tiny_llava()
     vlm = vlmtools.wrap(model)
     gift = GIFT(alpha=5.0, saliency_layer=1, layers=[2, 3])
-    with vlm.use(gift):
+    with vlm.use(gift) as trace:
         got = logits(model, inputs)
-    assert gift.settings["chosen_layer"] == [1, 1] and gift.factor.amax() > 1
+    run = trace[gift]
+    assert run.settings["chosen_layer"] == [1, 1] and run.factor.amax() > 1
+    assert run.saliency.shape == run.factor.shape and run.saliency[~run.visual].abs().max() == 0
 
     def edit(layer, z):
         p = z.softmax(-1)
         if layer in (2, 3):
-            p[:, :, -1:] = enhance(p[:, :, -1:], gift.factor, gift.visual, gift.question)
+            p[:, :, -1:] = enhance(p[:, :, -1:], run.factor, run.visual, run.question)
         return p
 
     assert_same_on_real_tokens(got, eager_edited(model, inputs, edit), inputs)
@@ -254,13 +257,14 @@ def test_paint_hook_applies_the_formula_to_the_last_row(modulate):
     with vlm.use(paint) as trace:
         got = logits(model, inputs)
     assert trace["vision.0.rows"][0].shape == (2, 4, 1, 17)  # the CLS row of each image
-    assert paint.local.any() and paint.settings["variant"] == ("paper" if modulate else "released")
+    run = trace[paint]
+    assert run.local.any() and run.settings["variant"] == ("paper" if modulate else "released")
 
     def edit(layer, z):
         if layer >= 2:
-            scale = visual_sensitivity(z[:, :, -1:], paint.visual) if modulate else None
+            scale = visual_sensitivity(z[:, :, -1:], run.visual) if modulate else None
             z = z.clone()
-            z[:, :, -1:] = boost(z[:, :, -1:], paint.local, paint.summary, 0.7, 0.4, scale)
+            z[:, :, -1:] = boost(z[:, :, -1:], run.local, run.summary, 0.7, 0.4, scale)
         return z.softmax(-1)
 
     assert_same_on_real_tokens(got, eager_edited(model, inputs, edit), inputs)
@@ -294,11 +298,11 @@ def test_methods_change_generate_and_leave_the_model_as_it_was(family):
         plan = vlmtools.Plan()
         method.attach(vlm, plan)
         assert plan.unfired() == EXPECTED_SITES[name]  # every other layer keeps the fused kernel
-        with vlm.use(method):
+        with vlm.use(method) as trace:
             sequences, edited = generate(model, inputs)
         assert sequences.shape == (2, inputs["input_ids"].shape[1] + 3)
         assert (edited - plain).abs().amax((0, 2)).min() > 1e-6, name  # every step changes
-        assert method.settings["method"] == name.split("_")[0].upper()
+        assert trace[method].settings["method"] == name.split("_")[0].upper()
     assert model.config.text_config._attn_implementation == "sdpa"
     torch.testing.assert_close(logits(model, inputs), before, atol=0, rtol=0)
 
@@ -307,14 +311,15 @@ def test_var_settings_say_which_variant_and_dims():
     model, inputs = tiny.tiny_llava()
     vlm = vlmtools.wrap(model)
     paper, released = VAR(p=0.6), VAR(p=0.6, variant="released")
-    with vlm.use(paper):
+    with vlm.use(paper) as trace:
         generate(model, inputs, 2)
-    with vlm.use(released):
+    with vlm.use(released) as released_trace:
         generate(model, inputs, 2)
-    assert paper.settings["moved"] == pytest.approx(0.6) and released.settings["moved"] == pytest.approx(0.4)
-    assert paper.settings["layers"] == [2, 3] and released.settings["layers"] == [2, 3, 4]
-    assert paper.settings["dims_source"] == "discovered per layer at prefill"
-    assert set(paper.settings["dims_by_layer"]) == {2, 3}  # what each layer's discovery found
+    paper_settings, released_settings = trace[paper].settings, released_trace[released].settings
+    assert paper_settings["moved"] == pytest.approx(0.6) and released_settings["moved"] == pytest.approx(0.4)
+    assert paper_settings["layers"] == [2, 3] and released_settings["layers"] == [2, 3, 4]
+    assert paper_settings["dims_source"] == "discovered per layer at prefill"
+    assert set(paper_settings["dims_by_layer"]) == {2, 3}  # what each layer's discovery found
     with pytest.raises(ValueError, match="variant"):
         VAR(variant="code")
 
@@ -337,14 +342,15 @@ def test_gift_presets_and_auto_layer():
     model, inputs = tiny.tiny_llava()
     vlm = vlmtools.wrap(model)
     gift = GIFT(layers=[3, 4])
-    with vlm.use(gift):
+    with vlm.use(gift) as trace:
         generate(model, inputs, 2)
-    assert gift.settings["candidates"] == [0, 1, 2] and set(gift.settings["chosen_layer"]) <= {0, 1, 2}
-    assert gift.settings["variant"] == "paper"  # the released code fixes the saliency layer per model
-    assert gift.settings["tagger"] == "none"  # no tokenizer: every text token is a question word
+    settings = trace[gift].settings
+    assert settings["candidates"] == [0, 1, 2] and set(settings["chosen_layer"]) <= {0, 1, 2}
+    assert settings["variant"] == "paper"  # the released code fixes the saliency layer per model
+    assert settings["tagger"] == "none"  # no tokenizer: every text token is a question word
 
 
-def test_paint_maps_qwen2_5_window_order_back_to_each_image():
+def test_qwen2_5_adapter_maps_window_order_back_to_each_image():
     model, inputs = tiny.tiny_qwen2_5_vl()
     visual, config = model.model.visual, model.config.vision_config
     grid = inputs["image_grid_thw"]
@@ -352,8 +358,9 @@ def test_paint_maps_qwen2_5_window_order_back_to_each_image():
     patches = int(grid.prod(-1).sum())
     raster = torch.arange(patches, dtype=torch.float32)  # a patch's score = its place in the processor's order
     in_window_order = visual.permute_input_for_window_attn(raster[:, None], order, seq_len=patches)[:, 0]
-    images = [image for sample in vlmtools.wrap(model).layout(inputs).samples for image in sample.images]
-    got = _merged_scores(in_window_order, images, config, windowed=True)
+    vlm = vlmtools.wrap(model)
+    images = vlm.layout(inputs).images()
+    got = vlm.adapter.vision.to_lm(model, in_window_order, images)
     want = raster.view(-1, config.spatial_merge_size**2).mean(-1).split([len(image) for image in images])
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
