@@ -123,8 +123,8 @@ def test_sites_declare_the_real_head_shapes(built):
 def test_seam_takes_over_text_and_vision(built):
     _, model, _, vlm = built
     with vlm.use():
-        assert model.config.text_config._attn_implementation == vlmtools.attention.SEAM
-        assert model.config.vision_config._attn_implementation == vlmtools.attention.SEAM
+        assert model.config.text_config._attn_implementation == vlmtools.attention.seam_name("sdpa")
+        assert model.config.vision_config._attn_implementation == vlmtools.attention.seam_name("sdpa")
     assert model.config.vision_config._attn_implementation == "sdpa"
 
 

@@ -1,46 +1,79 @@
-"""The one attention seam: fused kernel everywhere, an explicit path only where planned.
+"""The one attention seam: the user's kernel everywhere, an explicit path only where planned.
 
 Routing. transformers dispatches attention through a registry keyed by
-``config._attn_implementation``. We register one function under :data:`SEAM`
-with ``AttentionInterface`` *and* the SDPA mask builder under the same name with
-``AttentionMaskInterface`` (without the latter the causal mask silently
-disappears). While at least one ``use`` block is open on a model, its text and
-vision sub-configs point at :data:`SEAM`; the function looks up the active
+``config._attn_implementation``. For each implementation it serves (:data:`SERVED`)
+the seam registers one name, ``"vlmtools:<implementation>"`` (:func:`seam_name`), twice:
+a function with ``AttentionInterface`` and that implementation's own mask builder with
+``AttentionMaskInterface``, so transformers builds the mask the implementation reads
+(4-D float for eager, 4-D boolean or none for SDPA, a ``BlockMask`` for flex, the 2-D
+padding mask or none for FlashAttention, which then runs padding-free / varlen; without
+a mask function the causal mask would silently disappear). While at least one ``use``
+block is open on a model, each of its text and vision sub-configs names the seam of the
+implementation it was loaded with. The function looks up the active
 :class:`~vlmtools.plan.Plan` (a context variable) and
 
-* returns straight to transformers' own SDPA function for every module nobody
-  planned (same kernel, same numerics);
-* for a planned module, runs the fused kernel too and then recomputes, in fp32,
-  only the query rows that some hook asked for (chunked when all rows are asked
-  for, so no ``L x L`` tensor is ever held), lets hooks edit and record them, and
-  writes back the rows that were edited.
+* for every module nobody planned in the calling thread (so also for every call of a
+  thread outside any block) calls the loaded implementation's function from transformers'
+  registry (eager: the one of the module's own modeling file) with the arguments and mask
+  as given: the plain model, bit for bit;
+* for a planned module, runs that same kernel for the fused output, then recomputes, in
+  fp32, only the query rows some hook asked for (chunked when all rows are asked for, so
+  no ``L x L`` tensor is ever held), with the visibility of those rows taken from what the
+  kernel was given (the 4-D mask's rows; the ``BlockMask``'s ``mask_mod`` on those rows;
+  causality, the padding mask and the cumulative lengths of FlashAttention), lets hooks
+  edit and record them, and writes back the rows that were edited. Hooks read that
+  visibility through ``call.visible_rows(rows)``.
+
+Any other implementation (``paged|eager``, a kernel from the Hub, one a user registered)
+is refused at ``wrap`` and at ``use`` (:class:`~vlmtools.adapters.base.UnsupportedModel`
+naming it and the served ones): the seam never switches a kernel silently.
 
 diffusers processors reuse :func:`run_planned` (see ``vlmtools.adapters.dit``).
 
-Lifetimes. :func:`installed` switches the implementation and adds the decoder-layer
+Lifetimes. :func:`installed` switches the sub-configs and adds the decoder-layer
 pre-hooks on first entry and restores both on last exit (reference-counted per model,
 so two threads may each hold their own plan on one model); everything is undone in
 ``finally`` blocks, also when the forward raises.
 
 ``torch.compile``: the context-variable lookup is a Python call, so a compiled model
-graph-breaks at planned sites; unplanned sites trace to plain SDPA.
+graph-breaks at planned sites; unplanned sites trace to the loaded kernel.
 """
 from __future__ import annotations
 
+import functools
+import inspect
+import sys
 import threading
 import weakref
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .adapters.base import UnsupportedModel
 from .plan import ACTIVE_PLAN, ALL, AttentionCall, AttentionHook, AttentionSite, Plan
 
 SEAM = "vlmtools"
+"""Prefix of the names the seam registers: ``"vlmtools:sdpa"`` stands for SDPA inside a block."""
+SERVED = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+"""The attention implementations a model may be loaded with to be wrapped."""
 CHUNK_BYTES = 32 * 2**20  # fp32 logits held at once by the explicit path
+
+
+def seam_name(implementation: str) -> str:
+    """The name a sub-config loaded with ``implementation`` carries inside a ``use`` block."""
+    return f"{SEAM}:{implementation}"
+
+
+def loaded_implementation(name: str | None) -> str | None:
+    """The implementation behind a config's ``_attn_implementation`` (the loaded one inside a block)."""
+    return name.removeprefix(f"{SEAM}:") if isinstance(name, str) else name
 
 
 def run_planned(call: AttentionCall, hooks: Sequence[AttentionHook], fused: Callable[[], torch.Tensor] | None) -> torch.Tensor:
@@ -125,12 +158,13 @@ def _put(t: torch.Tensor, pos: torch.Tensor | None, value: torch.Tensor) -> None
 
 
 def visibility(mask: torch.Tensor | None, q_len: int, k_len: int, causal: bool, device) -> torch.Tensor | None:
-    """Boolean visibility from what transformers passes (bool mask, float mask or None)."""
+    """Boolean visibility from a dense mask as eager or SDPA get it (bool mask, float mask or None)."""
     if mask is None:
         if not causal or q_len == 1:
             return None
         # SDPA's is_causal aligns the upper-left corner: query i sees keys 0..i
         return (torch.arange(q_len, device=device)[:, None] >= torch.arange(k_len, device=device))[None, None]
+    mask = mask[..., :k_len]
     if mask.dtype == torch.bool:
         return mask
     lowest = torch.finfo(mask.dtype).min / 2
@@ -139,36 +173,212 @@ def visibility(mask: torch.Tensor | None, q_len: int, k_len: int, causal: bool, 
     return mask > lowest
 
 
-def seam_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """transformers attention function registered under :data:`SEAM`."""
-    plan = ACTIVE_PLAN.get()
-    hooks = plan.attention_hooks(module) if plan is not None else ()
-
-    def fused():
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                        scaling=scaling, is_causal=is_causal, **kwargs)
-        return out.transpose(1, 2)
-
-    if not hooks:
-        return fused().transpose(1, 2), None
-    plan.mark_fired(module)
-    n_rep = query.shape[1] // key.shape[1]
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    call = AttentionCall(
-        site=_site_of(module),
-        query=query,
-        key=repeat_kv(key, n_rep),
-        value=repeat_kv(value, n_rep),
-        visible=visibility(attention_mask, query.shape[2], key.shape[2], causal, query.device),
-        scaling=scaling if scaling is not None else query.shape[-1] ** -0.5,
-        kv_heads=key.shape[1],
-    )
-    out = run_planned(call, hooks, fused)
-    return out.transpose(1, 2).contiguous(), None
+RowsVisible = Callable[[torch.Tensor], "torch.Tensor | None"]
+"""``rows -> (B|1, 1, len(rows), Lk)`` boolean visibility of those query rows, or None (all visible)."""
 
 
-AttentionInterface.register(SEAM, seam_attention)
-AttentionMaskInterface.register(SEAM, sdpa_mask)
+@dataclass
+class KernelCall(AttentionCall):
+    """An :class:`AttentionCall` whose visibility is computed for the rows asked (``visible_rows``)
+    from what the kernel was given, where no dense mask exists: flex's ``BlockMask``, FlashAttention's
+    causality, padding mask and cumulative lengths. ``visible`` is then None; read ``visible_rows``."""
+
+    rows_visible: RowsVisible | None = None
+
+    def visible_rows(self, rows: torch.Tensor) -> torch.Tensor | None:
+        if self.rows_visible is None:
+            return super().visible_rows(rows)
+        return self.rows_visible(rows)
+
+
+def block_mask_rows(block_mask) -> RowsVisible:
+    """Visibility of some query rows from a flex ``BlockMask``: its ``mask_mod`` evaluated on those rows
+    only (index tensors broadcast as transformers' own non-vmap mask expansion does)."""
+    batch = block_mask.shape[0]
+    k_len = block_mask.seq_lengths[1]
+
+    def rows_visible(rows: torch.Tensor) -> torch.Tensor:
+        device = rows.device
+        b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
+        h = torch.zeros(1, dtype=torch.long, device=device).view(1, -1, 1, 1)
+        q = rows.view(1, 1, -1, 1)
+        k = torch.arange(k_len, device=device).view(1, 1, 1, -1)
+        return block_mask.mask_mod(b, h, q, k).expand(batch, 1, rows.numel(), k_len)
+
+    return rows_visible
+
+
+def flash_rows(padding: torch.Tensor | None, q_len: int, k_len: int, causal: bool, window: int | None = None,
+               cu_q: torch.Tensor | None = None, cu_k: torch.Tensor | None = None) -> RowsVisible | None:
+    """Visibility of some query rows as FlashAttention computes them, or None when every key is visible.
+
+    ``padding``: the ``(B, Lk)`` boolean mask FlashAttention unpads with (None: no padding); causal
+    attention aligns the bottom-right corner (query i sees keys up to ``i + Lk - Lq``); ``window``:
+    the sliding window (flash's ``window_size = (w - 1, w - 1)``); ``cu_q`` / ``cu_k``: cumulative
+    lengths of sequences packed in one row (varlen), each attending only within itself.
+    """
+    window = window if window is not None and k_len > window else None
+    if padding is None and cu_q is None and window is None and (not causal or q_len == 1):
+        return None
+
+    def rows_visible(rows: torch.Tensor) -> torch.Tensor:
+        keys = torch.arange(k_len, device=rows.device)
+        visible = torch.ones(rows.numel(), k_len, dtype=torch.bool, device=rows.device)
+        if cu_q is not None:
+            starts_q, starts_k = cu_q.long(), cu_k.long()
+            seq_q = torch.searchsorted(starts_q, rows, right=True) - 1
+            seq_k = torch.searchsorted(starts_k, keys, right=True) - 1
+            visible &= seq_q[:, None] == seq_k[None]
+            shift = (starts_k.diff() - starts_q.diff())[seq_q.clamp(max=len(starts_q) - 2)]
+            ahead = (rows - starts_q[seq_q] + shift)[:, None] - (keys - starts_k[seq_k])[None]
+        else:
+            ahead = rows[:, None] + (k_len - q_len) - keys[None]  # how far the query is past the key
+        if causal:
+            visible &= ahead >= 0
+        if window is not None:
+            visible &= (ahead < window) & (ahead > -window)
+        visible = visible[None, None]
+        if padding is not None:
+            visible = visible & padding[:, None, None, :k_len].bool()
+        return visible
+
+    return rows_visible
+
+
+@functools.cache
+def _eager_function(cls: type) -> Callable:
+    """The eager attention function of ``cls``'s modeling file: what transformers calls for "eager"."""
+    function = getattr(sys.modules[cls.__module__], "eager_attention_forward", None)
+    if function is None:
+        raise UnsupportedModel(f"vlmtools: {cls.__name__} ({cls.__module__}) defines no eager_attention_forward, so "
+                               f"the seam cannot call its eager attention; load the model with one of "
+                               f"{', '.join(s for s in SERVED if s != 'eager')}")
+    return function
+
+
+def _kernel(implementation: str, module) -> Callable:
+    """The function transformers calls for ``implementation`` on ``module``."""
+    return _eager_function(type(module)) if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+class _ConfigAs:
+    """A module's config that names the implementation the model was loaded with."""
+
+    def __init__(self, config, implementation: str):
+        self._config, self._attn_implementation = config, implementation
+
+    def __getattr__(self, name):
+        return getattr(self._config, name)
+
+
+class _AsLoaded:
+    """An attention module as the kernel of its loaded implementation sees it: transformers'
+    FlashAttention function loads its kernel by the name in ``module.config._attn_implementation``,
+    which names the seam inside a block."""
+
+    def __init__(self, module, implementation: str):
+        self._module, self.config = module, _ConfigAs(module.config, implementation)
+
+    def __getattr__(self, name):
+        return getattr(self._module, name)
+
+
+def _seam_function(implementation: str) -> Callable:
+    """The attention function registered as :func:`seam_name` of ``implementation``."""
+    flash = "flash" in implementation
+
+    def seam_attention(module, query, key, value, attention_mask, *args, **kwargs):
+        kernel = _kernel(implementation, module)
+        as_loaded = _AsLoaded(module, implementation) if flash else module
+        plan = ACTIVE_PLAN.get()
+        hooks = plan.attention_hooks(module) if plan is not None else ()
+        if not hooks:
+            return kernel(as_loaded, query, key, value, attention_mask, *args, **kwargs)
+        plan.mark_fired(module)
+        given = _arguments(kernel, as_loaded, query, key, value, attention_mask, args, kwargs)
+        for name in ("softcap", "s_aux", "position_bias"):
+            if given.get(name) is not None:
+                raise NotImplementedError(f"vlmtools: {name} is not supported on planned layers "
+                                          f"({type(module).__name__} under {implementation})")
+
+        def fused():
+            out, _ = kernel(as_loaded, query, key, value, attention_mask, *args, **kwargs)
+            return out.transpose(1, 2)
+
+        n_rep = query.shape[1] // key.shape[1]
+        causal = given.get("is_causal")
+        causal = causal if causal is not None else getattr(module, "is_causal", True)
+        call = KernelCall(
+            site=_site_of(module),
+            query=query,
+            key=repeat_kv(key, n_rep),
+            value=repeat_kv(value, n_rep),
+            visible=None,
+            scaling=given.get("scaling") or query.shape[-1] ** -0.5,
+            kv_heads=key.shape[1],
+        )
+        _set_visibility(call, implementation, attention_mask, causal, given)
+        out = run_planned(call, hooks, fused)
+        return out.transpose(1, 2).contiguous(), None
+
+    seam_attention.__name__ = seam_attention.__qualname__ = f"seam_attention_{implementation}"
+    return seam_attention
+
+
+def _arguments(kernel, module, query, key, value, attention_mask, args, kwargs) -> dict:
+    """The kernel's arguments by name (transformers passes them by keyword; a positional one is bound)."""
+    if not args:
+        return kwargs
+    bound = inspect.signature(kernel).bind(module, query, key, value, attention_mask, *args, **kwargs).arguments
+    return {**bound.pop("kwargs", {}), **bound}
+
+
+def _set_visibility(call: KernelCall, implementation: str, mask, causal: bool, given: dict) -> None:
+    """What the planned rows may see: as the kernel was told, in the form each implementation is told it."""
+    q_len, k_len, device = call.q_len, call.k_len, call.query.device
+    if "flash" in implementation:
+        cu_q, cu_k = (None, None) if mask is not None else (given.get("cu_seq_lens_q"), given.get("cu_seq_lens_k"))
+        positions = given.get("position_ids")
+        if mask is None and cu_q is None and _is_packed_sequence(positions, call.query.shape[0]):
+            (cu_q, cu_k), _ = prepare_fa_kwargs_from_position_ids(positions)
+        call.rows_visible = flash_rows(mask, q_len, k_len, causal, given.get("sliding_window"), cu_q, cu_k)
+    elif mask is not None and not isinstance(mask, torch.Tensor):  # flex's BlockMask
+        call.rows_visible = block_mask_rows(mask)
+    elif implementation == "flex_attention":
+        call.visible = visibility(mask, q_len, k_len, False, device)  # no BlockMask: every key (or a score mask)
+    else:
+        call.visible = visibility(mask, q_len, k_len, causal and implementation == "sdpa", device)
+
+
+def _mask_function(implementation: str) -> Callable:
+    """The mask builder registered as :func:`seam_name` of ``implementation``: that implementation's own
+    (looked up at each call, so a mask function registered later for it is the one used)."""
+    def mask(*args, **kwargs):
+        return ALL_MASK_ATTENTION_FUNCTIONS[implementation](*args, **kwargs)
+    return mask
+
+
+for _implementation in SERVED:
+    AttentionInterface.register(seam_name(_implementation), _seam_function(_implementation))
+    AttentionMaskInterface.register(seam_name(_implementation), _mask_function(_implementation))
+
+
+def check_implementations(model, config_keys: Sequence[str]) -> dict[str, str]:
+    """Each sub-config's loaded attention implementation, by config key (``""``: the top-level config).
+
+    Raises :class:`UnsupportedModel` for one the seam does not serve, naming it and :data:`SERVED`.
+    """
+    found = {}
+    for key in config_keys:
+        name = loaded_implementation(_config(model, key)._attn_implementation)
+        if name not in SERVED:
+            where = f"its {key}" if key else "it"
+            raise UnsupportedModel(
+                f"vlmtools: {type(model).__name__} runs attn_implementation={name!r} for {where}, which the seam "
+                f"does not serve (served: {', '.join(SERVED)}); load the model with one of those, or call "
+                f"model.set_attn_implementation(...) before wrapping it")
+        found[key] = name
+    return found
 
 _SITES: "weakref.WeakKeyDictionary[torch.nn.Module, AttentionSite]" = weakref.WeakKeyDictionary()
 
@@ -197,9 +407,12 @@ class _Installation:
     def enter(self):
         if self.count == 0:
             try:
-                self.original = {key: _config(self.model, key)._attn_implementation for key in self.config_keys}
-                if self.config_keys:  # diffusers models have no registry: their probes are processors
-                    self.model.set_attn_implementation(_impl_dict(self.config_keys, SEAM))
+                # diffusers models have no config keys (no registry): their probes are processors
+                self.original = check_implementations(self.model, self.config_keys)
+                for key, implementation in self.original.items():
+                    # the sub-config alone, unchecked: the seam's name stands for the implementation transformers
+                    # checked when the model was loaded (set_attn_implementation would load a flash kernel by it)
+                    _config(self.model, key)._attn_implementation_internal = seam_name(implementation)
                 for index, layer in enumerate(self.layers):
                     self.handles.append(layer.register_forward_pre_hook(_layer_prehook(index), with_kwargs=True))
                 if self.watcher is not None:
@@ -223,17 +436,13 @@ class _Installation:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
-        if self.original:
-            self.model.set_attn_implementation(self.original if self.config_keys != ("",) else self.original[""])
+        for key, implementation in self.original.items():
+            _config(self.model, key)._attn_implementation_internal = implementation
         self.original = {}
 
 
 def _config(model, key: str):
     return model.config if key == "" else getattr(model.config, key)
-
-
-def _impl_dict(keys, impl):
-    return impl if tuple(keys) == ("",) else {key: impl for key in keys}
 
 
 def _layer_prehook(index: int):

@@ -4,9 +4,13 @@ From the first drop layer on, every layer sees only the kept tokens: hidden stat
 are sliced at each drop layer, and each layer's own inputs, which the model computed
 for the full prompt, are gathered to the kept positions: rotary ``position_embeddings``
 (so each token keeps its original position, all M-RoPE rows included), ``position_ids``
-and the 4-D attention mask (rows and columns, so left padding stays masked). Keys and
-values of dropped tokens never enter that layer's KV cache. During cached decoding the
-mask's key columns are gathered to the kept prompt positions plus every generated one.
+and the attention mask in the form the model's attention implementation reads it (so
+left padding stays masked): the 4-D mask's rows and columns (eager, SDPA), the 2-D
+padding mask's columns (FlashAttention), a ``BlockMask`` rebuilt over the kept positions
+(flex). Sequences packed in one row for FlashAttention (``cu_seq_lens_*``, or position ids
+that restart) get the cumulative lengths of their kept tokens. Keys and values of dropped
+tokens never enter that layer's KV cache. During cached decoding the mask's key columns
+are gathered to the kept prompt positions plus every generated one.
 
 The cache layers of pruned layers report their *virtual* length (kept + dropped):
 transformers derives new tokens' positions and mask sizes from the cache length, and
@@ -17,9 +21,14 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 from transformers.cache_utils import DynamicLayer
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
 
 from .plan import ForwardState, LayerHook, Plan
+
+POSITIONS = ("original", "compact")
 
 Chooser = Callable[[ForwardState, torch.Tensor, torch.Tensor],
                    torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
@@ -55,16 +64,21 @@ class DropTokens:
     >>> trace[drop].kept_at(2)          # (B, n) original positions present in layer 2
     """
 
-    def __init__(self, stages: dict[int, Chooser]):
+    def __init__(self, stages: dict[int, Chooser], positions: str = "original"):
         if not stages or min(stages) < 0:
             raise ValueError("stages must map decoder-layer indices >= 0 to choosers")
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
         self.stages = dict(sorted(stages.items()))
+        self.positions = positions
 
     def attach(self, vlm, plan: Plan) -> DropRun:
         first = min(self.stages)
         if first >= vlm.num_layers:
             raise ValueError(f"drop layer {first} >= the model's {vlm.num_layers} decoder layers")
-        run = plan.trace[self] = DropRun(self.stages, plan.state)
+        rotary = _rotary_module(vlm) if self.positions == "compact" else None
+        run = plan.trace[self] = DropRun(self.stages, plan.state, last=vlm.num_layers - 1,
+                                         positions=self.positions, rotary=rotary)
         for index in range(first, vlm.num_layers):
             plan.layer(index, vlm.layers[index], run)
         return run
@@ -73,11 +87,20 @@ class DropTokens:
 class DropRun(LayerHook):
     """One block of :class:`DropTokens`: the hook on its layers and what each drop layer kept."""
 
-    def __init__(self, stages: dict[int, Chooser], state: ForwardState):
-        self.stages, self.state = stages, state
+    def __init__(self, stages: dict[int, Chooser], state: ForwardState, last: int | None = None,
+                 positions: str = "original", rotary: torch.nn.Module | None = None):
+        self.stages, self.state, self.last = stages, state, last
+        self.positions, self.rotary = positions, rotary
         self.kept: dict[int, torch.Tensor] = {}
         """Drop layer -> original positions it kept at the latest prefill, ``(B, n)``."""
+        self.entering: dict[str, Any] = {}
+        """The keyword inputs of the drop layer whose chooser runs (at the prefill, before its drop); a chooser
+        reads them for the tokens present with :meth:`inputs_of`."""
+        self.shift: dict[int, torch.Tensor] = {}
+        """``positions="compact"``: drop layer -> real tokens dropped up to it, per sample ``(B, 1)``."""
         self.prompt_len = 0
+        self._renumbered: tuple = ()  # (ids, drop layer, compacted inputs): the layers of one stage share them
+        self._gathered: tuple = ()  # (mask, kept, its gathered mask): the layers of one stage share it in a call
 
     def kept_at(self, index: int) -> torch.Tensor:
         """Original positions present in layer ``index`` during the last prefill, ``(B, n)``."""
@@ -85,22 +108,87 @@ class DropRun(LayerHook):
 
     def before_layer(self, index, hidden, kwargs):
         if self.state.step == 0 and index == min(self.stages):
-            self.kept = {}
+            self.kept, self.shift = {}, {}
             self.prompt_len = hidden.shape[1]
+        kept = None
         if self.state.step == 0:
+            self.entering = kwargs if index in self.stages else {}
             hidden = self._prefill_drop(index, hidden)
+            self.entering = {}
             kept = self.kept_at(index)
-            kwargs = {**kwargs, **_gather_inputs(kwargs, kept, rows=True)}
+            kwargs = {**kwargs, **_gather_inputs(kwargs, kept)}
+            if self.positions == "compact":
+                kwargs = {**kwargs, **self._compacted(index, kwargs, kept)}
             _mark_cache(kwargs.get("cache", kwargs.get("past_key_values")), index, self.prompt_len - kept.shape[1])
-        else:
-            kept = self.kept_at(index)
-            batch = kept.shape[0]
-            total = kwargs["attention_mask"].shape[-1] if kwargs.get("attention_mask") is not None else None
-            if total is not None:
-                generated = torch.arange(self.prompt_len, total, device=kept.device).expand(batch, -1)
-                columns = torch.cat([kept, generated], 1)
-                kwargs = {**kwargs, "attention_mask": _gather_mask(kwargs["attention_mask"], None, columns)}
+        elif self.positions == "compact":
+            kwargs = {**kwargs, **self._compacted(index, kwargs, None)}
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            kwargs = {**kwargs, "attention_mask": self._gathered_mask(mask, kept, self.kept_at(index))}
+        if index == self.last:
+            self._gathered = self._renumbered = ()  # not held past the call (the run lives on in the trace)
         return hidden, kwargs
+
+    def inputs_of(self, present: torch.Tensor) -> dict[str, Any]:
+        """The rotary tables and position ids of the tokens ``present`` (``(B, n)`` original positions) as the
+        drop layer whose chooser is running sees them before its drop: what a chooser recomputes that layer's
+        attention from (its input_layernorm, q/k projections and these tables on the hidden states it gets)."""
+        if not self.entering:
+            raise RuntimeError("DropRun.inputs_of is read by a chooser while its drop layer runs")
+        out = _gather_inputs(self.entering, present)
+        if self.positions == "compact":
+            out.update(self._renumber(self.entering, present)[0])
+        return out
+
+    def _compacted(self, index: int, kwargs: dict[str, Any], kept: torch.Tensor | None) -> dict[str, Any]:
+        """``positions="compact"``: the kept tokens' position ids renumbered without the gaps of dropped real
+        tokens, and their rotary tables; at a decoding step (``kept`` None) the new tokens' ids move back by
+        every real token dropped up to this layer. The layers of one stage share them within a call."""
+        stage = max(layer for layer in self.kept if layer <= index)
+        ids = kwargs.get("position_ids")
+        if self._renumbered and self._renumbered[0] is ids and self._renumbered[1] == stage:
+            return self._renumbered[2]
+        if kept is not None:
+            out, self.shift[stage] = self._renumber(kwargs, kept, gathered=True)
+        else:
+            _one_row(ids)
+            ids = ids.expand(self.shift[stage].shape[0], -1) - self.shift[stage]
+            out = {"position_ids": ids, **self._tables(kwargs, ids)}
+        self._renumbered = (kwargs.get("position_ids") if kept is None else ids, stage, out)
+        return out
+
+    def _renumber(self, kwargs: dict[str, Any], present: torch.Tensor, gathered: bool = False):
+        """Position ids of ``present`` minus the real (non-padding) tokens absent before each, their rotary tables,
+        and the count of absent real tokens per sample ``(B, 1)``. ``gathered``: ``kwargs`` already hold the
+        present tokens' own ids."""
+        ids = kwargs.get("position_ids")
+        _one_row(ids)
+        batch = present.shape[0]
+        real = torch.ones(batch, self.prompt_len, dtype=torch.bool, device=present.device)
+        if self.state.layout is not None:
+            for b, sample in enumerate(self.state.layout.samples):
+                real[b, sample.padding.to(present.device)] = False
+        absent = real.scatter(1, present, False)
+        own = ids if gathered else _gather_positions(ids, present)
+        ids = own - absent.cumsum(1).gather(1, present)
+        return {"position_ids": ids, **self._tables(kwargs, ids)}, absent.sum(1, keepdim=True)
+
+    def _tables(self, kwargs: dict[str, Any], ids: torch.Tensor) -> dict[str, Any]:
+        tables = kwargs.get("position_embeddings")
+        return {} if tables is None else {"position_embeddings": self.rotary(tables[0], ids)}
+
+    def _gathered_mask(self, mask, rows: torch.Tensor | None, kept: torch.Tensor):
+        """The mask of the kept queries (``rows``; at a decoding step, None: the new token) and keys (the kept
+        prompt positions and, at a decoding step, every generated one); computed once per stage and call."""
+        if self._gathered and self._gathered[0] is mask and self._gathered[1] is kept:
+            return self._gathered[2]
+        columns = kept
+        if rows is None:
+            generated = torch.arange(self.prompt_len, _key_length(mask), device=kept.device)
+            columns = torch.cat([kept, generated.expand(kept.shape[0], -1)], 1)
+        gathered = _gather_mask(mask, rows, columns)
+        self._gathered = (mask, kept, gathered)
+        return gathered
 
     def _prefill_drop(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         if index not in self.stages:
@@ -124,7 +212,26 @@ class DropRun(LayerHook):
         return hidden.gather(1, relative[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
-def _gather_inputs(kwargs: dict[str, Any], kept: torch.Tensor, rows: bool) -> dict[str, Any]:
+def _one_row(ids) -> None:
+    if ids is None or ids.dim() != 2:
+        raise NotImplementedError("positions='compact' renumbers one row of position ids per sample; this model "
+                                  + ("passes none" if ids is None else f"passes {ids.shape[0]} rows (M-RoPE)")
+                                  + ": use positions='original'")
+
+
+def _rotary_module(vlm) -> torch.nn.Module:
+    """The language model's rotary embedding (``rotary_emb`` beside its decoder layers), which compacted
+    positions need to recompute the tables."""
+    path = vlm.adapter.text_layers.rpartition(".")[0]
+    rotary = getattr(vlm.model.get_submodule(path), "rotary_emb", None) if path else None
+    if rotary is None:
+        raise NotImplementedError(f"positions='compact' needs the rotary embedding beside {vlm.family}'s decoder "
+                                  "layers (rotary_emb); use positions='original'")
+    return rotary
+
+
+def _gather_inputs(kwargs: dict[str, Any], kept: torch.Tensor) -> dict[str, Any]:
+    """A layer's prefill inputs other than its mask, gathered to the kept positions."""
     out = {}
     cos_sin = kwargs.get("position_embeddings")
     if cos_sin is not None:
@@ -132,9 +239,30 @@ def _gather_inputs(kwargs: dict[str, Any], kept: torch.Tensor, rows: bool) -> di
     ids = kwargs.get("position_ids")
     if ids is not None:
         out["position_ids"] = _gather_positions(ids, kept)
-    mask = kwargs.get("attention_mask")
-    if mask is not None:
-        out["attention_mask"] = _gather_mask(mask, kept if rows else None, kept)
+    out.update(packed_lengths(kwargs, kept))
+    return out
+
+
+def packed_lengths(kwargs: dict[str, Any], kept: torch.Tensor) -> dict[str, Any]:
+    """FlashAttention's varlen inputs of sequences packed in one row, for the kept positions (``(1, n)``).
+
+    The cumulative lengths are those given (``cu_seq_lens_q`` / ``_k``) or, with no padding mask, those
+    that restarting position ids tell (what FlashAttention infers from them, which it could no longer do
+    from the kept ones when a sequence's first token is dropped); each becomes the count of kept positions
+    before it. Nothing for a batch that is not packed.
+    """
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None or cu_k is None:
+        ids = kwargs.get("position_ids")
+        if kwargs.get("attention_mask") is not None or ids is None or ids.dim() != 2 \
+                or not _is_packed_sequence(ids, kept.shape[0]):
+            return {}
+        (cu_q, cu_k), _ = prepare_fa_kwargs_from_position_ids(ids)
+    out = {}
+    for side, cu in (("q", cu_q), ("k", cu_k)):
+        lengths = torch.searchsorted(kept[0].contiguous(), cu.to(device=kept.device, dtype=kept.dtype)).to(cu.dtype)
+        out[f"cu_seq_lens_{side}"] = lengths
+        out[f"max_length_{side}"] = int(lengths.diff().max())
     return out
 
 
@@ -153,12 +281,37 @@ def _gather_positions(ids: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return ids.gather(2, kept.expand(ids.shape[0], -1, -1))
 
 
-def _gather_mask(mask: torch.Tensor, rows: torch.Tensor | None, columns: torch.Tensor) -> torch.Tensor:
+def _key_length(mask) -> int:
+    return mask.seq_lengths[1] if isinstance(mask, BlockMask) else mask.shape[-1]
+
+
+def _gather_mask(mask, rows: torch.Tensor | None, columns: torch.Tensor):
+    """``mask`` restricted to the query positions ``rows`` (None: all, as they are) and the key positions
+    ``columns`` (``(B, n)`` each), in the same form: a 4-D mask (eager, SDPA), a 2-D padding mask
+    (FlashAttention, whose queries follow from it) or a flex ``BlockMask``."""
     batch = columns.shape[0]
+    if isinstance(mask, BlockMask):
+        return _gather_block_mask(mask, rows, columns)
+    if mask.dim() == 2:
+        return mask.expand(batch, -1).gather(1, columns)
     mask = mask.expand(batch, *mask.shape[1:])
     if rows is not None:
         mask = mask.gather(2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
     return mask.gather(3, columns[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
+
+
+def _gather_block_mask(mask: BlockMask, rows: torch.Tensor | None, columns: torch.Tensor) -> BlockMask:
+    """A BlockMask over the kept positions, built by transformers' flex mask builder from the original's
+    ``mask_mod`` read at the original positions (causality, padding and offsets stay those of the full prompt)."""
+    mask_mod = mask.mask_mod
+
+    def kept_mask_mod(batch_idx, head_idx, q_idx, kv_idx):
+        return mask_mod(batch_idx, head_idx, q_idx if rows is None else rows[batch_idx, q_idx],
+                        columns[batch_idx, kv_idx])
+
+    return ALL_MASK_ATTENTION_FUNCTIONS["flex_attention"](
+        batch_size=columns.shape[0], q_length=mask.seq_lengths[0] if rows is None else rows.shape[1],
+        kv_length=columns.shape[1], mask_function=kept_mask_mod, device=columns.device)
 
 
 def _mark_cache(cache, index: int, dropped: int) -> None:

@@ -10,7 +10,7 @@ import torch
 from .adapters import find_adapter
 from .adapters.base import Adapter
 from .adapters.dit import probed
-from .attention import activate, installed, register_sites
+from .attention import activate, check_implementations, installed, register_sites
 from .layout import DiTLayout, TokenLayout
 from .plan import ACTIVE_PLAN, AttentionSite, Plan, StopForward, Trace
 
@@ -83,6 +83,7 @@ class WrappedModel(Wrapped):
     """
 
     def __init__(self, model: torch.nn.Module, adapter: Adapter, processor: Any = None):
+        check_implementations(model, adapter.config_keys)  # an attention implementation the seam serves, or why not
         super().__init__(model, adapter)
         self.processor = processor
         self.layers: list[torch.nn.Module] = adapter.blocks(model, "text")
