@@ -14,10 +14,18 @@ host's last drop that lie on an object, and on letterbox padding (the world's ex
 zoo's model card places tokens); ``none`` gives the shares of all of them, what a random choice
 keeps on average.
 
+Your data instead of the zoo's (``--vqa FILE.jsonl --images DIR``, ``--pope FILE.jsonl --images DIR`` or a
+saved ``--dataset DIR``; see ``vlmtools_app.bench``): accuracy per host and keep share is the mean VQA accuracy
+of the first line of each answer (``vlmtools.vqa``), or POPE's accuracy on yes / no
+(``hallucination.metrics``); the trends are fitted on ``--calibration-images`` (a model that is no zoo model
+is never calibrated on shapes scenes); where the kept tokens fall is not reported (no masks).
+
 vlmtools prune-bench --questions 200                          # every host, the zoo's llava-shapes
 vlmtools prune-bench --model qwen2vl-shapes                   # hosts the family cannot run are skipped, with why
 vlmtools prune-bench --model /models/llava-1.5-7b-hf --hosts fastv,visionzip --device cuda
 torchrun --nproc_per_node 4 -m vlmtools_app.cli prune-bench       # the same numbers, four processes
+vlmtools prune-bench --model /models/llava-1.5-7b-hf --vqa vqav2_val.jsonl --images val2014/ \
+    --calibration-images my_images/ --device cuda
 """
 from __future__ import annotations
 
@@ -32,6 +40,10 @@ from .args import at_least
 KEEP = {"100%": 1.0, "33%": 1 / 3, "22%": 2 / 9, "11%": 1 / 9}
 HOSTS = ("fastv", "pdrop", "sparsevlm", "visionzip", "fastervlm", "dart", "random")
 """Hosts run by default (each with its class's default layers)."""
+QUESTIONS = 200
+"""Held-out zoo test questions by default."""
+METRICS = {"vqa": "VQA accuracy (vlmtools.vqa)", "pope": "POPE accuracy (hallucination.metrics.pope)"}
+"""What accuracy means on your data, by task."""
 PLACES = {"object": "objects", "letterbox": "letterbox padding"}
 """Token kinds (:func:`vlmtools_zoo.card.patch_kinds`) whose share of the kept tokens is reported, and their names."""
 
@@ -55,19 +67,22 @@ def configs(hosts: list[str]) -> list[Config]:
     return out
 
 
-def calibrated(vlm, hosts: list[str], samples: int, directory: str | None) -> dict[str, list]:
-    """Host name -> its trends (one per stage), fitted by rank 0 on val questions and sent to every process;
-    rank 0 also writes them to ``directory`` when given (where ``vlmtools prune --debias`` finds them)."""
+def calibrated(vlm, hosts: list[str], samples: int, directory: str | None,
+               pairs: list[tuple] | None = None) -> dict[str, list]:
+    """Host name -> its trends (one per stage), fitted by rank 0 on ``pairs`` (your (image, question) pairs)
+    or else ``samples`` zoo val questions, and sent to every process; rank 0 also writes them to
+    ``directory`` when given (where ``vlmtools prune --debias`` finds them)."""
     from . import shard
     from .inputs import held_out_prompts
 
     from pruning import HOSTS as CLASSES
-    from pruning import calibrate, calibration_path
+    from pruning import calibrate, calibration_path, calibration_samples
 
     trends = {}
     if shard.is_main():
         device = vlm.model.device
-        held_out = list(held_out_prompts(vlm.processor, samples, device))
+        held_out = list(calibration_samples(vlm.processor, pairs, device) if pairs
+                        else held_out_prompts(vlm.processor, samples, device))
         for name in hosts:
             if CLASSES[name].attention_based:
                 trends[name] = calibrate(vlm, CLASSES[name](keep=1.0), held_out, save=False)
@@ -76,28 +91,64 @@ def calibrated(vlm, hosts: list[str], samples: int, directory: str | None) -> di
     return shard.broadcast(trends)
 
 
-def kept_places(vlm, inputs: dict, host, scenes: list) -> list[dict[str, int]]:
-    """Per sample of the last prefill: how many of the visual tokens present after ``host``'s last drop
-    (all of them without a host) lie on an object, the background or letterbox padding."""
+def kept_places(vlm, inputs: dict, pruned, scenes: list) -> list[dict[str, int]]:
+    """Per sample of the last prefill: how many of the visual tokens present after the last drop of
+    ``pruned`` (a host's block, ``trace[host]``; all of them when None) lie on an object, the background
+    or letterbox padding."""
     import torch
 
     from vlmtools_zoo.card import patch_kinds
 
-    layout = host.state.layout if host else vlm.layout(inputs)
-    kept = host.drop.kept_at(host.layers[-1]).cpu() if host else None
+    layout = pruned.state.layout if pruned else vlm.layout(inputs)
+    kept = pruned.kept_at(pruned.host.layers[-1]).cpu() if pruned else None
     places = []
     for row, (sample, scene) in enumerate(zip(layout.samples, scenes)):
         image = sample.images[0]
         kinds = patch_kinds(scene, tuple(int(g) for g in image.grid), vlm.letterbox_tower is not None)
-        present = torch.isin(image.positions.cpu(), kept[row]) if host else torch.ones(len(kinds), dtype=torch.bool)
+        present = torch.isin(image.positions.cpu(), kept[row]) if pruned else torch.ones(len(kinds), dtype=torch.bool)
         places.append(dict(Counter(kinds[present.numpy()].tolist())))
     return places
 
 
+def calibration_pairs(args, public) -> list[tuple] | None:
+    """The (image, question) pairs of ``--calibration-images`` (at most ``--calibration-samples``), or None
+    (zoo val questions). A model that is no zoo model, on your data, is never calibrated on shapes scenes."""
+    import vlmtools_zoo as zoo
+
+    from pruning import image_question_pairs
+
+    if args.calibration_questions and not args.calibration_images:
+        raise ValueError("--calibration-questions goes with --calibration-images")
+    if args.calibration_images and args.calibration_samples:
+        return image_question_pairs(args.calibration_images, args.calibration_questions)[:args.calibration_samples]
+    if public and args.calibration_samples and args.model not in zoo.MODELS:
+        raise ValueError(f"{args.model} is no zoo model: give --calibration-images DIR (images of the kind your data "
+                         "holds, not the evaluated ones) or --calibration-samples 0 (debias without a trend); a trend "
+                         "fitted on shapes scenes would misdebias it")
+    return None
+
+
+def reply(text: str) -> str:
+    """A VQA answer as scored: the generated text's first line, stripped (the VQA normalisation does the rest)."""
+    lines = text.strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def score(metric: str, answers: list[str], examples: list) -> float:
+    """Accuracy of ``answers`` on your data: mean VQA accuracy, or POPE's accuracy on yes / no."""
+    from vlmtools.vqa import vqa_accuracy
+
+    from hallucination.metrics import pope
+
+    if metric == "vqa":
+        return sum(vqa_accuracy(a, e.answers) for a, e in zip(answers, examples)) / len(examples)
+    return pope(answers, [e.label for e in examples])["accuracy"]
+
+
 def prune_bench_command(args) -> int:
     """Accuracy of each pruning host at 100/33/22/11% of the visual tokens, debias off and on, and random,
-    on held-out zoo questions, and where the kept tokens fall; Markdown tables and a JSON file. Shards
-    across processes under torchrun / accelerate launch."""
+    on held-out zoo questions (and where the kept tokens fall) or on your VQA / POPE data; Markdown tables
+    and a JSON file. Shards across processes under torchrun / accelerate launch."""
     from . import bench, shard
     from vlmtools.chat import chat_inputs, first_word, greedy
     from vlmtools_zoo import world
@@ -106,6 +157,13 @@ def prune_bench_command(args) -> int:
     from pruning import Debias, calibration_path
 
     started = time.time()
+    sources = [f"--{name}" for name in ("vqa", "pope", "dataset") if getattr(args, name)]
+    if len(sources) > 1:
+        raise ValueError(f"prune-bench scores one data set at a time; got {' and '.join(sources)}")
+    public = bench.read_data(args, {"vqa": args.n, "pope": args.n})  # before the model loads
+    pairs = calibration_pairs(args, public)
+    if not public:
+        args.n = QUESTIONS if args.n is None else args.n
     vlm = bench.load(args)
     hosts = []
     for name in bench.chosen(args.hosts, CLASSES, "hosts"):
@@ -113,26 +171,41 @@ def prune_bench_command(args) -> int:
         if refusal and shard.is_main():
             print(f"prune-bench: skipping {name}: {refusal}", file=sys.stderr)
         hosts += [] if refusal else [name]
-    trends = calibrated(vlm, hosts, args.calibration_samples, args.calibration) if args.calibration_samples else {}
-    items = world.qa_items("test", args.n)
-    scenes = [world.scene("test", s) for s, _ in items]
+    trends = calibrated(vlm, hosts, args.calibration_samples, args.calibration, pairs) if args.calibration_samples else {}
+    if public:  # (image, question) of your data, scored on answer / label
+        metric, data = next(iter(public.tasks.items()))
+        questions = [e.question for e in data.examples]
+
+        def image(i: int):
+            return data.examples[i].load_image()
+    else:
+        items = world.qa_items("test", args.n)
+        scenes = [world.scene("test", s) for s, _ in items]
+        questions = [q.question for _, q in items]
+
+        def image(i: int):
+            return scenes[i].image
     runs = configs(hosts)
-    n = len(items)
+    n = len(questions)
     with tempfile.TemporaryDirectory(prefix="prune-bench-trends-") as directory:
         for trend in (t for stages in trends.values() for t in stages):
             trend.save(calibration_path(trend.key, directory))
 
         def answer(batch: list[int]) -> list[dict]:
             config = runs[batch[0] // n]
-            questions = [items[i % n][1].question for i in batch]
-            inputs = chat_inputs(vlm.processor, [scenes[i % n].image for i in batch], questions, vlm.model.device)
+            inputs = chat_inputs(vlm.processor, [image(i % n) for i in batch], [questions[i % n] for i in batch],
+                                 vlm.model.device)
             host = None
             if config.host:
                 debias = (Debias(directory=directory) if trends else Debias(trend=None)) if config.debias else False
                 host = CLASSES[config.host](keep=KEEP[config.ratio], debias=debias)
-            texts = greedy(vlm, inputs, *([host] if host else []), max_new_tokens=args.max_new_tokens)
-            places = kept_places(vlm, inputs, host, [scenes[i % n] for i in batch])
-            records = [{"answer": first_word(text), "kept": kept} for text, kept in zip(texts, places)]
+            with vlm.use(*([host] if host else [])) as trace:  # greedy's own block shares this trace
+                texts = greedy(vlm, inputs, max_new_tokens=args.max_new_tokens)
+            if public:  # no masks: where the kept tokens fall is not known
+                records = [{"answer": reply(text) if metric == "vqa" else text} for text in texts]
+            else:
+                places = kept_places(vlm, inputs, trace[host] if host else None, [scenes[i % n] for i in batch])
+                records = [{"answer": first_word(text), "kept": kept} for text, kept in zip(texts, places)]
             if host and batch[0] % n == 0:  # a configuration's first batch records the host's settings
                 records[0]["settings"] = host.settings
             return records
@@ -144,19 +217,25 @@ def prune_bench_command(args) -> int:
     results = {"n": n, "accuracy": {}, "kept_share": {place: {} for place in PLACES},
                "host_settings": {}, "answers": {},
                "trends": {name: [asdict(t) for t in stages] for name, stages in trends.items()}}
+    if public:
+        del results["kept_share"]
+        results.update(metric=METRICS[metric], data=public.record())
     for c, config in enumerate(runs):
         mine = records[c * n:(c + 1) * n]
-        correct = [r["answer"] == q.answer for r, (_, q) in zip(mine, items)]
-        results["accuracy"].setdefault(config.label, {})[config.ratio] = sum(correct) / n
+        if public:
+            accuracy = score(metric, [r["answer"] for r in mine], data.examples)
+        else:
+            accuracy = sum(r["answer"] == q.answer for r, (_, q) in zip(mine, items)) / n
+        results["accuracy"].setdefault(config.label, {})[config.ratio] = accuracy
         results["answers"].setdefault(config.label, {})[config.ratio] = [r["answer"] for r in mine]
-        kept = sum((Counter(r["kept"]) for r in mine), Counter())
-        for place, share in results["kept_share"].items():
+        kept = sum((Counter(r["kept"]) for r in mine), Counter()) if not public else None
+        for place, share in results.get("kept_share", {}).items():
             share.setdefault(config.label, {})[config.ratio] = kept[place] / kept.total()
         if "settings" in mine[0]:
             results["host_settings"].setdefault(config.label, {})[config.ratio] = mine[0]["settings"]
     tables = [table(results["accuracy"], n)] + [
         f"share of the kept visual tokens on {PLACES[place]}:\n{table(share, n)}"
-        for place, share in results["kept_share"].items()]
+        for place, share in results.get("kept_share", {}).items()]
     bench.finish(args, results, "\n".join(tables), started)
     return 0
 
@@ -174,14 +253,23 @@ def register(subparsers) -> None:
 
     parser = subparsers.add_parser("prune-bench", help="accuracy of every pruning host at 100/33/22/11%% of the "
                                    "visual tokens, debias off and on", description=prune_bench_command.__doc__)
-    parser.add_argument("--questions", "--n", dest="n", type=at_least(1), default=200,
-                        help="held-out test questions, cycling over the 5 types (under torchrun write --questions: "
+    parser.add_argument("--questions", "--n", dest="n", type=at_least(1),
+                        help=f"held-out zoo test questions, cycling over the 5 types (default {QUESTIONS}); with "
+                             "your data, the first N of each file (default: all) (under torchrun write --questions: "
                              "torchrun reads --n as its own)")
     parser.add_argument("--hosts", default=",".join(HOSTS),
                         help="comma-separated hosts, each at its default layers (default: %(default)s)")
     parser.add_argument("--calibration-samples", type=at_least(0), default=48,
-                        help="val questions the debias trends are fitted on (0: debias without a trend)")
+                        help="prompts the debias trends are fitted on: zoo val questions, or at most this many "
+                             "of --calibration-images (0: debias without a trend)")
+    parser.add_argument("--calibration-images", metavar="DIR",
+                        help="a folder of your images the trends are fitted on (never the evaluated ones); needed "
+                             "to debias a model that is no zoo model on your data")
+    parser.add_argument("--calibration-questions", metavar="FILE",
+                        help="with --calibration-images: questions, one a line, taken in turn "
+                             "(default: 'Describe the image.')")
     parser.add_argument("--calibration", help="also write the fitted trend files to this folder")
     parser.add_argument("--max-new-tokens", type=at_least(1), default=4, help="greedy tokens generated per answer")
     bench.add_arguments(parser, out="prune-bench.json")
+    bench.add_data_arguments(parser, ("vqa", "pope"))
     parser.set_defaults(run=prune_bench_command)
