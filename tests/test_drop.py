@@ -165,3 +165,66 @@ def test_merging_chooser_replaces_the_kept_hidden_states():
     with pytest.raises(ValueError, match="hidden states"):
         with vlm.use(DropTokens({layer: lambda s, h, kept: (kept, h[:, :3])})):
             model(**inputs)
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_compacted_positions_equal_the_short_prompt_alone(layer):
+    """``positions="compact"``: from the drop layer on, the kept tokens run at consecutive positions, as the
+    layers from ``layer`` on of a model given only the kept tokens (ids counted over the real kept tokens)."""
+    model, inputs = tiny_llava()
+    vlm = vlmtools.wrap(model)
+    drop = DropTokens({layer: keep_every_other_visual(None)}, positions="compact")
+    positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        with vlm.use(vlmtools.RecordHidden([layer])) as trace:
+            model(**inputs, position_ids=positions)
+        hidden = trace[f"text.{layer}.resid_pre"][0]
+        with vlm.use(drop) as pruned:
+            logits = model(**inputs, position_ids=positions).logits
+        kept = pruned[drop].kept_at(layer)
+        mask = inputs["attention_mask"].gather(1, kept)
+        short = (mask.cumsum(-1) - 1).clamp(min=0)  # 0, 1, 2, ... over each row's real kept tokens
+        if layer:  # the layers before the drop ran at the original positions
+            assert not torch.equal(short, positions.gather(1, kept))
+        tail = tail_model(model.model.language_model, layer)
+        expected = model.lm_head(tail(inputs_embeds=hidden.gather(1, kept[..., None].expand(-1, -1, hidden.shape[-1])),
+                                      position_ids=short, attention_mask=mask, use_cache=False).last_hidden_state)
+        with vlm.use(DropTokens({layer: keep_every_other_visual(None)})):
+            original = model(**inputs, position_ids=positions).logits
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], expected[real], atol=1e-5, rtol=0)
+    assert (logits[real] - original[real]).abs().max() > 1e-4  # renumbering changed the computation
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_compacted_positions_decode_with_the_cache_as_recomputation(layer):
+    """Cached greedy decoding under ``positions="compact"`` gives the scores of recomputing the whole sequence
+    without cache (each new token's id moves back by the dropped real tokens)."""
+    model, inputs = tiny_llava()
+    vlm = vlmtools.wrap(model)
+    steps = 3
+    make = lambda: DropTokens({layer: keep_every_other_visual(None)}, positions="compact")
+    with torch.no_grad(), vlm.use(make()):
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+    with torch.no_grad(), vlm.use(make()):
+        sequence, mask = inputs["input_ids"], inputs["attention_mask"]
+        for step in range(steps):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=sequence, attention_mask=mask, position_ids=positions,
+                           pixel_values=inputs["pixel_values"], use_cache=False).logits[:, -1]
+            torch.testing.assert_close(logits, out.scores[step], atol=1e-4, rtol=0)
+            sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    assert torch.equal(sequence, out.sequences)
+
+
+def test_compacted_positions_are_refused_where_positions_have_several_rows():
+    from vlmtools.testing.vlm import tiny_qwen2_vl
+
+    model, inputs = tiny_qwen2_vl()
+    with pytest.raises(ValueError, match="positions must be"):
+        DropTokens({1: lambda s, h, kept: kept}, positions="renumbered")
+    with pytest.raises(NotImplementedError, match="use positions=.original."):
+        with torch.no_grad(), vlmtools.wrap(model).use(DropTokens({1: lambda s, h, kept: kept}, positions="compact")):
+            model(**inputs)

@@ -15,6 +15,14 @@ are gathered to the kept prompt positions plus every generated one.
 The cache layers of pruned layers report their *virtual* length (kept + dropped):
 transformers derives new tokens' positions and mask sizes from the cache length, and
 those must stay those of the unpruned sequence.
+
+``positions="compact"`` renumbers instead: from a drop layer on, each kept token's
+position id moves back by the real (non-padding) tokens dropped before it, so the kept
+tokens sit at consecutive positions as if the prompt had been that short (what a method
+that shortens the LM's input sequence hands the model, e.g. VisionZip's released code);
+the rotary tables are recomputed by the language model's ``rotary_emb`` for the new ids,
+and during decoding every new token's id moves back by all real tokens dropped up to that
+layer. Models with several rows of position ids (Qwen-VL's M-RoPE) keep ``"original"``.
 """
 from __future__ import annotations
 
@@ -55,6 +63,11 @@ class PrunedCacheLayer(DynamicLayer):
 
 class DropTokens:
     """Intervention: at each ``layer`` of ``stages`` keep only what its chooser picks.
+
+    ``positions``: ``"original"`` (each kept token keeps its position id) or ``"compact"`` (kept tokens
+    renumbered to consecutive ids, see the module's docstring). A chooser may read the drop layer's own
+    rotary tables and position ids for the tokens present with ``DropRun.inputs_of`` (to recompute that
+    layer's attention before it runs).
 
     What one block kept is its :class:`DropRun`, ``trace[drop]``:
 
@@ -116,9 +129,10 @@ class DropRun(LayerHook):
             hidden = self._prefill_drop(index, hidden)
             self.entering = {}
             kept = self.kept_at(index)
-            kwargs = {**kwargs, **_gather_inputs(kwargs, kept)}
+            inputs = _gather_inputs(kwargs, kept)
             if self.positions == "compact":
-                kwargs = {**kwargs, **self._compacted(index, kwargs, kept)}
+                inputs.update(self._compacted(index, kwargs, kept))
+            kwargs = {**kwargs, **inputs}
             _mark_cache(kwargs.get("cache", kwargs.get("past_key_values")), index, self.prompt_len - kept.shape[1])
         elif self.positions == "compact":
             kwargs = {**kwargs, **self._compacted(index, kwargs, None)}
@@ -149,18 +163,17 @@ class DropRun(LayerHook):
         if self._renumbered and self._renumbered[0] is ids and self._renumbered[1] == stage:
             return self._renumbered[2]
         if kept is not None:
-            out, self.shift[stage] = self._renumber(kwargs, kept, gathered=True)
+            out, self.shift[stage] = self._renumber(kwargs, kept)
         else:
             _one_row(ids)
-            ids = ids.expand(self.shift[stage].shape[0], -1) - self.shift[stage]
-            out = {"position_ids": ids, **self._tables(kwargs, ids)}
-        self._renumbered = (kwargs.get("position_ids") if kept is None else ids, stage, out)
+            shifted = ids.expand(self.shift[stage].shape[0], -1) - self.shift[stage]
+            out = {"position_ids": shifted, **self._tables(kwargs, shifted)}
+        self._renumbered = (ids, stage, out)
         return out
 
-    def _renumber(self, kwargs: dict[str, Any], present: torch.Tensor, gathered: bool = False):
+    def _renumber(self, kwargs: dict[str, Any], present: torch.Tensor):
         """Position ids of ``present`` minus the real (non-padding) tokens absent before each, their rotary tables,
-        and the count of absent real tokens per sample ``(B, 1)``. ``gathered``: ``kwargs`` already hold the
-        present tokens' own ids."""
+        and the count of absent real tokens per sample ``(B, 1)``."""
         ids = kwargs.get("position_ids")
         _one_row(ids)
         batch = present.shape[0]
@@ -169,8 +182,7 @@ class DropRun(LayerHook):
             for b, sample in enumerate(self.state.layout.samples):
                 real[b, sample.padding.to(present.device)] = False
         absent = real.scatter(1, present, False)
-        own = ids if gathered else _gather_positions(ids, present)
-        ids = own - absent.cumsum(1).gather(1, present)
+        ids = _gather_positions(ids, present) - absent.cumsum(1).gather(1, present)
         return {"position_ids": ids, **self._tables(kwargs, ids)}, absent.sum(1, keepdim=True)
 
     def _tables(self, kwargs: dict[str, Any], ids: torch.Tensor) -> dict[str, Any]:
@@ -215,7 +227,7 @@ class DropRun(LayerHook):
 def _one_row(ids) -> None:
     if ids is None or ids.dim() != 2:
         raise NotImplementedError("positions='compact' renumbers one row of position ids per sample; this model "
-                                  + ("passes none" if ids is None else f"passes {ids.shape[0]} rows (M-RoPE)")
+                                  + ("passes none to its layers" if ids is None else f"passes {ids.shape[0]} rows (M-RoPE)")
                                   + ": use positions='original'")
 
 
