@@ -65,9 +65,7 @@ class DropTokens:
     """Intervention: at each ``layer`` of ``stages`` keep only what its chooser picks.
 
     ``positions``: ``"original"`` (each kept token keeps its position id) or ``"compact"`` (kept tokens
-    renumbered to consecutive ids, see the module's docstring). A chooser may read the drop layer's own
-    rotary tables and position ids for the tokens present with ``DropRun.inputs_of`` (to recompute that
-    layer's attention before it runs).
+    renumbered to consecutive ids, see the module's docstring).
 
     What one block kept is its :class:`DropRun`, ``trace[drop]``:
 
@@ -106,9 +104,6 @@ class DropRun(LayerHook):
         self.positions, self.rotary = positions, rotary
         self.kept: dict[int, torch.Tensor] = {}
         """Drop layer -> original positions it kept at the latest prefill, ``(B, n)``."""
-        self.entering: dict[str, Any] = {}
-        """The keyword inputs of the drop layer whose chooser runs (at the prefill, before its drop); a chooser
-        reads them for the tokens present with :meth:`inputs_of`."""
         self.shift: dict[int, torch.Tensor] = {}
         """``positions="compact"``: drop layer -> real tokens dropped up to it, per sample ``(B, 1)``."""
         self.prompt_len = 0
@@ -125,9 +120,7 @@ class DropRun(LayerHook):
             self.prompt_len = hidden.shape[1]
         kept = None
         if self.state.step == 0:
-            self.entering = kwargs if index in self.stages else {}
             hidden = self._prefill_drop(index, hidden)
-            self.entering = {}
             kept = self.kept_at(index)
             inputs = _gather_inputs(kwargs, kept)
             if self.positions == "compact":
@@ -142,17 +135,6 @@ class DropRun(LayerHook):
         if index == self.last:
             self._gathered = self._renumbered = ()  # not held past the call (the run lives on in the trace)
         return hidden, kwargs
-
-    def inputs_of(self, present: torch.Tensor) -> dict[str, Any]:
-        """The rotary tables and position ids of the tokens ``present`` (``(B, n)`` original positions) as the
-        drop layer whose chooser is running sees them before its drop: what a chooser recomputes that layer's
-        attention from (its input_layernorm, q/k projections and these tables on the hidden states it gets)."""
-        if not self.entering:
-            raise RuntimeError("DropRun.inputs_of is read by a chooser while its drop layer runs")
-        out = _gather_inputs(self.entering, present)
-        if self.positions == "compact":
-            out.update(self._renumber(self.entering, present)[0])
-        return out
 
     def _compacted(self, index: int, kwargs: dict[str, Any], kept: torch.Tensor | None) -> dict[str, Any]:
         """``positions="compact"``: the kept tokens' position ids renumbered without the gaps of dropped real
