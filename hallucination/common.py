@@ -12,7 +12,6 @@ from collections.abc import Sequence
 import torch
 
 from vlmtools.layout import TokenLayout
-from vlmtools.record import last_row  # noqa: F401  (PAINT imports it from here until it takes vlmtools.record's)
 
 
 def key_mask(per_sample: Sequence[torch.Tensor], width: int) -> torch.Tensor:

@@ -100,13 +100,14 @@ def prune_command(args) -> int:
         ensure_trends(vlm, host, args.model, args.calibration_samples)
     for name, interventions in (("plain", ()), (args.host, (host,))):
         start = time.perf_counter()
-        with torch.no_grad(), vlm.use(*interventions):
+        with torch.no_grad(), vlm.use(*interventions) as trace:
             out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
         seconds = time.perf_counter() - start
         text = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         print(f"{name:>10} ({seconds:.2f} s): {text.strip()}")
-    layout = host.state.layout.samples[0]
-    kept = torch.isin(layout.visual_positions(), host.drop.kept_at(host.layers[-1])[0]).sum()
+    pruned = trace[host]
+    layout = pruned.state.layout.samples[0]
+    kept = torch.isin(layout.visual_positions(), pruned.kept_at(host.layers[-1])[0].cpu()).sum()
     print(f"kept {int(kept)} of {len(layout.visual_positions())} visual tokens from layer {host.layers[0]}; "
           f"settings: {host.settings}")
     return 0
