@@ -3,8 +3,8 @@
 POPE asks "Is there a <object> in the image?" with balanced yes/no labels on
 three splits (random, popular, adversarial negatives). `pope` scores free-form
 answers, parsed by default with the yes/no rule of the POPE authors' evaluation
-script (`parse_yes_no`); `read_pope` reads the public question files (one JSON
-object a line: question_id, image, text, label).
+script (`parse_yes_no`); `vlmtools.data.read_pope` reads the public question
+files (one JSON object a line: question_id, image, text, label).
 
 CHAIR (Rohrbach et al. 2018) counts the objects a caption mentions that the
 image does not contain, as the authors' released code does: caption words are
@@ -28,7 +28,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-POPE_SPLITS = ("random", "popular", "adversarial")
 YES_NO_RULES = ("reference", "lenient")
 
 _REFERENCE_NO = frozenset({"no", "No", "not"})
@@ -137,38 +136,6 @@ def pope_by_split(
     out["average"] = {k: sum(m[k] for m in out.values()) / len(out) for k in keys}
     out["average"]["rule"] = rule
     return out
-
-
-@dataclass(frozen=True)
-class PopeQuestion:
-    question_id: int
-    image: str
-    text: str
-    label: str
-    split: str
-
-
-def read_pope(path: str | Path, split: str | None = None) -> list[PopeQuestion]:
-    """The questions of one public POPE file (JSON lines: question_id, image, text, label).
-
-    `split` defaults to the one of random/popular/adversarial named in the file
-    name (e.g. coco_pope_adversarial.json), else the file's stem.
-
-        >>> qs = read_pope("coco_pope_random.json")                # doctest: +SKIP
-        >>> pope(answers, [q.label for q in qs])                   # doctest: +SKIP
-    """
-    path = Path(path)
-    if split is None:
-        split = next((s for s in POPE_SPLITS if s in path.stem), path.stem)
-    questions = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            r = json.loads(line)
-            try:
-                questions.append(PopeQuestion(r["question_id"], r["image"], r["text"], r["label"], split))
-            except KeyError as e:
-                raise ValueError(f"{path}:{n}: POPE record lacks field {e}") from None
-    return questions
 
 
 # ---- CHAIR ------------------------------------------------------------------

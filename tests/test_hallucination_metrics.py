@@ -14,7 +14,6 @@ from hallucination.metrics import (
     pope_by_split,
     read_coco_captions,
     read_coco_objects,
-    read_pope,
 )
 from vlmtools.text import _load_spacy
 
@@ -107,32 +106,6 @@ def test_pope_by_split_averages_splits_not_items():
     assert r["average"]["accuracy"] == 0.5  # pooled over items it would be 4/6
     with pytest.raises(ValueError, match="lengths differ"):
         pope_by_split(pred, gold, ["random"])
-
-
-def test_read_pope(tmp_path):
-    rows = [
-        {
-            "question_id": 1,
-            "image": "COCO_val2014_000000310196.jpg",
-            "text": "Is there a snowboard in the image?",
-            "label": "yes",
-        },
-        {
-            "question_id": 2,
-            "image": "COCO_val2014_000000310196.jpg",
-            "text": "Is there a dog in the image?",
-            "label": "no",
-        },
-    ]
-    path = tmp_path / "coco_pope_adversarial.json"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    qs = read_pope(path)
-    assert [(q.question_id, q.label, q.split) for q in qs] == [(1, "yes", "adversarial"), (2, "no", "adversarial")]
-    assert qs[0].text.startswith("Is there a snowboard") and qs[0].image.endswith("310196.jpg")
-    assert read_pope(path, split="mine")[0].split == "mine"
-    (tmp_path / "bad.jsonl").write_text(json.dumps({"question_id": 1, "image": "x.jpg", "text": "?"}))
-    with pytest.raises(ValueError, match="bad.jsonl:1: POPE record lacks field 'label'"):
-        read_pope(tmp_path / "bad.jsonl")
 
 
 COCO_NAMES = [

@@ -92,7 +92,8 @@ def hallucination_bench_command(args) -> int:
     from vlmtools_zoo import world
 
     from hallucination.coco import chair_synonyms
-    from hallucination.metrics import POPE_SPLITS, chair, pope_by_split
+    from hallucination.metrics import chair, pope_by_split
+    from vlmtools.data import POPE_SPLITS
 
     started = time.time()
     methods = parse_methods(args.methods)
