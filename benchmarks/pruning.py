@@ -5,7 +5,10 @@ FLOPs of the unpruned over the pruned prefill, counted by ``torch.utils.flop_cou
 same forwards), per-token decode latency with the cache, KV-cache bytes, and the scoring
 overhead of debiasing (end to end, and its own work timed alone as a share of the prefill).
 Timings are medians of interleaved rounds in one process (``common.ratios``).
-Run: ``python benchmarks/pruning.py [--full]`` (``--full``: LLaVA-1.5-7B sizes in bf16, needs a GPU).
+Run: ``python benchmarks/pruning.py [--full] [--attn IMPL]`` (``--full``: LLaVA-1.5-7B sizes in bf16, needs a GPU;
+``--attn``: the implementation the model is loaded with, plain and pruned alike: sdpa, eager, flex_attention,
+flash_attention_2 (on a GPU with flash_attn), ...; the line names are the same for every one). The FLOPs count
+attention where torch's counter knows the kernel (SDPA and eager's matmuls, not flash_attn's own operators).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import vlmtools
+from vlmtools.attention import SERVED
 
 HERE = sys.path.pop(0)  # this script shares the package's name: find the package first
 from pruning import Debias, FastV, Trend, debiased
@@ -30,6 +34,8 @@ from common import llava_prompt, llava_shaped, ratios, timed
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--full", action="store_true", help="LLaVA-1.5-7B shapes, bf16, on CUDA")
+    parser.add_argument("--attn", choices=SERVED, default="sdpa",
+                        help="attention implementation the model is loaded with (default sdpa)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--keep", type=int, default=64)
     parser.add_argument("--layer", type=int, default=2)
@@ -48,6 +54,7 @@ def main():
         # the LM's matmuls dominate, as in LLaVA-1.5-7B (a tiny tower, a 7B-proportioned LM)
         model = llava_shaped(args.full, text_hidden=1024, text_intermediate=2752, vision_hidden=64)
     torch.set_default_dtype(previous)
+    model.set_attn_implementation(args.attn)
     batch = llava_prompt(device, dtype)
     vlm = vlmtools.wrap(model)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -88,6 +95,7 @@ def main():
     print(f"device: {device} (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus, "
           f"{torch.get_num_threads()} torch threads)")
     print(f"dtype: {str(dtype).removeprefix('torch.')}")
+    print(f"attn: {args.attn}")
     print(f"model: {'LLaVA-1.5-7B sizes' if args.full else 'LLaVA-1.5 shapes, CPU-sized'} random weights, "
           f"{vlm.num_layers} layers, hidden {model.config.text_config.hidden_size}")
     print(f"tokens: 576 visual + 64 text -> {args.keep} visual from layer {args.layer}")

@@ -1,7 +1,9 @@
 """Cost of the seam on a LLaVA-1.5-shaped random model (576 visual + 64 text tokens).
 
 Prints ``name: value`` lines; the last is ``seam_overhead: R`` (nothing planned / plain).
-Run: ``python benchmarks/seam.py [--full]`` (``--full``: LLaVA-1.5-7B sizes in bf16, needs a GPU).
+Run: ``python benchmarks/seam.py [--full] [--attn IMPL]`` (``--full``: LLaVA-1.5-7B sizes in bf16, needs a GPU;
+``--attn``: the implementation the model is loaded with, which plain and every block run: sdpa, eager,
+flex_attention, flash_attention_2 (on a GPU with flash_attn), ...). The line names are the same for every one.
 """
 from __future__ import annotations
 
@@ -12,10 +14,13 @@ import torch
 
 import vlmtools
 from common import llava_bench, ratios
+from vlmtools.attention import SERVED
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--full", action="store_true", help="LLaVA-1.5-7B shapes, bf16, on CUDA")
+    parser.add_argument("--attn", choices=SERVED, default="sdpa",
+                        help="attention implementation the model is loaded with (default sdpa)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (one: least noise when shared)")
     parser.add_argument("--clock", choices=["process", "wall"], default="process",
@@ -24,6 +29,7 @@ def main():
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "process" and not args.full else time.perf_counter
     model, batch, sync = llava_bench(args.full)
+    model.set_attn_implementation(args.attn)
     vlm = vlmtools.wrap(model)
 
     def plain():
@@ -43,7 +49,7 @@ def main():
             model(**batch)
             sync()
         finally:
-            model.set_attn_implementation({"text_config": "sdpa"})
+            model.set_attn_implementation({"text_config": args.attn})
 
     base, r = ratios(plain, {
         "nothing_planned": under(),
@@ -52,6 +58,7 @@ def main():
         "eager_every_layer": eager_everywhere,
     }, repeats=args.repeats, clock=clock)
     print(f"device: {batch['input_ids'].device.type}")
+    print(f"attn: {args.attn}")
     print(f"clock: {'process CPU time' if clock is time.process_time else 'wall'}, threads: {args.threads}")
     print(f"dtype: {str(batch['pixel_values'].dtype).removeprefix('torch.')}")
     print(f"tokens: {batch['input_ids'].shape[1]}")

@@ -398,9 +398,12 @@ def test_a_kernel_switched_after_wrap_is_refused_at_use():
 
 
 def cuda_model(implementation: str):
+    """The tiny LLaVA in bf16 on the GPU; flex on its text model only (the tiny CLIP's head size, 8, is below
+    what compiled flex takes)."""
     model, inputs = tiny_llava()
     model = model.to("cuda", torch.bfloat16)
-    model.set_attn_implementation(implementation)
+    model.set_attn_implementation({"text_config": implementation} if implementation == "flex_attention"
+                                  else implementation)
     inputs = {k: v.to("cuda") for k, v in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
     return model, inputs
@@ -422,7 +425,7 @@ def check_on_cuda(implementation: str):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             scores = model(input_ids=sequence, attention_mask=mask, position_ids=positions,
                            pixel_values=inputs["pixel_values"], use_cache=False).logits[:, -1]
-            torch.testing.assert_close(scores, out.scores[step], atol=5e-2, rtol=0)
+            torch.testing.assert_close(scores, out.scores[step], atol=0.1, rtol=0.05)  # bf16, other kernel shapes
             sequence = torch.cat([sequence, out.sequences[:, sequence.shape[1]:sequence.shape[1] + 1]], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     rows = {}
@@ -442,3 +445,14 @@ def test_flash_attention_2_on_cuda():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=COMPILED_FLEX)
 def test_compiled_flex_on_cuda():
     check_on_cuda("flex_attention")
+
+
+@pytest.mark.slow
+def test_compiled_flex_prefill_is_bitwise_on_cpu():
+    """Compiled flex (as transformers runs it) with nothing planned, prefill only (see COMPILED_FLEX): over a
+    minute on a 2-core CPU the first time, seconds once inductor's cache holds the kernels."""
+    model, inputs = load("flex_attention")
+    vlm = vlmtools.wrap(model)
+    plain = logits(model, inputs)
+    with vlm.use():
+        assert torch.equal(logits(model, inputs), plain)
