@@ -6,6 +6,7 @@ mixed up); the others check the steps, the settings and the refusals.
 """
 
 import argparse
+import json
 
 import numpy as np
 import pytest
@@ -18,12 +19,12 @@ import vlmtools.attention
 from grounding import RefAM, RefAMSettings
 from grounding.refam import EncodedPrompt, MapAccumulator, RecordImageText, build_prompt
 from grounding.refam.maps import word_maps
-from grounding.refam.prompt import PromptTokens, Segment, token_roles
+from grounding.refam.prompt import PromptTokens, Segment, head_phrase, token_roles
 from grounding.refam.source import source_for
 from tests.test_dit import BUILDERS, attention_inputs, explicit_probs
 from vlmtools.testing.pipelines import SIZE, tiny_flux_pipeline, tiny_sd3_pipeline
 from vlmtools.masks import iou
-from vlmtools.text import content_words
+from vlmtools.text import _load_spacy, content_words
 
 GRID = (3, 4)
 EXPRESSION = "the red circle"
@@ -83,6 +84,72 @@ def test_roles_of_expression_magnets_special_and_padding():
     assert tokens.roles == ["stop", "content", "content", "magnet", "magnet", "magnet", "special", "padding", "padding"]
     assert tokens.word_of[:3] == [0, 1, 2] and tokens.positions("content") == [1, 2]
     assert build_prompt("the red circle", (".",), colour="green") == "the red circle . green"
+
+
+RELATION = "the circle left of the square"
+# word-level offsets of RELATION + magnets: the circle left of the square . a with, EOS, two pads
+RELATION_OFFSETS = [(0, 3), (4, 10), (11, 15), (16, 18), (19, 22), (23, 29), (30, 31), (32, 33), (34, 38)]
+RELATION_OFFSETS += [(0, 0)] * 3
+needs_spacy = pytest.mark.skipif(_load_spacy() is None, reason="the parse of the head noun phrase needs spaCy")
+
+
+@pytest.mark.parametrize(
+    "expression,tagger,head",
+    [
+        pytest.param("the red mug on the left of the plate", "auto", ["the", "red", "mug"], marks=needs_spacy),
+        pytest.param(RELATION, "auto", ["the", "circle"], marks=needs_spacy),
+        pytest.param("left red circle", "auto", ["red", "circle"], marks=needs_spacy),  # root "left" is a verb
+        ("the red mug on the left of the plate", "stopwords", ["the", "red", "mug"]),
+        (RELATION, "stopwords", ["the", "circle", "left"]),  # the stop-word rule cannot see "left" relates
+        ("it on the left", "stopwords", ["it", "on", "the", "left"]),  # no content word up front: every word
+    ],
+)
+def test_head_noun_phrase(expression, tagger, head):
+    words = content_words(expression, tagger=tagger)
+    assert [words[i].word for i in head_phrase(expression, words)] == head
+
+
+@pytest.mark.parametrize(
+    "tagger,head",
+    [pytest.param("auto", [1], marks=needs_spacy), ("stopwords", [1, 2])],  # circle; circle, left
+)
+def test_head_words_heatmap_is_the_mean_of_the_head_phrase_content_maps(tagger, head):
+    model, inputs = BUILDERS["flux"](grid=GRID, text=len(RELATION_OFFSETS))
+    real = [1] * 10 + [0, 0]
+    prompt = EncodedPrompt(
+        inputs["encoder_hidden_states"][:1], inputs["pooled_projections"][:1], [Segment(RELATION_OFFSETS, real)]
+    )
+    latents = inputs["hidden_states"][:1]
+    name = "dit.single.0"
+    heatmaps, seen = {}, None
+    for words in ("head", "content"):
+        refam = RefAM(model, RefAMSettings(blocks=(name,), sinks="none", words=words, tagger=tagger))
+        seen, handle = attention_inputs(refam.dit.site(name))
+        seg = refam.segment_encoded(latents, GRID, prompt, RELATION)
+        handle.remove()
+        heatmaps[words] = seg.grid_heatmap.reshape(-1)
+    site, layout = refam.dit.site(name), refam.dit.layout(len(RELATION_OFFSETS), GRID)
+    with torch.no_grad():
+        probs = explicit_probs(site, seen[0], "flux")[0].mean(0)  # (L, L), heads averaged
+    block = probs[layout.image.positions][:, layout.text.indices()]  # (N_image, 12 text keys)
+    budget = block.sum(-1)  # padding="budget": every text key
+    # text positions: 0 the, 1 circle, 2 left, 3 of, 4 the, 5 square; content words by either tagger: 1, 2, 5
+    expected_head = (block[:, head].mean(-1) / budget).numpy()
+    expected_content = (block[:, [1, 2, 5]].mean(-1) / budget).numpy()
+    assert np.abs(heatmaps["head"] - expected_head).max() <= 1e-5
+    assert np.abs(heatmaps["content"] - expected_content).max() <= 1e-5
+    assert np.abs(heatmaps["head"] - heatmaps["content"]).max() > 1e-3
+
+
+def test_head_words_setting_is_recorded_and_refused_without_a_head():
+    model, latents, prompt = tiny("flux")
+    seg = RefAM(model, RefAMSettings(words="head", tagger="stopwords")).segment_encoded(
+        latents, GRID, prompt, EXPRESSION
+    )
+    assert seg.settings["words"] == "head" and seg.settings["head_phrase"] == ["the", "red", "circle"]
+    assert sorted(seg.word_maps) == ["1:red", "2:circle"]
+    with pytest.raises(ValueError, match="head noun phrase"):
+        word_maps(torch.ones(2, 2), _tokens(["content", "content"]), [], words="head")
 
 
 def _tokens(roles, words=("red", "circle")):
@@ -308,14 +375,70 @@ def tiny_sam2():
 
 
 @pytest.mark.parametrize("build", [tiny_sam, tiny_sam2])
-def test_sam_refines_from_the_peak_point(build):
-    from grounding.refam.sam import refine
-
-    sam = build()
-    pipe = tiny_flux_pipeline()
-    seg = RefAM(pipe, sam=sam, max_sequence_length=12).segment(image(), EXPRESSION)
+def test_sam_and_sam2_models_from_transformers_run_behind_refam(build):
+    seg = RefAM(tiny_flux_pipeline(), sam=build(), max_sequence_length=12).segment(image(), EXPRESSION)
     assert seg.settings["mask_from"] == "sam" and seg.mask.shape == (SIZE, SIZE) and seg.mask.dtype == bool
-    assert np.array_equal(seg.mask, refine(sam, image(), seg.point))
+
+
+class StubSamProcessor:
+    """Takes what ``refine`` passes a transformers SAM processor; its masks are already at image size."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, images, return_tensors, **prompt):
+        from transformers import BatchFeature
+
+        self.calls.append(prompt)
+        size = torch.tensor([[images.height, images.width]])
+        return BatchFeature({"original_sizes": size, "reshaped_input_sizes": size})
+
+    def post_process_masks(self, masks, original_sizes, reshaped_input_sizes=None):
+        return [masks[0] > 0]
+
+
+def stub_sam(name, masks, scores):
+    """``(model, processor)``: a model class named ``name`` that proposes the planted ``masks`` (k, H, W) with
+    predicted IoUs ``scores`` (k,), whatever the point."""
+
+    def forward(self, multimask_output, **inputs):
+        assert multimask_output
+        logits = torch.where(torch.from_numpy(masks), 1.0, -1.0)
+        return argparse.Namespace(pred_masks=logits[None, None], iou_scores=torch.tensor(scores)[None, None])
+
+    model = type(name, (), {"device": torch.device("cpu"), "__call__": forward})()
+    return model, StubSamProcessor()
+
+
+@pytest.mark.parametrize(
+    "name,prompt",
+    [
+        ("StubSamModel", {"input_points": [[[20.0, 3.0]]]}),  # SAM: (image, point batch, xy)
+        # SAM 2: (image, object, point, xy), with labels
+        ("StubSam2Model", {"input_points": [[[[20.0, 3.0]]]], "input_labels": [[[1]]]}),
+    ],
+)
+def test_sam_is_prompted_with_the_heatmap_peak_and_keeps_its_best_scored_mask(name, prompt):
+    height, width = 16, 24  # not square: x and y cannot be swapped unseen
+    masks = np.zeros((3, height, width), bool)
+    masks[0, :8], masks[1, :, 16:], masks[2, 4:12, 4:12] = True, True, True
+    model, processor = sam = stub_sam(name, masks, [0.2, 0.9, 0.5])
+    refam = RefAM(tiny_flux_pipeline(), sam=sam, max_sequence_length=12)
+    heatmap = np.zeros((height, width))
+    heatmap[3, 20], heatmap[10, 2] = 1.0, 0.7  # the peak: row 3, column 20, i.e. (x, y) = (20, 3)
+    picture = Image.new("RGB", (width, height))
+    mask, point = refam.mask(heatmap, picture)
+    assert point == (20, 3) and processor.calls == [prompt]
+    assert np.array_equal(mask, masks[1])  # the highest predicted IoU (0.9)
+    # through segment: SAM gets the peak of the full-size heatmap (the first maximum in raster order)
+    masks = np.zeros((2, SIZE, SIZE), bool)
+    masks[0, 2:5, 3:9] = True
+    model, processor = sam = stub_sam(name, masks, [0.8, 0.1])
+    seg = RefAM(tiny_flux_pipeline(), sam=sam, max_sequence_length=12).segment(image(), EXPRESSION)
+    row, col = np.unravel_index(np.argmax(seg.heatmap), seg.heatmap.shape)
+    (x, y), = np.array(processor.calls[0]["input_points"]).reshape(-1, 2)
+    assert seg.point == (col, row) == (x, y) and seg.settings["mask_from"] == "sam"
+    assert np.array_equal(seg.mask, masks[0])
 
 
 def test_video_smoothing_is_a_moving_average_of_normalised_heatmaps():
@@ -329,10 +452,15 @@ def test_video_smoothing_is_a_moving_average_of_normalised_heatmaps():
     expected = 0.5 * single[1].grid_heatmap + 0.5 * single[0].grid_heatmap
     assert np.abs(smooth[1].grid_heatmap - expected).max() <= 1e-6
     assert smooth[2].settings["smoothing"] == 0.5 and smooth[2].mask.shape == (SIZE, SIZE)
+    # J&F of the smoothed masks against planted truths: frames 0 and 2 exact (J = F = 1), frame 1 against an
+    # empty truth (J = 0: the union is the non-empty prediction; F = 0: no true boundary), so J = F = 2/3
+    assert all(seg.mask.any() for seg in smooth)
     scores = SegmentationScores()
-    for seg in smooth:
-        scores.add(seg.mask, single[0].mask, sequence="clip/object")
-    assert 0 <= scores.summary()["J&F"] <= 1
+    for seg, truth in zip(smooth, [smooth[0].mask, np.zeros((SIZE, SIZE), bool), smooth[2].mask]):
+        scores.add(seg.mask, truth, sequence="clip/object")
+    summary = scores.summary()
+    assert summary["J"] == pytest.approx(2 / 3) and summary["F"] == pytest.approx(2 / 3)
+    assert summary["J&F"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="smoothing"):
         segment_video(refam, frames, EXPRESSION, smoothing=1.0)
 
@@ -381,9 +509,12 @@ def test_cli_segment_and_bench(tmp_path, monkeypatch, capsys):
     )
     assert args.run(args) == 0 and Image.open(tmp_path / "a" / "mask.png").size == (20, 20)
     image().save(path)
-    args = build_parser().parse_args(["segment", str(path), EXPRESSION, "--out", str(tmp_path / "b")])
+    args = build_parser().parse_args(
+        ["segment", str(path), EXPRESSION, "--out", str(tmp_path / "b"), "--words", "head"]
+    )
     assert args.run(args) == 0
-    assert '"sinks": "suppress"' in (tmp_path / "b" / "segmentation.json").read_text()
+    info = json.loads((tmp_path / "b" / "segmentation.json").read_text())["settings"]
+    assert info["sinks"] == "suppress" and info["words"] == "head" and info["head_phrase"] == ["the", "red", "circle"]
     gt = np.zeros((SIZE, SIZE), bool)
     gt[4:12, 4:12] = True
     monkeypatch.setattr("vlmtools_zoo.refam.zoo_samples", lambda n, split: [Sample(image(), EXPRESSION, gt)] * n)

@@ -3,6 +3,7 @@
 vlmtools segment                                     # a held-out zoo scene and its first referring expression
 vlmtools segment scene.png "the large red circle on the left" --out out/
 vlmtools segment photo.jpg "the dog on the left" --model /models/FLUX.1-dev --resize 512 512
+vlmtools segment scene.png "the circle left of the square" --words head   # only "circle" is read
 vlmtools segment-bench --n 300                       # zoo held-out expressions, ablations, baselines
 vlmtools segment-bench --model PATH --refs refs.p --instances instances.json --images DIR --split val
 """
@@ -43,8 +44,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--colour", help="a colour word appended as an extra magnet")
     parser.add_argument("--sinks", choices=["suppress", "redirect", "none"], default="suppress",
                         help="global attention sinks: suppress their maps, redirect their mass, or leave them")
-    parser.add_argument("--words", choices=["content", "expression", "all"], default="content",
-                        help="maps aggregated: content words, every expression word, or every real token")
+    parser.add_argument("--words", choices=["content", "head", "expression", "all"], default="content",
+                        help="maps aggregated: content words, the content words of the head noun phrase "
+                        "('the red mug on the left' -> red, mug), every expression word, or every real token")
     parser.add_argument("--padding", choices=["budget", "exclude"], default="budget",
                         help="padding keys: keep their mass in each query's text budget, or renormalise without it")
     parser.add_argument("--blocks", nargs="+", help="site names, e.g. dit.double.0 (default: measured on the zoo model; per family otherwise)")

@@ -31,9 +31,14 @@ from vlmtools.sinks import GlobalSink, JointColumns, SinkTensors, plain_layout
 from .prompt import PromptTokens
 
 SinkMode = Literal["suppress", "redirect", "none"]
-WordMode = Literal["content", "expression", "all"]
+WordMode = Literal["content", "head", "expression", "all"]
 PaddingMode = Literal["budget", "exclude"]
-READ = {"content": ("content",), "expression": ("content", "stop"), "all": ("content", "stop", "magnet", "special")}
+READ = {
+    "content": ("content",),
+    "head": ("content",),  # of the head noun phrase only
+    "expression": ("content", "stop"),
+    "all": ("content", "stop", "magnet", "special"),
+}
 
 
 class RecordImageText(SiteRecorder):
@@ -97,8 +102,11 @@ def word_maps(
 
     ``sinks`` are text positions (0 = first text token). Keys are ``"{index}:{word}"``
     for expression words and ``"{position}:{token role}"`` for magnets and special
-    tokens (read only with ``words="all"``); padding is never read.
+    tokens (read only with ``words="all"``); padding is never read. ``words="head"``
+    reads the content words of ``tokens.head``, the head noun phrase.
     """
+    if words == "head" and tokens.head is None:
+        raise ValueError("words='head' needs tokens.head, the head noun phrase (token_roles fills it)")
     sinks = set(sinks)
     budget = [
         i
@@ -111,6 +119,8 @@ def word_maps(
         if role not in READ[words] or (i in sinks and sink_mode != "none"):
             continue
         word = tokens.word_of[i]
+        if words == "head" and word not in tokens.head:
+            continue
         key = f"{word}:{tokens.words[word].word}" if word is not None else f"{i}:{role}"
         grouped.setdefault(key, []).append(i)
     return {key: block[:, positions].mean(-1) / share for key, positions in grouped.items()}

@@ -38,8 +38,12 @@ class RefAMSettings:
     rule, FLUX: the first half of the single-stream blocks, or those measured best on its model,
     flux-shapes: ``vlmtools_zoo.flux.REFAM_BLOCKS``), else :func:`default_blocks`.
     ``heads`` index the heads averaged (None: all). ``words``: ``content`` reads the
-    content words, ``expression`` every word of the expression (no stop-word
-    filtering), ``all`` every real token (magnets and special tokens too).
+    content words, ``head`` only the content words of the head noun phrase ("the red mug
+    on the left of the plate" -> red, mug: the noun chunk of spaCy's parse that holds the
+    expression's root; without spaCy the leading words up to the first stop word after a
+    content word; see :func:`~grounding.refam.prompt.head_phrase`), ``expression`` every word
+    of the expression (no stop-word filtering), ``all`` every real token (magnets and
+    special tokens too).
     ``padding="budget"`` keeps pad keys' mass in each query's text budget (they act
     as magnets, as FLUX's T5 padding does); ``"exclude"`` renormalises without it.
     ``threshold`` is ``"otsu"`` or a level in [0, 1) of the min-max-normalised heatmap.
@@ -206,6 +210,8 @@ class RefAM:
             "tagger": tokens.words.tagger,
             "mask_from": "sam" if self.sam is not None and image is not None else "heatmap",
         }
+        if s.words == "head":
+            settings["head_phrase"] = [tokens.words[i].word for i in tokens.head]
         return Segmentation(
             mask,
             heatmap,

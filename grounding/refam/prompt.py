@@ -13,6 +13,10 @@ position the transformer sees gets one role:
   mask, so pad keys take part in attention and absorb a share of it like magnets do.
   Their maps are never read; whether their mass stays in each image query's text
   budget is RefAM's ``padding`` setting.
+
+The *head noun phrase* (:func:`head_phrase`, read with ``words="head"``) is the part of the
+expression that names the referent itself ("the red mug on the left of the plate" ->
+"the red mug"), without the phrases that relate it to other objects.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class PromptTokens:
     words: Words
     roles: list[Role]
     word_of: list[int | None]  # index into ``words`` for expression sub-tokens, else None
+    head: tuple[int, ...] | None = None  # indices into ``words`` of the head noun phrase (:func:`head_phrase`)
 
     def positions(self, *roles: Role) -> list[int]:
         return [i for i, role in enumerate(self.roles) if role in roles]
@@ -64,6 +69,46 @@ def check_expression(expression: str, tagger: str = "auto") -> Words:
     return words
 
 
+def head_phrase(expression: str, words: Words) -> tuple[int, ...]:
+    """Indices into ``words`` (``content_words(expression)``) of the expression's head noun phrase.
+
+    With spaCy (``words.tagger`` is ``"spacy:<model>"``): the noun chunk of spaCy's parse that
+    holds the root of the expression ("the red mug on the left of the plate" -> "the red mug",
+    "the circle left of the square" -> "the circle"); when the root is in no noun chunk
+    (spaCy parsed the expression around a verb or an adjective), the first noun chunk.
+    Without spaCy (``tagger="stopwords"``, or ``"auto"`` with no English pipeline installed):
+    the expression's leading words up to the first stop word that follows a content word
+    ("the red mug on the left" -> "the red mug"; "the circle left of the square" -> "the circle
+    left", since the stop-word list cannot tell that "left" starts a relation).
+    When the phrase found has no content word (no noun chunk, or a pronoun's: "it on the left"),
+    every word: RefAM then reads all content words, as ``words="content"``.
+    """
+    expression = expression.strip()
+    everything = tuple(range(len(words)))
+    if words.tagger.startswith("spacy"):
+        from vlmtools.text import _load_spacy
+
+        nlp, _ = _load_spacy()
+        doc = nlp(expression)
+        chunks = list(doc.noun_chunks)
+        root = next((t for t in doc if t.dep_ == "ROOT"), None)
+        chunk = next((c for c in chunks if root is not None and c.start <= root.i < c.end), None)
+        chunk = chunk or (chunks[0] if chunks else None)
+        if chunk is None:
+            return everything
+        span = range(chunk.start_char, chunk.end_char)
+        phrase = tuple(i for i, w in enumerate(words) if w.start in span)
+    else:
+        phrase, seen_content = [], False
+        for i, w in enumerate(words):
+            if seen_content and not w.is_content and any(c.isalnum() for c in w.word):
+                break
+            phrase.append(i)
+            seen_content = seen_content or w.is_content
+        phrase = tuple(phrase)
+    return phrase if any(words[i].is_content for i in phrase) else everything
+
+
 def token_roles(expression: str, prompt: str, segments: Sequence[Segment], words: Words) -> PromptTokens:
     """Roles of the concatenated ``segments`` (offsets into ``prompt``, which starts with the expression)."""
     expression = expression.strip()
@@ -86,4 +131,4 @@ def token_roles(expression: str, prompt: str, segments: Sequence[Segment], words
                 role = "stop"
             roles.append(role)
             word_of.append(word if role in ("content", "stop") else None)
-    return PromptTokens(prompt, expression, words, roles, word_of)
+    return PromptTokens(prompt, expression, words, roles, word_of, head_phrase(expression, words))
