@@ -490,13 +490,35 @@ def test_flux_shapes_grounding_scores_through_the_seam():
     from vlmtools_zoo.flux import REFAM_BLOCKS
 
     pipe = load("flux-shapes")
-    out = grounding_scores(pipe, n=4)
-    assert out["n"] == 4 and out["sites"] == list(REFAM_BLOCKS)
-    assert 0 <= out["mIoU"] <= 1 and 0 <= out["IoU_others"] <= 1 and 0.3 < out["ceiling"] <= 1
+    out = grounding_scores(pipe, n=16)
+    assert out["n"] == 16 and out["sites"] == list(REFAM_BLOCKS)
+    # the shipped model's maps find the referent: docs/zoo.md's bar, the referent favoured >= 2x over the other
+    # objects (0.43 vs 0.18 on these 16); a map that ignores the expression scores both alike
+    assert out["mIoU"] > 0.3 and out["mIoU"] >= 2 * out["IoU_others"] and 0.3 < out["ceiling"] <= 1
     kinds = out["by_kind"]
-    assert sum(k["n"] for k in kinds.values()) == 4
-    assert abs(sum(k["mIoU"] * k["n"] for k in kinds.values()) / 4 - out["mIoU"]) < 2e-3
+    assert sum(k["n"] for k in kinds.values()) == 16
+    assert abs(sum(k["mIoU"] * k["n"] for k in kinds.values()) / 16 - out["mIoU"]) < 2e-3
     assert grounding_scores(pipe, n=4, sites=["dit.double.0"])["sites"] == ["dit.double.0"]
+
+
+def test_grounding_scores_of_planted_maps(monkeypatch):
+    from vlmtools_zoo import evaluate
+    from vlmtools_zoo.flux import letterbox
+
+    # the first 4 test expressions; maps planted: the referent's own mask for expressions 0 and 2, the other
+    # objects' union for 1 and 3, so IoU with the referent is 1, 0, 1, 0 and with the others 0, 1, 0, 1
+    items = [(s, e) for s in (W.scene("test", i) for i in range(4)) for e in s.referring_expressions()][:4]
+    planted, kinds = [], {}
+    for k, (scene, e) in enumerate(items):
+        masks = letterbox(scene)[1].numpy()
+        others = np.delete(masks, e.target, 0).any(0)
+        assert len(scene.objects) >= 2 and others.any() and not (others & masks[e.target]).any()
+        planted.append((masks[e.target] if k % 2 == 0 else others).astype(np.float32))
+        kinds.setdefault(e.kind, []).append(1.0 if k % 2 == 0 else 0.0)
+    monkeypatch.setattr(evaluate, "heatmaps", lambda pipe, images, prompts, words, **kw: planted[: len(prompts)])
+    out = evaluate.grounding_scores(None, n=4)
+    assert out["mIoU"] == 0.5 and out["IoU_others"] == 0.5 and out["n"] == 4
+    assert out["by_kind"] == {k: {"mIoU": round(float(np.mean(v)), 3), "n": len(v)} for k, v in sorted(kinds.items())}
 
 
 def test_a_perfect_map_recovers_a_mask_on_the_token_grid_and_spreads_one_off_it():
