@@ -215,7 +215,8 @@ def test_pipeline_end_to_end_and_save(family, tmp_path):
     options = {"max_sequence_length": 12} if family == "flux" else {}
     seg = RefAM(pipe, **options).segment(image(), "the large red circle on the left")
     assert seg.mask.shape == seg.heatmap.shape == (SIZE, SIZE) and seg.mask.dtype == bool
-    assert 0 <= seg.point[0] < SIZE and 0 <= seg.point[1] < SIZE
+    row, col = np.unravel_index(np.argmax(seg.heatmap), seg.heatmap.shape)  # the peak, first in raster order
+    assert seg.point == (col, row) and seg.heatmap[row, col] > seg.heatmap.min()
     assert seg.settings["prompt"] == "the large red circle on the left . a with"
     assert seg.settings["family"] == family and seg.settings["sinks"] == "suppress"
     assert sorted(seg.word_maps) == ["1:large", "2:red", "3:circle", "6:left"]
