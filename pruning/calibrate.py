@@ -48,16 +48,27 @@ def calibrate(vlm, host: Host, samples: Iterable[dict], fit: Fit = "exponential"
         if not entries:
             raise ValueError("pruning.calibrate: no samples with images were seen")
         key = host.calibration_key(vlm, stage)
-        trend = fit_trend(_binned_mean(entries), fit, key=key, samples=len(entries))
-        trend.rows, trend.columns = _residuals(entries, trend)
-        spread = max(max(v) / max(min(v), 1e-12) for v in (trend.rows, trend.columns) if v) if trend.rows else 1.0
-        if spread > RESIDUAL_WARNING:
-            warnings.warn(f"{key}: the 1-D trend leaves a residual varying {spread:.2f}x across image rows or "
-                          "columns (trend.rows / trend.columns); a 1-D debias is approximate here")
+        trend = fit_collected(entries, fit, key=key)
         if save:
             trend.save(calibration_path(key, directory))
         trends.append(trend)
     return trends
+
+
+def fit_collected(entries, fit: Fit = "exponential", key: str = "") -> Trend:
+    """The trend of one stage from its collected raw scores, with the residual per tenth of image rows and columns.
+
+    ``entries``: ``(sample layout, visual indices, raw scores, visual count)`` per sample (what a calibration
+    run collects, ``trace[host].collected[stage]``). Warns when the residual's largest row (or column) mean
+    exceeds its smallest by more than ``RESIDUAL_WARNING``: the trend is then not 1-D.
+    """
+    trend = fit_trend(_binned_mean(entries), fit, key=key, samples=len(entries))
+    trend.rows, trend.columns = _residuals(entries, trend)
+    spread = max(max(v) / max(min(v), 1e-12) for v in (trend.rows, trend.columns) if v) if trend.rows else 1.0
+    if spread > RESIDUAL_WARNING:
+        warnings.warn(f"{key}: the 1-D trend leaves a residual varying {spread:.2f}x across image rows or "
+                      "columns (trend.rows / trend.columns); a 1-D debias is approximate here")
+    return trend
 
 
 def _binned_mean(entries) -> torch.Tensor:

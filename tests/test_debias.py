@@ -10,6 +10,7 @@ import torch
 
 import vlmtools
 from pruning import Debias, FastV, Trend, calibrate, debiased, fit_trend
+from pruning import host as pruning_host
 from vlmtools.adapters.llava import letterbox_padding
 from vlmtools.testing.vlm import tiny_llava
 
@@ -213,3 +214,123 @@ def test_trends_are_kept_in_the_cache_never_in_the_package(tmp_path, monkeypatch
     monkeypatch.setenv("PRUNING_CALIBRATION", str(tmp_path / "mine"))
     assert calibration_path("m__fastv__L2") == tmp_path / "mine" / "m__fastv__L2.json"
     assert Path(pruning.__file__).parent not in calibration_path("m__fastv__L2").parents
+
+
+# -- the trend fit and its 2-D residual check, against planted values ---------------------------------------
+
+def _grid_sample(height, width):
+    return SimpleNamespace(images=[SimpleNamespace(grid=(height, width))])
+
+
+def _planted_entries(trend, height=24, width=24, rows=None, columns=None, samples=2):
+    """Calibration entries whose raw scores are exactly ``trend(x) * rows[r] * columns[c]`` on an
+    ``height x width`` grid (``x = i / (N - 1)``, ``i = r * width + c``)."""
+    count = height * width
+    x = torch.linspace(0, 1, count, dtype=torch.float64)
+    index = torch.arange(count)
+    factor = torch.ones(count, dtype=torch.float64)
+    if rows is not None:
+        factor *= torch.tensor(rows, dtype=torch.float64)[index // width]
+    if columns is not None:
+        factor *= torch.tensor(columns, dtype=torch.float64)[index % width]
+    scores = trend(x) * factor
+    return [(_grid_sample(height, width), index, scores, count) for _ in range(samples)], factor
+
+
+def _tenths(factor, coordinate, size):
+    """Mean of the planted factor (normalised by its mean) per tenth of rows or columns: what the residual must be."""
+    normalised = factor / factor.mean()
+    where = coordinate * 10 // size
+    return [float(normalised[where == t].mean()) for t in range(10) if (where == t).any()]
+
+
+@pytest.mark.parametrize("fit,planted,coef", [
+    ("exponential", lambda x: torch.exp(-1.0 + 3.0 * x), [3.0, -1.0]),
+    ("cubic", lambda x: 4 * x ** 3 - 3 * x ** 2 + 2 * x + 1, [4.0, -3.0, 2.0, 1.0]),
+])
+def test_the_fit_recovers_a_planted_trend_and_a_flat_residual(fit, planted, coef):
+    from pruning.calibrate import fit_collected
+
+    entries, _ = _planted_entries(planted)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a flat residual raises no warning
+        trend = fit_collected(entries, fit, key="m__planted__L2")
+    assert trend.fit == fit and trend.samples == 2 and trend.key == "m__planted__L2"
+    assert trend.coef == pytest.approx(coef, abs=1e-6)
+    assert trend.rows == pytest.approx([1.0] * 10, abs=1e-6) and trend.columns == pytest.approx([1.0] * 10, abs=1e-6)
+
+
+def test_prompts_of_different_sizes_share_one_trend_over_the_normalised_index():
+    from pruning.calibrate import fit_collected
+
+    planted = lambda x: torch.exp(0.5 + 2.0 * x)  # noqa: E731
+    entries = _planted_entries(planted)[0][:1] + _planted_entries(planted, 12, 12)[0][:1]
+    trend = fit_collected(entries)
+    assert trend.coef == pytest.approx([2.0, 0.5], abs=2e-3)  # binned to the smaller prompt's 144 indices
+
+
+@pytest.mark.parametrize("axis", ["rows", "columns"])
+def test_a_planted_row_or_column_residual_is_reported_and_warned_about(axis):
+    """Twice the score on the middle third of the rows (or columns), symmetric about the image's centre, so
+    the least-squares slope over the index is untouched: the slope is the planted one, the residual per tenth
+    is the planted factor over its mean (2 / (4/3) = 1.5 in the band, 0.75 outside) and the spread 2x warns."""
+    from pruning.calibrate import fit_collected
+
+    band = [2.0 if 8 <= i < 16 else 1.0 for i in range(24)]
+    entries, factor = _planted_entries(lambda x: torch.exp(-1.0 + 3.0 * x), **{axis: band})
+    with pytest.warns(UserWarning, match=r"m__planted__L8: the 1-D trend leaves a residual varying 2\.00x"):
+        trend = fit_collected(entries, "exponential", key="m__planted__L8")
+    assert trend.coef[0] == pytest.approx(3.0, abs=1e-6)
+    index = torch.arange(24 * 24)
+    assert trend.rows == pytest.approx(_tenths(factor, index // 24, 24), abs=1e-6)
+    assert trend.columns == pytest.approx(_tenths(factor, index % 24, 24), abs=1e-6)
+    other = trend.columns if axis == "rows" else trend.rows
+    assert other == pytest.approx([1.0] * 10, abs=1e-6)
+    assert max(getattr(trend, axis)) == pytest.approx(1.5) and min(getattr(trend, axis)) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("factor,warns", [(1.4, False), (1.6, True)])
+def test_the_residual_warning_fires_above_one_and_a_half(factor, warns):
+    from pruning.calibrate import RESIDUAL_WARNING, fit_collected
+
+    assert RESIDUAL_WARNING == 1.5
+    band = [factor if 8 <= i < 16 else 1.0 for i in range(24)]
+    entries, _ = _planted_entries(lambda x: torch.exp(3.0 * x), columns=band)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_collected(entries, key="m__planted__L2")
+    assert bool(caught) == warns
+
+
+class _Planted(pruning_host.Host):
+    """A host whose raw score is planted: ``exp(c + k x)`` times a factor per image row."""
+
+    name = "planted"
+
+    def __init__(self, slope, intercept, rows, **kwargs):
+        super().__init__(1.0, (1,), **kwargs)
+        self.slope, self.intercept, self.rows = slope, intercept, rows
+
+    def score(self, run, stage, hidden, kept, layout, targets):
+        values = []
+        for sample in layout.samples:
+            count = len(sample.visual_positions())
+            width = sample.images[0].grid[1]
+            x = torch.linspace(0, 1, count)
+            values.append(torch.exp(self.intercept + self.slope * x) * torch.tensor(self.rows)[torch.arange(count) // width])
+        return pruning_host.at_present(values, layout, kept)
+
+
+def test_calibrate_collects_the_hosts_scores_and_fits_them():
+    """End to end on a tiny LLaVA (two 4 x 4 images): the planted scores come back through the calibration run;
+    the middle two rows doubled (symmetric: the slope stays) give rows 2/3, 4/3, 4/3, 2/3 and the warning."""
+    model, inputs = tiny_llava()
+    vlm = vlmtools.wrap(model)
+    (flat,) = calibrate(vlm, _Planted(2.5, -0.5, [1.0] * 4), [inputs], save=False, progress=False)
+    assert flat.coef == pytest.approx([2.5, -0.5], abs=1e-5) and flat.samples == 2
+    assert flat.rows == pytest.approx([1.0] * 4, abs=1e-5) and flat.columns == pytest.approx([1.0] * 4, abs=1e-5)
+    with pytest.warns(UserWarning, match=r"varying 2\.00x"):
+        (banded,) = calibrate(vlm, _Planted(2.5, -0.5, [1.0, 2.0, 2.0, 1.0]), [inputs], save=False, progress=False)
+    assert banded.coef[0] == pytest.approx(2.5, abs=1e-5)
+    assert banded.rows == pytest.approx([2 / 3, 4 / 3, 4 / 3, 2 / 3], abs=1e-5)
+    assert banded.columns == pytest.approx([1.0] * 4, abs=1e-5)
