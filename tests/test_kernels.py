@@ -27,9 +27,9 @@ import vlmtools
 from tests.test_drop import hidden_then_pruned, keep_every_other_visual, tail_model
 from tests.test_seam import AddToLastRow
 from vlmtools.adapters.base import UnsupportedModel
-from vlmtools.attention import SERVED, flash_rows, seam_name
+from vlmtools.attention import SERVED, block_mask_rows, flash_rows, seam_name
 from vlmtools.drop import DropTokens, _gather_inputs, packed_lengths
-from vlmtools.testing.vlm import tiny_llava, tiny_qwen2_vl
+from vlmtools.testing.vlm import BUILDERS, tiny_llava, tiny_qwen2_vl
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -219,6 +219,18 @@ def test_flash_vision_rows_follow_cumulative_lengths(torch_flash):
         start += n
 
 
+def test_block_mask_rows_against_the_dense_mask(uncompiled_flex):
+    """The rows of a BlockMask, from its mask_mod: one written on index tensors (as transformers' are) and
+    one that works only under vmap (it indexes one dimension at a time)."""
+    padding = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]).bool()
+    rows = torch.tensor([1, 4, 5])
+    expected = torch.ones(6, 6).bool().tril()[None, None] & padding[:, None, None]
+    for mask_mod in (lambda b, h, q, kv: (kv <= q) & padding[b, kv],
+                     lambda b, h, q, kv: (kv <= q) & padding[b][kv]):
+        block_mask = hf_masks.create_block_mask(mask_mod, 2, None, 6, 6, device="cpu")
+        assert torch.equal(block_mask_rows(block_mask)(rows), expected[:, :, rows])
+
+
 def test_flash_rows_against_a_dense_reference():
     """Causal bottom-right alignment, padding, a sliding window and packed sequences, row by row."""
     q_len, k_len = 3, 7
@@ -309,6 +321,29 @@ def test_packed_pruned_forward_equals_each_sequence_alone(torch_flash):
         second = lm(input_ids=ids[:, kept[0, 4:]], position_ids=positions[:, kept[0, 4:]], use_cache=False)
     expected = torch.cat([first.last_hidden_state, second.last_hidden_state], 1)
     torch.testing.assert_close(packed, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_every_family_keeps_its_kernel_and_prunes_under_it(family, kernel):
+    """Nothing planned: bitwise; FastV's cached decoding gives what it gives under SDPA."""
+    from pruning import FastV
+
+    results = {}
+    for name in (kernel, "sdpa"):
+        try:
+            model, inputs = load(name, BUILDERS[family])
+        except ValueError as refusal:  # e.g. no flex attention for Qwen2-VL in transformers
+            pytest.skip(f"transformers refuses {name} for {family}: {str(refusal)[:80]}")
+        vlm = vlmtools.wrap(model)
+        plain = logits(model, inputs)
+        with vlm.use():
+            assert torch.equal(logits(model, inputs), plain)
+        with torch.no_grad(), vlm.use(FastV(keep=4, layer=1)):
+            results[name] = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_scores=True,
+                                           return_dict_in_generate=True)
+    assert torch.equal(results[kernel].sequences, results["sdpa"].sequences)
+    torch.testing.assert_close(torch.stack(results[kernel].scores), torch.stack(results["sdpa"].scores),
+                               atol=1e-5, rtol=0)
 
 
 # -- threads ------------------------------------------------------------------------------------------------------------

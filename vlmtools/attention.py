@@ -193,17 +193,27 @@ class KernelCall(AttentionCall):
 
 def block_mask_rows(block_mask) -> RowsVisible:
     """Visibility of some query rows from a flex ``BlockMask``: its ``mask_mod`` evaluated on those rows
-    only (index tensors broadcast as transformers' own non-vmap mask expansion does)."""
+    only, on broadcast index tensors as transformers' own non-vmap mask expansion does, or (a ``mask_mod``
+    written for vmap only) vmapped as transformers' vmap expansion does."""
     batch = block_mask.shape[0]
     k_len = block_mask.seq_lengths[1]
 
     def rows_visible(rows: torch.Tensor) -> torch.Tensor:
-        device = rows.device
-        b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
-        h = torch.zeros(1, dtype=torch.long, device=device).view(1, -1, 1, 1)
-        q = rows.view(1, 1, -1, 1)
-        k = torch.arange(k_len, device=device).view(1, 1, 1, -1)
-        return block_mask.mask_mod(b, h, q, k).expand(batch, 1, rows.numel(), k_len)
+        indices = (torch.arange(batch, device=rows.device), torch.zeros(1, dtype=torch.long, device=rows.device),
+                   rows, torch.arange(k_len, device=rows.device))
+        shape = (batch, 1, rows.numel(), k_len)
+        try:
+            visible = block_mask.mask_mod(*(i.view([-1 if d == n else 1 for d in range(4)])
+                                            for n, i in enumerate(indices)))
+            if visible.dim() <= 4:
+                return visible.expand(shape)
+        except (RuntimeError, IndexError, TypeError):
+            pass
+        from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
+        from transformers.masking_utils import _vmap_expansion_sdpa
+
+        with TransformGetItemToIndex():
+            return _vmap_expansion_sdpa(block_mask.mask_mod)(*indices).expand(shape)
 
     return rows_visible
 
