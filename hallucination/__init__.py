@@ -2,6 +2,6 @@
 its metrics (POPE, CHAIR); built on vlmtools only."""
 from .gift import GIFT
 from .paint import PAINT
-from .var import VAR
+from .var import VAR, NoSinksWarning
 
-__all__ = ["GIFT", "PAINT", "VAR"]
+__all__ = ["GIFT", "PAINT", "VAR", "NoSinksWarning"]

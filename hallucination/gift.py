@@ -8,11 +8,21 @@ every decoding step the last query row's attention on salient visual tokens is t
 amplified in the heads that look at the image, and the question span is amplified by
 the same ratio so that the answer stays tied to what was asked.
 
-Saliency is read causally during the generate's own prefill (no second forward): an
-edited layer at or before the saliency layer is edited from the first decoding step on
-(with the published LLaVA settings every edited layer comes after it, so the prefill's
-last row is edited too); ``saliency_layer="auto"`` picks, per sample, the layer with
-the largest total shift among those before the first edited layer.
+Where saliency comes from:
+
+* ``saliency_layer="auto"`` (the paper): the layer with the largest total shift, searched
+  over ALL layers. That needs the whole prompt's attention before the first edited layer
+  runs, so GIFT makes a second prefill: at the input of layer 0 it runs the decoder layers
+  once more, unedited and without a cache, on the prompt's own embeddings and masks,
+  reading the question rows of every layer; then the real prefill runs with the saliency
+  known (about one extra prefill per prompt; decoding steps cost nothing more).
+* a fixed layer before every edited layer (the released code's LLaVA settings): read
+  causally during the generate's own prefill, no second prefill.
+* a fixed layer at or after an edited layer (the Qwen2-VL-7B preset: saliency 14, layers
+  5-18): the second prefill again, so the prefill's last row is edited in every layer.
+
+The authors' per-model settings (:attr:`GIFT.PRESETS`) are picked by the model's family and
+LM signature when ``layers`` / ``alpha`` are not given (``settings["preset"]``).
 """
 from __future__ import annotations
 
@@ -21,8 +31,9 @@ from typing import ClassVar, Literal
 
 import torch
 
-from vlmtools.plan import AttentionHook
+from vlmtools.plan import ACTIVE_PLAN, AttentionHook, LayerHook, Plan
 from vlmtools.record import last_row
+from vlmtools.sinks.dims import model_signature
 from vlmtools.text import content_words, word_ids_for_tokens
 
 from .common import key_mask, visual_mask, widen
@@ -120,14 +131,16 @@ def question_tokens(ids: torch.Tensor, start: int, tokenizer, question: str | No
 class GIFT:
     """Gaze-shift guided enhancement of the last query row on ``layers``.
 
-    ``saliency_layer="auto"`` is the paper's choice (largest total shift), an int the
-    released code's (fixed per model). ``questions``: the user's question per sample
-    (or one for all); without them the whole text after the image is the question.
-    Presets: :attr:`PRESETS` (0-indexed layers as the authors ship them), via :meth:`preset`.
+    ``saliency_layer``: ``"auto"`` is the paper's choice (the layer with the largest total
+    shift, over all layers: a second prefill), an int the released code's (fixed per model),
+    ``"preset"`` the fixed layer of this model's preset. ``layers`` / ``alpha`` default to the
+    model's preset (:attr:`PRESETS`, matched by :attr:`SIGNATURES`), else LLaVA-1.5-7B's layers
+    scaled to the model and alpha 5. ``questions``: the user's question per sample (or one for
+    all); without them the whole text after the image is the question.
 
     What one block computed is its :class:`GIFTRun`, ``trace[gift]``:
 
-    >>> gift = GIFT.preset("llava-1.5-7b", questions=["Is there a dog?"])
+    >>> gift = GIFT(questions=["Is there a dog?"])      # on LLaVA-1.5-7B: layers 12-22, alpha 5
     >>> with vlm.use(gift) as trace:
     ...     out = model.generate(**inputs, max_new_tokens=32)
     >>> trace[gift].saliency, trace[gift].factor, trace[gift].settings["chosen_layer"]
@@ -138,10 +151,20 @@ class GIFT:
         "llava-1.5-13b": {"saliency_layer": 10, "layers": tuple(range(14, 21)), "alpha": 5.0},
         "qwen2-vl-7b": {"saliency_layer": 14, "layers": tuple(range(5, 19)), "alpha": 4.0},
     }
+    """The authors' released settings (0-indexed layers)."""
 
-    def __init__(self, alpha: float = 5.0, saliency_layer: int | Literal["auto"] = "auto",
+    SIGNATURES: ClassVar[dict[tuple, str]] = {
+        ("llava", ("llama", 4096, 32, 11008)): "llava-1.5-7b",
+        ("llava", ("llama", 5120, 40, 13824)): "llava-1.5-13b",
+        ("qwen2_vl", ("qwen2_vl", 3584, 28, 18944)): "qwen2-vl-7b",
+    }
+    """(family, :func:`~vlmtools.sinks.dims.model_signature`) -> preset: the models the presets were made for."""
+
+    def __init__(self, alpha: float | None = None, saliency_layer: int | Literal["auto", "preset"] = "auto",
                  layers: Sequence[int] | None = None, questions: str | Sequence[str] | None = None,
                  tagger: Literal["auto", "spacy", "stopwords"] = "auto"):
+        if isinstance(saliency_layer, str) and saliency_layer not in ("auto", "preset"):
+            raise ValueError(f"GIFT saliency_layer must be an int, 'auto' or 'preset', got {saliency_layer!r}")
         self.alpha, self.saliency_layer, self.layers, self.tagger = alpha, saliency_layer, layers, tagger
         self.questions = [questions] if isinstance(questions, str) else questions
 
@@ -151,36 +174,67 @@ class GIFT:
             raise KeyError(f"no GIFT preset {name!r}; presets are {sorted(cls.PRESETS)}")
         return cls(**{**cls.PRESETS[name], **overrides})
 
+    @classmethod
+    def preset_for(cls, vlm) -> str | None:
+        """The preset made for this model (by family and LM signature), or None."""
+        return cls.SIGNATURES.get((vlm.family, model_signature(vlm.model.config)))
+
     def attach(self, vlm, plan) -> GIFTRun:
         run = plan.trace[self] = GIFTRun(self, vlm, plan)
         return run
 
 
-class GIFTRun(AttentionHook):
-    """One block of :class:`GIFT` (``trace[gift]``): its hook and, from the latest prefill, ``saliency``
+class GIFTRun(AttentionHook, LayerHook):
+    """One block of :class:`GIFT` (``trace[gift]``): its hooks and, from the latest prefill, ``saliency``
     (``(B, L)`` gaze-shift map of each sample's chosen layer), ``factor`` (``(B, L)``, ``exp(alpha * S)``
-    on visual keys, 1 elsewhere) and ``settings`` (with the tagger and each sample's chosen layer)."""
+    on visual keys, 1 elsewhere) and ``settings`` (with the preset, the tagger, whether a second prefill
+    ran and each sample's chosen layer)."""
 
     def __init__(self, gift: GIFT, vlm, plan):
         num_layers = vlm.num_layers
-        edit = sorted(gift.layers) if gift.layers is not None else list(
-            range(round(num_layers * 12 / 32), round(num_layers * 23 / 32)))
+        preset_name = GIFT.preset_for(vlm)
+        preset = GIFT.PRESETS.get(preset_name, {})
+        if gift.layers is not None:
+            edit = sorted(gift.layers)
+        elif preset:
+            edit = list(preset["layers"])
+        else:
+            edit = list(range(round(num_layers * 12 / 32), round(num_layers * 23 / 32)))
+        alpha = gift.alpha if gift.alpha is not None else preset.get("alpha", 5.0)
         if gift.saliency_layer == "auto":
-            candidates = list(range(min(edit)))
+            candidates = list(range(num_layers))
+        elif gift.saliency_layer == "preset":
+            if not preset:
+                raise ValueError(f"GIFT: no preset for this {vlm.family} model (presets: {sorted(GIFT.PRESETS)}); "
+                                 "pass saliency_layer= an int or 'auto'")
+            candidates = [preset["saliency_layer"]]
         else:
             candidates = [int(gift.saliency_layer)]
-        if not edit or not candidates or max(edit + candidates) >= num_layers:
+        if not edit or max(edit + candidates) >= num_layers or min(edit + candidates) < 0:
             raise ValueError(f"GIFT: layers {edit} / saliency layer(s) {candidates} do not fit a "
                              f"{num_layers}-layer model; pass layers= and saliency_layer=")
-        self.gift, self.edit, self.candidates, self.state = gift, set(edit), candidates, plan.state
+        self.second_prefill = gift.saliency_layer == "auto" or min(edit) <= max(candidates)
+        if self.second_prefill:
+            types = set(getattr(vlm.model.config.get_text_config(), "layer_types", None) or ["full_attention"])
+            if types != {"full_attention"}:
+                raise ValueError(f"GIFT: the second prefill reuses layer 0's attention mask, and this model mixes "
+                                 f"attention types {sorted(types)}; pass a saliency_layer before every edited layer")
+        self.gift, self.vlm, self.alpha = gift, vlm, alpha
+        self.edit, self.candidates, self.state = set(edit), candidates, plan.state
         self.tokenizer = getattr(vlm.processor, "tokenizer", vlm.processor)
         self.settings = {"method": "GIFT", "variant": "paper" if gift.saliency_layer == "auto" else "released",
-                         "alpha": gift.alpha, "saliency_layer": gift.saliency_layer,
-                         "candidates": candidates, "layers": edit, "tagger": None, "chosen_layer": None}
+                         "preset": preset_name, "alpha": alpha, "saliency_layer": gift.saliency_layer,
+                         "candidates": candidates, "layers": edit, "second_prefill": self.second_prefill,
+                         "tagger": None, "chosen_layer": None}
         self.saliency: torch.Tensor | None = None
         self.factor: torch.Tensor | None = None
         self._layout = None
-        for index in sorted(self.edit | set(candidates)):
+        if self.second_prefill:
+            plan.layer(0, vlm.layers[0], self)
+            sites = self.edit
+        else:
+            sites = self.edit | set(candidates)
+        for index in sorted(sites):
             plan.attention(vlm.site(f"text.{index}"), self)
 
     def _new_prompt(self) -> None:
@@ -201,6 +255,30 @@ class GIFTRun(AttentionHook):
         self.row_mask = content[:, self.content_rows]
         self.saliency_rows = torch.unique(torch.cat([self.content_rows, self.content_rows - 1]))
         self._layout, self._buffers, self._maps, self.saliency, self.factor = layout, {}, {}, None, None
+
+    def before_layer(self, index, hidden, kwargs):
+        """The second prefill, at the input of layer 0 of each prompt's prefill (see the module docstring)."""
+        if self.state.step != 0 or self._layout is self.state.layout:
+            return
+        self._new_prompt()
+        reader = _SaliencyReader(self)
+        probe = Plan()
+        for layer in self.candidates:
+            probe.attention(self.vlm.site(f"text.{layer}"), reader)
+        plain = {**kwargs, "use_cache": False}
+        for name in ("cache", "past_key_values", "past_key_value"):
+            if name in plain:
+                plain[name] = None
+        token = ACTIVE_PLAN.set(probe)  # only the reader sees this pass; no other hook of the block
+        try:
+            with torch.no_grad():
+                for block in self.vlm.layers[: max(self.candidates) + 1]:
+                    out = block(hidden, **plain)
+                    hidden = out[0] if isinstance(out, tuple) else out
+        finally:
+            ACTIVE_PLAN.reset(token)
+        if self.factor is None:
+            raise RuntimeError("GIFT: the second prefill did not reach every saliency layer")
 
     def rows(self, call):
         index, device = call.site.index, call.query.device
@@ -224,8 +302,13 @@ class GIFTRun(AttentionHook):
         return probs
 
     def record(self, call, rows, probs):
+        if self.state.step == 0:
+            self.read_saliency(call, rows, probs)
+
+    def read_saliency(self, call, rows, probs) -> None:
+        """Keep the question rows of a candidate layer; a layer's map once its rows are all in."""
         index = call.site.index
-        if self.state.step != 0 or index not in self.candidates or index in self._maps:
+        if index not in self.candidates or index in self._maps:
             return
         buffer = self._buffers.setdefault(index, {})
         for position, row in zip(rows.tolist(), probs.unbind(2)):
@@ -244,4 +327,17 @@ class GIFTRun(AttentionHook):
         chosen = totals.argmax(1)
         self.saliency = torch.stack([self._maps[self.candidates[int(c)]][0][b] for b, c in enumerate(chosen)])
         self.settings["chosen_layer"] = [self.candidates[int(c)] for c in chosen]
-        self.factor = saliency_factor(self.saliency, self.visual, self.gift.alpha)
+        self.factor = saliency_factor(self.saliency, self.visual, self.alpha)
+
+
+class _SaliencyReader(AttentionHook):
+    """The hook of GIFT's second prefill: the question rows of every candidate layer, unedited."""
+
+    def __init__(self, run: GIFTRun):
+        self.run = run
+
+    def rows(self, call):
+        return self.run.saliency_rows.to(call.query.device)
+
+    def record(self, call, rows, probs):
+        self.run.read_saliency(call, rows, probs)

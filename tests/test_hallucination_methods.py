@@ -13,7 +13,7 @@ from transformers.masking_utils import eager_mask
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import get_vision_window_index
 
 import vlmtools
-from hallucination import GIFT, PAINT, VAR
+from hallucination import GIFT, PAINT, VAR, NoSinksWarning
 from hallucination.common import key_mask, visual_mask
 from hallucination.gift import enhance, gaze_shift, question_tokens, saliency_factor
 from hallucination.paint import boost, token_sets, visual_sensitivity
@@ -311,15 +311,18 @@ def test_var_settings_say_which_variant_and_dims():
     model, inputs = tiny.tiny_llava()
     vlm = vlmtools.wrap(model)
     paper, released = VAR(p=0.6), VAR(p=0.6, variant="released")
-    with vlm.use(paper) as trace:
+    with pytest.warns(NoSinksWarning, match="cannot exceed sqrt"), vlm.use(paper) as trace:
         generate(model, inputs, 2)
-    with vlm.use(released) as released_trace:
+    with pytest.warns(NoSinksWarning), vlm.use(released) as released_trace:
         generate(model, inputs, 2)
     paper_settings, released_settings = trace[paper].settings, released_trace[released].settings
     assert paper_settings["moved"] == pytest.approx(0.6) and released_settings["moved"] == pytest.approx(0.4)
     assert paper_settings["layers"] == [2, 3] and released_settings["layers"] == [2, 3, 4]
-    assert paper_settings["dims_source"] == "discovered per layer at prefill"
-    assert set(paper_settings["dims_by_layer"]) == {2, 3}  # what each layer's discovery found
+    assert paper_settings["head_rule"] != released_settings["head_rule"] and released_settings["moves_text_sinks"]
+    # tau 20 on a 64-wide LM: one discovery over the middle layers finds no dimension, and says so
+    assert paper_settings["dims"] == [] and paper_settings["dims_source"].startswith("discovered (not cached")
+    assert paper_settings["dims_discovery"]["layers"] == [2, 3, 4]
+    assert paper_settings["status"] == "no sinks found" and "no sink dimension" in paper_settings["status_detail"]
     with pytest.raises(ValueError, match="variant"):
         VAR(variant="code")
 
@@ -345,7 +348,9 @@ def test_gift_presets_and_auto_layer():
     with vlm.use(gift) as trace:
         generate(model, inputs, 2)
     settings = trace[gift].settings
-    assert settings["candidates"] == [0, 1, 2] and set(settings["chosen_layer"]) <= {0, 1, 2}
+    # the paper's "auto" searches every layer, in a second prefill
+    assert settings["candidates"] == [0, 1, 2, 3, 4] and set(settings["chosen_layer"]) <= {0, 1, 2, 3, 4}
+    assert settings["second_prefill"] and settings["preset"] is None and settings["alpha"] == 5.0
     assert settings["variant"] == "paper"  # the released code fixes the saliency layer per model
     assert settings["tagger"] == "none"  # no tokenizer: every text token is a question word
 

@@ -8,7 +8,16 @@
 from .attention import ColumnMassSink, Positional, ValueDrain
 from .base import Criterion, Evaluation, Finding, SinkTensors, plain_layout
 from .detector import CRITERIA, DEFAULT, HIDDEN, SinkDetector
-from .dims import PUBLISHED_SINK_DIMS, SinkDimensions, discover_sink_dims, model_signature, visual_sink_positions
+from .dims import (
+    PUBLISHED_SINK_DIMS,
+    ModelSinkDims,
+    SinkDimensions,
+    discover_model_sink_dims,
+    discover_sink_dims,
+    model_signature,
+    model_sink_dims,
+    visual_sink_positions,
+)
 from .dit import GlobalSink, JointColumns, RecordJointColumns
 from .hidden import MassiveActivation, PrimaryCosine
 from .report import SinkReport
@@ -25,6 +34,7 @@ __all__ = [
     "GlobalSink",
     "JointColumns",
     "MassiveActivation",
+    "ModelSinkDims",
     "Positional",
     "PrimaryCosine",
     "RecordJointColumns",
@@ -33,8 +43,10 @@ __all__ = [
     "SinkReport",
     "SinkTensors",
     "ValueDrain",
+    "discover_model_sink_dims",
     "discover_sink_dims",
     "model_signature",
+    "model_sink_dims",
     "plain_layout",
     "visual_sink_positions",
 ]

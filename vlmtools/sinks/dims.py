@@ -1,14 +1,20 @@
-"""VAR's sink dimensions: the published table, discovery for other models, and the
-question other methods ask ("which visual tokens are sinks at this prefill?")."""
+"""VAR's sink dimensions: the published table, discovery for other models (one set per
+model, found once over the middle layers and cached with the model's calibration), and
+the question other methods ask ("which visual tokens are sinks at this prefill?")."""
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
+from ..cache import cache_dir
 from ..layout import TokenLayout
+from ..plan import ACTIVE_PLAN
 from .base import Criterion, Evaluation, Finding, PerLayer, SinkTensors, by_layer
 
 PUBLISHED_SINK_DIMS: dict[tuple, tuple[int, ...]] = {
@@ -31,6 +37,13 @@ def normalised(h: torch.Tensor) -> torch.Tensor:
     return h.abs() / h.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-12)
 
 
+def extreme_dims(ratios: torch.Tensor, tau: float, consistency: float) -> tuple[int, ...]:
+    """The rule of discovery: ``ratios`` ``(layers, D)`` holds the first token's normalised
+    magnitude per layer; D is the dimensions above ``tau`` in at least ``consistency`` of them."""
+    extreme = (ratios > tau).float().mean(0) >= consistency
+    return tuple(extreme.nonzero()[:, 0].tolist())
+
+
 def discover_sink_dims(
     tensors: SinkTensors, layers: Sequence[int], tau: float = 20.0, consistency: float = 0.5
 ) -> tuple[int, ...]:
@@ -39,8 +52,7 @@ def discover_sink_dims(
     first = tensors.first()
     rows = torch.arange(tensors.batch)
     ratios = torch.stack([normalised(tensors.hidden[layer][rows, first]).mean(0).cpu() for layer in layers])
-    extreme = (ratios > tau).float().mean(0) >= consistency
-    return tuple(extreme.nonzero()[:, 0].tolist())
+    return extreme_dims(ratios, tau, consistency)
 
 
 @dataclass
@@ -89,6 +101,140 @@ class SinkDimensions(Criterion):
         return Evaluation(
             findings, dense, {"dims": list(dims), "dims_source": source, "signature": list(tensors.signature or ())}
         )
+
+
+@dataclass
+class ModelSinkDims:
+    """One model's sink dimensions D, found once over its middle layers (VAR's discovery).
+
+    ``dims``: the dimensions where the first token's ``|h_d| / rms(h)`` exceeds ``tau`` in at
+    least ``consistency`` of ``layers`` (the sink-dimension criterion's layers, 2 .. L-1);
+    empty when none does. ``strongest``: the first token's five largest dimensions as
+    ``[dim, median ratio over layers]`` (what an empty discovery came closest to);
+    ``first_tokens``: the token ids it ran on. ``source``: ``"discovered"`` (just now) or
+    ``"cached"`` (read from ``path``).
+    """
+
+    model: str
+    signature: list
+    dims: list[int]
+    tau: float
+    consistency: float
+    layers: list[int]
+    first_tokens: list[int]
+    strongest: list[list[float]] = field(default_factory=list)
+    source: str = "discovered"
+    path: str | None = None
+
+    def save(self, path: str | Path) -> Path:
+        """Write the JSON (atomically: a reader never sees half a file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        record = {k: v for k, v in asdict(self).items() if k not in ("source", "path")}
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_text(json.dumps(record, indent=1))
+        partial.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelSinkDims:
+        return cls(**json.loads(Path(path).read_text()), source="cached", path=str(path))
+
+
+def model_name(vlm) -> str | None:
+    """The checkpoint folder's name (``config._name_or_path``), None for a model built in memory."""
+    return Path(str(getattr(vlm.model.config, "_name_or_path", "") or "")).name or None
+
+
+def sink_dims_path(vlm, tau: float = 20.0, directory: str | Path | None = None) -> Path | None:
+    """``<directory>/<model>__sink_dims__tau<tau>.json``; ``directory`` defaults to ``calibration/`` in
+    the cache (``$VLMTOOLS_CACHE`` or ``~/.cache/vlmtools``), where pruning keeps its trends. None for an
+    unnamed model (one built in memory): its discovery is never cached, as two such models may differ."""
+    name = model_name(vlm)
+    if name is None:
+        return None
+    return Path(directory or cache_dir() / "calibration") / f"{name}__sink_dims__tau{tau:g}.json"
+
+
+def first_token_states(vlm, token_ids: torch.Tensor) -> list[torch.Tensor]:
+    """The residual stream entering each LM layer for the one-token sequences ``token_ids`` ``(B,)``:
+    one ``(B, D)`` tensor per layer.
+
+    Attention is causal, so a prompt's first token has exactly these states whatever follows it:
+    the discovery reads the first token of any prompt for one token's compute. Runs outside any
+    plan (no hook of the enclosing block sees it), without a cache.
+    """
+    lm = vlm.model.get_submodule(vlm.adapter.text_layers.rsplit(".", 1)[0])
+    device = next(lm.parameters()).device
+    token = ACTIVE_PLAN.set(None)
+    try:
+        with torch.no_grad():
+            out = lm(input_ids=token_ids.reshape(-1, 1).to(device), use_cache=False, output_hidden_states=True)
+    finally:
+        ACTIVE_PLAN.reset(token)
+    return [h[:, 0] for h in out.hidden_states[: vlm.num_layers]]
+
+
+def discovery_layers(num_layers: int, layers: Sequence[int] | None = None) -> list[int]:
+    """The layers discovery reads: ``layers``, else the middle layers 2 .. L-1 (all of a shallower model)."""
+    chosen = list(layers) if layers is not None else SinkDimensions().default_layers(num_layers)
+    return chosen or list(range(num_layers))
+
+
+def discover_model_sink_dims(
+    vlm, token_ids: torch.Tensor, tau: float = 20.0, consistency: float = 0.5, layers: Sequence[int] | None = None
+) -> ModelSinkDims:
+    """D of a model outside :data:`PUBLISHED_SINK_DIMS`: the detector's discovery rule
+    (:func:`extreme_dims`) on the first token's states in ``layers`` (default: the middle
+    layers 2 .. L-1), averaged over the distinct ``token_ids`` (the prompts' first tokens)."""
+    ids = torch.unique(torch.as_tensor(token_ids).flatten().cpu())
+    layers = discovery_layers(vlm.num_layers, layers)
+    states = first_token_states(vlm, ids)
+    ratios = torch.stack([normalised(states[layer]).mean(0).cpu() for layer in layers])
+    median = ratios.median(0).values
+    top = median.topk(min(5, median.numel()))
+    return ModelSinkDims(
+        model=model_name(vlm) or f"{vlm.family} (in memory)",
+        signature=list(model_signature(vlm.model.config)),
+        dims=list(extreme_dims(ratios, tau, consistency)),
+        tau=tau,
+        consistency=consistency,
+        layers=layers,
+        first_tokens=ids.tolist(),
+        strongest=[[int(d), round(float(v), 3)] for v, d in zip(top.values, top.indices)],
+    )
+
+
+def model_sink_dims(
+    vlm,
+    token_ids: torch.Tensor | None = None,
+    tau: float = 20.0,
+    consistency: float = 0.5,
+    layers: Sequence[int] | None = None,
+    directory: str | Path | None = None,
+    refresh: bool = False,
+) -> ModelSinkDims | None:
+    """The model's sink dimensions: read from its calibration file (:func:`sink_dims_path`) when
+    one matches (same model signature, ``consistency`` and layers), else discovered on the first
+    tokens ``token_ids`` and saved there (``refresh=True`` always rediscovers). None when nothing
+    is cached and no ``token_ids`` are given.
+
+    >>> found = model_sink_dims(vlm, inputs["input_ids"][:, :1])   # once, before any run
+    >>> found.dims, found.path
+    """
+    path = sink_dims_path(vlm, tau, directory)
+    if path is not None and path.exists() and not refresh:
+        cached = ModelSinkDims.load(path)
+        wanted = (list(model_signature(vlm.model.config)), consistency, discovery_layers(vlm.num_layers, layers))
+        if (cached.signature, cached.consistency, cached.layers) == wanted:
+            return cached
+    if token_ids is None:
+        return None
+    found = discover_model_sink_dims(vlm, token_ids, tau, consistency, layers)
+    if path is not None:
+        found.save(path)
+        found.path = str(path)
+    return found
 
 
 def visual_sink_positions(
