@@ -83,6 +83,9 @@ class Host:
     attention_based: ClassVar[bool] = True
     reads_previous_layer: ClassVar[bool] = False
     """The score reads the layer before each drop layer (which must then be >= 1)."""
+    positions: str = "original"
+    """Position ids from the first drop on: ``"original"`` (each kept token keeps its own) or ``"compact"``
+    (kept tokens renumbered to consecutive ids, as a shortened input sequence; :class:`~vlmtools.drop.DropTokens`)."""
     def __init__(self, keep: int | float, layers: tuple[int, ...], debias: bool | Debias = False,
                  padding: torch.Tensor | None = None):
         if isinstance(keep, bool) or not isinstance(keep, (int, float)) or keep <= 0 or (
@@ -129,7 +132,8 @@ class Host:
     def settings(self) -> dict:
         """Every setting this host ran with, for results tables."""
         return {"host": self.name, "keep": self.keep, "layers": list(self.layers),
-                "debias": self.debias.settings() if self.debias else False, **self.options()}
+                "debias": self.debias.settings() if self.debias else False, "positions": self.positions,
+                **self.options()}
 
     def calibration_key(self, vlm, stage: int) -> str:
         return f"{model_key(vlm)}__{self.name}__L{self.layers[stage]}"
@@ -201,8 +205,12 @@ class HostRun:
             stage: host.debias.trend_for(host.calibration_key(vlm, stage)) if host.debias else None for stage in stages}
         self.collected: dict[int, list] | None = {stage: [] for stage in stages} if host.collect else None
         self.scorers = host.scorers(self, vlm, plan)
-        self.drop = DropTokens({layer: partial(self._choose, stage)
-                                for stage, layer in enumerate(host.layers)}).attach(vlm, plan)
+        self.padded: list[torch.Tensor] = []
+        self.present: torch.Tensor | None = None
+        """While a stage chooses: per sample, the letterbox-padding positions whose ``m`` is 0 (empty when
+        debiasing leaves padding alone), and the positions present ``(B, n)``; :meth:`Host.select` may read them."""
+        self.drop = DropTokens({layer: partial(self._choose, stage) for stage, layer in enumerate(host.layers)},
+                               positions=host.positions).attach(vlm, plan)
 
     def kept_at(self, layer: int) -> torch.Tensor:
         """Original positions present in ``layer`` (at or after the first drop) at the latest prefill, ``(B, n)``."""
@@ -219,6 +227,7 @@ class HostRun:
         layout.require_images()
         visual = [sample.visual_positions().to(kept.device) for sample in layout.samples]
         suppress = self._suppressed(stage, hidden, kept, layout)
+        self.padded, self.present = [padded for padded, _ in suppress], kept
         budgets = [host.budget(b, len(v), len(suppress[b][0])) for b, v in enumerate(visual)]
         targets = [host.stage_target(stage, len(v), r) for v, r in zip(visual, budgets)]
         raw = host.score(self, stage, hidden, kept, layout, targets)

@@ -7,6 +7,10 @@ puts the encoder's per-token values where the LM's visual tokens are (LLaVA-NeXT
 tile, then the stitched and unpadded anyres grid, whose newlines are layout tokens,
 always kept); a family without such a [CLS] row (Qwen2-VL / Qwen2.5-VL) is refused with
 the adapter's reason.
+
+As their released code hands the LM a shorter input sequence, the kept tokens get
+consecutive positions by default (``positions="compact"``, :class:`~vlmtools.drop.DropTokens`);
+``positions="original"`` keeps each token's own position id.
 """
 from __future__ import annotations
 
@@ -25,8 +29,12 @@ def _cls_row(call):
 class _ClsHost(Host):
     keys_needed = False
 
-    def __init__(self, keep: int | float = 64, **kwargs):
+    def __init__(self, keep: int | float = 64, positions: str = "compact", **kwargs):
+        if positions not in ("compact", "original"):
+            raise ValueError(f"positions must be 'compact' (released code: the LM gets a shorter sequence) or "
+                             f"'original' (each kept token keeps its position id), got {positions!r}")
         super().__init__(keep, (0,), **kwargs)
+        self.positions = positions
 
     @classmethod
     def refusal(cls, vlm) -> str | None:
@@ -52,12 +60,20 @@ class _ClsHost(Host):
 
 
 class FasterVLM(_ClsHost):
-    """FasterVLM: keep the visual tokens with the largest [CLS] attention (head mean) at the LM input."""
+    """FasterVLM: keep the visual tokens with the largest [CLS] attention (head mean) at the LM input.
+
+    As the released code: the [CLS] query row of the encoder block whose output the projector reads
+    (LLaVA-1.5: ``vision_feature_layer=-2``, the second-to-last block), post-softmax, averaged over heads,
+    patches only; the kept tokens reach the LM at consecutive positions (``positions="compact"``).
+    The released code keeps its top tokens per encoder crop on LLaVA-NeXT; here one ranking over each
+    sample's visual tokens (base view and stitched grid).
+    """
 
     name = "fastervlm"
 
     def options(self):
-        return {"site": "[CLS] row of the vision_feature_layer (paper: second-to-last layer)", "heads": "mean"}
+        return {"site": "[CLS] row of the vision_feature_layer (paper and released code: second-to-last layer)",
+                "heads": "mean (released code)", "ranking": "per sample (released code, LLaVA-NeXT: per crop)"}
 
 
 class VisionZip(_ClsHost):
@@ -65,9 +81,19 @@ class VisionZip(_ClsHost):
     evenly strided targets among the remaining tokens, each merged with the remaining tokens
     most similar to it (cosine of the encoder layer's head-mean keys).
 
-    Paper: 64 = 54 dominant + 10 contextual. The released code merges CLIP features before the
-    projector as ``target + mean(assigned)``; here merging acts on the projected features at
-    the LM input (the projector is per token, so only its non-linearity differs).
+    As the released code: dominant = top [CLS] attention (summed over heads) at the encoder block the
+    projector reads; the remaining tokens in raster order, targets every ``len // contextual``-th of
+    them from the first; each other remaining token goes to the target of largest key cosine; a
+    target becomes ``target + mean(assigned)`` (``merge="sum"``); the LM gets the kept tokens at
+    consecutive positions (``positions="compact"``).
+
+    Differences: paper 64 = 54 dominant + 10 contextual; the released code counts the [CLS] token as
+    one of the dominant ones (53 patches + [CLS]) and puts the contextual tokens after the dominant
+    ones, here 54 patches and each contextual token at its target's place in raster order. The
+    released code merges CLIP features before the projector; here merging acts on the projected
+    features at the LM input (the projector is per token, so only its non-linearity differs). With
+    debiasing of letterbox padding, padding tokens are neither targets nor merged (they carry no
+    content). LLaVA-NeXT: the released code selects per encoder crop; here over each sample's tokens.
     """
 
     name = "visionzip"
@@ -83,6 +109,9 @@ class VisionZip(_ClsHost):
         dominant = max(1, min(target, round(target * self.dominant)))
         order = scores.argsort(descending=True, stable=True)
         rest = order[dominant:].sort().values
+        padded = run.padded[sample] if run.padded else None
+        if padded is not None and len(padded):  # debiased letterbox padding: no content to merge or merge into
+            rest = rest[~torch.isin(run.present[sample][columns[rest]], padded)]
         contextual = min(target - dominant, len(rest))
         if not contextual:
             return columns[order[:dominant]], None

@@ -11,8 +11,8 @@ from vlmtools.plan import LayerHook
 
 SPECIAL = [IMAGE, VIDEO, VISION_START, VISION_END]
 LM_HOSTS = {"fastv": lambda keep: FastV(keep=keep, layer=1), "pdrop": lambda keep: PDrop(keep=keep, layers=(1, 2)),
-            "sparsevlm": lambda keep: SparseVLM(keep=keep, layers=(1, 2)),
-            "sparsevlm_recycle": lambda keep: SparseVLM(keep=keep, layers=(1,), recycle=0.5, merged=0.3),
+            "sparsevlm": lambda keep: SparseVLM(keep=keep, layers=(1, 2), budget="schedule", recycle=0),
+            "sparsevlm_recycle": lambda keep: SparseVLM(keep=keep, layers=(1, 2)),  # rank budget, recycling
             "dart": lambda keep: DART(keep=keep, layer=1, pivots=2),
             "random": lambda keep: RandomPrune(keep=keep, layer=1), "grid": lambda keep: UniformGrid(keep=keep, layer=1)}
 VISION_HOSTS = {"fastervlm": lambda keep: FasterVLM(keep=keep), "visionzip": lambda keep: VisionZip(keep=keep)}
@@ -77,9 +77,9 @@ def kept_alone(model, vlm, start, hidden, rotary, mask, kept):
 
 
 @pytest.mark.parametrize("family,pruner", [("llava", FastV(keep=4, layer=1)),
-                                           ("llava_next", SparseVLM(keep=4, layers=(2,))),
+                                           ("llava_next", SparseVLM(keep=4, layers=(2,), recycle=0)),
                                            ("qwen2_vl", FastV(keep=4, layer=2)), ("qwen2_5_vl", DART(keep=4, layer=1)),
-                                           ("llava", FasterVLM(keep=4))], ids=lambda p: getattr(p, "name", p))
+                                           ("llava", FasterVLM(keep=4, positions="original"))], ids=lambda p: getattr(p, "name", p))
 def test_pruned_forward_equals_the_kept_tokens_alone(family, pruner):
     model, inputs = tiny(family)
     vlm = vlmtools.wrap(model)
