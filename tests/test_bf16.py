@@ -1,5 +1,6 @@
 """bf16 weights and inputs, every family: each pruning host decodes with finite scores and keeps its
-budget of visual tokens; VAR, GIFT and PAINT decode with finite scores and record their settings;
+budget of visual tokens; VAR, GIFT and PAINT decode with finite scores and record their settings, and VAR
+at a tau where sinks exist moves attention (its scores leave plain decoding's);
 RefAM on a bf16 FLUX or SD3 pipeline gives the fp32 pipeline's heatmap."""
 import numpy as np
 import pytest
@@ -13,7 +14,10 @@ from tests.test_pruning import CASES, SPECIAL, make
 from vlmtools.testing.vlm import BUILDERS
 from vlmtools.testing.pipelines import SIZE, tiny_flux_pipeline, tiny_sd3_pipeline
 
-METHODS = {"var": lambda: VAR(variant="released"), "gift": lambda: GIFT(saliency_layer=0, layers=[1]),
+# VAR: phi = |h_d| / rms(h) <= sqrt(64) = 8 on these LMs, so tau 20 would find no sink and change nothing;
+# at tau 2 on dims 0-3 visual sinks exist, and rho 0.8 (the paper's general setting) lets heads qualify
+VAR_SETTINGS = {"variant": "released", "tau": 2.0, "dims": (0, 1, 2, 3), "rho": 0.8}
+METHODS = {"var": lambda: VAR(**VAR_SETTINGS), "gift": lambda: GIFT(saliency_layer=0, layers=[1]),
            "paint": lambda: PAINT()}
 _MODELS = {}
 
@@ -56,6 +60,27 @@ def test_hosts_decode_in_bf16_keeping_their_budget(family, host):
 def test_methods_decode_in_bf16(family, method):
     edit = METHODS[method]()
     assert decode(family, edit)[edit].settings["method"] == method.upper()
+
+
+def scores(family, *interventions):
+    """Three greedy tokens' scores ``(steps, B, V)`` in bf16 under ``interventions``, and the trace."""
+    model, inputs = bf16(family)
+    with torch.no_grad(), vlmtools.wrap(model).use(*interventions) as trace:
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, suppress_tokens=SPECIAL,
+                             output_scores=True, return_dict_in_generate=True)
+    return torch.stack(out.scores)[..., :min(SPECIAL)].float(), trace
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_var_moves_attention_in_bf16(family):
+    var, still = VAR(**VAR_SETTINGS), VAR(**VAR_SETTINGS, p=1.0)  # p = 1 keeps all: the same rows, nothing moved
+    edited, trace = scores(family, var)
+    unmoved, _ = scores(family, still)
+    plain, _ = scores(family)
+    assert trace[var].settings["status"] == "sinks found"
+    assert any(s.numel() for sinks in trace[var].sinks.values() for s in sinks)
+    assert (edited - plain).abs().amax() > 0
+    assert (edited - unmoved).abs().amax() > 0  # the change is the redistribution's, not the fp32 rows'
 
 
 @pytest.mark.parametrize("build", [tiny_flux_pipeline, tiny_sd3_pipeline])

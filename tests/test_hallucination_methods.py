@@ -3,11 +3,12 @@ against an eager attention that applies the formula by hand, and each method und
 ``generate`` on the tiny families (batch 2, left padding)."""
 import math
 import statistics
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from transformers import AttentionInterface, AttentionMaskInterface
+from transformers import AttentionInterface, AttentionMaskInterface, LlamaConfig, LlavaConfig
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import eager_mask
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import get_vision_window_index
@@ -18,6 +19,7 @@ from hallucination.common import key_mask, visual_mask
 from hallucination.gift import enhance, gaze_shift, question_tokens, saliency_factor
 from hallucination.paint import boost, token_sets, visual_sensitivity
 from hallucination.var import redistribute
+from vlmtools.sinks.dims import model_signature
 from vlmtools.testing import vlm as tiny
 
 LAYERS = 5  # VAR's layers 2 .. L-2 need more than the builders' 3
@@ -230,23 +232,7 @@ def test_var_hook_applies_the_formula_in_its_layers_and_rows():
     assert (got - logits(model, inputs)).abs().max() > 1e-4
 
 
-def test_gift_hook_applies_the_formula_to_the_last_row():
-    model, inputs = tiny.tiny_llava()
-    vlm = vlmtools.wrap(model)
-    gift = GIFT(alpha=5.0, saliency_layer=1, layers=[2, 3])
-    with vlm.use(gift) as trace:
-        got = logits(model, inputs)
-    run = trace[gift]
-    assert run.settings["chosen_layer"] == [1, 1] and run.factor.amax() > 1
-    assert run.saliency.shape == run.factor.shape and run.saliency[~run.visual].abs().max() == 0
-
-    def edit(layer, z):
-        p = z.softmax(-1)
-        if layer in (2, 3):
-            p[:, :, -1:] = enhance(p[:, :, -1:], run.factor, run.visual, run.question)
-        return p
-
-    assert_same_on_real_tokens(got, eager_edited(model, inputs, edit), inputs)
+# GIFT's hook: tests/test_hallucination_reference.py (saliency, factor and edit from eager rows by hand)
 
 
 @pytest.mark.parametrize("modulate", [True, False])
@@ -337,11 +323,28 @@ def test_settings_out_of_range_are_refused_at_construction(method, settings, ref
         {"VAR": VAR, "PAINT": PAINT}[method](**settings)
 
 
-def test_gift_presets_and_auto_layer():
+def test_gift_presets_and_auto_layer(monkeypatch):
     assert GIFT.preset("llava-1.5-7b").layers == tuple(range(12, 23))
     assert GIFT.preset("qwen2-vl-7b", alpha=3.0).alpha == 3.0
     with pytest.raises(KeyError, match="presets are"):
         GIFT.preset("llava-2")
+    seven_b = LlavaConfig(text_config=LlamaConfig(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008))
+    assert GIFT.preset_for(SimpleNamespace(family="llava", model=SimpleNamespace(config=seven_b))) == "llava-1.5-7b"
+    assert GIFT.preset_for(SimpleNamespace(family="llava_next", model=SimpleNamespace(config=seven_b))) is None
+    # a model with a preset gets its layers and alpha unless given; "preset" takes its saliency layer
+    model, inputs = tiny.tiny_llava()
+    vlm = vlmtools.wrap(model)
+    monkeypatch.setitem(GIFT.PRESETS, "tiny", {"saliency_layer": 1, "layers": (2, 3), "alpha": 3.0})
+    monkeypatch.setitem(GIFT.SIGNATURES, ("llava", model_signature(model.config)), "tiny")
+    gift = GIFT(saliency_layer="preset")
+    with vlm.use(gift) as trace:
+        generate(model, inputs, 2)
+    settings = trace[gift].settings
+    assert (settings["preset"], settings["layers"], settings["alpha"]) == ("tiny", [2, 3], 3.0)
+    assert settings["chosen_layer"] == [1, 1] and not settings["second_prefill"] and settings["variant"] == "released"
+    monkeypatch.delitem(GIFT.SIGNATURES, ("llava", model_signature(model.config)))
+    with pytest.raises(ValueError, match="no preset"):
+        GIFT(saliency_layer="preset").attach(vlm, vlmtools.Plan())
     model, inputs = tiny.tiny_llava()
     vlm = vlmtools.wrap(model)
     gift = GIFT(layers=[3, 4])
