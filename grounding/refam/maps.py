@@ -15,6 +15,11 @@ maps dropped and their mass removed from every query's text budget, i.e. the
 remaining text attention renormalised) or ``redirect`` (their maps dropped and their
 mass handed to the magnets, whose maps are never read: it stays in the budget).
 Sinks among the image keys do not enter a text-normalised map; they are reported.
+
+On a DiT whose text enters by cross-attention (Wan), the blocks read are cross-attention
+sites: their keys are the text alone, so the image-query x text-key block is the whole of
+each call's attention (the site's :meth:`~vlmtools.adapters.dit.DiTSite.key_offset` places it
+in the layout), and a word's map is its share there, as above.
 """
 
 from __future__ import annotations
@@ -70,7 +75,9 @@ class RecordImageText(SiteRecorder):
         layout = block.state.layout
         heads = probs if self.heads is None else probs[:, self.heads]
         image_text = block.entries(call)[-1]
-        image_text[:, rows - layout.image.span.start] = heads.mean(1)[..., layout.text.start : layout.text.stop]
+        offset = call.site.key_offset(layout) if hasattr(call.site, "key_offset") else 0
+        text = slice(layout.text.start - offset, layout.text.stop - offset)
+        image_text[:, rows - layout.image.span.start] = heads.mean(1)[..., text]
 
 
 def global_sinks(columns: dict[int, JointColumns], layout, ratio: float, max_cv: float) -> dict[int, list[int]]:

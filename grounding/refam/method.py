@@ -4,12 +4,17 @@
 image, build the prompt, probe (one forward per timestep and seed, averaged in a
 :class:`~grounding.refam.maps.MapAccumulator`), aggregate the content words' maps,
 then turn the heatmap into a mask (training-free, or SAM when one is given).
+
+``segment_clip`` is the same on a video DiT (Mochi, Wan): one forward per timestep and
+seed over the whole clip's latents gives a heatmap per latent frame; each video frame
+takes its latent frame's heatmap through the same mask step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -125,6 +130,35 @@ class Segmentation:
         return paths
 
 
+def execution_order(dit) -> list[str]:
+    """Site names in the order a forward runs them: block after block, and within a block (Wan's) its
+    self-attention before its cross-attention."""
+    paths: list[str] = []
+    for site in dit.sites:
+        path = getattr(site, "block", "").rsplit(".", 1)[0]
+        paths += [] if path in paths else [path]
+    position = {site.name: i for i, site in enumerate(dit.sites)}
+    key = {site.name: (paths.index(getattr(site, "block", "").rsplit(".", 1)[0]), site.index, position[site.name])
+           for site in dit.sites}
+    return sorted(position, key=key.__getitem__)
+
+
+def sink_sites(dit, blocks) -> tuple[str, ...]:
+    """The sites whose global sinks RefAM reads: the blocks read and, for a cross-attention block (Wan),
+    the self-attention of the same block (where the video sinks are)."""
+    out: list[str] = []
+    for name in blocks:
+        out += [site for site in (name, *_partners(dit, name)) if site not in out]
+    return tuple(out)
+
+
+def _partners(dit, name: str) -> list[str]:
+    site = dit.site(name)
+    if getattr(site, "keys", "joint") != "text":
+        return []
+    return [other.name for other in dit.sites if other.name != name and getattr(other, "block", None) == site.block]
+
+
 class StopAfter(AttentionHook):
     """Ends the forward once ``site``, the last block read, has run (nothing later is needed)."""
 
@@ -158,10 +192,12 @@ class RefAM:
         self.dit = vlmtools.wrap(self.source.transformer)
         self.settings = settings or RefAMSettings()
         self.blocks = self.settings.blocks or self.source.blocks or default_blocks(self.dit)
-        order = [site.name for site in self.dit.sites]
         for name in self.blocks:
             self.dit.site(name)  # LookupError naming the sites
-        self.last_block = max(self.blocks, key=order.index)
+        self.sink_sites = sink_sites(self.dit, self.blocks)
+        self.partners = {name: _partners(self.dit, name) for name in self.blocks}
+        order = execution_order(self.dit)
+        self.last_block = max((*self.blocks, *self.sink_sites), key=order.index)
         self.sam = sam
         self.accumulator = MapAccumulator()
 
@@ -188,18 +224,74 @@ class RefAM:
     ) -> Segmentation:
         """RefAM on clean ``latents`` as the transformer takes them and ``prompt`` encoded from
         ``self.prompt(expression)``; the mask has ``image``'s size, else ``size`` (H, W), else the grid's."""
-        s = self.settings
+        if len(grid) != 2:
+            raise ValueError(f"RefAM: segment_encoded takes an image's (rows, cols) grid, got {tuple(grid)}; "
+                             "a clip's (frames, rows, cols) goes to segment_clip_encoded")
+        tokens = self.tokens(prompt, expression)
+        maps, sinks = self.probe(latents, grid, prompt, tokens)
+        return self._segmentation({k: v.view(grid) for k, v in maps.items()}, tokens, sinks, image, size or grid)
+
+    def segment_clip(self, frames: Sequence[Image.Image], expression: str) -> list[Segmentation]:
+        """One :class:`Segmentation` per frame of a clip, from one pass per timestep and seed of a video DiT."""
+        check_expression(expression, self.settings.tagger)
+        frames = self.source.check_clip(frames)
+        with torch.no_grad():
+            latents, grid = self.source.clip_latents(frames)
+            prompt = self.source.prompt(self.prompt(expression))
+        return self.segment_clip_encoded(latents, grid, prompt, expression, frames=frames)
+
+    def segment_clip_encoded(
+        self,
+        latents: torch.Tensor,
+        grid: tuple[int, int, int],
+        prompt: EncodedPrompt,
+        expression: str,
+        frames: Sequence[Image.Image] | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> list[Segmentation]:
+        """RefAM on a clip's clean ``latents`` (grid ``(latent frames, rows, cols)``): with the video
+        ``frames`` one segmentation per frame, each from the latent frame that holds it
+        (``source.latent_frame``), else one per latent frame (masks of ``size`` (H, W), else the grid's).
+        ``seg.settings`` records ``path="clip"``, ``frame`` and ``latent_frame``; every frame's ``sinks``
+        are the clip's (a video sink names its ``frame``, ``row`` and ``col``)."""
+        if len(grid) != 3:
+            raise ValueError(f"RefAM: segment_clip_encoded takes a clip's (frames, rows, cols) grid, got {tuple(grid)}")
+        count = grid[0]
+        if frames is not None:
+            last = self.source.latent_frame(len(frames) - 1)
+            if last != count - 1:
+                raise ValueError(f"RefAM: {len(frames)} video frames fill {last + 1} latent frames of "
+                                 f"{self.source.family}, but the latents have {count}")
+        tokens = self.tokens(prompt, expression)
+        maps, sinks = self.probe(latents, grid, prompt, tokens)
+        maps = {k: v.view(grid) for k, v in maps.items()}
+        out = []
+        for index in range(count if frames is None else len(frames)):
+            latent = index if frames is None else self.source.latent_frame(index)
+            image = None if frames is None else frames[index]
+            seg = self._segmentation({k: v[latent] for k, v in maps.items()}, tokens, sinks, image, size or grid[1:])
+            seg.settings.update(path="clip", frame=index, latent_frame=latent)
+            out.append(seg)
+        return out
+
+    def tokens(self, prompt: EncodedPrompt, expression: str) -> PromptTokens:
+        """The role and word of every text position of ``prompt``, encoded from ``self.prompt(expression)``."""
         tokens = token_roles(
-            expression, self.prompt(expression), prompt.segments, check_expression(expression, s.tagger)
+            expression, self.prompt(expression), prompt.segments, check_expression(expression, self.settings.tagger)
         )
         if len(tokens.roles) != prompt.embeds.shape[1]:
             raise ValueError(
                 f"RefAM: the prompt has {prompt.embeds.shape[1]} text positions but its segments "
                 f"describe {len(tokens.roles)}"
             )
-        maps, sinks = self.probe(latents, grid, prompt, tokens)
-        grid_heatmap = maps.pop("heatmap").view(grid).cpu().numpy()
-        size = image.size[::-1] if image is not None else size or grid
+        return tokens
+
+    def _segmentation(self, maps, tokens: PromptTokens, sinks, image, size) -> Segmentation:
+        """Heatmap to mask (the image method's step) for one image or frame; ``maps`` on its grid."""
+        s = self.settings
+        maps = dict(maps)
+        grid_heatmap = maps.pop("heatmap").cpu().numpy()
+        size = image.size[::-1] if image is not None else size
         heatmap = upsample(grid_heatmap, size)
         mask, point = self.mask(heatmap, image)
         settings = {
@@ -217,7 +309,7 @@ class RefAM:
             heatmap,
             point,
             grid_heatmap,
-            {k: v.view(grid).cpu().numpy() for k, v in maps.items()},
+            {k: v.cpu().numpy() for k, v in maps.items()},
             tokens,
             sinks,
             settings,
@@ -237,12 +329,14 @@ class RefAM:
         return heatmap_to_mask(heatmap, method, 0.5 if s.threshold == "otsu" else float(s.threshold), s.keep), point
 
     def probe(self, latents, grid, prompt: EncodedPrompt, tokens: PromptTokens):
-        """Averaged maps ``{"heatmap", word keys...}`` (flat over the grid) and the sinks found per call."""
+        """Averaged maps ``{"heatmap", word keys...}`` (flat over the grid: an image's ``(rows, cols)``, a
+        clip's ``(frames, rows, cols)``) and the sinks found per call."""
         s = self.settings
-        layout = self.dit.layout(prompt.embeds.shape[1], grid)
+        frames, rows, cols = (1, *grid) if len(grid) == 2 else tuple(grid)
+        layout = self.dit.layout(prompt.embeds.shape[1], (frames * rows, cols))
         recorders = [RecordImageText(self.blocks, s.heads)]
         if s.sinks != "none":
-            recorders.append(RecordJointColumns(list(self.blocks), layout.image.positions))
+            recorders.append(RecordJointColumns(list(self.sink_sites), layout.image.positions))
         recorders.append(StopAfter(self.last_block))
         self.accumulator.reset()
         found = []
@@ -254,16 +348,23 @@ class RefAM:
                     self.dit.model(**self.source.call(x_t, t, prompt, grid))
                 sinks = {}
                 if s.sinks != "none":
-                    columns = {i: trace[f"{name}.joint_columns"][0] for i, name in enumerate(self.blocks)}
-                    sinks = global_sinks(columns, layout, s.sink_ratio, s.sink_max_cv)
+                    columns = {i: trace[f"{name}.joint_columns"][0] for i, name in enumerate(self.sink_sites)}
+                    sinks = {self.sink_sites[i]: found_at
+                             for i, found_at in global_sinks(columns, layout, s.sink_ratio, s.sink_max_cv).items()}
                 words: dict[str, list[torch.Tensor]] = {}
-                for i, name in enumerate(self.blocks):
+                for name in self.blocks:
                     text = []
-                    for p in sinks.get(i, []):
-                        in_text = layout.text.start <= p < layout.text.stop
-                        role = tokens.roles[p - layout.text.start] if in_text else "image"
-                        found.append({"t": t, "seed": seed, "block": name, "position": p, "role": role})
-                        text += [p - layout.text.start] if in_text else []
+                    for site in [name] + self.partners.get(name, []):
+                        for p in sinks.get(site, []):
+                            in_text = layout.text.start <= p < layout.text.stop
+                            role = tokens.roles[p - layout.text.start] if in_text else "image"
+                            sink = {"t": t, "seed": seed, "block": name, "site": site, "position": p, "role": role}
+                            if not in_text:  # where the image sink is: frame (of a clip) and grid cell
+                                raster = p - layout.image.span.start
+                                place = {"frame": raster // (rows * cols)} if frames > 1 else {}
+                                sink.update(place, row=raster % (rows * cols) // cols, col=raster % cols)
+                            found.append(sink)
+                            text += [p - layout.text.start] if in_text and site == name else []
                     block = trace[f"{name}.image_text"][0][0]
                     for key, value in word_maps(block, tokens, text, s.words, s.sinks, s.padding).items():
                         words.setdefault(key, []).append(value)

@@ -16,6 +16,16 @@ Lifetimes. Probes are reference-counted per module, so nested ``use`` blocks and
 threads compose; the original processor is restored when the last block exits,
 also when the forward raises, and a failure half-way through installing rolls
 back what was set.
+
+Where the text is. Most families attend jointly over one sequence of text and image
+tokens (FLUX, FLUX.2, Qwen-Image text first; SD3, Mochi image first). Wan reaches the
+text by cross-attention: its blocks' self-attention sees only the video tokens and
+their cross-attention has the video tokens as queries and only the text as keys. Its
+layout is then the *virtual* joint sequence ``[video, text]`` (image first), and each
+site says what its keys are (:attr:`DiTSite.keys`): ``joint`` (key ``k`` is position
+``k`` of the layout: the joint sequence, or its video part for a self-attention) or
+``text`` (key ``k`` is text position ``layout.text.start + k``). Queries are always
+positions of the layout from 0 on.
 """
 from __future__ import annotations
 
@@ -23,8 +33,8 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -34,6 +44,7 @@ from .base import Adapter
 from .dit_source import Source
 
 Sizes = Callable[[Any, dict[str, Any]], tuple[int, tuple[int, int]]]
+Keys = Literal["joint", "text"]
 
 
 class Probe:
@@ -65,14 +76,44 @@ class Probe:
 
 
 @dataclass(frozen=True)
+class DiTSite(AttentionSite):
+    """A DiT's attention site: ``keys`` says what the call's keys are (``joint``: position ``k`` of the
+    layout; ``text``: text position ``layout.text.start + k``, a cross-attention), ``block`` the path
+    of the block holding the module (a Wan block's self- and cross-attention share it), ``probe`` the
+    :class:`Probe` subclass set on the module when it is planned (None: the adapter's)."""
+
+    keys: Keys = "joint"
+    block: str = ""
+    probe: type[Probe] | None = field(default=None, compare=False, repr=False)
+
+    def key_offset(self, layout) -> int:
+        """Layout position of the call's key 0."""
+        return layout.text.start if self.keys == "text" else 0
+
+
+class Stream(NamedTuple):
+    """One kind of site: ``dit.{name}.{i}`` is ``{path}[i].{attn}``; ``keys`` and ``probe`` as in :class:`DiTSite`.
+    A plain ``(name, path)`` pair reads the adapter's ``attn`` and ``probe``."""
+
+    name: str
+    path: str
+    attn: str | None = None
+    keys: Keys = "joint"
+    probe: type[Probe] | None = None
+
+
+@dataclass(frozen=True)
 class DiTAdapter(Adapter):
     """A diffusion transformer whose joint attention is probed through diffusers processors.
 
     ``streams`` pairs each site stream with the path of its blocks (sites are named
-    ``dit.{stream}.{i}``, the attention module being ``block.{attn}``); ``probe`` is
+    ``dit.{stream}.{i}``, the attention module being ``block.{attn}``), or gives a
+    :class:`Stream` (its own attention attribute, keys and probe); ``probe`` is
     the :class:`Probe` subclass set on planned modules; ``sizes(model, inputs)``
-    reads ``(text_len, (rows, cols))`` from the transformer's keyword inputs;
-    ``image_first`` orders the joint sequence (SD3), FLUX putting the text first.
+    reads ``(text_len, (rows, cols))`` from the transformer's keyword inputs (a video's
+    latent frames stacked: ``(frames * rows, cols)``); ``frames(model, inputs)`` the number
+    of latent frames of a video DiT (None: images);
+    ``image_first`` orders the joint sequence (SD3, Mochi; Wan's virtual one), FLUX putting the text first.
     ``sources`` pairs class names (of the family's pipelines and of the bare transformer)
     with the :class:`~vlmtools.adapters.dit_source.Source` that reads them, ``source(model, **options)``.
     """
@@ -81,20 +122,22 @@ class DiTAdapter(Adapter):
     text_layers: str | None = None
     attn: str = "attn"
     config_keys: tuple[str, ...] = ()
-    streams: tuple[tuple[str, str], ...] = ()
+    streams: tuple[tuple[str, str] | Stream, ...] = ()
     probe: type[Probe] = Probe
     sizes: Sizes | None = None
+    frames: Callable[[Any, dict[str, Any]], int] | None = None
     image_first: bool = False
     sources: tuple[tuple[str, Callable[..., Source]], ...] = ()
 
-    def sites(self, model: torch.nn.Module) -> list[AttentionSite]:
+    def sites(self, model: torch.nn.Module) -> list[DiTSite]:
         sites = []
-        for stream, path in self.streams:
-            for index, block in enumerate(model.get_submodule(path)):
-                attn = getattr(block, self.attn)
-                sites.append(AttentionSite(name=f"dit.{stream}.{index}", stream="dit", index=index, module=attn,
-                                           heads=attn.heads, kv_heads=attn.heads,
-                                           head_dim=attn.inner_dim // attn.heads))
+        for stream in self.streams:
+            stream = Stream(*stream)
+            for index, block in enumerate(model.get_submodule(stream.path)):
+                attn = getattr(block, stream.attn or self.attn)
+                sites.append(DiTSite(name=f"dit.{stream.name}.{index}", stream="dit", index=index, module=attn,
+                                     heads=attn.heads, kv_heads=attn.heads, head_dim=attn.inner_dim // attn.heads,
+                                     keys=stream.keys, block=f"{stream.path}.{index}", probe=stream.probe))
         return sites
 
 
@@ -120,6 +163,7 @@ def probed(sites: Sequence[AttentionSite], probe: type[Probe]) -> Iterator[None]
 
 def _enter(site: AttentionSite, probe: type[Probe]) -> None:
     module = site.module
+    probe = getattr(site, "probe", None) or probe
     entry = _PROBES.get(module)
     if entry is None:
         current = module.processor
@@ -128,7 +172,7 @@ def _enter(site: AttentionSite, probe: type[Probe]) -> None:
             raise TypeError(f"vlmtools: {site.name} runs {type(current).__name__}, but its probe reproduces only "
                             f"{expected}; set that processor back on the module, or leave {site.name} unplanned")
         entry = _PROBES[module] = [probe(site, current), 0]
-        module.set_processor(entry[0])
+        _set_processor(module, entry[0])
     entry[1] += 1
 
 
@@ -136,5 +180,13 @@ def _exit(module: torch.nn.Module) -> None:
     entry = _PROBES[module]
     entry[1] -= 1
     if entry[1] == 0:
-        module.set_processor(entry[0].original)
+        _set_processor(module, entry[0].original)
         del _PROBES[module]
+
+
+def _set_processor(module: torch.nn.Module, processor: Callable) -> None:
+    """``set_processor`` where the module has it; Mochi's attention only holds a ``processor`` attribute."""
+    if hasattr(module, "set_processor"):
+        module.set_processor(processor)
+    else:
+        module.processor = processor

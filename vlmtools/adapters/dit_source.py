@@ -7,6 +7,10 @@ position stands for (its tokenizers, with character offsets), and the keyword ar
 of one call at flow-matching time ``t``. A bare transformer has no VAE or text encoder:
 its source only builds calls, from latents and text features the caller encoded. Each
 family's module names its sources in ``DiTAdapter.sources`` (``flux.py``, ``sd3.py``).
+
+A video DiT's source (Mochi, Wan) says how many video frames its VAE folds into one latent
+frame (``temporal``; the first frame is a latent frame of its own), and its latents are a
+whole clip: grid ``(frames, rows, cols)``.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ class EncodedPrompt:
     """Text features of one prompt as the transformer takes them, and the token segments they stand for."""
 
     embeds: torch.Tensor  # (1, T, D)
-    pooled: torch.Tensor  # (1, P)
+    pooled: torch.Tensor | None  # (1, P); None where the family takes no pooled features (FLUX.2, Qwen-Image, video)
     segments: list[Segment]
     text_ids: torch.Tensor | None = None  # FLUX only: (T, 3)
 
@@ -44,6 +48,8 @@ class Source:
     blocks: tuple[str, ...] | None = None
     """Sites read by default on this source's model (a family's rule, or blocks measured best on it);
     None: the reader's own default."""
+    temporal: int | None = None
+    """A video DiT's VAE: video frames per latent frame after the first (Mochi 6, Wan 4); None: images."""
 
     def __init__(self, transformer: torch.nn.Module):
         self.transformer = transformer
@@ -70,6 +76,33 @@ class Source:
             "RefAM: a bare transformer has no VAE; pass its pipeline, or encode the image yourself and "
             "call RefAM.segment_encoded(latents, grid, prompt, expression)"
         )
+
+    def clip_latents(self, frames: Sequence[Image.Image]) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Clean latents of a clip and their grid ``(frames, rows, cols)`` (video DiTs' pipelines)."""
+        if self.temporal is None:
+            raise TypeError(f"RefAM: {self.family} is an image DiT; segment a video frame by frame "
+                            "(grounding.refam.video.segment_video does)")
+        raise TypeError(
+            "RefAM: a bare transformer has no VAE; pass its pipeline, or encode the clip yourself and "
+            "call RefAM.segment_clip_encoded(latents, grid, prompt, expression)"
+        )
+
+    def latent_frame(self, frame: int) -> int:
+        """The latent frame that holds video frame ``frame`` (the first alone, then ``temporal`` per latent frame)."""
+        return 0 if frame == 0 or self.temporal is None else (frame - 1) // self.temporal + 1
+
+    def check_clip(self, frames: Sequence[Image.Image]) -> list[Image.Image]:
+        """Each frame checked as an image; all of one size, as many as the VAE folds whole."""
+        frames = [self.check_image(frame) for frame in frames]
+        if not frames:
+            raise ValueError("RefAM: the clip has no frames")
+        if len({frame.size for frame in frames}) > 1:
+            raise ValueError(f"RefAM: the frames differ in size ({sorted({f.size for f in frames})}); resize them alike")
+        if self.temporal and (len(frames) - 1) % self.temporal:
+            whole = (len(frames) - 1) // self.temporal * self.temporal + 1
+            raise ValueError(f"RefAM: {self.family}'s VAE takes 1 + {self.temporal} k frames, got {len(frames)}; "
+                             f"use the first {whole} (or pad with copies of the last frame)")
+        return frames
 
     def prompt(self, text: str) -> EncodedPrompt:
         raise TypeError(

@@ -3,28 +3,33 @@
 Every block's ``attn`` attends jointly over ``[image, text]``; the last block is
 ``context_pre_only`` (no text output projection). SD3.5's dual-attention blocks add
 an image-only ``attn2``, which is not a site. The image grid is the latent's
-height and width divided by the patch size. RefAM reads a ``StableDiffusion3Pipeline`` or a bare
+height and width divided by the patch size. ``fuse_qkv_projections()`` sets
+``FusedJointAttnProcessor2_0``, which reads ``to_qkv`` / ``to_added_qkv`` and applies no
+qk-norm (SD3.5's norms are skipped by diffusers' fused path): the probe reproduces that too. RefAM reads a ``StableDiffusion3Pipeline`` or a bare
 transformer through :class:`SD3Source` / :class:`SD3TransformerSource`.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import JointAttnProcessor2_0
+from diffusers.models.attention_processor import FusedJointAttnProcessor2_0, JointAttnProcessor2_0
 
 from .dit import DiTAdapter, Probe
 from .dit_source import EncodedPrompt, Segment, Source, token_segment, vae_latents
 
 
 class JointProbe(Probe):
-    """Probe that reproduces diffusers' ``JointAttnProcessor2_0`` (which ignores ``attention_mask``)."""
+    """Probe that reproduces diffusers' ``JointAttnProcessor2_0`` (which ignores ``attention_mask``) and
+    ``FusedJointAttnProcessor2_0`` (fused projections, no qk-norm)."""
 
-    replaces = (JointAttnProcessor2_0,)
+    replaces = (JointAttnProcessor2_0, FusedJointAttnProcessor2_0)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         hooks = self.hooks()
         if not hooks:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        if isinstance(self.original, FusedJointAttnProcessor2_0):
+            return self.fused_projections(hooks, attn, hidden_states, encoder_hidden_states)
         batch, image_len = hidden_states.shape[:2]
         query, key, value = (_heads(attn, proj(hidden_states)) for proj in (attn.to_q, attn.to_k, attn.to_v))
         if attn.norm_q is not None:
@@ -51,6 +56,23 @@ class JointProbe(Probe):
                 encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         return hidden_states if encoder_hidden_states is None else (hidden_states, encoder_hidden_states)
+
+
+    def fused_projections(self, hooks, attn, hidden_states, encoder_hidden_states):
+        """``FusedJointAttnProcessor2_0``: one q/k/v projection per stream, no qk-norm, SDPA over ``[image, text]``."""
+        batch, image_len = hidden_states.shape[0], hidden_states.shape[1]
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        text_query, text_key, text_value = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+        query, key, value = (_heads(attn, torch.cat(pair, dim=1)) for pair in
+                             ((query, text_query), (key, text_key), (value, text_value)))
+        out = self.attend(hooks, query, key, value, None,
+                          lambda: F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False))
+        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * query.shape[-1]).to(query.dtype)
+        hidden_states, encoder_hidden_states = hidden_states[:, :image_len], hidden_states[:, image_len:]
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if not attn.context_pre_only:
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states
 
 
 def _heads(attn, x: torch.Tensor) -> torch.Tensor:

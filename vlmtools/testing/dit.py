@@ -2,12 +2,21 @@
 
 Each builder returns ``(model, inputs)``: an fp32 model in eval mode and keyword
 inputs for a batch of two on a 3 x 4 latent grid (non-square, so that a swapped
-rows/cols shows), with ``TEXT`` text tokens. Builders seed torch.
+rows/cols shows), with ``TEXT`` text tokens; the video DiTs (Mochi, Wan) have ``FRAMES``
+latent frames of that grid. Builders seed torch.
 """
 from __future__ import annotations
 
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers import (
+    Flux2Transformer2DModel,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    MochiTransformer3DModel,
+    QwenImageTransformer2DModel,
+    SD3Transformer2DModel,
+    WanTransformer3DModel,
+)
 
 TEXT = 5
 GRID = (3, 4)
@@ -51,4 +60,98 @@ def tiny_sd3(grid: tuple[int, int] = GRID, text: int = TEXT):
         "timestep": torch.tensor([500.0, 700.0]),
         "return_dict": False,
     }
+    return model, inputs
+
+
+def tiny_flux2(grid: tuple[int, int] = GRID, text: int = TEXT, heads: int = 2, head_dim: int = 16, double: int = 2,
+               single: int = 2, context_dim: int = 32, guidance: bool = True):
+    """FLUX.2: ``double`` double-stream and ``single`` parallel single-stream blocks, rotary over (t, row, col, l)
+    ids as its pipelines make them."""
+    from vlmtools.adapters.flux2 import latent_ids, text_ids
+
+    torch.manual_seed(0)
+    model = Flux2Transformer2DModel(patch_size=1, in_channels=8, num_layers=double, num_single_layers=single,
+                                    attention_head_dim=head_dim, num_attention_heads=heads,
+                                    joint_attention_dim=context_dim, timestep_guidance_channels=16,
+                                    axes_dims_rope=(head_dim // 4,) * 4, guidance_embeds=guidance).eval()
+    rows, cols = grid
+    inputs = {
+        "hidden_states": torch.randn(2, rows * cols, 8),
+        "encoder_hidden_states": torch.randn(2, text, context_dim),
+        "timestep": torch.tensor([0.5, 0.7]),
+        "img_ids": latent_ids(2, grid),
+        "txt_ids": text_ids(2, text),
+        "return_dict": False,
+    }
+    if guidance:
+        inputs["guidance"] = torch.tensor([4.0, 4.0])
+    return model, inputs
+
+
+def tiny_qwen_image(grid: tuple[int, int] = GRID, text: int = TEXT, layers: int = 2):
+    """Qwen-Image: ``layers`` dual-stream blocks, RMS qk-norm, rotary over (frame, row, col); the second
+    sample's prompt has two padding tokens (``encoder_hidden_states_mask``)."""
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=layers,
+                                        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                        axes_dims_rope=(4, 6, 6)).eval()
+    rows, cols = grid
+    mask = torch.ones(2, text, dtype=torch.long)
+    mask[1, -2:] = 0
+    inputs = {
+        "hidden_states": torch.randn(2, rows * cols, 16),
+        "encoder_hidden_states": torch.randn(2, text, 32),
+        "encoder_hidden_states_mask": mask,
+        "timestep": torch.tensor([0.5, 0.7]),
+        "img_shapes": [[(1, rows, cols)]] * 2,
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+FRAMES = 2
+
+
+def tiny_mochi(grid: tuple[int, int] = GRID, text: int = TEXT, frames: int = FRAMES, layers: int = 2):
+    """Mochi: ``layers`` joint blocks (the last ``context_pre_only``) over ``frames`` latent frames of a
+    ``grid`` after 2 x 2 patches, video first; the second sample's prompt has two padding tokens."""
+    torch.manual_seed(0)
+    model = MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=layers,
+                                    pooled_projection_dim=16, in_channels=4, text_embed_dim=32, time_embed_dim=16,
+                                    max_sequence_length=text).eval()
+    with torch.no_grad():  # released weights are not zero: give the rotary frequencies values
+        model.pos_frequencies.normal_(0, 0.05)
+    rows, cols = grid
+    mask = torch.ones(2, text, dtype=torch.bool)
+    mask[1, -2:] = False
+    inputs = {
+        "hidden_states": torch.randn(2, 4, frames, 2 * rows, 2 * cols),
+        "encoder_hidden_states": torch.randn(2, text, 32),
+        "encoder_attention_mask": mask,
+        "timestep": torch.tensor([500.0, 700.0]),
+        "return_dict": False,
+    }
+    return model, inputs
+
+
+def tiny_wan(grid: tuple[int, int] = GRID, text: int = TEXT, frames: int = FRAMES, layers: int = 2,
+             image: bool = False):
+    """Wan: ``layers`` blocks of self-attention over ``frames`` latent frames (1 x 2 x 2 patches) and
+    cross-attention to the text; ``image=True`` is the image-to-video variant (CLIP image features through
+    added keys; its processor takes the last 512 context tokens as text, so ``text`` is then 512)."""
+    torch.manual_seed(0)
+    extra = {"image_dim": 16, "added_kv_proj_dim": 24} if image else {}
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+                                  out_channels=4, text_dim=32, freq_dim=16, ffn_dim=32, num_layers=layers,
+                                  rope_max_seq_len=32, **extra).eval()
+    text = 512 if image else text
+    rows, cols = grid
+    inputs = {
+        "hidden_states": torch.randn(2, 4, frames, 2 * rows, 2 * cols),
+        "encoder_hidden_states": torch.randn(2, text, 32),
+        "timestep": torch.tensor([500.0, 700.0]),
+        "return_dict": False,
+    }
+    if image:
+        inputs["encoder_hidden_states_image"] = torch.randn(2, 7, 16)
     return model, inputs
