@@ -215,10 +215,13 @@ class GIFTRun(AttentionHook, LayerHook):
                              f"{num_layers}-layer model; pass layers= and saliency_layer=")
         self.second_prefill = gift.saliency_layer == "auto" or min(edit) <= max(candidates)
         if self.second_prefill:
-            types = set(getattr(vlm.model.config.get_text_config(), "layer_types", None) or ["full_attention"])
-            if types != {"full_attention"}:
+            text = vlm.model.config.get_text_config()
+            types = set(getattr(text, "layer_types", None) or ["full_attention"])
+            if not types <= {"full_attention", "sliding_attention"}:
                 raise ValueError(f"GIFT: the second prefill reuses layer 0's attention mask, and this model mixes "
                                  f"attention types {sorted(types)}; pass a saliency_layer before every edited layer")
+            # full and sliding layers share one mask while the prompt fits the window (checked per prompt)
+            self._window = getattr(text, "sliding_window", None) if len(types) > 1 else None
         self.gift, self.vlm, self.alpha = gift, vlm, alpha
         self.edit, self.candidates, self.state = set(edit), candidates, plan.state
         self.tokenizer = getattr(vlm.processor, "tokenizer", vlm.processor)
@@ -261,6 +264,10 @@ class GIFTRun(AttentionHook, LayerHook):
         if self.state.step != 0 or self._layout is self.state.layout:
             return
         self._new_prompt()
+        if self._window is not None and hidden.shape[1] > self._window:
+            raise ValueError(f"GIFT: this {hidden.shape[1]}-token prompt is longer than the sliding window "
+                             f"({self._window}), so layer 0's mask is not every layer's and the second prefill "
+                             "cannot reuse it; pass a saliency_layer before every edited layer")
         reader = _SaliencyReader(self)
         probe = Plan()
         for layer in self.candidates:

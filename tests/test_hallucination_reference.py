@@ -346,6 +346,27 @@ def test_gift_saliency_and_enhancement_match_the_reference(case):
                                    atol=0, rtol=1e-4)
 
 
+def test_gift_second_prefill_needs_one_mask_for_every_layer(monkeypatch):
+    """Sliding-window layers share layer 0's mask while the prompt fits the window; other kinds refuse."""
+    model, inputs = tiny.tiny_llava()
+    vlm = vlmtools.wrap(model)
+    text = model.config.get_text_config()
+    monkeypatch.setattr(text, "layer_types", ["sliding_attention", "full_attention"] * 2 + ["sliding_attention"],
+                        raising=False)
+    monkeypatch.setattr(text, "sliding_window", inputs["input_ids"].shape[1], raising=False)
+    gift = GIFT(layers=[2, 3])
+    with torch.no_grad(), vlm.use(gift) as trace:
+        model(**inputs)
+    assert trace[gift].settings["second_prefill"] and trace[gift].factor is not None
+    monkeypatch.setattr(text, "sliding_window", inputs["input_ids"].shape[1] - 1)
+    with pytest.raises(ValueError, match="longer than the sliding window"), torch.no_grad(), vlm.use(GIFT(layers=[2])):
+        model(**inputs)
+    monkeypatch.setattr(text, "layer_types", ["linear_attention"] + ["full_attention"] * 4)
+    with pytest.raises(ValueError, match="mixes attention types"):
+        GIFT(layers=[2]).attach(vlm, vlmtools.Plan())
+    assert not GIFT(saliency_layer=1, layers=[2]).attach(vlm, vlmtools.Plan()).second_prefill  # read causally
+
+
 # ---------------------------------------------------------------- PAINT
 def quantile(values, q):
     """Linear interpolation between order statistics (numpy's default)."""
