@@ -25,8 +25,11 @@ from vlmtools.sinks import (
     SinkReport,
     ValueDrain,
     model_signature,
+    model_sink_dims,
     visual_sink_positions,
 )
+from vlmtools.sinks.dims import first_token_states, sink_dims_path
+from vlmtools.testing.vlm import BUILDERS
 
 
 def tokens(report, criterion):
@@ -255,6 +258,43 @@ def test_discovery_finds_planted_dims_in_edited_llama():
     )
     [sinks] = visual_sink_positions(hidden, layout)
     assert sinks.tolist() == [4]
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_one_token_forward_gives_every_prompts_first_token_states(family):
+    """What makes VAR's discovery one per model: causal attention gives a prompt's first token the
+    states of that token alone, whatever follows it (images, padding, M-RoPE)."""
+    model, inputs = BUILDERS[family]()
+    vlm = vlmtools.wrap(model)
+    samples = vlm.layout(inputs).samples
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states
+    first = torch.tensor([int(inputs["input_ids"][b, s.first]) for b, s in enumerate(samples)])
+    states = first_token_states(vlm, first)
+    assert len(states) == vlm.num_layers
+    for layer, state in enumerate(states):
+        want = torch.stack([hidden[layer][b, s.first] for b, s in enumerate(samples)])
+        torch.testing.assert_close(state, want, atol=1e-5, rtol=1e-5)
+
+
+def test_model_sink_dims_are_cached_per_model_and_tau(tmp_path):
+    model, dims = edited_llama()
+    vlm = types.SimpleNamespace(model=model, adapter=types.SimpleNamespace(text_layers="model.layers"),
+                                num_layers=5, family="llama")
+    first = torch.tensor([1])
+    assert model_sink_dims(vlm, first, directory=tmp_path).path is None  # a model built in memory: not cached
+    model.config._name_or_path = "checkpoints/edited-llama"
+    found = model_sink_dims(vlm, first, directory=tmp_path)
+    path = sink_dims_path(vlm, 20.0, tmp_path)
+    assert tuple(found.dims) == dims and found.source == "discovered" and found.path == str(path)
+    assert path.name == "edited-llama__sink_dims__tau20.json" and found.layers == [2, 3, 4]
+    cached = model_sink_dims(vlm, directory=tmp_path)  # no tokens needed once cached
+    assert cached.source == "cached" and tuple(cached.dims) == dims
+    assert model_sink_dims(vlm, directory=tmp_path, tau=30.0) is None  # another tau: another file
+    assert model_sink_dims(vlm, directory=tmp_path, consistency=0.9) is None  # another rule: not this file
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "signature": ["llama", 1, 1, 1]}))  # another model of the same name
+    assert model_sink_dims(vlm, first, directory=tmp_path).source == "discovered"
 
 
 @pytest.mark.slow
