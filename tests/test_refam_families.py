@@ -1,0 +1,176 @@
+"""RefAM on the bare transformers of FLUX.2, Qwen-Image, Mochi and Wan, and its video path.
+
+The map parity test guards against a RefAM map that drifts from the attention the model
+computes (text at the wrong offset: Wan's cross-attention keys are the text alone; a Mochi pad
+counted; a chunk written to the wrong rows). The video tests check the one-pass path: a heatmap
+per latent frame, a mask per video frame from the latent frame that holds it, sinks named by
+frame and grid cell, and ``segment_video`` choosing that path on a video DiT. Random weights:
+these check mechanics, not quality.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vlmtools
+import vlmtools.attention
+from grounding import RefAM, RefAMSettings
+from grounding.refam import EncodedPrompt
+from grounding.refam.prompt import Segment
+from grounding.refam.source import register_source
+from grounding.refam.video import segment_video
+from tests.test_refam import EXPRESSION, OFFSETS, REAL
+from vlmtools.adapters.dit_source import token_segment
+from vlmtools.adapters.wan import WanTransformerSource
+from vlmtools.testing.dit import FRAMES, GRID, tiny_flux2, tiny_mochi, tiny_qwen_image, tiny_wan
+from vlmtools.testing.pipelines import tiny_tokenizer
+
+pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast")
+
+BUILDERS = {"flux2": tiny_flux2, "qwen_image": tiny_qwen_image, "mochi": tiny_mochi, "wan": tiny_wan}
+VIDEO = ("mochi", "wan")
+
+
+def tiny(family, **kw):
+    model, inputs = BUILDERS[family](text=len(OFFSETS), **kw)
+    prompt = EncodedPrompt(inputs["encoder_hidden_states"][:1], None, [Segment(OFFSETS, REAL)])
+    latents = inputs["hidden_states"][:1]
+    grid = (latents.shape[2], latents.shape[3] // 2, latents.shape[4] // 2) if family in VIDEO else GRID
+    return model, latents, prompt, grid
+
+
+@pytest.mark.parametrize("family,name", [("flux2", "dit.double.1"), ("flux2", "dit.single.0"),
+                                         ("qwen_image", "dit.joint.1"), ("mochi", "dit.joint.1"),
+                                         ("wan", "dit.cross.1")])
+def test_word_maps_are_the_text_share_of_the_recorded_attention(family, name, monkeypatch):
+    monkeypatch.setattr(vlmtools.attention, "CHUNK_BYTES", 4 * 2 * 7 * 40)  # a few rows per chunk
+    model, latents, prompt, grid = tiny(family)
+    refam = RefAM(model, RefAMSettings(blocks=(name,), sinks="none"))
+    frames, rows, cols = (1, *grid) if len(grid) == 2 else grid
+    layout = refam.dit.layout(len(OFFSETS), (frames * rows, cols))
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+    x_t = 0.7 * latents + 0.3 * noise  # RefAM's default t = 0.3, seed 0
+    with refam.dit.use(vlmtools.RecordRows([name], "all")) as trace, torch.no_grad():
+        model(**refam.source.call(x_t, 0.3, prompt, grid))
+    probs = torch.cat(trace[f"{name}.rows"], 2)[0].mean(0)  # (queries, keys), heads averaged
+    keys = slice(None) if family == "wan" else layout.text.indices()  # Wan's cross keys are the text alone
+    block = probs[layout.image.positions][:, keys]
+    budget = block.sum(-1)  # padding="budget"; Mochi and Qwen-Image mask their pads (they take nothing)
+    expected = (block[:, 1] + block[:, 2]) / 2 / budget
+    if len(grid) == 2:
+        seg = refam.segment_encoded(latents, grid, prompt, EXPRESSION)
+        heatmap = seg.grid_heatmap
+    else:
+        heatmap = np.stack([seg.grid_heatmap for seg in refam.segment_clip_encoded(latents, grid, prompt, EXPRESSION)])
+    assert np.abs(heatmap.reshape(-1) - expected.numpy()).max() <= 1e-5
+    if family in ("mochi", "qwen_image"):
+        assert block[:, -2:].abs().max() == 0
+
+
+@pytest.mark.parametrize("family,blocks", [("flux2", ("dit.single.0",)), ("qwen_image", ("dit.joint.0",)),
+                                           ("mochi", ("dit.joint.0",)), ("wan", ("dit.cross.0",))])
+def test_default_blocks_per_family(family, blocks):
+    model, *_ = tiny(family)
+    refam = RefAM(model)
+    assert refam.blocks == blocks and refam.source.family == family
+
+
+def frames_of(count, size=(32, 24)):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("family", VIDEO)
+def test_one_pass_over_a_clip_gives_a_mask_per_frame(family):
+    model, latents, prompt, grid = tiny(family)
+    refam = RefAM(model)
+    per_latent = refam.segment_clip_encoded(latents, grid, prompt, EXPRESSION)
+    assert len(per_latent) == FRAMES and all(seg.mask.shape == GRID for seg in per_latent)
+    count = 1 + refam.source.temporal * (FRAMES - 1)  # Mochi 7 frames, Wan 5: the first alone, then a group
+    frames = frames_of(count)
+    segs = refam.segment_clip_encoded(latents, grid, prompt, EXPRESSION, frames=frames)
+    assert [seg.settings["latent_frame"] for seg in segs] == [0] + [1] * refam.source.temporal
+    assert [seg.settings["frame"] for seg in segs] == list(range(count))
+    assert all(seg.mask.shape == (24, 32) and seg.settings["path"] == "clip" for seg in segs)
+    for seg in segs:
+        assert np.array_equal(seg.grid_heatmap, per_latent[seg.settings["latent_frame"]].grid_heatmap)
+    assert np.abs(per_latent[0].grid_heatmap - per_latent[1].grid_heatmap).max() > 0
+    with pytest.raises(ValueError, match="latent frames"):
+        refam.segment_clip_encoded(latents, grid, prompt, EXPRESSION, frames=frames[:1])
+    with pytest.raises(ValueError, match="segment_clip_encoded"):
+        refam.segment_encoded(latents, grid, prompt, EXPRESSION)
+
+
+@pytest.mark.parametrize("family", VIDEO)
+def test_video_sinks_name_their_frame_and_grid_cell(family):
+    model, latents, prompt, grid = tiny(family)
+    settings = RefAMSettings(sink_ratio=0.0, sink_max_cv=float("inf"))  # every key fires
+    refam = RefAM(model, settings)
+    segs = refam.segment_clip_encoded(latents, grid, prompt, EXPRESSION)
+    sinks = segs[0].sinks
+    image = [s for s in sinks if s["role"] == "image"]
+    frames, rows, cols = grid
+    assert len(image) == frames * rows * cols  # one per video token
+    assert sorted((s["frame"], s["row"], s["col"]) for s in image) == [
+        (f, r, c) for f in range(frames) for r in range(rows) for c in range(cols)]
+    assert all(s["position"] == s["frame"] * rows * cols + s["row"] * cols + s["col"] for s in image)
+    assert {s["role"] for s in sinks} >= {"content", "magnet", "image"}
+    assert not segs[0].grid_heatmap.any() and not segs[0].mask.any()
+    if family == "wan":  # text sinks from the cross-attention read, video sinks from the same block's self-attention
+        assert {s["site"] for s in image} == {"dit.self.0"}
+        assert {s["site"] for s in sinks if s["role"] != "image"} == {"dit.cross.0"}
+        assert refam.sink_sites == ("dit.cross.0", "dit.self.0")
+
+
+class ClipPipeline:
+    """Stands in for a video pipeline: a Wan transformer, frames pooled to latents, a word-level tokenizer."""
+
+    def __init__(self):
+        self.transformer, _ = tiny_wan(text=12)
+        self.tokenizer = tiny_tokenizer(12)
+        self.embeds = torch.randn(1, 12, 32, generator=torch.Generator().manual_seed(1))
+
+
+class ClipSource(WanTransformerSource):
+    def __init__(self, pipe):
+        super().__init__(pipe.transformer)
+        self.pipe, self.multiple = pipe, 8
+
+    def clip_latents(self, frames):
+        pixels = torch.stack([torch.from_numpy(np.asarray(f, dtype=np.float32) / 255).permute(2, 0, 1) for f in frames])
+        groups = [pixels[:1]] + [g for g in pixels[1:].split(self.temporal) if len(g)]  # the first alone, then 4s
+        latent = torch.stack([g.mean(0) for g in groups])  # (F, 3, H, W)
+        latent = torch.cat([latent, latent.mean(1, keepdim=True)], 1)  # 4 channels
+        latent = torch.nn.functional.avg_pool2d(latent, 4).permute(1, 0, 2, 3)[None]  # (1, 4, F, H / 4, W / 4)
+        return latent, (latent.shape[2], latent.shape[3] // 2, latent.shape[4] // 2)
+
+    def prompt(self, text):
+        return EncodedPrompt(self.pipe.embeds, None, [token_segment(self.pipe.tokenizer, text, 12)])
+
+
+register_source("ClipPipeline", lambda pipe, **options: ClipSource(pipe))
+
+
+def test_segment_video_takes_the_one_pass_path_on_a_video_dit_and_scores_jf():
+    from grounding.metrics import SegmentationScores
+
+    refam = RefAM(ClipPipeline())
+    frames = frames_of(5)
+    segs = segment_video(refam, frames, EXPRESSION)
+    assert len(segs) == 5 and all(seg.settings["path"] == "clip" for seg in segs)
+    assert all(seg.settings["smoothing"] == 0.0 and seg.mask.shape == (24, 32) for seg in segs)
+    assert segs[1].settings["latent_frame"] == segs[4].settings["latent_frame"] == 1
+    baseline = segment_video(refam, frames, EXPRESSION, path="frames", smoothing=0.0)  # each frame a clip of one
+    assert all(seg.settings["path"] == "frames" and seg.settings["latent_frame"] == 0 for seg in baseline)
+    assert np.abs(baseline[1].grid_heatmap - segs[1].grid_heatmap).max() > 0
+    # J&F against planted truths: frames 0, 1 exact, 2 empty (J = 0, F = 0), 3 and 4 exact: 4/5
+    assert all(seg.mask.any() for seg in segs)
+    scores = SegmentationScores()
+    truths = [segs[0].mask, segs[1].mask, np.zeros((24, 32), bool), segs[3].mask, segs[4].mask]
+    for seg, truth in zip(segs, truths):
+        scores.add(seg.mask, truth, sequence="clip/object")
+    assert scores.summary()["J&F"] == pytest.approx(4 / 5)
+    with pytest.raises(ValueError, match="1 \\+ 4 k frames"):
+        segment_video(refam, frames[:4], EXPRESSION)
