@@ -40,10 +40,7 @@ from vlmtools.testing.vlm import BUILDERS, IMAGE
 NEAR_TIE = 1e-6
 """A score gap below this at a budget boundary could flip between two correct fp32 computations."""
 CLS_FAMILIES = ("llava", "llava_next")
-LM_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
-"""The families whose decoder the reference replays with ``reference_pruning.run_with_drops`` (plain decoder
-layers with softmax attention; a family that adds visual features inside the decoder, as Qwen3-VL's deepstack,
-or has linear-attention layers needs a reference of its own)."""
+LM_FAMILIES = tuple(BUILDERS)
 _MODELS = {}
 
 
@@ -51,6 +48,14 @@ def tiny(family):
     if family not in _MODELS:
         _MODELS[family] = BUILDERS[family]()
     return _MODELS[family]
+
+
+def attention_layers(family, count: int) -> tuple[int, ...]:
+    """The first ``count`` decoder layers from 1 on that have softmax attention (SparseVLM's stages; a hybrid
+    family's linear-attention layers have no attention rows to vote with)."""
+    model, _ = tiny(family)
+    blocks = reference.language_model(model).layers
+    return tuple(i for i, block in enumerate(blocks) if i >= 1 and hasattr(block, "self_attn"))[:count]
 
 
 def agree(got, expected, margins):
@@ -352,8 +357,9 @@ def check_visionzip(family, keep, dominant=0.6, padded=None, **options):
     return positions, seen
 
 
-def check_sparsevlm(family, keep, budget, layers=(1, 2)):
+def check_sparsevlm(family, keep, budget):
     model, inputs = tiny(family)
+    layers = attention_layers(family, 2)
     layout = vlmtools.wrap(model).layout(inputs)
     expected, margins = sparsevlm_reference(model, inputs, layout, keep, layers, budget, scale=3.0)
     got, _, _ = through_vlmtools(model, inputs, SparseVLM(keep=keep, layers=layers, budget=budget, scale=3.0,
@@ -361,8 +367,9 @@ def check_sparsevlm(family, keep, budget, layers=(1, 2)):
     agree(got, expected, margins)
 
 
-def check_sparsevlm_recycling(family, keep, budget, layer=2):
+def check_sparsevlm_recycling(family, keep, budget):
     model, inputs = tiny(family)
+    layer = attention_layers(family, 2)[-1]
     layout = vlmtools.wrap(model).layout(inputs)
     settings = {"budget": budget, "scale": 3.0, "recycle": 0.5, "per_cluster": 2}
     expected, rows, margins = sparsevlm_recycling_reference(model, inputs, layout, keep, layer, **settings)
@@ -419,15 +426,16 @@ def test_visionzip_never_merges_into_or_from_debiased_padding():
         assert not set(row.tolist()) & set(pads)
 
 
-@pytest.mark.parametrize("budget,keep", [("rank", 2), ("schedule", 0.5)])
-@pytest.mark.parametrize("family", LM_FAMILIES)
+@pytest.mark.parametrize("family,budget,keep", [(f, "rank", 2) for f in LM_FAMILIES]
+                         + [(f, "schedule", 0.5) for f in ("llava", "qwen2_vl")])
 def test_sparsevlm_keeps_what_its_raters_vote_for_at_each_stage(family, budget, keep):
-    """Two stages (layers 1 and 2), each voted by the stage layer's own attention on the tokens present."""
+    """Two stages (layers 1 and 2, or a hybrid family's first attention layers), each voted by the stage layer's
+    own attention on the tokens present."""
     check_sparsevlm(family, keep, budget)
 
 
-@pytest.mark.parametrize("budget,keep", [("rank", 2), ("schedule", 0.5)])
-@pytest.mark.parametrize("family", LM_FAMILIES)
+@pytest.mark.parametrize("family,budget,keep", [(f, "rank", 2) for f in LM_FAMILIES]
+                         + [(f, "schedule", 0.5) for f in ("llava_next", "qwen2_5_vl")])
 def test_sparsevlm_recycles_the_best_dropped_tokens_into_cluster_means(family, budget, keep):
     kept = check_sparsevlm_recycling(family, keep, budget)
     model, inputs = tiny(family)
