@@ -198,11 +198,12 @@ class GIFTRun(AttentionHook, LayerHook):
             edit = sorted(gift.layers)
         elif preset:
             edit = list(preset["layers"])
-        else:
-            edit = list(range(round(num_layers * 12 / 32), round(num_layers * 23 / 32)))
+        else:  # a hybrid family's (Qwen3.5) layers without attention have nothing to edit
+            edit = [index for index in range(round(num_layers * 12 / 32), round(num_layers * 23 / 32))
+                    if index in vlm.attention_layers]
         alpha = gift.alpha if gift.alpha is not None else preset.get("alpha", 5.0)
         if gift.saliency_layer == "auto":
-            candidates = list(range(num_layers))
+            candidates = list(vlm.attention_layers)
         elif gift.saliency_layer == "preset":
             if not preset:
                 raise ValueError(f"GIFT: no preset for this {vlm.family} model (presets: {sorted(GIFT.PRESETS)}); "
@@ -222,6 +223,10 @@ class GIFTRun(AttentionHook, LayerHook):
                                  f"attention types {sorted(types)}; pass a saliency_layer before every edited layer")
             # full and sliding layers share one mask while the prompt fits the window (checked per prompt)
             self._window = getattr(text, "sliding_window", None) if len(types) > 1 else None
+            if vlm.adapter.residual_adds:
+                raise ValueError(f"GIFT: the second prefill runs the decoder layers alone, without what {vlm.family}'s "
+                                 "language model adds between them (DeepStack's vision features); pass a "
+                                 "saliency_layer before every edited layer")
         self.gift, self.vlm, self.alpha = gift, vlm, alpha
         self.edit, self.candidates, self.state = set(edit), candidates, plan.state
         self.tokenizer = getattr(vlm.processor, "tokenizer", vlm.processor)

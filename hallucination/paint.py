@@ -104,7 +104,7 @@ class PAINTRun(AttentionHook):
         else:
             RecordColumnMass(sites).attach(vlm, plan)
         self.paint, self.vlm, self.trace, self.state = paint, vlm, plan.trace, plan.state
-        self.layers = list(range(2, vlm.num_layers))
+        self.layers = [index for index in range(2, vlm.num_layers) if index in set(vlm.attention_layers)]
         self.settings = {"method": "PAINT", "alpha": paint.alpha, "beta": paint.beta,
                          "head_modulation": paint.head_modulation, "top": paint.top, "whisker": paint.whisker,
                          "vision_sites": self.vision_sites, "layers": self.layers,

@@ -133,9 +133,11 @@ class VARRun(AttentionHook, LayerHook):
     def __init__(self, var: VAR, vlm, plan):
         num_layers = vlm.num_layers
         last = num_layers - 1 if var.variant == "released" else num_layers - 2
-        self.layers = list(range(2, last + 1))
+        attention = set(vlm.attention_layers)  # a hybrid family's (Qwen3.5) other layers have no attention to edit
+        self.layers = [index for index in range(2, last + 1) if index in attention]
         if not self.layers:
-            raise ValueError(f"VAR edits layers 2 .. L-2; this model has only {num_layers} layers")
+            raise ValueError(f"VAR edits the attention layers among 2 .. L-2; this model's {num_layers} layers have "
+                             f"attention at {sorted(attention)}")
         self.var, self.vlm, self.state, self.num_layers = var, vlm, plan.state, num_layers
         self.signature = model_signature(vlm.model.config)
         self.dims: list[int] | None = None

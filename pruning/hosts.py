@@ -74,6 +74,8 @@ class PDrop(Host):
     def scorers(self, run, vlm, plan):
         if self.rank == "previous":
             return [plan.attention(vlm.site(f"text.{layer - 1}"), SiteRows(last_row)) for layer in self.layers]
+        for layer in self.layers:
+            vlm.site(f"text.{layer}")  # its own q/k: an attention layer (a hybrid family refuses the others)
         return [plan.layer(layer, vlm.layers[layer], _RotaryTables(run.state)) for layer in self.layers]
 
     def score(self, run, stage, hidden, kept, layout, targets):
@@ -134,7 +136,11 @@ def last_query_attention(layer: torch.nn.Module, attention: torch.nn.Module, hid
         if last:
             rows = torch.full((batch, 1), count - 1, dtype=torch.long, device=hidden.device)
         take = lambda t: t.gather(1, rows[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
-        query = attention.q_proj(take(normed)).view(batch, rows.shape[1], -1, head_dim)
+        query = attention.q_proj(take(normed))
+        heads = getattr(getattr(attention, "config", None), "num_attention_heads", None)
+        # a gated query projection (Qwen3.5) puts each head's output gate after its query: keep the query
+        query = query.view(batch, rows.shape[1], heads, -1)[..., :head_dim] if heads \
+            else query.view(batch, rows.shape[1], -1, head_dim)
         key = attention.k_proj(normed).view(batch, count, -1, head_dim)
         if getattr(attention, "q_norm", None) is not None:
             query, key = attention.q_norm(query), attention.k_norm(key)
@@ -216,6 +222,8 @@ class SparseVLM(Host):
         self.recycle, self.per_cluster = recycle, per_cluster
 
     def scorers(self, run, vlm, plan):
+        for layer in self.layers:
+            vlm.site(f"text.{layer}")  # its raters' rows: an attention layer (a hybrid family refuses the others)
         raters = plan.layer(0, vlm.layers[0], _Raters(run.state))
         return [raters] + [plan.layer(layer, vlm.layers[layer], _RotaryTables(run.state)) for layer in self.layers]
 

@@ -60,8 +60,8 @@ def test_wrap_finds_the_family(built):
     assert vlm.family == family
     vision = vlm.adapter.blocks(model, "vision")
     assert len(vision) == model.config.vision_config.num_hidden_layers > 0
-    assert [s.name for s in vlm.sites] == (
-        [f"text.{i}" for i in range(vlm.num_layers)] + [f"vision.{i}" for i in range(len(vision))]
+    assert [s.name for s in vlm.sites] == (  # a hybrid family's layers without attention have no site
+        [f"text.{i}" for i in vlm.attention_layers] + [f"vision.{i}" for i in range(len(vision))]
     )
 
 
@@ -247,23 +247,25 @@ def test_empty_plan_matches_sdpa(built):
 
 def test_recorded_rows_match_eager(built):
     _, model, inputs, vlm = built
-    with torch.no_grad(), vlm.use(vlmtools.RecordRows(["text.1"], "all")) as trace:
+    site = f"text.{vlm.attention_layers[1]}"  # the second layer with attention (transformers lists only those)
+    with torch.no_grad(), vlm.use(vlmtools.RecordRows([site], "all")) as trace:
         model(**inputs)
     with torch.no_grad(), implementation(model, text="eager"):
         eager = model(**inputs, output_attentions=True).attentions[1]
-    (rows,) = trace["text.1.rows"]
+    (rows,) = trace[f"{site}.rows"]
     assert rows.shape == eager.shape
     torch.testing.assert_close(rows * real_rows(inputs), eager * real_rows(inputs), atol=1e-5, rtol=0)
 
 
 def test_recorded_decoding_rows_match_eager_generate(built):
     _, model, inputs, vlm = built
-    with vlm.use(vlmtools.RecordRows(["text.1"], "last")) as trace:
+    site = f"text.{vlm.attention_layers[1]}"
+    with vlm.use(vlmtools.RecordRows([site], "last")) as trace:
         tokens = generate(model, inputs)
     with implementation(model, text="eager"):
         eager = generate(model, inputs, output_attentions=True, return_dict_in_generate=True)
     assert torch.equal(eager.sequences, tokens)
-    rows = trace["text.1.rows"]
+    rows = trace[f"{site}.rows"]
     assert len(rows) == len(eager.attentions) == 3  # prefill + two cached steps
     for row, step in zip(rows, eager.attentions):
         torch.testing.assert_close(row, step[1][:, :, -1:], atol=1e-5, rtol=0)
@@ -297,8 +299,9 @@ def test_vision_rows_match_eager(built):
     eager = eager_vision_attentions(model, inputs)
     rows = trace["vision.0.rows"]
     # CLIP runs all images (tiles) as one batch; Qwen2-VL calls once per image; Qwen2.5-VL's block 0
-    # once per window: 2x3 and 4x4 merged grids in 2x2 windows make 2 + 4
-    assert len(rows) == len(eager) == {"llava": 1, "llava_next": 1, "qwen2_vl": 2, "qwen2_5_vl": 6}[family]
+    # once per window: 2x3 and 4x4 merged grids in 2x2 windows make 2 + 4; Qwen3-VL and Qwen3.5 once per image
+    assert len(rows) == len(eager) == {"llava": 1, "llava_next": 1, "qwen2_vl": 2, "qwen2_5_vl": 6, "qwen3_vl": 2,
+                                       "qwen3_5": 2}[family]
     for row, weights in zip(rows, eager):
         torch.testing.assert_close(row, weights, atol=1e-5, rtol=0)
 

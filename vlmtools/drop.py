@@ -23,18 +23,27 @@ that shortens the LM's input sequence hands the model, e.g. VisionZip's released
 the rotary tables are recomputed by the language model's ``rotary_emb`` for the new ids,
 and during decoding every new token's id moves back by all real tokens dropped up to that
 layer. Models with several rows of position ids (Qwen-VL's M-RoPE) keep ``"original"``.
+
+Hybrid families (Qwen3.5) pass the kept tokens through their linear-attention layers too: those
+layers' padding mask is gathered like any 2-D mask, their conv and recurrent states are built from the
+kept tokens alone, and their cache layers report the virtual length as the attention layers' do.
+What a family's LM adds between its layers outside them (Qwen3-VL's DeepStack features, an adapter's
+``residual_adds``) is gathered to the tokens present (:func:`residual_add_gathered`).
 """
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
 
-from .plan import ForwardState, LayerHook, Plan
+from .plan import ACTIVE_PLAN, ForwardState, LayerHook, Plan
 
 POSITIONS = ("original", "compact")
 
@@ -58,6 +67,18 @@ class PrunedCacheLayer(DynamicLayer):
         self.dropped = dropped
 
     def get_seq_length(self) -> int:
+        return super().get_seq_length() + self.dropped
+
+
+class PrunedLinearCacheLayer(LinearAttentionLayer):
+    """A linear-attention cache layer (conv and recurrent state) built from fewer tokens than the sequence it
+    stands for: it reports the virtual length, as :class:`PrunedCacheLayer` does."""
+
+    def __init__(self, dropped: int, number_of_states: int = 1):
+        super().__init__(number_of_states=number_of_states)
+        self.dropped = dropped
+
+    def get_seq_length(self):
         return super().get_seq_length() + self.dropped
 
 
@@ -121,7 +142,7 @@ class DropRun(LayerHook):
         kept = None
         if self.state.step == 0:
             hidden = self._prefill_drop(index, hidden)
-            kept = self.kept_at(index)
+            kept = self.state.present = self.kept_at(index)
             inputs = _gather_inputs(kwargs, kept)
             if self.positions == "compact":
                 inputs.update(self._compacted(index, kwargs, kept))
@@ -158,6 +179,11 @@ class DropRun(LayerHook):
         and the count of absent real tokens per sample ``(B, 1)``."""
         ids = kwargs.get("position_ids")
         _one_row(ids)
+        tables = kwargs.get("position_embeddings")
+        if tables is not None and not all(torch.equal(a, b) for a, b in zip(self.rotary(tables[0], ids), tables)):
+            raise NotImplementedError("positions='compact' renumbers one row of position ids per sample; this model's "
+                                      "rotary tables are not those of the position ids its layers get (M-RoPE rows "
+                                      "of an image prompt): use positions='original'")
         batch = present.shape[0]
         real = torch.ones(batch, self.prompt_len, dtype=torch.bool, device=present.device)
         if self.state.layout is not None:
@@ -317,7 +343,52 @@ def _mark_cache(cache, index: int, dropped: int) -> None:
     layer = layers[index]
     if type(layer) is DynamicLayer and not layer.is_initialized:
         layers[index] = PrunedCacheLayer(dropped)
-    elif isinstance(layer, PrunedCacheLayer):
+    elif type(layer) is LinearAttentionLayer and not any(layer.has_previous_state.values()):
+        layers[index] = PrunedLinearCacheLayer(dropped, layer.number_of_states)
+    elif isinstance(layer, (PrunedCacheLayer, PrunedLinearCacheLayer)):
         layer.dropped = dropped
     elif not isinstance(layer, DynamicLayer) or layer.is_initialized:
         raise NotImplementedError(f"vlmtools: token dropping needs a fresh DynamicCache, got {type(layer).__name__}")
+
+
+_PATCHED: dict[tuple[int, str], list] = {}  # (module id, method) -> [count, original]
+_PATCH_LOCK = threading.Lock()
+
+
+@contextmanager
+def residual_add_gathered(model: torch.nn.Module, add) -> Iterator[None]:
+    """For the block: ``add`` (an adapter's :class:`~vlmtools.adapters.base.ResidualAdd`) of ``model`` adds its
+    values at the tokens still present when a token drop has shortened the residual stream (the mask and the
+    values gathered to ``state.present``, the original positions of those tokens); with nothing dropped it is
+    the model's own method, bit for bit. Reference-counted per module, also across threads."""
+    module = model.get_submodule(add.module)
+    key = (id(module), add.method)
+    with _PATCH_LOCK:
+        entry = _PATCHED.get(key)
+        if entry is None:
+            setattr(module, add.method, _gathering(getattr(module, add.method)))
+            entry = _PATCHED[key] = [0]
+        entry[0] += 1
+    try:
+        yield
+    finally:
+        with _PATCH_LOCK:
+            entry[0] -= 1
+            if entry[0] == 0:
+                del _PATCHED[key]
+                delattr(module, add.method)  # the class's method shows through again
+
+
+def _gathering(original):
+    def add(hidden, mask, values, *args, **kwargs):
+        plan = ACTIVE_PLAN.get()
+        present = plan.state.present if plan is not None else None
+        if mask is None or present is None or hidden.shape[1] == mask.shape[1]:
+            return original(hidden, mask, values, *args, **kwargs)
+        if present.shape != hidden.shape[:2]:
+            raise RuntimeError(f"vlmtools: {tuple(hidden.shape[:2])} tokens reach an addition between layers, but the "
+                               f"token drop kept {tuple(present.shape)}")
+        mask = mask.to(present.device)
+        kept = torch.zeros_like(mask).scatter_(1, present, True)
+        return original(hidden, mask.gather(1, present), values[kept[mask].to(values.device)], *args, **kwargs)
+    return add

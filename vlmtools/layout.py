@@ -41,6 +41,9 @@ class ImageTokens:
     ``padding`` flags content tokens that only show letterbox padding (LLaVA-1.5
     ``expand2square``): set from the pixels when the model was wrapped with a processor
     that letterboxes (:meth:`TokenLayout.flag_letterbox`), else None.
+    ``frame`` is ``(video, index)`` for one frame of a video (Qwen3-VL, Qwen3.5: each frame is its own run of
+    placeholders after its timestamp, ``grid`` its tokens; ``video`` counts the batch's videos), None for an
+    image; ``layout`` then holds the timestamp and vision markers between the previous frame and this one.
     """
 
     positions: torch.Tensor
@@ -50,6 +53,7 @@ class ImageTokens:
     tiles: list[tuple[int, int]] = field(default_factory=list)
     layout: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     padding: torch.Tensor | None = None
+    frame: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return self.positions.numel()

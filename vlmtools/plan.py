@@ -197,6 +197,8 @@ class ForwardState:
     then (0 = prefill, 1.. = cached decoding steps). ``letterbox`` holds the letterbox
     padding of images the vision tower encoded before their prompt's prefill (``generate``
     does so); ``pixels_pending`` says the prompt's pixels reach the tower inside its forward.
+    ``present`` holds the original positions ``(B, n)`` of the tokens in the residual stream of the latest
+    decoder layer a token drop ran in at prefill (what the LM's additions between layers are gathered to).
     """
 
     layout: Any = None
@@ -204,6 +206,7 @@ class ForwardState:
     step: int = 0
     letterbox: Any = None
     pixels_pending: bool = False
+    present: Any = None
 
 
 class Plan:

@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any, Protocol
 
 import torch
 
 from .adapters import find_adapter
-from .adapters.base import Adapter
+from .adapters.base import Adapter, UnsupportedModel
 from .adapters.dit import probed
 from .attention import activate, check_implementations, installed, register_sites
+from .drop import residual_add_gathered
 from .layout import DiTLayout, TokenLayout
 from .plan import ACTIVE_PLAN, AttentionSite, Plan, StopForward, Trace
 
@@ -43,12 +44,16 @@ class Wrapped:
         for site in self.sites:
             if site.name == name:
                 return site
-        counts: dict[str, int] = {}
+        self._refuse_no_attention(name)
+        indices: dict[str, list[int]] = {}
         for s in self.sites:
-            prefix = s.name.rsplit(".", 1)[0]
-            counts[prefix] = counts.get(prefix, 0) + 1
+            prefix, index = s.name.rsplit(".", 1)
+            indices.setdefault(prefix, []).append(int(index))
         raise LookupError(f"vlmtools: no site {name!r} in {self.family}; sites are "
-                          + ", ".join(f"{p}.0..{p}.{n - 1}" for p, n in sorted(counts.items())))
+                          + ", ".join(_named(p, found) for p, found in sorted(indices.items())))
+
+    def _refuse_no_attention(self, name: str) -> None:
+        """``UnsupportedModel`` with the family's reason for a decoder layer that has no attention."""
 
     def _installed(self, plan: Plan) -> AbstractContextManager:
         """What routes this model's planned attention through the seam while ``plan`` is open."""
@@ -96,6 +101,30 @@ class WrappedModel(Wrapped):
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def layer_kinds(self) -> list[str]:
+        """Each decoder layer's token mixer: ``attention``, ``gated_attention`` or ``linear`` (no attention map,
+        no site; Qwen3.5's Gated DeltaNet layers), from the family's adapter."""
+        return self.adapter.kinds(self.model)
+
+    @property
+    def attention_layers(self) -> list[int]:
+        """Decoder layers with softmax attention, each a site ``text.{i}`` (every layer but in hybrid families)."""
+        return [i for i, kind in enumerate(self.layer_kinds) if kind != "linear"]
+
+    @property
+    def gated_layers(self) -> list[int]:
+        """Decoder layers whose attention output a sigmoid gate scales (Qwen3.5's full-attention layers)."""
+        return [i for i, kind in enumerate(self.layer_kinds) if kind == "gated_attention"]
+
+    def _refuse_no_attention(self, name: str) -> None:
+        stream, _, index = name.rpartition(".")
+        if stream == "text" and index.isdigit() and int(index) < self.num_layers \
+                and self.layer_kinds[int(index)] == "linear":
+            raise UnsupportedModel(
+                f"vlmtools: {self.family}: {name} has no attention map to read or edit ({self.adapter.no_attention}); "
+                f"its attention layers are {', '.join(f'text.{i}' for i in self.attention_layers)}")
+
     def layout(self, inputs: dict[str, Any]) -> TokenLayout:
         """Where visual, text, padding and layout tokens sit in this batch (with each image's
         letterbox padding when the processor letterboxes and ``inputs`` hold the pixels)."""
@@ -137,8 +166,12 @@ class WrappedModel(Wrapped):
         else:
             plan.state.letterbox = self.adapter.letterbox(self.model, pixel_values).cpu()
 
-    def _installed(self, plan: Plan) -> AbstractContextManager:
-        return installed(self.model, self.adapter.config_keys, self.layers, self)
+    @contextmanager
+    def _installed(self, plan: Plan) -> Iterator[None]:
+        with installed(self.model, self.adapter.config_keys, self.layers, self), ExitStack() as stack:
+            for add in self.adapter.residual_adds:  # a token drop hands them the tokens still present
+                stack.enter_context(residual_add_gathered(self.model, add))
+            yield
 
 
 class WrappedDiT(Wrapped):
@@ -167,6 +200,14 @@ class WrappedDiT(Wrapped):
         planned = [site for site in self.sites if plan.attention_hooks(site.module)]
         with installed(self.model, (), (), self), probed(planned, self.adapter.probe):
             yield
+
+
+def _named(prefix: str, indices: list[int]) -> str:
+    """``text.0..text.3``, or each name when the indices have gaps (a hybrid family's attention layers)."""
+    indices = sorted(indices)
+    if indices == list(range(indices[0], indices[-1] + 1)):
+        return f"{prefix}.{indices[0]}..{prefix}.{indices[-1]}"
+    return ", ".join(f"{prefix}.{i}" for i in indices)
 
 
 def check_processor(model: torch.nn.Module, processor: Any) -> None:

@@ -42,7 +42,7 @@ class ColumnMassSink(Criterion):
 
     def evaluate(self, tensors: SinkTensors) -> Evaluation:
         dense, findings, valid = tensors.dense(), [], tensors.valid()
-        for layer in self.layer_range(tensors.num_layers):
+        for layer in self.layers_in(tensors):
             mass = tensors.column_mass[layer]
             alpha = mass.mean.float().cpu()
             seen = (mass.queries.cpu() >= self.min_queries) & valid[:, None]
@@ -67,7 +67,7 @@ class ValueDrain(Criterion):
 
     def evaluate(self, tensors: SinkTensors) -> Evaluation:
         dense, findings, valid = tensors.dense(), [], tensors.valid()
-        for layer in self.layer_range(tensors.num_layers):
+        for layer in self.layers_in(tensors):
             norms = tensors.value_norms[layer].float().cpu()
             ratio = norms / median_over_tokens(norms, valid).clamp(min=1e-12)
             fired = (ratio < self.ratio) & valid[:, None]

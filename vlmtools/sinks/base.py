@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 PerLayer = Mapping[int, torch.Tensor] | Sequence[torch.Tensor]
 Need = Literal["hidden", "column_mass", "value_norms", "joint_columns"]
+ATTENTION_NEEDS = ("column_mass", "value_norms")
+"""What only a layer with softmax attention has (a hybrid family's linear layers have neither)."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,9 @@ class SinkTensors:
     ``value_norms[l]``: ``(B, H, L)``; ``joint_columns[l]``: a DiT block's
     :class:`~vlmtools.sinks.dit.JointColumns`. ``layer_names`` name the layers (sites);
     ``signature`` identifies the base LLM for the published sink-dimension table.
+    ``attention_layers``: the layers with softmax attention (None: all; a hybrid family's others, e.g.
+    Qwen3.5's Gated DeltaNet layers, have no attention to read); ``gated_layers``: those whose attention
+    output a sigmoid gate scales.
     """
 
     layout: TokenLayout
@@ -79,6 +84,8 @@ class SinkTensors:
     joint_columns: dict[int, JointColumns] = field(default_factory=dict)
     layer_names: list[str] | None = None
     signature: tuple | None = None
+    attention_layers: list[int] | None = None
+    gated_layers: list[int] = field(default_factory=list)
     _norms: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -121,6 +128,23 @@ class Criterion:
 
     def default_layers(self, num_layers: int) -> list[int]:
         return list(range(num_layers))
+
+    def read_layers(self, num_layers: int, attention_layers: Sequence[int] | None = None) -> list[int]:
+        """The layers this criterion reads in a model of ``num_layers`` whose ``attention_layers`` (None: all)
+        have softmax attention: a criterion that reads attention skips the others by default and refuses them
+        when its ``layers`` name one; the residual stream is read in every layer."""
+        layers = self.layer_range(num_layers)
+        if self.needs not in ATTENTION_NEEDS or attention_layers is None:
+            return layers
+        missing = [layer for layer in layers if layer not in attention_layers and 0 <= layer < num_layers]
+        if missing and getattr(self, "layers", None) is not None:
+            raise ValueError(f"{self.name} reads attention, and layers {missing} have none (their token mixer is "
+                             f"not softmax attention); the attention layers are {list(attention_layers)}")
+        return [layer for layer in layers if layer in attention_layers]
+
+    def layers_in(self, tensors: SinkTensors) -> list[int]:
+        """:meth:`read_layers` of the model ``tensors`` come from."""
+        return self.read_layers(tensors.num_layers, tensors.attention_layers)
 
     def evaluate(self, tensors: SinkTensors) -> Evaluation:
         raise NotImplementedError

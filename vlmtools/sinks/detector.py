@@ -49,9 +49,9 @@ class SinkDetector:
         if len(set(names)) != len(names):
             raise ValueError(f"each criterion at most once (got {names}); run two detectors to compare settings")
 
-    def layers(self, need: str, num_layers: int) -> list[int]:
-        """Layers on which some chosen criterion reads ``need``."""
-        chosen = (set(c.layer_range(num_layers)) for c in self.criteria if c.needs == need)
+    def layers(self, need: str, num_layers: int, attention_layers: list[int] | None = None) -> list[int]:
+        """Layers on which some chosen criterion reads ``need`` (attention only where there is some)."""
+        chosen = (set(c.read_layers(num_layers, attention_layers)) for c in self.criteria if c.needs == need)
         return sorted(set().union(*chosen))
 
     def recorders(self, vlm, layout: DiTLayout | None = None) -> list:
@@ -67,12 +67,12 @@ class SinkDetector:
         if dit:
             blocks = self.layers("joint_columns", len(vlm.sites))
             return [RecordJointColumns([vlm.sites[i].name for i in blocks], layout.image.positions)] if blocks else []
-        recorders = []
+        recorders, attention = [], vlm.attention_layers
         if hidden := self.layers("hidden", vlm.num_layers):
             recorders.append(RecordHidden(hidden))
-        if mass := self.layers("column_mass", vlm.num_layers):
+        if mass := self.layers("column_mass", vlm.num_layers, attention):
             recorders.append(RecordColumnMass([f"text.{layer}" for layer in mass]))
-        if values := self.layers("value_norms", vlm.num_layers):
+        if values := self.layers("value_norms", vlm.num_layers, attention):
             recorders.append(RecordValueNorms([f"text.{layer}" for layer in values]))
         return recorders
 
@@ -103,6 +103,8 @@ class SinkDetector:
                 value_norms=_recorded(trace, names, "value_norms"),
                 layer_names=names,
                 signature=model_signature(vlm.model.config),
+                attention_layers=vlm.attention_layers,
+                gated_layers=vlm.gated_layers,
             )
         )
 
@@ -164,10 +166,20 @@ class SinkDetector:
             findings += [dataclasses.replace(f, **tokens[f.sample][f.token]) for f in evaluation.findings]
             if evaluation.scores is not None:
                 scores[criterion.name] = evaluation.scores
-            settings.append({**criterion.settings(), **evaluation.derived})
+            read = {"read_layers": criterion.layers_in(tensors)} if criterion.needs is not None else {}
+            settings.append({**criterion.settings(), **evaluation.derived, **read})
         grids = [[image.grid for image in sample.images] for sample in tensors.layout.samples]
         names = tensors.layer_names or [f"layer.{layer}" for layer in range(tensors.num_layers)]
-        return SinkReport(findings, scores, tokens, grids, settings, names)
+        return SinkReport(findings, scores, tokens, grids, settings, names, _layers(tensors))
+
+
+def _layers(tensors: SinkTensors) -> dict:
+    """What the report says of the model's layers: which have attention, which have none, which are gated."""
+    attention = list(range(tensors.num_layers)) if tensors.attention_layers is None else list(tensors.attention_layers)
+    linear = [layer for layer in range(tensors.num_layers) if layer not in attention]
+    if not linear and not tensors.gated_layers:
+        return {}  # every layer plain softmax attention: nothing to say
+    return {"attention": attention, "linear": linear, "gated": list(tensors.gated_layers)}
 
 
 def _recorded(trace, names: list[str], what: str) -> dict[int, Any]:

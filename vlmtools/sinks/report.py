@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,7 +30,11 @@ class SinkReport:
     the criterion's score per token, or for per-head criteria the share of heads that
     fired. ``tokens[b][t]`` is token t's role (and image, row, col for visual tokens);
     ``grids[b]`` the (rows, cols) of each image of sample b; ``layer_names[l]`` the site
-    of layer l (``text.3``, ``dit.double.1``).
+    of layer l (``text.3``, ``dit.double.1``). ``layer_kinds`` is empty when every layer is plain
+    softmax attention; for a hybrid or gated family it lists the layers with ``attention``, the
+    ``linear`` ones (no attention map: the attention criteria do not read them, each criterion's
+    settings say which layers it read, ``read_layers``) and the ``gated`` ones (attention output
+    scaled by a sigmoid gate), and :meth:`notes` says what that means for the findings.
 
     >>> report = SinkDetector().detect(vlm, inputs)
     >>> print(report.table())
@@ -43,6 +47,7 @@ class SinkReport:
     grids: list[list[tuple[int, int]]]
     settings: list[dict]
     layer_names: list[str]
+    layer_kinds: dict[str, list[int]] = field(default_factory=dict)
 
     def sinks(
         self, criterion: str | None = None, sample: int | None = None, role: str | None = None, layer: int | None = None
@@ -89,8 +94,23 @@ class SinkReport:
             )
         return rows
 
+    def notes(self) -> list[str]:
+        """What the model's layers mean for the findings: which layers each criterion read, the layers with no
+        attention map, the gated ones. Empty for a model whose layers are all plain softmax attention."""
+        if not self.layer_kinds:
+            return []
+        kinds = self.layer_kinds
+        notes = [f"attention layers {_ranges(kinds['attention'])}"
+                 + (f"; no attention map (linear attention) in {_ranges(kinds['linear'])}" if kinds["linear"] else "")]
+        notes += [f"{s['criterion']} read layers {_ranges(s['read_layers'])}" for s in self.settings if "read_layers" in s]
+        if kinds["gated"]:
+            notes.append(f"gated attention (a sigmoid gate scales each head's output) in {_ranges(kinds['gated'])}: "
+                         "trained with it, attention no longer needs a first-token sink (Qiu et al. 2025, Gated "
+                         "Attention for LLMs), so column-mass sinks there are not expected in trained weights")
+        return notes
+
     def table(self) -> str:
-        """The summary as fixed-width text."""
+        """The summary as fixed-width text (then the :meth:`notes` on the model's layers, if any)."""
         rows = [["sample", "criterion", "token", "role", "layers", "hits", "score", "dims/label"]]
         for r in self.summary():
             extra = " ".join(filter(None, [",".join(map(str, r["dims"])), r["label"]]))
@@ -107,7 +127,8 @@ class SinkReport:
                 ]
             )
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+        return "\n".join(lines + [f"note: {note}" for note in self.notes()])
 
     def to_json(self) -> str:
         return json.dumps(
@@ -118,6 +139,7 @@ class SinkReport:
                 "grids": self.grids,
                 "findings": [dataclasses.asdict(f) for f in self.findings],
                 "scores": {name: _nan_to_none(map_) for name, map_ in self.scores.items()},
+                **({"layer_kinds": self.layer_kinds} if self.layer_kinds else {}),
             }
         )
 
@@ -131,6 +153,7 @@ class SinkReport:
             grids=[[tuple(g) for g in grids] for grids in data["grids"]],
             settings=data["settings"],
             layer_names=data["layer_names"],
+            layer_kinds=data.get("layer_kinds", {}),
         )
 
     def plot(self, path, sample: int = 0):
@@ -185,6 +208,7 @@ class SinkReport:
                 ax.scatter(*zip(*cells), marker="x", color="red", s=12)
             ax.set_ylabel(f"{name}\nlayer", fontsize=8)
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            self._mark_layers(ax, name)
         ax.set_xlabel("token position")
         for index, (grid_rows, grid_cols) in enumerate(grids):
             count = np.zeros((grid_rows, grid_cols))
@@ -204,6 +228,22 @@ class SinkReport:
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         return fig
+
+
+    def _mark_layers(self, ax, criterion: str) -> None:
+        """Grey bands on the layers a criterion could not read (no attention map), an orange tick on gated ones."""
+        if not self.layer_kinds:
+            return
+        read = next((s.get("read_layers") for s in self.settings if s.get("criterion") == criterion), None)
+        linear = self.layer_kinds["linear"]
+        unread = linear if read is not None and not set(read) & set(linear) else []  # it reads attention
+        for layer in unread:
+            ax.axhspan(layer - 0.5, layer + 0.5, color="#bbbbbb", alpha=0.5, linewidth=0)
+        gated = self.layer_kinds["gated"]
+        if gated:
+            ax.scatter([0] * len(gated), gated, marker=">", color="orange", s=18, clip_on=False, zorder=3)
+        ax.set_title(("grey: no attention map (linear-attention layers); " if unread else "")
+                     + ("> : gated attention layers" if gated else ""), fontsize=7, loc="right")
 
 
 def _role(f: Finding) -> str:

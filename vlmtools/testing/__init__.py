@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from .vlm import BUILDERS, IMAGE, VOCAB, left_padded, tiny_llava, tiny_llava_next, tiny_qwen2_5_vl, tiny_qwen2_vl
+from .vlm import (BUILDERS, IMAGE, VOCAB, left_padded, tiny_llava, tiny_llava_next, tiny_qwen2_5_vl, tiny_qwen2_vl,
+                  tiny_qwen3_5, tiny_qwen3_vl)
 
 _LAZY = {"tiny_flux": "dit", "tiny_sd3": "dit", "GRID": "dit", "TEXT": "dit",
          "tiny_flux_pipeline": "pipelines", "tiny_sd3_pipeline": "pipelines", "tiny_tokenizer": "pipelines"}
@@ -24,4 +25,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["BUILDERS", "IMAGE", "VOCAB", "left_padded", "tiny_llava", "tiny_llava_next", "tiny_qwen2_5_vl",
-           "tiny_qwen2_vl", *_LAZY]
+           "tiny_qwen2_vl", "tiny_qwen3_5", "tiny_qwen3_vl", *_LAZY]

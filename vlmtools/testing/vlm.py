@@ -24,6 +24,10 @@ from transformers import (
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
+    Qwen3_5Config,
+    Qwen3_5ForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 
 VOCAB = 120
@@ -166,10 +170,50 @@ def tiny_qwen2_5_vl():
     return model, _qwen_inputs([(16, 24), (32, 32)])
 
 
+_QWEN3_VISION = {
+    "depth": 2,
+    "hidden_size": 32,
+    "out_hidden_size": 64,
+    "intermediate_size": 64,
+    "num_heads": 4,
+    "patch_size": 4,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "num_position_embeddings": 16,
+}
+
+
+def tiny_qwen3_vl():
+    """Qwen3-VL: as Qwen2-VL's batch; interleaved M-RoPE; DeepStack adds vision blocks 0 and 1's merged
+    features to the visual tokens after LM layers 0 and 1."""
+    torch.manual_seed(0)
+    text = _QWEN_TEXT | {"head_dim": 16, "rope_parameters": {"rope_type": "default", "mrope_section": [4, 2, 2],
+                                                             "mrope_interleaved": True, "rope_theta": 10000.0}}
+    vision = _QWEN3_VISION | {"deepstack_visual_indexes": [0, 1]}
+    model = _ready(Qwen3VLForConditionalGeneration(Qwen3VLConfig(text_config=text, vision_config=vision, **_QWEN_IDS)))
+    return model, _qwen_inputs([(16, 24), (32, 32)])
+
+
+def tiny_qwen3_5():
+    """Qwen3.5: 8 LM layers in its pattern (Gated DeltaNet x3, then gated full attention: layers 3 and 7 have
+    attention), partial M-RoPE (a quarter of each 32-wide head); Qwen2-VL's batch."""
+    torch.manual_seed(0)
+    text = _QWEN_TEXT | {
+        "num_hidden_layers": 8, "head_dim": 32, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+        "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+        "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True,
+                            "rope_theta": 10000.0, "partial_rotary_factor": 0.25}}
+    model = _ready(Qwen3_5ForConditionalGeneration(Qwen3_5Config(text_config=text, vision_config=_QWEN3_VISION,
+                                                                 **_QWEN_IDS)))
+    return model, _qwen_inputs([(16, 24), (32, 32)])
+
+
 BUILDERS = {
     "llava": tiny_llava,
     "llava_next": tiny_llava_next,
     "qwen2_vl": tiny_qwen2_vl,
     "qwen2_5_vl": tiny_qwen2_5_vl,
+    "qwen3_vl": tiny_qwen3_vl,
+    "qwen3_5": tiny_qwen3_5,
 }
 """Family name -> builder, for tests that run on every family."""
