@@ -2,12 +2,15 @@
 
 Each reference recomputes a host's choice from the paper's / released code's formulas on an
 *unwrapped* copy of the model (``copy.deepcopy``, eager attention): plain torch forward hooks
-capture what it needs (hidden states entering a layer, the rotary tables, ``k_proj`` outputs,
-eager attention probabilities), and a decoder loop written here (:func:`run_with_drops`) runs the
-layers on the kept tokens. Nothing goes through vlmtools' seam (``vlm.use``, the registered
-attention function, ``DropTokens``) or through ``pruning``'s code. What a reference shares with the
-hosts is the layout (which positions are visual, the text after the image, padding), which has
-its own tests, and the documented conventions below.
+capture what it needs (hidden states entering a layer, the rotary tables and mask the model passes
+each layer, ``k_proj`` / ``k_norm`` outputs, eager attention probabilities), and a decoder loop
+written here (:func:`drop_loop`) runs the layers on the kept tokens, each at its original position
+(the model's own rotary rows and mask rows and columns: causal, padding, sliding windows,
+bidirectional image blocks) with whatever the model adds between layers (Qwen3-VL's DeepStack) kept
+at its positions. Nothing goes through vlmtools' seam (``vlm.use``, the registered attention
+function, ``DropTokens``) or through ``pruning``'s code. What a reference shares with the hosts is
+the layout (which positions are visual, the text after the image, padding), which has its own
+tests, and the documented conventions below.
 
 Conventions (the hosts' documented rules):
 
@@ -21,8 +24,8 @@ Conventions (the hosts' documented rules):
   visual tokens (so such a row can keep more than ``R`` visual tokens: :func:`assemble`).
 
 Other test modules may import :func:`unwrapped`, :func:`capture` (per-layer hidden states, eager
-attention probabilities and post-rotary keys of one plain forward) and :func:`run_with_drops`
-(a decoder loop that drops tokens where a chooser says).
+attention probabilities, post-rotary keys, rotary tables and masks of one plain forward) and
+:func:`run_with_drops` / :func:`drop_loop` (a decoder loop that drops tokens where a chooser says).
 """
 from __future__ import annotations
 
@@ -46,8 +49,16 @@ def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def language_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The decoder stack (``layers``, ``norm``) of the four test families."""
-    return model.model.language_model
+    """The decoder stack: the module holding the token embeddings (``embed_tokens``), its ``layers`` and ``norm``."""
+    for module in model.modules():
+        if hasattr(module, "embed_tokens") and isinstance(getattr(module, "layers", None), torch.nn.ModuleList):
+            return module
+    raise LookupError(f"no decoder stack with embed_tokens and layers in {type(model).__name__}")
+
+
+def has_attention(block: torch.nn.Module) -> bool:
+    """A softmax-attention layer (hybrid families also have linear-attention layers)."""
+    return hasattr(block, "self_attn")
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -56,8 +67,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x`` ``(B, heads, n, d)``, tables ``(B, n, d)``: ``x cos + rotate_half(x) sin`` (RoFormer, as Llama/Qwen)."""
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+    """``x`` ``(B, heads, n, d)``, tables ``(B, n, r)``: ``x cos + rotate_half(x) sin`` on the leading ``r``
+    dimensions (RoFormer's rotation as Llama / Qwen / Gemma apply it; ``r < d``: partial rotary, the rest as is)."""
+    width = cos.shape[-1]
+    rotated = x[..., :width] * cos[:, None] + rotate_half(x[..., :width]) * sin[:, None]
+    return torch.cat([rotated, x[..., width:]], dim=-1)
 
 
 def take(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -66,46 +80,77 @@ def take(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return torch.stack([row[p] for row, p in zip(t, positions)])
 
 
+def take_mask(mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor | None:
+    """The model's own mask over the full prompt restricted to the tokens at ``positions`` ``(B, n)``: a 4-D mask's
+    query rows and key columns, a 2-D padding mask's columns."""
+    if mask is None:
+        return None
+    mask = mask.expand(positions.shape[0], *mask.shape[1:])
+    if mask.dim() == 2:
+        return torch.stack([row[p] for row, p in zip(mask, positions)])
+    return torch.stack([row[:, p][:, :, p] for row, p in zip(mask, positions)])
+
+
+def key_heads(output: torch.Tensor, count: int, head_dim: int) -> torch.Tensor:
+    """A ``k_proj`` (``(B, n, KV*d)``) or ``k_norm`` (``(B, n, KV, d)`` or ``(B, KV, n, d)``) output as ``(B, KV, n, d)``."""
+    if output.dim() == 3:
+        return output.view(output.shape[0], count, -1, head_dim).transpose(1, 2)
+    return output.transpose(1, 2) if output.shape[1] == count else output
+
+
+def key_module(block: torch.nn.Module) -> torch.nn.Module:
+    """Where a layer's keys are final but for rotary: ``k_norm`` where the family has one, else ``k_proj``."""
+    attention = block.self_attn
+    return attention.k_norm if getattr(attention, "k_norm", None) is not None else attention.k_proj
+
+
 @dataclass
 class Capture:
-    """One plain forward of an unwrapped model, recorded per decoder layer."""
+    """One plain forward of an unwrapped model, recorded per decoder layer (index = layer)."""
 
     hidden: list[torch.Tensor]
     """Residual stream entering each layer ``(B, L, D)``; one more entry: the last layer's output (before the final norm)."""
-    probs: list[torch.Tensor]
-    """Eager attention probabilities of each layer ``(B, H, L, L)``."""
-    keys: list[torch.Tensor]
-    """Keys of each layer after rotary ``(B, KV, L, d)``: ``k_proj``'s output rotated here."""
-    cos: torch.Tensor
-    sin: torch.Tensor
-    """The rotary tables the model passes its layers ``(B, L, d)``."""
+    probs: list[torch.Tensor | None]
+    """Eager attention probabilities of each layer ``(B, H, L, L)`` (None: a linear-attention layer)."""
+    keys: list[torch.Tensor | None]
+    """Keys of each attention layer after rotary ``(B, KV, L, d)``: its ``k_proj`` (or ``k_norm``) output rotated here."""
+    tables: list[tuple[torch.Tensor, torch.Tensor]]
+    """The rotary ``(cos, sin)`` the model passes each layer ``(B, L, r)``."""
+    masks: list[torch.Tensor | None]
+    """The mask the model passes each layer (eager: 4-D additive; a linear-attention layer's 2-D padding mask)."""
+    deltas: list[torch.Tensor]
+    """What the model adds to the residual stream between layer ``i``'s output and layer ``i+1``'s input
+    (Qwen3-VL's DeepStack features at visual positions; zero elsewhere), ``(B, L, D)``."""
     real: torch.Tensor
     """``(B, L)`` True at real (non-padding) tokens."""
+
+    @property
+    def cos(self) -> torch.Tensor:
+        return self.tables[0][0]
+
+    @property
+    def sin(self) -> torch.Tensor:
+        return self.tables[0][1]
 
 
 def capture(model: torch.nn.Module, inputs: dict) -> Capture:
     """Run the unwrapped ``model`` (eager attention) once on ``inputs``, hooks on every decoder layer."""
     lm = language_model(model)
-    hidden, probs, raw_keys, tables = {}, {}, {}, {}
+    entering, leaving, probs, raw_keys, tables, masks = {}, {}, {}, {}, {}, {}
     handles = []
-    for i, layer in enumerate(lm.layers):
+    for i, block in enumerate(lm.layers):
         def before(module, args, kwargs, i=i):
-            hidden[i] = (args[0] if args else kwargs["hidden_states"]).detach()
-            tables[i] = kwargs["position_embeddings"]
+            entering[i] = (args[0] if args else kwargs["hidden_states"]).detach()
+            tables[i], masks[i] = kwargs.get("position_embeddings"), kwargs.get("attention_mask")
 
-        def after_layer(module, args, kwargs, output, i=i):
-            hidden[i + 1] = (output[0] if isinstance(output, tuple) else output).detach()
+        def after(module, args, kwargs, output, i=i):
+            leaving[i] = (output[0] if isinstance(output, tuple) else output).detach()
 
-        def attention(module, args, output, i=i):
-            probs[i] = output[1].detach()
-
-        def keys(module, args, output, i=i):
-            raw_keys[i] = output.detach()
-
-        handles += [layer.register_forward_pre_hook(before, with_kwargs=True),
-                    layer.register_forward_hook(after_layer, with_kwargs=True),
-                    layer.self_attn.register_forward_hook(attention),
-                    layer.self_attn.k_proj.register_forward_hook(keys)]
+        handles += [block.register_forward_pre_hook(before, with_kwargs=True),
+                    block.register_forward_hook(after, with_kwargs=True)]
+        if has_attention(block):
+            handles += [block.self_attn.register_forward_hook(lambda m, a, o, i=i: probs.__setitem__(i, o[1].detach())),
+                        key_module(block).register_forward_hook(lambda m, a, o, i=i: raw_keys.__setitem__(i, o.detach()))]
     try:
         with torch.no_grad():
             model(**inputs)
@@ -113,107 +158,18 @@ def capture(model: torch.nn.Module, inputs: dict) -> Capture:
         for handle in handles:
             handle.remove()
     batch, length = inputs["input_ids"].shape
-    cos, sin = (t.expand(batch, -1, -1) for t in tables[0])
-    head_dim = cos.shape[-1]
-    keys = [apply_rotary(raw_keys[i].view(batch, length, -1, head_dim).transpose(1, 2), cos, sin)
-            for i in range(len(lm.layers))]
-    real = inputs["attention_mask"].bool()
-    return Capture(hidden=[hidden[i] for i in range(len(lm.layers) + 1)], probs=[probs[i] for i in range(len(lm.layers))],
-                   keys=keys, cos=cos, sin=sin, real=real)
-
-
-def additive_mask(present: torch.Tensor, real: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``(B, 1, n, n)`` eager mask over the tokens at original positions ``present``: a query sees the keys at
-    or before its own position that are real tokens."""
-    seen = (present[:, None, :] <= present[:, :, None]) & torch.gather(real, 1, present)[:, None, :]
-    return torch.zeros(seen.shape, dtype=dtype).masked_fill(~seen, torch.finfo(dtype).min)[:, None]
-
-
-# ---------------------------------------------------------------------------------------------
-# A decoder loop that drops tokens
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Step:
-    """What a chooser sees at a drop layer (every tensor over the tokens present there)."""
-
-    layer: int
-    hidden: torch.Tensor
-    """``(B, n, D)`` entering the drop layer."""
-    present: torch.Tensor
-    """``(B, n)`` their original positions."""
-    run: "Loop"
-
-    def attention(self, layer: int | None = None) -> torch.Tensor:
-        """Eager probabilities ``(B, H, n, n)`` of ``layer`` (default: the drop layer) run on these tokens."""
-        index = self.layer if layer is None else layer
-        block = self.run.layers[index]
-        cos, sin = take(self.run.cos, self.present), take(self.run.sin, self.present)
-        mask = additive_mask(self.present, self.run.real, self.hidden.dtype)
-        with torch.no_grad():
-            _, probs = block.self_attn(hidden_states=block.input_layernorm(self.hidden),
-                                       position_embeddings=(cos, sin), attention_mask=mask)
-        return probs
-
-
-@dataclass
-class Loop:
-    layers: torch.nn.ModuleList
-    cos: torch.Tensor
-    sin: torch.Tensor
-    real: torch.Tensor
-    probs: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    """Layer -> (present positions, eager probabilities) of the latest run of that layer."""
-    keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    """Layer -> (present positions, post-rotary keys ``(B, KV, n, d)``)."""
-
-
-Chooser = Callable[[Step], tuple[list[list[int]], list[int]]]
-"""``chooser(step)`` -> per sample, its present visual positions ranked best first, and its target count."""
-
-
-def run_with_drops(model: torch.nn.Module, inputs: dict, layout, stages: dict[int, Chooser]
-                   ) -> dict[int, list[list[int]]]:
-    """Run the unwrapped ``model``'s decoder layers, dropping visual tokens at the input of each stage layer.
-
-    Per stage, the kept visual positions of each sample (the batch rule of :func:`assemble` applied).
-    The layers see the kept tokens at their original rotary positions with a causal + padding mask.
-    """
-    lm = language_model(model)
-    first = capture_inputs(model, inputs)
-    loop = Loop(layers=lm.layers, cos=first["cos"], sin=first["sin"], real=inputs["attention_mask"].bool())
-    hidden = first["hidden"]
-    batch, length = inputs["input_ids"].shape
-    present = torch.arange(length).expand(batch, -1)
-    kept: dict[int, list[list[int]]] = {}
-    for index, block in enumerate(lm.layers):
-        if index in stages:
-            rankings, targets = stages[index](Step(index, hidden, present, loop))
-            rows, kept[index] = assemble(present, layout, rankings, targets)
-            present = torch.stack([present[b][r] for b, r in enumerate(rows)])
-            hidden = torch.stack([hidden[b][r] for b, r in enumerate(rows)])
-        cos, sin = take(loop.cos, present), take(loop.sin, present)
-        mask = additive_mask(present, loop.real, hidden.dtype)
-        seen = {}
-        handles = [block.self_attn.register_forward_hook(lambda m, a, o: seen.__setitem__("probs", o[1].detach())),
-                   block.self_attn.k_proj.register_forward_hook(lambda m, a, o: seen.__setitem__("keys", o.detach()))]
-        try:
-            with torch.no_grad():
-                out = block(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=None)
-        finally:
-            for handle in handles:
-                handle.remove()
-        hidden = out[0] if isinstance(out, tuple) else out
-        head_dim = cos.shape[-1]
-        loop.probs[index] = (present, seen["probs"])
-        loop.keys[index] = (present, apply_rotary(seen["keys"].view(batch, present.shape[1], -1, head_dim)
-                                                  .transpose(1, 2), cos, sin))
-    return kept
+    layers = range(len(lm.layers))
+    full = {i: tuple(t.expand(batch, -1, -1) for t in tables[i]) for i in layers}
+    keys = [apply_rotary(key_heads(raw_keys[i], length, lm.layers[i].self_attn.head_dim), *full[i])
+            if i in raw_keys else None for i in layers]
+    deltas = [entering[i + 1] - leaving[i] for i in layers if i + 1 in entering]
+    return Capture(hidden=[entering[i] for i in layers] + [leaving[len(lm.layers) - 1]],
+                   probs=[probs.get(i) for i in layers], keys=keys, tables=[full[i] for i in layers],
+                   masks=[masks[i] for i in layers], deltas=deltas, real=inputs["attention_mask"].bool())
 
 
 def capture_inputs(model: torch.nn.Module, inputs: dict) -> dict:
-    """The embeddings entering decoder layer 0 and the rotary tables (a pre-hook; the forward stops there)."""
+    """The embeddings entering decoder layer 0 and its rotary tables (a pre-hook; the forward stops there)."""
     lm = language_model(model)
     seen = {}
 
@@ -236,6 +192,116 @@ def capture_inputs(model: torch.nn.Module, inputs: dict) -> dict:
     finally:
         handle.remove()
     return seen
+
+
+# ---------------------------------------------------------------------------------------------
+# A decoder loop that drops tokens
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Loop:
+    """The decoder layers, what the model passes them over the full prompt, and what each latest run saw."""
+
+    layers: torch.nn.ModuleList
+    full: Capture
+    probs: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """Layer -> (present positions, eager probabilities) of the latest run of that (attention) layer."""
+    keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """Layer -> (present positions, post-rotary keys ``(B, KV, n, d)``)."""
+
+    @property
+    def real(self) -> torch.Tensor:
+        return self.full.real
+
+    def inputs(self, index: int, present: torch.Tensor) -> dict:
+        """Layer ``index``'s keyword inputs for the tokens at ``present``: its rotary tables' rows and its mask's
+        rows and columns (each token keeps its original position and what it may see)."""
+        cos, sin = self.full.tables[index]
+        return {"position_embeddings": (take(cos, present), take(sin, present)),
+                "attention_mask": take_mask(self.full.masks[index], present)}
+
+
+@dataclass
+class Step:
+    """What a chooser sees at a drop layer (every tensor over the tokens present there)."""
+
+    layer: int
+    hidden: torch.Tensor
+    """``(B, n, D)`` entering the drop layer."""
+    present: torch.Tensor
+    """``(B, n)`` their original positions."""
+    run: Loop
+
+    def attention(self, layer: int | None = None) -> torch.Tensor:
+        """Eager probabilities ``(B, H, n, n)`` of ``layer`` (default: the drop layer) run on these tokens."""
+        index = self.layer if layer is None else layer
+        block = self.run.layers[index]
+        with torch.no_grad():
+            _, probs = block.self_attn(hidden_states=block.input_layernorm(self.hidden),
+                                       **self.run.inputs(index, self.present))
+        return probs
+
+
+Chooser = Callable[[Step], tuple[list[list[int]], list[int]]]
+"""``chooser(step)`` -> per sample, its present visual positions ranked best first, and its target count."""
+
+
+@dataclass
+class Dropped:
+    kept: dict[int, list[list[int]]]
+    """Per stage layer, each sample's kept visual positions (the batch rule of :func:`assemble` applied)."""
+    hidden: torch.Tensor
+    """``(B, n, D)`` leaving the last layer (before the final norm), at the positions ``present``."""
+    present: torch.Tensor
+    loop: Loop
+
+
+def run_with_drops(model: torch.nn.Module, inputs: dict, layout, stages: dict[int, Chooser]
+                   ) -> dict[int, list[list[int]]]:
+    """Per stage layer, each sample's kept visual positions (:func:`drop_loop`)."""
+    return drop_loop(model, inputs, layout, stages).kept
+
+
+def drop_loop(model: torch.nn.Module, inputs: dict, layout, stages: dict[int, Chooser]) -> Dropped:
+    """Run the unwrapped ``model``'s decoder layers, dropping visual tokens at the input of each stage layer.
+
+    A plain forward first records what the model passes each layer over the full prompt (rotary tables, mask)
+    and adds between layers; the loop then gives each layer those at the rows and columns of the tokens still
+    present, so the kept tokens keep their original positions and visibility (causal, padding, sliding
+    windows, bidirectional image blocks), and what the model adds between layers stays at its positions.
+    """
+    lm = language_model(model)
+    loop = Loop(layers=lm.layers, full=capture(model, inputs))
+    hidden = loop.full.hidden[0]
+    batch, length = inputs["input_ids"].shape
+    present = torch.arange(length).expand(batch, -1)
+    kept: dict[int, list[list[int]]] = {}
+    for index, block in enumerate(lm.layers):
+        if index in stages:
+            rankings, targets = stages[index](Step(index, hidden, present, loop))
+            rows, kept[index] = assemble(present, layout, rankings, targets)
+            present = torch.stack([present[b][r] for b, r in enumerate(rows)])
+            hidden = torch.stack([hidden[b][r] for b, r in enumerate(rows)])
+        seen, handles = {}, []
+        if has_attention(block):
+            handles = [block.self_attn.register_forward_hook(lambda m, a, o: seen.__setitem__("probs", o[1].detach())),
+                       key_module(block).register_forward_hook(lambda m, a, o: seen.__setitem__("keys", o.detach()))]
+        inputs_here = loop.inputs(index, present)
+        try:
+            with torch.no_grad():
+                out = block(hidden, position_ids=None, **inputs_here)
+        finally:
+            for handle in handles:
+                handle.remove()
+        hidden = out[0] if isinstance(out, tuple) else out
+        if index < len(loop.full.deltas):
+            hidden = hidden + take(loop.full.deltas[index], present)
+        if seen:
+            loop.probs[index] = (present, seen["probs"])
+            keys = key_heads(seen["keys"], present.shape[1], block.self_attn.head_dim)
+            loop.keys[index] = (present, apply_rotary(keys, *inputs_here["position_embeddings"]))
+    return Dropped(kept, hidden, present, loop)
 
 
 def assemble(present: torch.Tensor, layout, rankings: list[list[int]], targets: list[int]

@@ -21,22 +21,45 @@ NEAR_TIE = 1e-6
 """A score gap below this at a budget boundary could flip between two correct fp32 computations (the message
 of a mismatch says so)."""
 
-HOSTS = {
-    "fastv": (lambda keep: FastV(keep=keep, layer=1),
-              lambda m, x, lay, keep: reference.fastv(m, x, lay, keep, layer=1)),
-    "fastv_k2": (lambda keep: FastV(keep=keep, layer=2),
-                 lambda m, x, lay, keep: reference.fastv(m, x, lay, keep, layer=2)),
-    "pdrop": (lambda keep: PDrop(keep=keep, layers=(1, 2)),
-              lambda m, x, lay, keep: reference.pdrop(m, x, lay, keep, layers=(1, 2))),
-    "pdrop_from_0": (lambda keep: PDrop(keep=keep, layers=(0, 2)),
-                     lambda m, x, lay, keep: reference.pdrop(m, x, lay, keep, layers=(0, 2))),
-    "dart": (lambda keep: DART(keep=keep, layer=2, pivots=2, text_pivots=2),
-             lambda m, x, lay, keep: reference.dart(m, x, lay, keep, layer=2, image_pivots=2, text_pivots=2)),
-    "random": (lambda keep: RandomPrune(keep=keep, layer=1, seed=3),
-               lambda m, x, lay, keep: reference.random(m, x, lay, keep, layer=1, seed=3)),
-    "grid": (lambda keep: UniformGrid(keep=keep, layer=1),
-             lambda m, x, lay, keep: reference.grid(m, x, lay, keep, layer=1)),
-}
+def attention_layers(model) -> list[int]:
+    """Decoder layers with softmax attention (a hybrid family's linear-attention layers have none)."""
+    return [i for i, block in enumerate(reference.language_model(model).layers) if reference.has_attention(block)]
+
+
+def after_attention(attention: list[int], count: int, first: int = 0) -> int | None:
+    """The first drop layer ``>= first + 1`` whose previous layer has attention."""
+    return next((a + 1 for a in attention if a >= first and a + 1 < count), None)
+
+
+def setups(attention: list[int], count: int) -> dict:
+    """Per host variant, ``(host(keep), reference(model, inputs, layout, keep))`` at layers this model can take
+    (None where it has none: the variant is skipped). With attention everywhere: FastV at 1 and 2, PDrop at
+    1/2 and 0/2, DART at 2; a hybrid family's variants move to its attention layers."""
+    fastv, fastv_k2 = after_attention(attention, count), after_attention(attention, count, first=1)
+    pdrop = tuple(attention[1:3]) if len(attention) >= 3 else tuple(attention[:2])
+    pdrop_0 = (attention[0], attention[-1]) if (attention[0], attention[-1]) != pdrop else None
+    out = {
+        "fastv": fastv and (lambda keep: FastV(keep=keep, layer=fastv),
+                            lambda m, x, lay, keep: reference.fastv(m, x, lay, keep, layer=fastv)),
+        "fastv_k2": fastv_k2 and fastv_k2 != fastv and (
+            lambda keep: FastV(keep=keep, layer=fastv_k2),
+            lambda m, x, lay, keep: reference.fastv(m, x, lay, keep, layer=fastv_k2)),
+        "pdrop": (lambda keep: PDrop(keep=keep, layers=pdrop),
+                  lambda m, x, lay, keep: reference.pdrop(m, x, lay, keep, layers=pdrop)),
+        "pdrop_from_0": pdrop_0 and (lambda keep: PDrop(keep=keep, layers=pdrop_0),
+                                     lambda m, x, lay, keep: reference.pdrop(m, x, lay, keep, layers=pdrop_0)),
+        "dart": fastv_k2 and (lambda keep: DART(keep=keep, layer=fastv_k2, pivots=2, text_pivots=2),
+                              lambda m, x, lay, keep: reference.dart(m, x, lay, keep, layer=fastv_k2, image_pivots=2,
+                                                                    text_pivots=2)),
+        "random": (lambda keep: RandomPrune(keep=keep, layer=1, seed=3),
+                   lambda m, x, lay, keep: reference.random(m, x, lay, keep, layer=1, seed=3)),
+        "grid": (lambda keep: UniformGrid(keep=keep, layer=1),
+                 lambda m, x, lay, keep: reference.grid(m, x, lay, keep, layer=1)),
+    }
+    return out
+
+
+VARIANTS = ["fastv", "fastv_k2", "pdrop", "pdrop_from_0", "dart", "random", "grid"]
 KEEPS = (5, 0.5)
 _MODELS = {}
 
@@ -62,7 +85,10 @@ def kept_visual(model, inputs, host) -> dict[int, list[list[int]]]:
 
 def check(family, name, keep):
     model, inputs = tiny(family)
-    make, compute = HOSTS[name]
+    setup = setups(attention_layers(model), len(reference.language_model(model).layers))[name]
+    if not setup:
+        pytest.skip(f"{family} has no layers for the {name} variant")
+    make, compute = setup
     layout = vlmtools.wrap(model).layout(inputs)
     expected = compute(model, inputs, layout, keep)
     got = kept_visual(model, inputs, make(keep))
@@ -72,10 +98,32 @@ def check(family, name, keep):
 
 
 @pytest.mark.parametrize("keep", KEEPS)
-@pytest.mark.parametrize("name", list(HOSTS))
+@pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("family", list(BUILDERS))
 def test_the_host_keeps_what_the_reference_keeps(family, name, keep):
     check(family, name, keep)
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_the_reference_loop_is_the_models_own_forward(family):
+    """With nothing dropped, the reference's decoder loop (its mask, rotary tables and eager attention) gives the
+    unwrapped model's own hidden states and attention at every real token; dropping nothing at a stage changes
+    nothing either."""
+    model, inputs = tiny(family)
+    layout = vlmtools.wrap(model).layout(inputs)
+    ref = reference.unwrapped(model)
+    plain = reference.capture(ref, inputs)
+    keep_all = lambda step: ([[p for _, p in reference.visual_present(step, b, s)] for b, s in  # noqa: E731
+                              enumerate(layout.samples)], [len(s.visual_positions()) for s in layout.samples])
+    for stages in ({}, {1: keep_all}):
+        looped = reference.drop_loop(ref, inputs, layout, stages)
+        assert torch.equal(looped.present, torch.arange(plain.real.shape[1]).expand_as(plain.real))
+        torch.testing.assert_close(looped.hidden[plain.real], plain.hidden[-1][plain.real], atol=1e-5, rtol=0)
+        for layer, (_, probs) in looped.loop.probs.items():
+            rows = plain.real[:, None, :, None].expand_as(probs)
+            torch.testing.assert_close(probs[rows], plain.probs[layer][rows], atol=1e-6, rtol=0)
+        for layer, (_, keys) in looped.loop.keys.items():
+            torch.testing.assert_close(keys, plain.keys[layer], atol=1e-6, rtol=0)
 
 
 def _first_ones(self, run, sample, scores, columns, hidden, target):
@@ -85,7 +133,7 @@ def _first_ones(self, run, sample, scores, columns, hidden, target):
 
 @pytest.mark.parametrize("name", ["fastv", "pdrop", "dart", "random", "grid"])
 def test_a_trivial_selection_fails_the_reference_check(name, monkeypatch):
-    host_class = type(HOSTS[name][0](5))
+    host_class = {"fastv": FastV, "pdrop": PDrop, "dart": DART, "random": RandomPrune, "grid": UniformGrid}[name]
     assert issubclass(host_class, Host)
     monkeypatch.setattr(host_class, "select", _first_ones)
     with pytest.raises(AssertionError):
