@@ -40,6 +40,9 @@ from .args import at_least
 KEEP = {"100%": 1.0, "33%": 1 / 3, "22%": 2 / 9, "11%": 1 / 9}
 HOSTS = ("fastv", "pdrop", "sparsevlm", "visionzip", "fastervlm", "dart", "random")
 """Hosts run by default (each with its class's default layers)."""
+AT_THE_SHARE = {"sparsevlm": {"budget": "schedule"}}
+"""Settings that make a host keep exactly the kept share compared: SparseVLM's released rank budget keeps as
+many tokens as the raters' attention has rank (``keep`` is only its floor), so the bench runs its schedule."""
 QUESTIONS = 200
 """Held-out zoo test questions by default."""
 METRICS = {"vqa": "VQA accuracy (vlmtools.vqa)", "pope": "POPE accuracy (hallucination.metrics.pope)"}
@@ -198,7 +201,8 @@ def prune_bench_command(args) -> int:
             host = None
             if config.host:
                 debias = (Debias(directory=directory) if trends else Debias(trend=None)) if config.debias else False
-                host = CLASSES[config.host](keep=KEEP[config.ratio], debias=debias)
+                host = CLASSES[config.host](keep=KEEP[config.ratio], debias=debias,
+                                            **AT_THE_SHARE.get(config.host, {}))
             with vlm.use(*([host] if host else [])) as trace:  # greedy's own block shares this trace
                 texts = greedy(vlm, inputs, max_new_tokens=args.max_new_tokens)
             if public:  # no masks: where the kept tokens fall is not known
