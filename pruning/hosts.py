@@ -85,7 +85,7 @@ class PDrop(Host):
         padding = torch.stack([torch.isin(present, sample.padding.to(kept.device))
                                for present, sample in zip(kept, layout.samples)])
         return last_query_attention(layer, getattr(layer, run.vlm.adapter.attn), hidden, kept,
-                                    run.scorers[stage].tables, padding)
+                                    run.scorers[stage].tables, padding, mask=run.scorers[stage].mask)
 
     def options(self):
         return {"rank": "the drop layer's own q/k on its input (released code)" if self.rank == "layer"
@@ -100,17 +100,17 @@ class _RotaryTables(LayerHook):
     registered before the drop runtime, which gathers them to the kept positions after this hook)."""
 
     def __init__(self, state):
-        self.state, self.tables = state, None
+        self.state, self.tables, self.mask = state, None, None
 
     def before_layer(self, index, hidden, kwargs):
         if self.state.step == 0:
-            self.tables = kwargs.get("position_embeddings")
+            self.tables, self.mask = kwargs.get("position_embeddings"), kwargs.get("attention_mask")
         return None
 
 
 def last_query_attention(layer: torch.nn.Module, attention: torch.nn.Module, hidden: torch.Tensor,
                          kept: torch.Tensor, tables, padding: torch.Tensor,
-                         rows: torch.Tensor | None = None) -> torch.Tensor:
+                         rows: torch.Tensor | None = None, mask=None) -> torch.Tensor:
     """The last token's head-mean softmax row of ``layer`` over the tokens ``kept`` (``(B, n)``), recomputed in
     fp32 from the layer's own ``input_layernorm``, ``q_proj``, ``k_proj`` (and ``q_norm``/``k_norm`` where the
     family has them) and rotary tables on ``hidden`` (``(B, n, D)``, the residual stream entering it).
@@ -119,6 +119,10 @@ def last_query_attention(layer: torch.nn.Module, attention: torch.nn.Module, hid
     ``padding``: ``(B, n)`` masked keys. Grouped-query heads share their key head. Returns ``(B, n)``.
     ``rows``: ``(B, r)`` columns of other query tokens (SparseVLM's raters) instead of the last; each sees the
     keys up to its own column (causal). Returns ``(B, r, n)`` then.
+    ``mask``: the mask the model passes the layer over the full prompt (a 4-D mask, a flex ``BlockMask``): each
+    query then sees the kept keys that mask lets it see at their original positions (a sliding window, Gemma 3's
+    bidirectional image tokens); without one (FlashAttention's 2-D padding mask, or none), causality, padding and
+    the layer's ``sliding_window``.
     """
     if tables is None:
         raise ValueError("pruning: the drop layer received no rotary position_embeddings; PDrop's default "
@@ -150,10 +154,29 @@ def last_query_attention(layer: torch.nn.Module, attention: torch.nn.Module, hid
         key = key.repeat_interleave(heads // kv_heads, dim=2)
         scaling = getattr(attention, "scaling", None) or head_dim ** -0.5
         logits = torch.einsum("brhd,bnhd->bhrn", query, key) * scaling
-        hidden_keys = padding[:, None, :] | (torch.arange(count, device=rows.device) > rows[..., None])  # (B, r, n)
+        hidden_keys = _hidden_keys(mask, kept, rows, padding, getattr(attention, "sliding_window", None))  # (B, r, n)
         logits = logits.masked_fill(hidden_keys[:, None], float("-inf"))
         probs = logits.softmax(-1).mean(1)  # (B, r, n)
         return probs[:, 0] if last else probs
+
+
+def _hidden_keys(mask, kept: torch.Tensor, rows: torch.Tensor, padding: torch.Tensor,
+                 window: int | None) -> torch.Tensor:
+    """``(B, r, n)`` True where query column ``rows`` may not see key column of ``kept`` (original positions)."""
+    queries = kept.gather(1, rows)  # (B, r) original positions
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        full = mask.expand(kept.shape[0], *mask.shape[1:])[:, 0]  # (B, L, L)
+        picked = full.gather(1, queries[..., None].expand(-1, -1, full.shape[-1]))
+        picked = picked.gather(2, kept[:, None, :].expand(-1, rows.shape[1], -1))
+        visible = picked if picked.dtype == torch.bool else picked > torch.finfo(picked.dtype).min / 2
+        return ~visible
+    if mask is not None and not isinstance(mask, torch.Tensor):  # flex's BlockMask: its mask_mod at those positions
+        batch = torch.arange(kept.shape[0], device=kept.device)[:, None, None]
+        head = torch.zeros(1, dtype=torch.long, device=kept.device)
+        return ~mask.mask_mod(batch, head, queries[..., None], kept[:, None, :]).expand(-1, rows.shape[1], -1)
+    ahead = queries[..., None] - kept[:, None, :]
+    hidden = padding[:, None, :] | (ahead < 0)
+    return hidden | (ahead >= window) if window else hidden
 
 
 def _gather_rows(table: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -238,7 +261,8 @@ class SparseVLM(Host):
                                for present, sample in zip(kept, layout.samples)])
         layer = run.vlm.layers[self.layers[stage]]
         probs = last_query_attention(layer, getattr(layer, run.vlm.adapter.attn), hidden, kept,
-                                     run.scorers[1 + stage].tables, padding, padded_rows)  # (B, r, n)
+                                     run.scorers[1 + stage].tables, padding, padded_rows,
+                                     mask=run.scorers[1 + stage].mask)  # (B, r, n)
         out = torch.zeros(kept.shape, dtype=torch.float32, device=kept.device)
         ranks = []
         for b, sample in enumerate(layout.samples):

@@ -376,19 +376,32 @@ for _implementation in SERVED:
 def check_implementations(model, config_keys: Sequence[str]) -> dict[str, str]:
     """Each sub-config's loaded attention implementation, by config key (``""``: the top-level config).
 
-    Raises :class:`UnsupportedModel` for one the seam does not serve, naming it and :data:`SERVED`.
+    Raises :class:`UnsupportedModel` for one the seam does not serve, naming it and :data:`SERVED`, and for a
+    language model's implementation that the model's class tells transformers it does not support (a config
+    switched directly, past transformers' own check at loading): Gemma 3 under FlashAttention, which drops its
+    bidirectional mask over image tokens.
     """
     found = {}
     for key in config_keys:
         name = loaded_implementation(_config(model, key)._attn_implementation)
+        where = f"its {key}" if key else "it"
         if name not in SERVED:
-            where = f"its {key}" if key else "it"
             raise UnsupportedModel(
                 f"vlmtools: {type(model).__name__} runs attn_implementation={name!r} for {where}, which the seam "
                 f"does not serve (served: {', '.join(SERVED)}); load the model with one of those, or call "
                 f"model.set_attn_implementation(...) before wrapping it")
+        flag = _SUPPORTS.get(name.split("_attention")[0] if "flash" in name else name)
+        if key == "text_config" and flag is not None and getattr(type(model), flag, True) is False:
+            raise UnsupportedModel(
+                f"vlmtools: {type(model).__name__} runs attn_implementation={name!r} for {where}, which its class "
+                f"does not support ({flag} = False: transformers refuses to load it so; Gemma 3's FlashAttention "
+                f"would drop the bidirectional mask over image tokens); use sdpa, eager or flex_attention")
         found[key] = name
     return found
+
+
+_SUPPORTS = {"flash": "_supports_flash_attn", "flex_attention": "_supports_flex_attn", "sdpa": "_supports_sdpa"}
+"""An implementation (FlashAttention of every version as one) -> the class flag transformers reads at loading."""
 
 _SITES: "weakref.WeakKeyDictionary[torch.nn.Module, AttentionSite]" = weakref.WeakKeyDictionary()
 

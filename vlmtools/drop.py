@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
-from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, LinearAttentionLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_flash_attention_utils import _is_packed_sequence, prepare_fa_kwargs_from_position_ids
 
@@ -127,7 +127,7 @@ class DropRun(LayerHook):
         """Drop layer -> original positions it kept at the latest prefill, ``(B, n)``."""
         self.shift: dict[int, torch.Tensor] = {}
         """``positions="compact"``: drop layer -> real tokens dropped up to it, per sample ``(B, 1)``."""
-        self.prompt_len = 0
+        self.prompt_len = self.length = 0
         self._renumbered: tuple = ()  # (ids, drop layer, compacted inputs): the layers of one stage share them
         self._gathered: tuple = ()  # (mask, kept, its gathered mask): the layers of one stage share it in a call
 
@@ -138,11 +138,13 @@ class DropRun(LayerHook):
     def before_layer(self, index, hidden, kwargs):
         if self.state.step == 0 and index == min(self.stages):
             self.kept, self.shift = {}, {}
-            self.prompt_len = hidden.shape[1]
+            self.prompt_len = self.length = hidden.shape[1]
+        elif index == min(self.stages):
+            self.length += hidden.shape[1]  # the keys of the unpruned sequence through this decoding step
         kept = None
         if self.state.step == 0:
             hidden = self._prefill_drop(index, hidden)
-            kept = self.state.present = self.kept_at(index)
+            kept = self.state.present = self.state.kept_keys[index] = self.kept_at(index)
             inputs = _gather_inputs(kwargs, kept)
             if self.positions == "compact":
                 inputs.update(self._compacted(index, kwargs, kept))
@@ -202,11 +204,13 @@ class DropRun(LayerHook):
         prompt positions and, at a decoding step, every generated one); computed once per stage and call."""
         if self._gathered and self._gathered[0] is mask and self._gathered[1] is kept:
             return self._gathered[2]
-        columns = kept
+        columns, offset = kept, 0
         if rows is None:
-            generated = torch.arange(self.prompt_len, _key_length(mask), device=kept.device)
+            generated = torch.arange(self.prompt_len, self.length, device=kept.device)
             columns = torch.cat([kept, generated.expand(kept.shape[0], -1)], 1)
-        gathered = _gather_mask(mask, rows, columns)
+            # a sliding-window layer's decoding mask covers only the last keys of the sequence (the window)
+            offset = self.length - _key_length(mask)
+        gathered = _gather_mask(mask, rows, columns, offset)
         self._gathered = (mask, kept, gathered)
         return gathered
 
@@ -305,29 +309,41 @@ def _key_length(mask) -> int:
     return mask.seq_lengths[1] if isinstance(mask, BlockMask) else mask.shape[-1]
 
 
-def _gather_mask(mask, rows: torch.Tensor | None, columns: torch.Tensor):
+def _gather_mask(mask, rows: torch.Tensor | None, columns: torch.Tensor, offset: int = 0):
     """``mask`` restricted to the query positions ``rows`` (None: all, as they are) and the key positions
     ``columns`` (``(B, n)`` each), in the same form: a 4-D mask (eager, SDPA), a 2-D padding mask
-    (FlashAttention, whose queries follow from it) or a flex ``BlockMask``."""
+    (FlashAttention, whose queries follow from it) or a flex ``BlockMask``. ``offset``: the position of the
+    mask's first key column (a sliding-window layer's decoding mask starts inside the sequence); keys before it
+    are not visible."""
     batch = columns.shape[0]
+    outside = columns < offset if offset else None
+    columns = (columns - offset).clamp(min=0) if offset else columns
     if isinstance(mask, BlockMask):
-        return _gather_block_mask(mask, rows, columns)
+        return _gather_block_mask(mask, rows, columns, outside)
     if mask.dim() == 2:
-        return mask.expand(batch, -1).gather(1, columns)
+        gathered = mask.expand(batch, -1).gather(1, columns)
+        return gathered if outside is None else gathered.masked_fill(outside, False)
     mask = mask.expand(batch, *mask.shape[1:])
     if rows is not None:
         mask = mask.gather(2, rows[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[3]))
-    return mask.gather(3, columns[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
+    gathered = mask.gather(3, columns[:, None, None, :].expand(-1, mask.shape[1], mask.shape[2], -1))
+    if outside is None:
+        return gathered
+    hidden = False if gathered.dtype == torch.bool else torch.finfo(gathered.dtype).min
+    return gathered.masked_fill(outside[:, None, None, :], hidden)
 
 
-def _gather_block_mask(mask: BlockMask, rows: torch.Tensor | None, columns: torch.Tensor) -> BlockMask:
+def _gather_block_mask(mask: BlockMask, rows: torch.Tensor | None, columns: torch.Tensor,
+                       outside: torch.Tensor | None = None) -> BlockMask:
     """A BlockMask over the kept positions, built by transformers' flex mask builder from the original's
-    ``mask_mod`` read at the original positions (causality, padding and offsets stay those of the full prompt)."""
+    ``mask_mod`` read at the original positions (causality, padding and offsets stay those of the full prompt);
+    ``outside`` flags keys before the mask's first column (never visible)."""
     mask_mod = mask.mask_mod
 
     def kept_mask_mod(batch_idx, head_idx, q_idx, kv_idx):
-        return mask_mod(batch_idx, head_idx, q_idx if rows is None else rows[batch_idx, q_idx],
-                        columns[batch_idx, kv_idx])
+        visible = mask_mod(batch_idx, head_idx, q_idx if rows is None else rows[batch_idx, q_idx],
+                           columns[batch_idx, kv_idx])
+        return visible if outside is None else visible & ~outside[batch_idx, kv_idx]
 
     return ALL_MASK_ATTENTION_FUNCTIONS["flex_attention"](
         batch_size=columns.shape[0], q_length=mask.seq_lengths[0] if rows is None else rows.shape[1],
@@ -341,7 +357,9 @@ def _mark_cache(cache, index: int, dropped: int) -> None:
     while index >= len(layers) and cache.layer_class_to_replicate is DynamicLayer:
         layers.append(DynamicLayer())
     layer = layers[index]
-    if type(layer) is DynamicLayer and not layer.is_initialized:
+    if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) and not layer.is_initialized:
+        # a pruned sliding-window layer keeps every kept key: its decoding mask (gathered to the kept positions)
+        # applies the window, whose keys the kept ones no longer are the last of
         layers[index] = PrunedCacheLayer(dropped)
     elif type(layer) is LinearAttentionLayer and not any(layer.has_previous_state.values()):
         layers[index] = PrunedLinearCacheLayer(dropped, layer.number_of_states)

@@ -68,3 +68,12 @@ def join_samples(per_image: Sequence[torch.Tensor], layout: TokenLayout) -> list
         out.append(torch.cat(list(per_image[start:stop])))
         start = stop
     return out
+
+
+def block_means(values: torch.Tensor, side: int, block: int) -> torch.Tensor:
+    """Values of square ``side x side`` patch grids in raster order, one grid after another, ``(grids * side^2,
+    ...)`` -> the mean over each ``block x block`` square, ``(grids * (side / block)^2, ...)`` in raster order: the
+    LM tokens of a family that pools (Gemma 3's average pooling) or pixel-shuffles (InternVL, SmolVLM: each LM token
+    concatenates such a square) its patches."""
+    cells = side // block
+    return values.unflatten(0, (-1, cells, block, cells, block)).mean((2, 4)).flatten(0, 2)
