@@ -299,9 +299,11 @@ def test_vision_rows_match_eager(built):
     eager = eager_vision_attentions(model, inputs)
     rows = trace["vision.0.rows"]
     # CLIP runs all images (tiles) as one batch; Qwen2-VL calls once per image; Qwen2.5-VL's block 0
-    # once per window: 2x3 and 4x4 merged grids in 2x2 windows make 2 + 4; Qwen3-VL and Qwen3.5 once per image
+    # once per window: 2x3 and 4x4 merged grids in 2x2 windows make 2 + 4; Qwen3-VL and Qwen3.5 once per image;
+    # Gemma 3, OneVision, InternVL and SmolVLM run every image, tile, crop (and video frame) as one batch
     assert len(rows) == len(eager) == {"llava": 1, "llava_next": 1, "qwen2_vl": 2, "qwen2_5_vl": 6, "qwen3_vl": 2,
-                                       "qwen3_5": 2}[family]
+                                       "qwen3_5": 2, "gemma3": 1, "llava_onevision": 1, "internvl": 1,
+                                       "smolvlm": 1}[family]
     for row, weights in zip(rows, eager):
         torch.testing.assert_close(row, weights, atol=1e-5, rtol=0)
 

@@ -208,6 +208,115 @@ def tiny_qwen3_5():
     return model, _qwen_inputs([(16, 24), (32, 32)])
 
 
+_SIGLIP = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "image_size": 32, "patch_size": 4}
+_QWEN2 = {"model_type": "qwen2", "bos_token_id": 1, "eos_token_id": 2}
+NEWLINE, ROW_COL = 7, 90
+"""SmolVLM's newline and first row / column token in the tiny vocabulary."""
+
+
+def tiny_gemma3():
+    """Gemma 3: SigLIP 32px / patch 4 pooled 2x2 to 16 tokens per image; LM layers alternate sliding-window
+    (window 12, shorter than the prompts) and full attention; image tokens attend to each other both ways
+    (``token_type_ids``). Pan-and-scan: a wide image is the image and its 2 crops (three runs of 16), a square one
+    a single run."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor
+
+    torch.manual_seed(0)
+    text = _LLAMA | {"model_type": "gemma3_text", "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 12,
+                     "sliding_window_pattern": 2, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    config = Gemma3Config(text_config=text, vision_config=_SIGLIP | {"vision_use_head": False}, mm_tokens_per_image=16,
+                          image_token_index=IMAGE, boi_token_index=VISION_START, eoi_token_index=VISION_END)
+    model = _ready(Gemma3ForConditionalGeneration(config))
+    with torch.no_grad():  # transformers initialises the projection to zeros: every image would be the same tokens
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.02)
+    processor = Gemma3ImageProcessor(size={"height": 32, "width": 32}, do_pan_and_scan=True,
+                                     pan_and_scan_min_crop_size=8, pan_and_scan_max_num_crops=2,
+                                     pan_and_scan_min_ratio_to_activate=1.2)
+    pixels = processor(images=_images((16, 40), (32, 32)), return_tensors="pt")
+    views = [1 + n for n in pixels["num_crops"].tolist()]
+    image = [VISION_START] + [IMAGE] * 16 + [VISION_END]
+    inputs = left_padded([[1, 2] + image * views[0] + [3, 4, 5], [1] + image * views[1] + [3, 4]])
+    inputs["token_type_ids"] = (inputs["input_ids"] == IMAGE).long()
+    return model, {**inputs, "pixel_values": pixels["pixel_values"]}
+
+
+def tiny_llava_onevision(video: bool = False):
+    """LLaVA-OneVision: SigLIP 32px / patch 8 (4x4 per tile), anyres up to 64x64, "anyres_max_2": a wide image
+    (base 16 + 2 rows of 8 + newlines = 34 placeholders) and a square one whose 8x8 stitched grid is resized to
+    5x5 (16 + 30 = 46). ``video``: the second prompt also holds a 3-frame video (2x2 tokens a frame, then one
+    newline: 13 placeholders)."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessor
+
+    torch.manual_seed(0)
+    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    config = LlavaOnevisionConfig(
+        vision_config=_SIGLIP | {"patch_size": 8, "vision_use_head": False}, text_config=_LLAMA | _QWEN2,
+        image_token_index=IMAGE, video_token_index=VIDEO, image_grid_pinpoints=pinpoints,
+        vision_aspect_ratio="anyres_max_2")
+    model = _ready(LlavaOnevisionForConditionalGeneration(config))
+    processor = LlavaOnevisionImageProcessor(size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints)
+    pixels = processor(images=_images((16, 64), (64, 64)), return_tensors="pt")
+    clip = [VIDEO] * 13 + [6] if video else []
+    inputs = left_padded([[1, 2] + [IMAGE] * 34 + [3, 4, 5], [1] + [IMAGE] * 46 + clip + [3, 4]])
+    inputs.update(pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"])
+    if video:
+        inputs["pixel_values_videos"] = torch.randn(1, 3, 3, 32, 32)
+    return model, inputs
+
+
+def tiny_internvl():
+    """InternVL: InternViT 32px / patch 4 with [CLS], pixel shuffle 0.5 (16 tokens per tile); a wide image in 3
+    tiles plus its thumbnail and a square one in one tile, each run between markers (112, 113)."""
+    from transformers import GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "image_size": 32, "patch_size": 4}
+    config = InternVLConfig(vision_config=vision, text_config=_LLAMA | _QWEN2, image_token_id=IMAGE,
+                            image_seq_length=16)
+    model = _ready(InternVLForConditionalGeneration(config))
+    processor = GotOcr2ImageProcessor(size={"height": 32, "width": 32}, crop_to_patches=True, min_patches=1,
+                                      max_patches=6)
+    pixels = processor(images=_images((32, 96), (32, 32)), return_tensors="pt")
+    tiles = pixels["num_patches"].tolist()
+    run = lambda n: [VISION_START] + [IMAGE] * 16 * n + [VISION_END]  # noqa: E731
+    inputs = left_padded([[1, 2] + run(tiles[0]) + [3, 4, 5], [1] + run(tiles[1]) + [3, 4]])
+    return model, {**inputs, "pixel_values": pixels["pixel_values"]}
+
+
+def _smolvlm_prompt(rows: int, cols: int, tokens: int) -> list[int]:
+    """An image as SmolVLM's processor writes it (fake token 112, global marker 113, row / column tokens 90..)."""
+    out = []
+    for i in range(rows):
+        for j in range(cols):
+            out += [VISION_START, ROW_COL + i * cols + j] + [IMAGE] * tokens
+        out += [NEWLINE]
+    return out + [NEWLINE, VISION_START, VISION_END] + [IMAGE] * tokens + [VISION_START]
+
+
+def tiny_smolvlm():
+    """SmolVLM: SigLIP 32px / patch 4, pixel shuffle 2 (16 tokens per sub-image); image splitting: a wide image
+    in 1 x 2 crops and a tall one in 2 x 2, each followed by its global view."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor
+
+    torch.manual_seed(0)
+    vision = {k: v for k, v in _SIGLIP.items() if k != "model_type"}
+    config = SmolVLMConfig(vision_config=vision, text_config=_LLAMA | {"model_type": "llama"}, image_token_id=IMAGE,
+                           scale_factor=2)
+    model = _ready(SmolVLMForConditionalGeneration(config))
+    processor = SmolVLMImageProcessor(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                                      do_image_splitting=True)
+    pixels = processor(images=[[image] for image in _images((24, 64), (64, 48))], return_tensors="pt",
+                       return_row_col_info=True)
+    (rows0,), (rows1,) = pixels["rows"]
+    (cols0,), (cols1,) = pixels["cols"]
+    inputs = left_padded([[1, 2] + _smolvlm_prompt(rows0, cols0, 16) + [3, 4, 5],
+                          [1] + _smolvlm_prompt(rows1, cols1, 16) + [3, 4]])
+    return model, {**inputs, "pixel_values": pixels["pixel_values"],
+                   "pixel_attention_mask": pixels["pixel_attention_mask"]}
+
+
 BUILDERS = {
     "llava": tiny_llava,
     "llava_next": tiny_llava_next,
@@ -215,5 +324,9 @@ BUILDERS = {
     "qwen2_5_vl": tiny_qwen2_5_vl,
     "qwen3_vl": tiny_qwen3_vl,
     "qwen3_5": tiny_qwen3_5,
+    "gemma3": tiny_gemma3,
+    "llava_onevision": tiny_llava_onevision,
+    "internvl": tiny_internvl,
+    "smolvlm": tiny_smolvlm,
 }
 """Family name -> builder, for tests that run on every family."""
