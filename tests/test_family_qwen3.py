@@ -310,7 +310,7 @@ def test_every_pruning_host_runs_or_refuses_with_the_adapters_reason(family, hos
 
 @pytest.mark.parametrize("family,pruner", [("qwen3_vl", FastV(keep=4, layer=1)), ("qwen3_vl", DropTokens({0: drop_three_visual})),
                                            ("qwen3_5", FastV(keep=4, layer=4)), ("qwen3_5", DropTokens({0: drop_three_visual}))],
-                         ids=lambda p: getattr(p, "name", "drop"))
+                         ids=lambda p: "drop" if isinstance(p, DropTokens) else getattr(p, "name", p))
 def test_pruning_decodes_in_bf16(family, pruner):
     model, inputs = FAMILIES[family]()
     model, inputs = model.to(torch.bfloat16), {k: v.to(torch.bfloat16) if v.is_floating_point() else v

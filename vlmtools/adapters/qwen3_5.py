@@ -15,12 +15,16 @@ Images, videos (frames after their timestamps), the vision tower and interleaved
 from __future__ import annotations
 
 from .base import Adapter
-from .qwen2_vl import no_cls
 from .qwen3_vl import frames_last_to_lm, qwen3_vl_layout
 from .vision import VisionEncoder
 
 NO_ATTENTION = ("a Gated DeltaNet layer: linear attention with a recurrent state, no softmax over keys; read "
                 "and edit the full-attention layers instead")
+
+
+def no_cls(name: str) -> str:
+    return (f"{name}'s vision encoder has no [CLS] token: use FastV, PDrop, SparseVLM or DART reading its "
+            "full-attention layers, or random / grid")
 
 
 def hybrid_kinds(model) -> list[str]:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .qwen2_vl import no_cls
-from .qwen3_5 import ADAPTER as QWEN3_5
+from .qwen3_5 import ADAPTER as QWEN3_5, no_cls
 from .vision import VisionEncoder
 
 ADAPTER = dataclasses.replace(
