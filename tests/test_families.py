@@ -331,3 +331,41 @@ def test_onevision_tiles_are_read_back_from_features_when_one_tiling_fits():
 
 def vlm_images(model, inputs):
     return vlmtools.wrap(model).layout(inputs).images()
+
+
+def test_gemma3_compact_positions_take_each_layers_rotary_tables():
+    """``positions="compact"`` recomputes the rotary tables of each layer type (Gemma 3's sliding and full layers
+    use different bases) for the renumbered ids: those a layer gets are its own type's at those ids."""
+    from vlmtools.drop import DropTokens
+
+    model, inputs = tiny("gemma3")
+    vlm = vlmtools.wrap(model)
+    rotary = model.model.language_model.rotary_emb
+    seen = {}
+
+    def keep_half(state, hidden, kept):
+        visual = [s.visual_positions() for s in state.layout.samples]
+        count = min(len(v) for v in visual) // 2
+        return torch.stack([row[~torch.isin(row, v[1::2][:count])] for row, v in zip(kept, visual)])
+
+    def probe(index):
+        def hook(module, args, kwargs):
+            seen.setdefault(index, (kwargs["position_ids"], kwargs["position_embeddings"]))
+        return hook
+
+    with torch.no_grad(), vlm.use(DropTokens({1: keep_half}, positions="compact")):
+        handles = [vlm.layers[i].register_forward_pre_hook(probe(i), with_kwargs=True) for i in (1, 2)]
+        try:
+            model(**inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+    for index in (1, 2):
+        ids, (cos, sin) = seen[index]
+        kind = model.config.text_config.layer_types[index]
+        expected = rotary(cos, ids, kind)
+        torch.testing.assert_close(cos, expected[0], atol=0, rtol=0)
+        torch.testing.assert_close(sin, expected[1], atol=0, rtol=0)
+        first = int(inputs["attention_mask"][0].argmin()) if not inputs["attention_mask"][0].all() else 0
+        assert torch.equal(ids[0][first:], torch.arange(ids.shape[1] - first))  # consecutive from 0
+    assert not torch.equal(seen[1][1][0], seen[2][1][0])  # full and sliding tables differ

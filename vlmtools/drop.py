@@ -32,6 +32,7 @@ What a family's LM adds between its layers outside them (Qwen3-VL's DeepStack fe
 """
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -109,8 +110,11 @@ class DropTokens:
         if first >= vlm.num_layers:
             raise ValueError(f"drop layer {first} >= the model's {vlm.num_layers} decoder layers")
         rotary = _rotary_module(vlm) if self.positions == "compact" else None
+        kinds = None  # a rotary embedding whose tables depend on the layer's type (Gemma 3) gets each layer's
+        if rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters:
+            kinds = vlm.model.config.get_text_config().layer_types
         run = plan.trace[self] = DropRun(self.stages, plan.state, last=vlm.num_layers - 1,
-                                         positions=self.positions, rotary=rotary)
+                                         positions=self.positions, rotary=rotary, layer_types=kinds)
         for index in range(first, vlm.num_layers):
             plan.layer(index, vlm.layers[index], run)
         return run
@@ -120,9 +124,12 @@ class DropRun(LayerHook):
     """One block of :class:`DropTokens`: the hook on its layers and what each drop layer kept."""
 
     def __init__(self, stages: dict[int, Chooser], state: ForwardState, last: int | None = None,
-                 positions: str = "original", rotary: torch.nn.Module | None = None):
+                 positions: str = "original", rotary: torch.nn.Module | None = None,
+                 layer_types: list[str] | None = None):
         self.stages, self.state, self.last = stages, state, last
         self.positions, self.rotary = positions, rotary
+        self.layer_types = layer_types
+        """Each decoder layer's type where the rotary tables depend on it (Gemma 3: sliding and full layers)."""
         self.kept: dict[int, torch.Tensor] = {}
         """Drop layer -> original positions it kept at the latest prefill, ``(B, n)``."""
         self.shift: dict[int, torch.Tensor] = {}
@@ -165,24 +172,32 @@ class DropRun(LayerHook):
         every real token dropped up to this layer. The layers of one stage share them within a call."""
         stage = max(layer for layer in self.kept if layer <= index)
         ids = kwargs.get("position_ids")
-        if self._renumbered and self._renumbered[0] is ids and self._renumbered[1] == stage:
+        kind = self._kind(index)
+        if self._renumbered and self._renumbered[0] is ids and self._renumbered[1] == (stage, kind):
             return self._renumbered[2]
         if kept is not None:
-            out, self.shift[stage] = self._renumber(kwargs, kept)
+            out, self.shift[stage] = self._renumber(kwargs, kept, kind)
         else:
             _one_row(ids)
             shifted = ids.expand(self.shift[stage].shape[0], -1) - self.shift[stage]
-            out = {"position_ids": shifted, **self._tables(kwargs, shifted)}
-        self._renumbered = (ids, stage, out)
+            out = {"position_ids": shifted, **self._tables(kwargs, shifted, kind)}
+        self._renumbered = (ids, (stage, kind), out)
         return out
 
-    def _renumber(self, kwargs: dict[str, Any], present: torch.Tensor):
+    def _kind(self, index: int) -> str | None:
+        """The layer type the rotary embedding takes for layer ``index`` (None: one table for every layer)."""
+        return self.layer_types[index] if self.layer_types else None
+
+    def _rotary(self, x: torch.Tensor, ids: torch.Tensor, kind: str | None):
+        return self.rotary(x, ids) if kind is None else self.rotary(x, ids, kind)
+
+    def _renumber(self, kwargs: dict[str, Any], present: torch.Tensor, kind: str | None = None):
         """Position ids of ``present`` minus the real (non-padding) tokens absent before each, their rotary tables,
         and the count of absent real tokens per sample ``(B, 1)``."""
         ids = kwargs.get("position_ids")
         _one_row(ids)
         tables = kwargs.get("position_embeddings")
-        if tables is not None and not all(torch.equal(a, b) for a, b in zip(self.rotary(tables[0], ids), tables)):
+        if tables is not None and not all(torch.equal(a, b) for a, b in zip(self._rotary(tables[0], ids, kind), tables)):
             raise NotImplementedError("positions='compact' renumbers one row of position ids per sample; this model's "
                                       "rotary tables are not those of the position ids its layers get (M-RoPE rows "
                                       "of an image prompt): use positions='original'")
@@ -193,11 +208,11 @@ class DropRun(LayerHook):
                 real[b, sample.padding.to(present.device)] = False
         absent = real.scatter(1, present, False)
         ids = _gather_positions(ids, present) - absent.cumsum(1).gather(1, present)
-        return {"position_ids": ids, **self._tables(kwargs, ids)}, absent.sum(1, keepdim=True)
+        return {"position_ids": ids, **self._tables(kwargs, ids, kind)}, absent.sum(1, keepdim=True)
 
-    def _tables(self, kwargs: dict[str, Any], ids: torch.Tensor) -> dict[str, Any]:
+    def _tables(self, kwargs: dict[str, Any], ids: torch.Tensor, kind: str | None = None) -> dict[str, Any]:
         tables = kwargs.get("position_embeddings")
-        return {} if tables is None else {"position_embeddings": self.rotary(tables[0], ids)}
+        return {} if tables is None else {"position_embeddings": self._rotary(tables[0], ids, kind)}
 
     def _gathered_mask(self, mask, rows: torch.Tensor | None, kept: torch.Tensor):
         """The mask of the kept queries (``rows``; at a decoding step, None: the new token) and keys (the kept
