@@ -31,12 +31,12 @@ from typing import ClassVar, Literal
 
 import torch
 
-from vlmtools.plan import ACTIVE_PLAN, AttentionHook, LayerHook, Plan
+from vlmtools.plan import ACTIVE_PLAN, AttentionHook, LayerHook, Plan, key_positions
 from vlmtools.record import last_row
 from vlmtools.sinks.dims import model_signature
 from vlmtools.text import content_words, word_ids_for_tokens
 
-from .common import key_mask, visual_mask, widen
+from .common import key_mask, keys_of, visual_mask, widen
 
 TINY = 1e-12
 
@@ -269,6 +269,10 @@ class GIFTRun(AttentionHook, LayerHook):
         if self.state.step != 0 or self._layout is self.state.layout:
             return
         self._new_prompt()
+        if hidden.shape[1] != self.state.layout.seq_len:
+            raise ValueError(f"GIFT: a token drop at layer 0 (VisionZip, FasterVLM, ...) kept {hidden.shape[1]} of the "
+                             f"prompt's {self.state.layout.seq_len} tokens before GIFT's second prefill, which reads "
+                             "the whole prompt; GIFT composes with hosts that drop from layer 1 on (FastV, PDrop)")
         if self._window is not None and hidden.shape[1] > self._window:
             raise ValueError(f"GIFT: this {hidden.shape[1]}-token prompt is longer than the sliding window "
                              f"({self._window}), so layer 0's mask is not every layer's and the second prefill "
@@ -298,7 +302,15 @@ class GIFTRun(AttentionHook, LayerHook):
             if self._layout is not self.state.layout:
                 self._new_prompt()
             wanted = [self.saliency_rows] if index in self.candidates and index not in self._maps else []
+            positions = key_positions(self.state, index, call.k_len)
+            if wanted and positions is not None:
+                raise ValueError(f"GIFT: saliency layer {index} is read in the prefill and a token drop shortened it; "
+                                 "pass saliency_layer='auto' (a second prefill over the whole prompt) or a layer "
+                                 "before the drop")
             if index in self.edit and self.factor is not None:
+                if positions is not None and not bool((positions[:, -1] == self.state.layout.seq_len - 1).all()):
+                    raise ValueError(f"GIFT: the token drop before layer {index} dropped the prompt's last token, "
+                                     "the query GIFT edits")
                 wanted.append(torch.tensor([call.q_len - 1]))
             return torch.unique(torch.cat(wanted)).to(device) if wanted else None
         return last_row(call) if index in self.edit and self.factor is not None else None
@@ -307,10 +319,11 @@ class GIFTRun(AttentionHook, LayerHook):
         last = (rows == call.q_len - 1).nonzero()[:, 0]
         if call.site.index not in self.edit or self.factor is None or not last.numel():
             return probs
-        device = probs.device
+        device, index, k_len, state = probs.device, call.site.index, call.k_len, self.state
         probs = probs.clone()
-        probs[:, :, last] = enhance(probs[:, :, last], widen(self.factor, call.k_len, device),
-                                    widen(self.visual, call.k_len, device), widen(self.question, call.k_len, device))
+        probs[:, :, last] = enhance(probs[:, :, last], keys_of(self.factor, state, index, k_len, device),
+                                    keys_of(self.visual, state, index, k_len, device),
+                                    keys_of(self.question, state, index, k_len, device))
         return probs
 
     def record(self, call, rows, probs):

@@ -31,7 +31,7 @@ from vlmtools.adapters.vision import join_samples
 from vlmtools.plan import AttentionHook
 from vlmtools.record import RecordColumnMass, RecordRows, last_row
 
-from .common import key_mask, visual_mask, widen
+from .common import key_mask, keys_of, visual_mask
 
 
 def token_sets(first: torch.Tensor, penultimate: torch.Tensor, top: float = 0.25,
@@ -148,6 +148,7 @@ class PAINTRun(AttentionHook):
     def edit_logits(self, call, rows, logits):
         device = logits.device
         paint = self.paint
-        scale = visual_sensitivity(logits, widen(self.visual, call.k_len, device)) if paint.head_modulation else None
-        return boost(logits, widen(self.local, call.k_len, device), widen(self.summary, call.k_len, device),
-                     paint.alpha, paint.beta, scale)
+        index, k_len, state = call.site.index, call.k_len, self.state
+        scale = visual_sensitivity(logits, keys_of(self.visual, state, index, k_len, device)) if paint.head_modulation else None
+        return boost(logits, keys_of(self.local, state, index, k_len, device),
+                     keys_of(self.summary, state, index, k_len, device), paint.alpha, paint.beta, scale)

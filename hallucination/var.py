@@ -26,11 +26,11 @@ from typing import Literal
 
 import torch
 
-from vlmtools.plan import AttentionHook, LayerHook
+from vlmtools.plan import AttentionHook, LayerHook, key_positions
 from vlmtools.sinks.base import SinkTensors
 from vlmtools.sinks.dims import PUBLISHED_SINK_DIMS, SinkDimensions, model_signature, model_sink_dims
 
-from .common import key_mask, visual_mask, widen
+from .common import key_mask, keys_of, visual_mask
 
 TINY = 1e-12
 
@@ -189,6 +189,10 @@ class VARRun(AttentionHook, LayerHook):
         visual, text = [], []
         found = set()
         if self.dims:
+            if hidden.shape[1] != layout.seq_len:  # a token drop shortened this layer: keyed by original position
+                kept = self.state.kept_keys[index].to(hidden.device)
+                hidden = hidden.new_zeros(hidden.shape[0], layout.seq_len, hidden.shape[2]).scatter_(
+                    1, kept[..., None].expand(-1, -1, hidden.shape[2]), hidden)  # zeros where dropped: no sink
             tensors = SinkTensors(layout, self.num_layers, hidden={index: hidden}, signature=self.signature)
             criterion = SinkDimensions(tau=self.var.tau, dims=tuple(self.dims), layers=(index,))
             found = {(f.sample, f.token) for f in criterion.evaluate(tensors).findings}
@@ -228,18 +232,23 @@ class VARRun(AttentionHook, LayerHook):
         if self.state.step > 0:
             return torch.arange(call.q_len, device=call.query.device)
         # prefill: only queries after the image (text that reads it)
+        positions = key_positions(self.state, call.site.index, call.k_len)
+        if positions is not None:  # a token drop shortened this layer: its rows stand at the kept positions
+            return (positions.cpu() > self._image_end[:, None]).any(0).nonzero()[:, 0].to(call.query.device)
         return torch.arange(int(self._image_end.min()) + 1, call.q_len, device=call.query.device)
 
     def edit_probs(self, call, rows, probs):
         device = probs.device
         after = None
-        if self.state.step == 0:
-            after = rows[None].cpu() > self._image_end[:, None]
-        index = call.site.index
+        index, k_len, state = call.site.index, call.k_len, self.state
+        if state.step == 0:
+            positions = key_positions(state, index, k_len)
+            at = rows[None].cpu() if positions is None else positions.cpu()[:, rows.cpu()]
+            after = at > self._image_end[:, None]
         released = self.var.variant == "released"
-        edited, _ = redistribute(probs, widen(self._visual, call.k_len, device),
-                                 widen(self._sink_masks[index], call.k_len, device), self.var.moved,
+        edited, _ = redistribute(probs, keys_of(self._visual, state, index, k_len, device),
+                                 keys_of(self._sink_masks[index], state, index, k_len, device), self.var.moved,
                                  self.var.rho, self.var.min_image, None if after is None else after.to(device),
-                                 widen(self._text_masks[index], call.k_len, device) if released else None,
+                                 keys_of(self._text_masks[index], state, index, k_len, device) if released else None,
                                  "released" if released else "paper")
         return edited

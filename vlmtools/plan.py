@@ -199,6 +199,8 @@ class ForwardState:
     does so); ``pixels_pending`` says the prompt's pixels reach the tower inside its forward.
     ``present`` holds the original positions ``(B, n)`` of the tokens in the residual stream of the latest
     decoder layer a token drop ran in at prefill (what the LM's additions between layers are gathered to).
+    ``kept_keys`` maps each decoder layer a token drop shortened at the latest prefill to the original prompt
+    positions ``(B, n)`` its tokens stand at (empty when nothing was dropped); :func:`key_positions` reads it.
     """
 
     layout: Any = None
@@ -207,6 +209,20 @@ class ForwardState:
     letterbox: Any = None
     pixels_pending: bool = False
     present: Any = None
+    kept_keys: dict = field(default_factory=dict)
+
+
+def key_positions(state: ForwardState, layer: int, k_len: int) -> torch.Tensor | None:
+    """The original positions ``(B, k_len)`` of the keys layer ``layer``'s attention sees: the prompt positions
+    a token drop kept there at the latest prefill, then ``seq_len, seq_len + 1, ...`` for the generated tokens
+    (cached decoding steps); None when no token was dropped before that layer (keys are then positions
+    ``0 .. k_len - 1``)."""
+    kept = state.kept_keys.get(layer)
+    if kept is None:
+        return None
+    start = state.layout.seq_len if state.layout is not None else int(kept.max()) + 1
+    generated = torch.arange(start, start + k_len - kept.shape[1], device=kept.device)
+    return torch.cat([kept, generated.expand(kept.shape[0], -1)], 1)
 
 
 class Plan:

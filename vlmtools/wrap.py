@@ -144,6 +144,7 @@ class WrappedModel(Wrapped):
             plan.state.layout = self.layout(kwargs)
             plan.state.input_ids = input_ids
             plan.state.step = 0
+            plan.state.kept_keys = {}  # a token drop records this prompt's kept positions layer by layer
             if self.letterbox_tower is not None:
                 self._letterbox_before(plan.state, kwargs)
         else:
