@@ -19,7 +19,7 @@ def test_llava_trainer_smoke_run_resumes_and_exports(train_cache, tmp_path, monk
     ckpts = train_cache / "train" / "llava-shapes"
     assert {p.name for p in ckpts.iterdir()} == {"tower.pt", "words.pt", "align.pt"}
     llava_train.train_align(tower.state_dict(), 1, 3, batch=1, turns=2)  # resumes: one more align step
-    assert torch.load(ckpts / "align.pt", weights_only=False)["step"] == 3
+    assert torch.load(ckpts / "align.pt", weights_only=True)["step"] == 3
     state = load_file(tmp_path / "weights" / "model.safetensors")
     assert {k.split(".")[0] for k in state} == {"vision_tower", "multi_modal_projector", "lora"}
 
@@ -34,12 +34,12 @@ def test_refine_stage_follows_align_and_restarts_from_the_shipped_weights(train_
     tower = llava_train.train_tower(2, batch=2)
     llava_train.train_align(tower.state_dict(), 1, 2, batch=1, turns=2, later={"refine": 1})
     ckpts = train_cache / "train" / "llava-shapes"
-    assert torch.load(ckpts / "refine.pt", weights_only=False)["step"] == 1
+    assert torch.load(ckpts / "refine.pt", weights_only=True)["step"] == 1
     shipped = load_file(tmp_path / "weights" / "model.safetensors")
 
     (ckpts / "refine.pt").unlink()  # as on a machine that has only the shipped weights
     llava_train.main(later={"refine": 2}, from_shipped=True, align_batch=1)
-    assert torch.load(ckpts / "refine.pt", weights_only=False)["step"] == 2
+    assert torch.load(ckpts / "refine.pt", weights_only=True)["step"] == 2
     refined = load_file(tmp_path / "weights" / "model.safetensors")
     a = "lora.layers.0.self_attn.q_proj.A"  # random at the start of align: a fresh LoRA would draw another
     step = (refined[a].float() - shipped[a].float()).norm()
@@ -58,11 +58,11 @@ def test_reread_stage_moves_the_lm_to_the_last_layer_once_and_reprobe_keeps_it(t
     assert llava.feature_layer(shipped) == -2  # stages 2-6 read layer -2, as LLaVA-1.5
     llava_train.main(later={"reread": 1}, from_shipped=True, align_batch=1)
     ckpts = train_cache / "train" / "llava-shapes"
-    assert torch.load(ckpts / "reread_tower.pt", weights_only=False)["step"] == 2
-    assert torch.load(ckpts / "reread.pt", weights_only=False)["step"] == 1
+    assert torch.load(ckpts / "reread_tower.pt", weights_only=True)["step"] == 2
+    assert torch.load(ckpts / "reread.pt", weights_only=True)["step"] == 1
     assert llava.feature_layer(shipped) == -1
     llava_train.main(later={"reprobe": 1}, from_shipped=True, align_batch=1)  # stage 8 keeps the layer
-    assert torch.load(ckpts / "reprobe.pt", weights_only=False)["step"] == 1
+    assert torch.load(ckpts / "reprobe.pt", weights_only=True)["step"] == 1
     assert llava.feature_layer(shipped) == -1
     llava_train.main(later={"reread": 1}, from_shipped=True, align_batch=1)  # resumes: done already
     (ckpts / "reread.pt").unlink()  # as on a machine that has only the shipped weights
@@ -89,8 +89,8 @@ def test_recount_tally_and_census_train_the_tower_on_the_count_then_the_lm_on_it
     shipped = load_file(tmp_path / "weights" / "model.safetensors")
     llava_train.main(later={"recount": 1}, from_shipped=True, align_batch=1)
     ckpts = train_cache / "train" / "llava-shapes"
-    assert torch.load(ckpts / "count_tower.pt", weights_only=False)["step"] == 2
-    assert torch.load(ckpts / "recount.pt", weights_only=False)["step"] == 1
+    assert torch.load(ckpts / "count_tower.pt", weights_only=True)["step"] == 2
+    assert torch.load(ckpts / "recount.pt", weights_only=True)["step"] == 1
     recounted = load_file(tmp_path / "weights" / "model.safetensors")
     assert llava.feature_layer(tmp_path / "weights" / "model.safetensors") == -1
     a = "vision_tower.encoder.layers.0.mlp.fc1.weight"
@@ -103,21 +103,21 @@ def test_recount_tally_and_census_train_the_tower_on_the_count_then_the_lm_on_it
     heads = llava_train.count_tower(tower, -1, 3, batch=2, report=lambda step, read, heads: reported.append(step))
     assert reported == [2]  # resumed from the checkpoint at step 2: one more step
     assert isinstance(heads, llava_train.CountHeads)
-    assert torch.load(ckpts / "count_tower.pt", weights_only=False)["step"] == 3
+    assert torch.load(ckpts / "count_tower.pt", weights_only=True)["step"] == 3
 
     monkeypatch.setattr(llava_train, "TALLY_TOWER_STEPS", 2)  # stage 11: the same again, its own checkpoints
     llava_train.main(later={"tally": 1}, from_shipped=True, align_batch=1)
-    assert torch.load(ckpts / "tally_tower.pt", weights_only=False)["step"] == 2
-    assert torch.load(ckpts / "tally.pt", weights_only=False)["step"] == 1
-    assert torch.load(ckpts / "count_tower.pt", weights_only=False)["step"] == 3
+    assert torch.load(ckpts / "tally_tower.pt", weights_only=True)["step"] == 2
+    assert torch.load(ckpts / "tally.pt", weights_only=True)["step"] == 1
+    assert torch.load(ckpts / "count_tower.pt", weights_only=True)["step"] == 3
     tallied = load_file(tmp_path / "weights" / "model.safetensors")
     assert not torch.equal(tallied[a], recounted[a])
 
     monkeypatch.setattr(llava_train, "CENSUS_TOWER_STEPS", 2)  # stage 12: also each shape's count
     llava_train.main(later={"census": 1}, from_shipped=True, align_batch=1)
-    census = torch.load(ckpts / "census_tower.pt", weights_only=False)
+    census = torch.load(ckpts / "census_tower.pt", weights_only=True)
     assert census["step"] == 2 and census["heads"]["per_shape.weight"].shape == (len(W.SHAPES) * 6, 192)
-    assert torch.load(ckpts / "census.pt", weights_only=False)["step"] == 1
+    assert torch.load(ckpts / "census.pt", weights_only=True)["step"] == 1
     assert not torch.equal(load_file(tmp_path / "weights" / "model.safetensors")[a], tallied[a])
 
 

@@ -142,15 +142,15 @@ def test_trainer_smoke_run_resumes_and_exports(train_cache, tmp_path):
     assert {p.name for p in ckpts.iterdir()} == {"tower.pt", "words.pt", "align.pt"}
     # one more align step, then the refine, bind and probe stages
     qwen2vl_train.main(3, 3, 4, 1, later={"refine": 1, "bind": 1, "probe": 1}, tower_batch=4, weights=weights)
-    assert torch.load(ckpts / "align.pt", weights_only=False)["step"] == 4
-    assert torch.load(ckpts / "refine.pt", weights_only=False)["step"] == 1
-    assert torch.load(ckpts / "bind.pt", weights_only=False)["step"] == 1
-    assert torch.load(ckpts / "probe.pt", weights_only=False)["step"] == 1
+    assert torch.load(ckpts / "align.pt", weights_only=True)["step"] == 4
+    assert torch.load(ckpts / "refine.pt", weights_only=True)["step"] == 1
+    assert torch.load(ckpts / "bind.pt", weights_only=True)["step"] == 1
+    assert torch.load(ckpts / "probe.pt", weights_only=True)["step"] == 1
     for stage in ("refine", "bind"):
         (ckpts / f"{stage}.pt").unlink()
     qwen2vl_train.main(later={"bind": 2}, from_shipped=True, align_batch=1, weights=weights)  # no refine: not asked
     assert not (ckpts / "refine.pt").exists()
-    assert torch.load(ckpts / "bind.pt", weights_only=False)["step"] == 2
+    assert torch.load(ckpts / "bind.pt", weights_only=True)["step"] == 2
     state = load_file(weights / "model.safetensors")
     assert {k.split(".")[0] for k in state} == {"visual", "lora"}
     model = Qwen2VLForConditionalGeneration.from_pretrained(qwen2vl.assemble(tmp_path / "folder", weights))

@@ -22,7 +22,7 @@ class Checkpoint:
     def load(self, parts: dict) -> int:
         if not self.path.exists():
             return 0
-        state = torch.load(self.path, map_location="cpu", weights_only=False)  # load_state_dict moves it
+        state = torch.load(self.path, map_location="cpu", weights_only=True)  # tensors and plain data only; load_state_dict moves it
         for name, part in parts.items():
             part.load_state_dict(state[name])
         log("resume", state["step"], 0.0, path=str(self.path))
