@@ -51,6 +51,13 @@ def test_prune_bench_records_every_host_ratio_and_setting(folder, tmp_path, caps
     assert len(result["results"]["answers"]["random"]["22%"]) == 3 and result["run"]["processes"] == 1
     assert [t["key"] for t in result["results"]["trends"]["fastv"]] == [p.stem for p in tmp_path.glob("*fastv*")]
     assert "| fastv +debias |" in capsys.readouterr().out
+    speedup = result["run"]["speedup"]  # timings are how the run went, beside processes and seconds
+    assert speedup["none"] == {"100%": 1.0} and speedup.keys() == accuracy.keys()
+    assert all(value > 0 for row in speedup.values() for value in row.values())
+    from PIL import Image
+
+    with Image.open(out.with_suffix(".png")) as picture:  # accuracy and speed-up against the kept share
+        assert picture.size[0] > 2 * picture.size[1] * 0.9 and len(set(picture.convert("L").getdata())) > 20
     # where the kept tokens fall: unpruned, the shares of the three scenes' own cells (one of them letterboxed);
     # debias never keeps a token that shows only letterbox padding
     from vlmtools_zoo import world

@@ -184,13 +184,14 @@ def load(args: argparse.Namespace):
     return wrap(model.to(shard.device(args.device)), processor)
 
 
-def finish(args: argparse.Namespace, results: dict, table: str, started: float) -> None:
-    """On rank 0: print ``table`` and write ``--out`` (settings, results, processes, seconds)."""
+def finish(args: argparse.Namespace, results: dict, table: str, started: float, timing: dict | None = None) -> None:
+    """On rank 0: print ``table`` and write ``--out`` (settings, results, and how it ran: processes, seconds and
+    ``timing``, measurements of this run such as speed-ups, which another run or machine would not repeat)."""
     if not shard.is_main():
         return
     settings = {key: value for key, value in vars(args).items() if key not in NOT_SETTINGS}
     record = {"command": args.command, "settings": settings, "results": results,
-              "run": {"processes": shard.world()[1], "seconds": round(time.time() - started, 1)}}
+              "run": {"processes": shard.world()[1], "seconds": round(time.time() - started, 1), **(timing or {})}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     print(table)

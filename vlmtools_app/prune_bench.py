@@ -34,6 +34,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from .args import at_least
 
@@ -203,13 +204,16 @@ def prune_bench_command(args) -> int:
                 debias = (Debias(directory=directory) if trends else Debias(trend=None)) if config.debias else False
                 host = CLASSES[config.host](keep=KEEP[config.ratio], debias=debias,
                                             **AT_THE_SHARE.get(config.host, {}))
+            start = time.perf_counter()
             with vlm.use(*([host] if host else [])) as trace:  # greedy's own block shares this trace
                 texts = greedy(vlm, inputs, max_new_tokens=args.max_new_tokens)
+            seconds = (time.perf_counter() - start) / len(batch)
             if public:  # no masks: where the kept tokens fall is not known
-                records = [{"answer": reply(text) if metric == "vqa" else text} for text in texts]
+                records = [{"answer": reply(text) if metric == "vqa" else text, "seconds": seconds} for text in texts]
             else:
                 places = kept_places(vlm, inputs, trace[host] if host else None, [scenes[i % n] for i in batch])
-                records = [{"answer": first_word(text), "kept": kept} for text, kept in zip(texts, places)]
+                records = [{"answer": first_word(text), "kept": kept, "seconds": seconds}
+                           for text, kept in zip(texts, places)]
             if host and batch[0] % n == 0:  # a configuration's first batch records the host's settings
                 records[0]["settings"] = host.settings
             return records
@@ -218,12 +222,14 @@ def prune_bench_command(args) -> int:
         records = shard.evaluate(work, answer, desc="prune-bench")
     if records is None:
         return 0
+    speedup = {}  # label -> ratio -> greedy wall time of none / of the configuration: how this run went
     results = {"n": n, "accuracy": {}, "kept_share": {place: {} for place in PLACES},
                "host_settings": {}, "answers": {},
                "trends": {name: [asdict(t) for t in stages] for name, stages in trends.items()}}
     if public:
         del results["kept_share"]
         results.update(metric=METRICS[metric], data=public.record())
+    seconds = {}  # (label, ratio) -> greedy wall time over the questions (the unpruned model's comes first)
     for c, config in enumerate(runs):
         mine = records[c * n:(c + 1) * n]
         if public:
@@ -232,16 +238,55 @@ def prune_bench_command(args) -> int:
             accuracy = sum(r["answer"] == q.answer for r, (_, q) in zip(mine, items)) / n
         results["accuracy"].setdefault(config.label, {})[config.ratio] = accuracy
         results["answers"].setdefault(config.label, {})[config.ratio] = [r["answer"] for r in mine]
+        seconds[config.label, config.ratio] = sum(r["seconds"] for r in mine)
+        speedup.setdefault(config.label, {})[config.ratio] = seconds["none", "100%"] / seconds[config.label, config.ratio]
         kept = sum((Counter(r["kept"]) for r in mine), Counter()) if not public else None
         for place, share in results.get("kept_share", {}).items():
             share.setdefault(config.label, {})[config.ratio] = kept[place] / kept.total()
         if "settings" in mine[0]:
             results["host_settings"].setdefault(config.label, {})[config.ratio] = mine[0]["settings"]
-    tables = [table(results["accuracy"], n)] + [
+    tables = [table(results["accuracy"], n), f"speed-up (greedy wall time of none / of the host):\n"
+              f"{table(speedup, n)}"] + [
         f"share of the kept visual tokens on {PLACES[place]}:\n{table(share, n)}"
         for place, share in results.get("kept_share", {}).items()]
-    bench.finish(args, results, "\n".join(tables), started)
+    bench.finish(args, results, "\n".join(tables), started, timing={"speedup": speedup})
+    if shard.is_main():
+        plot_tradeoff(results["accuracy"], speedup, n, args.plot or str(Path(args.out).with_suffix(".png")))
     return 0
+
+
+def plot_tradeoff(accuracy_of: dict, speedup: dict, n: int, path: str) -> None:
+    """Accuracy and speed-up against the share of visual tokens kept, one line per host (dashed: debias on)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shares = {ratio: 100 * keep for ratio, keep in KEEP.items()}
+    figure, (accuracy, speed) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = {}
+    for label, row in accuracy_of.items():
+        if label == "none":
+            continue
+        host = label.split()[0]
+        colour = colours.setdefault(host, f"C{len(colours)}")
+        ratios = ["100%"] + [r for r in KEEP if r in row]
+        style = {"color": colour, "marker": "o", "linestyle": "--" if "debias" in label else "-", "label": label}
+        accuracy.plot([shares[r] for r in ratios], [accuracy_of["none"]["100%"]] +
+                      [row[r] for r in ratios[1:]], **style)
+        speed.plot([shares[r] for r in ratios], [1.0] + [speedup[label][r] for r in ratios[1:]], **style)
+    for axes, name in ((accuracy, f"accuracy (n={n})"), (speed, "speed-up over the unpruned model")):
+        axes.set_xlabel("visual tokens kept (%)")
+        axes.set_ylabel(name)
+        axes.set_xticks(list(shares.values()), labels=list(shares))
+        axes.invert_xaxis()
+        axes.grid(alpha=0.3)
+    accuracy.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    print(f"wrote {path}")
 
 
 def table(values: dict[str, dict[str, float]], n: int) -> str:
@@ -273,6 +318,7 @@ def register(subparsers) -> None:
                         help="with --calibration-images: questions, one a line, taken in turn "
                              "(default: 'Describe the image.')")
     parser.add_argument("--calibration", help="also write the fitted trend files to this folder")
+    parser.add_argument("--plot", help="the accuracy / speed-up against kept share picture (default: --out with .png)")
     parser.add_argument("--max-new-tokens", type=at_least(1), default=4, help="greedy tokens generated per answer")
     bench.add_arguments(parser, out="prune-bench.json")
     bench.add_data_arguments(parser, ("vqa", "pope"))
