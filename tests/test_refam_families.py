@@ -174,3 +174,30 @@ def test_segment_video_takes_the_one_pass_path_on_a_video_dit_and_scores_jf():
     assert scores.summary()["J&F"] == pytest.approx(4 / 5)
     with pytest.raises(ValueError, match="1 \\+ 4 k frames"):
         segment_video(refam, frames[:4], EXPRESSION)
+
+
+@pytest.mark.parametrize("family", VIDEO)
+def test_video_pipelines_encode_a_clip_with_their_own_pieces(family):
+    from vlmtools.testing.pipelines import VIDEO_SIZE, tiny_mochi_pipeline, tiny_wan_pipeline
+
+    pipe = (tiny_wan_pipeline if family == "wan" else tiny_mochi_pipeline)()
+    refam = RefAM(pipe, max_sequence_length=12)
+    count = 1 + refam.source.temporal  # two latent frames
+    frames = frames_of(count, VIDEO_SIZE)
+    latents, grid = refam.source.clip_latents(frames)
+    with torch.no_grad():
+        video = pipe.video_processor.preprocess_video(frames)
+        raw = pipe.vae.encode(video).latent_dist.mode()
+    scale = 1.0 if family == "wan" else pipe.vae.config.scaling_factor  # latents_mean 0, latents_std 1 here
+    assert torch.allclose(latents, raw * scale, atol=1e-6)
+    assert grid == (2, VIDEO_SIZE[1] // 16, VIDEO_SIZE[0] // 16) and latents.shape[2] == 2
+    prompt = refam.source.prompt(refam.prompt(EXPRESSION))
+    tokens = refam.tokens(prompt, EXPRESSION)
+    assert prompt.embeds.shape[1] == 12 and tokens.positions("content") == [1, 2]
+    segs = segment_video(refam, frames, EXPRESSION)
+    assert len(segs) == count and all(seg.mask.shape == (VIDEO_SIZE[1], VIDEO_SIZE[0]) for seg in segs)
+    assert segs[0].settings["family"] == family and segs[-1].settings["latent_frame"] == 1
+    single = refam.segment(frames[0], EXPRESSION)  # an image: a clip of one frame
+    assert single.mask.shape == (VIDEO_SIZE[1], VIDEO_SIZE[0]) and single.grid_heatmap.shape == grid[1:]
+    with pytest.raises(ValueError, match=f"1 \\+ {refam.source.temporal} k frames"):
+        refam.segment_clip(frames[:-1], EXPRESSION)

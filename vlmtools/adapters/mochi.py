@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import MochiAttnProcessor2_0
 
 from .dit import DiTAdapter, Probe, Stream
-from .dit_source import Source
+from .dit_source import EncodedPrompt, Source, token_segment
 
 
 def _rotary(x, freqs_cos, freqs_sin):
@@ -112,6 +112,41 @@ class MochiTransformerSource(Source):
         }
 
 
+class MochiSource(MochiTransformerSource):
+    """A diffusers ``MochiPipeline``: its VAE (latents normalised as the pipeline un-normalises them before
+    decoding: ``(z - latents_mean) * scaling_factor / latents_std``) and T5 (256 tokens, with its mask).
+    An image is a clip of one frame."""
+
+    def __init__(self, pipe, max_sequence_length: int = 256):
+        super().__init__(pipe.transformer)
+        self.pipe, self.max_length = pipe, max_sequence_length
+        self.temporal = pipe.vae_temporal_scale_factor
+        self.multiple = pipe.vae_spatial_scale_factor * pipe.transformer.config.patch_size
+
+    def clip_latents(self, frames):
+        vae = self.pipe.vae
+        video = self.pipe.video_processor.preprocess_video(list(frames)).to(device=vae.device, dtype=vae.dtype)
+        latents = vae.encode(video).latent_dist.mode()
+        config = vae.config
+        if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+            mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
+            std = torch.tensor(config.latents_std).view(1, -1, 1, 1, 1).to(latents)
+            latents = (latents - mean) * config.scaling_factor / std
+        else:
+            latents = latents * config.scaling_factor
+        patch = self.transformer.config.patch_size
+        return latents, (latents.shape[2], latents.shape[3] // patch, latents.shape[4] // patch)
+
+    def latents(self, image):
+        latents, grid = self.clip_latents([image])
+        return latents, grid[1:]
+
+    def prompt(self, text):
+        embeds, _, _, _ = self.pipe.encode_prompt(text, do_classifier_free_guidance=False,
+                                                  max_sequence_length=self.max_length)
+        return EncodedPrompt(embeds, None, [token_segment(self.pipe.tokenizer, text, self.max_length)])
+
+
 ADAPTER = DiTAdapter(
     family="mochi",
     classes=("MochiTransformer3DModel",),
@@ -120,5 +155,5 @@ ADAPTER = DiTAdapter(
     sizes=mochi_sizes,
     frames=mochi_frames,
     image_first=True,
-    sources=(("MochiTransformer3DModel", MochiTransformerSource),),
+    sources=(("MochiPipeline", MochiSource), ("MochiTransformer3DModel", MochiTransformerSource)),
 )

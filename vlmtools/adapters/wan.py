@@ -32,7 +32,7 @@ from diffusers.models.transformers.transformer_wan import (
 )
 
 from .dit import DiTAdapter, Probe, Stream
-from .dit_source import Source
+from .dit_source import EncodedPrompt, Source, token_segment
 
 
 def _rotary(hidden_states, freqs_cos, freqs_sin):
@@ -124,6 +124,38 @@ class WanTransformerSource(Source):
         }
 
 
+class WanSource(WanTransformerSource):
+    """A diffusers ``WanPipeline`` (text to video; also its video-to-video pipeline): its Wan VAE (latents
+    normalised by the VAE's ``latents_mean`` / ``latents_std``) and T5 (padded to 512 with zeros, no mask).
+    An image is a clip of one frame. Wan 2.2's second expert (``transformer_2``, low noise) is not read:
+    RefAM reads ``transformer`` at every t."""
+
+    def __init__(self, pipe, max_sequence_length: int = 512):
+        super().__init__(pipe.transformer)
+        self.pipe, self.max_length = pipe, max_sequence_length
+        self.temporal = pipe.vae_scale_factor_temporal
+        self.multiple = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
+
+    def clip_latents(self, frames):
+        vae = self.pipe.vae
+        video = self.pipe.video_processor.preprocess_video(list(frames)).to(device=vae.device, dtype=vae.dtype)
+        latents = vae.encode(video).latent_dist.mode()
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
+        latents = (latents - mean) / std
+        p_t, p_h, p_w = self.transformer.config.patch_size
+        return latents, (latents.shape[2] // p_t, latents.shape[3] // p_h, latents.shape[4] // p_w)
+
+    def latents(self, image):
+        latents, grid = self.clip_latents([image])
+        return latents, grid[1:]
+
+    def prompt(self, text):
+        embeds, _ = self.pipe.encode_prompt(text, do_classifier_free_guidance=False,
+                                            max_sequence_length=self.max_length)
+        return EncodedPrompt(embeds, None, [token_segment(self.pipe.tokenizer, text, self.max_length)])
+
+
 ADAPTER = DiTAdapter(
     family="wan",
     classes=("WanTransformer3DModel",),
@@ -132,5 +164,6 @@ ADAPTER = DiTAdapter(
     sizes=wan_sizes,
     frames=wan_frames,
     image_first=True,
-    sources=(("WanTransformer3DModel", WanTransformerSource),),
+    sources=(("WanPipeline", WanSource), ("WanVideoToVideoPipeline", WanSource),
+             ("WanTransformer3DModel", WanTransformerSource)),
 )

@@ -1,15 +1,27 @@
-"""Tiny random FluxPipeline and StableDiffusion3Pipeline, built offline in about a second.
+"""Tiny random FluxPipeline, StableDiffusion3Pipeline, WanPipeline and MochiPipeline, built offline in seconds.
 
 Real diffusers pipeline classes with real (tiny) components: a word-level fast
 tokenizer standing in for CLIP's and T5's (only its offsets and ids matter to
 RefAM), random CLIP / T5 text encoders, a 2-block AutoencoderKL (scale factor 2),
 and the transformers of ``vlmtools.testing.dit``. Images are 16 x 16 RGB: a 4 x 4 grid.
+The video pipelines have their own tiny causal VAEs at the real compression (Wan: 4
+frames and 8 x 8 pixels per latent, Mochi: 6 frames and 8 x 8), and patches of 2 x 2:
+``VIDEO_SIZE`` frames (W, H) of 48 x 32 give a 2 x 3 grid per latent frame.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderKLMochi,
+    AutoencoderKLWan,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    MochiPipeline,
+    StableDiffusion3Pipeline,
+    WanPipeline,
+)
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     CLIPTextConfig,
@@ -20,7 +32,7 @@ from transformers import (
     T5EncoderModel,
 )
 
-from .dit import tiny_flux, tiny_sd3
+from .dit import tiny_flux, tiny_mochi, tiny_sd3, tiny_wan
 
 WORDS = [
     "the",
@@ -121,3 +133,28 @@ def tiny_sd3_pipeline() -> StableDiffusion3Pipeline:
         text_encoder_3=_t5(),
         tokenizer_3=tiny_tokenizer(16),
     )
+
+
+VIDEO_SIZE = (48, 32)
+
+
+def tiny_wan_pipeline(max_sequence_length: int = 12) -> WanPipeline:
+    """T5 (32 dims = the transformer's text_dim) padded with zeros to ``max_sequence_length``, a Wan VAE of 4 latent
+    channels (latents_mean 0, latents_std 1) compressing 4 frames and 8 x 8 pixels."""
+    torch.manual_seed(0)
+    transformer, _ = tiny_wan(text=max_sequence_length)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, latents_mean=[0.0] * 4,
+                           latents_std=[1.0] * 4).eval()
+    return WanPipeline(tokenizer=tiny_tokenizer(max_sequence_length), text_encoder=_t5(), vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(), transformer=transformer)
+
+
+def tiny_mochi_pipeline(max_sequence_length: int = 12) -> MochiPipeline:
+    """T5 (32 dims) with its mask, a Mochi VAE of 4 latent channels compressing 6 frames and 8 x 8 pixels."""
+    torch.manual_seed(0)
+    transformer, _ = tiny_mochi(text=max_sequence_length)
+    vae = AutoencoderKLMochi(encoder_block_out_channels=(32,) * 4, decoder_block_out_channels=(32,) * 4,
+                             latent_channels=4, layers_per_block=(1,) * 5, add_attention_block=(False,) * 5,
+                             latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4).eval()
+    return MochiPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=_t5(),
+                         tokenizer=tiny_tokenizer(max_sequence_length), transformer=transformer)
