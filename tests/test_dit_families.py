@@ -241,3 +241,44 @@ def test_sd3_fused_probe_matches_explicit_attention_without_qk_norm():
     with torch.no_grad():
         probs = explicit_probs(site, seen[0], "sd3")
     assert (torch.cat(trace["dit.joint.1.rows"], 2) - probs).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["flux2", "qwen_image", "mochi", "wan"])
+def test_global_sinks_on_every_new_family_name_frame_and_cell_on_video(family, tmp_path):
+    from vlmtools.sinks import GlobalSink, SinkDetector, SinkReport
+
+    model, inputs = BUILDERS[family]()
+    dit = vlmtools.wrap(model)
+    detector = SinkDetector([GlobalSink(ratio=0.0, max_cv=float("inf"))])  # every key a call has fires
+    report = detector.detect(dit, inputs)
+    text, grid = dit.adapter.sizes(model, inputs)
+    layout = dit.layout(text, grid)
+    frames = dit.adapter.frames(model, inputs) if dit.adapter.frames else 1
+    rows = grid[0] // frames
+    for layer, site in enumerate(dit.sites):
+        found = {f.token for f in report.sinks(layer=layer, sample=0)}
+        if getattr(site, "keys", "joint") == "text":  # Wan's cross-attention: its keys are the text
+            assert found == set(layout.text.indices().tolist())
+        elif family == "wan":  # its self-attention: the video
+            assert found == set(layout.image.positions.tolist())
+        else:
+            assert found == set(range(len(layout.text) + len(layout.image)))
+            # the second sample's two pads (masked keys in Mochi and Qwen-Image) take no part
+            pads = {layout.text.stop - 2, layout.text.stop - 1} if family in ("mochi", "qwen_image") else set()
+            assert {f.token for f in report.sinks(layer=layer, sample=1)} == found - pads
+    visual = report.sinks(role="visual", sample=0)
+    assert visual and all(f.row < rows and f.col < grid[1] for f in visual)
+    for f in visual:
+        raster = f.token - layout.image.span.start
+        if frames > 1:
+            assert (f.frame, f.row, f.col) == (raster // (rows * grid[1]), raster % (rows * grid[1]) // grid[1],
+                                               raster % grid[1])
+            assert f.image == f.frame
+        else:
+            assert f.frame is None and (f.row, f.col) == (raster // grid[1], raster % grid[1])
+    table = report.table()
+    assert ("visual frame 1:(" in table) == (frames > 1)
+    assert report.grids[0] == [(rows, grid[1])] * frames
+    again = SinkReport.from_json(report.to_json())
+    assert [f.frame for f in again.findings] == [f.frame for f in report.findings]
+    report.plot(tmp_path / "sinks.png")

@@ -35,7 +35,8 @@ class Finding:
     ratio, mass ratio); ``dims`` the hidden dimensions that fired; ``label`` a class
     (sink lifetime) or a note. The role fields come from the layout: ``role`` is one of
     first / visual / text / padding / layout, and visual tokens carry their image and
-    grid cell.
+    grid cell, and for a video frame its ``frame`` (index in its video: a video DiT's
+    latent frame, a VLM's sampled frame).
     """
 
     criterion: str
@@ -50,6 +51,7 @@ class Finding:
     image: int | None = None
     row: int | None = None
     col: int | None = None
+    frame: int | None = None
 
 
 @dataclass
@@ -184,10 +186,11 @@ def plain_layout(batch: int, seq_len: int, attention_mask: torch.Tensor | None =
 
 
 def token_roles(sample: SampleLayout) -> list[dict]:
-    """Per position: its role, and for visual tokens its image and grid cell."""
+    """Per position: its role, and for visual tokens its image and grid cell (and frame, for a video's frame)."""
     info = [{"role": role} for role in sample.roles()]
     for index, image in enumerate(sample.images):
         cols = image.grid[1]
+        frame = {} if getattr(image, "frame", None) is None else {"frame": image.frame[1]}
         for raster, position in enumerate(image.positions.tolist()):
-            info[position].update(image=index, row=raster // cols, col=raster % cols)
+            info[position].update(image=index, row=raster // cols, col=raster % cols, **frame)
     return info

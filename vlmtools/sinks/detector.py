@@ -85,9 +85,10 @@ class SinkDetector:
             vlm.model(**inputs)
         if dit:
             names = [site.name for site in vlm.sites]
+            frames = vlm.adapter.frames(vlm.model, inputs) if vlm.adapter.frames else 1
             return self.evaluate(
                 SinkTensors(
-                    layout=joint_token_layout(layout, inputs["hidden_states"].shape[0]),
+                    layout=joint_token_layout(layout, inputs["hidden_states"].shape[0], frames),
                     num_layers=len(names),
                     joint_columns=_recorded(trace, names, "joint_columns"),
                     layer_names=names,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layout import DiTLayout, SampleLayout, TokenLayout
+from ..layout import DiTLayout, ImageTokens, SampleLayout, Span, TokenLayout
 from ..plan import ALL
 from ..record import SiteRecorder
 from .base import Criterion, Evaluation, Finding, SinkTensors, median_over_tokens
@@ -125,11 +125,17 @@ def _keys_seen(call) -> torch.Tensor:
     return visible.any(1)[:, 0].expand(batch, -1).to(call.query.device)
 
 
-def joint_token_layout(layout: DiTLayout, batch: int) -> TokenLayout:
-    """A DiT's joint sequence as a :class:`TokenLayout` (one image, no padding) for roles."""
+def joint_token_layout(layout: DiTLayout, batch: int, frames: int = 1) -> TokenLayout:
+    """A DiT's joint sequence as a :class:`TokenLayout` (no padding) for roles: one image, or a video DiT's
+    ``frames`` latent frames (stacked in the layout's grid) as one image each, ``frame=(0, f)``."""
     empty = torch.empty(0, dtype=torch.long)
     length = len(layout.text) + len(layout.image)
-    sample = SampleLayout(length=length, images=[layout.image], text=layout.text, padding=empty, layout=empty, first=0)
+    images = [layout.image]
+    if frames > 1:
+        rows, cols = layout.image.grid[0] // frames, layout.image.grid[1]
+        images = [ImageTokens(positions=part, grid=(rows, cols), span=Span(int(part[0]), int(part[-1]) + 1),
+                              frame=(0, f)) for f, part in enumerate(layout.image.positions.split(rows * cols))]
+    sample = SampleLayout(length=length, images=images, text=layout.text, padding=empty, layout=empty, first=0)
     return TokenLayout(samples=[sample] * batch, seq_len=length, generated_from=length)
 
 

@@ -247,7 +247,9 @@ class SinkReport:
 
 
 def _role(f: Finding) -> str:
-    return f"visual {f.image}:({f.row},{f.col})" if f.role == "visual" else f.role
+    if f.role != "visual":
+        return f.role
+    return f"visual {f.image}:({f.row},{f.col})" if f.frame is None else f"visual frame {f.frame}:({f.row},{f.col})"
 
 
 def _ranges(layers: list[int]) -> str:
