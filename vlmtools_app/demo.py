@@ -1,9 +1,9 @@
 """``vlmtools demo``: the three jobs on the zoo models, in one self-contained HTML report.
 
 Steps: wrap llava-shapes and find its sinks; answer held-out questions plainly, with
-FastV pruning (debias off and on) and with VAR / GIFT; segment held-out referring
+FastV pruning (debias off and on), the accuracy / speed-up trade-off of a few hosts
+from a small ``prune-bench`` run, and with VAR / GIFT; segment held-out referring
 expressions with RefAM on flux-shapes; write ``report.html`` (pictures inline).
-The application layer: it is the one core module that imports the method packages.
 """
 from __future__ import annotations
 
@@ -197,6 +197,30 @@ def pruning_section(report: Report, vlm, runner: QuestionRunner, plain: tuple[li
                table(["method", "accuracy", "speed-up", "on objects"], rows), *pictures)
 
 
+TRADEOFF = ("--questions", "5", "--batch", "5", "--hosts", "fastv,dart,random", "--calibration-samples", "8")
+"""The demo's small prune-bench run: the picture's shape, not a measurement (README: the full run)."""
+
+
+def tradeoff_section(report: Report, out: Path) -> None:
+    """``prune-bench`` on a few questions; its picture of accuracy and speed-up against the kept share."""
+    import argparse
+    import contextlib
+
+    from . import prune_bench
+
+    parser = argparse.ArgumentParser(prog="vlmtools")
+    prune_bench.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["prune-bench", *TRADEOFF, "--out", str(out / "prune-bench.json")])
+    with contextlib.redirect_stdout(io.StringIO()):
+        args.run(args)
+    report.add("Pruning: accuracy and speed-up against the tokens kept",
+               f"<p>A small run of <code>vlmtools prune-bench {' '.join(TRADEOFF)}</code> (solid: debias off, "
+               "dashed: on; results in prune-bench.json): the shape of the trade-off, not a measurement. "
+               "<code>vlmtools prune-bench</code> with its defaults (200 questions, every host) is the full one.</p>",
+               picture(Image.open(out / "prune-bench.png").convert("RGB"), "accuracy and speed-up against the "
+                       "share of visual tokens kept", width=1000))
+
+
 def hallucination_section(report: Report, runner: QuestionRunner, plain: list[str]) -> None:
     from hallucination import GIFT, VAR
 
@@ -246,7 +270,7 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = Report()
-    steps = tqdm(total=5, desc="vlmtools demo", unit="step")
+    steps = tqdm(total=6, desc="vlmtools demo", unit="step")
     steps.set_postfix_str("loading llava-shapes")
     model, processor = zoo.load("llava-shapes")
     vlm = wrap(model, processor)
@@ -258,6 +282,9 @@ def run(args) -> int:
     steps.set_postfix_str("pruning")
     plain = runner.answer()
     pruning_section(report, vlm, runner, plain, out)
+    steps.update()
+    steps.set_postfix_str("pruning trade-off")
+    tradeoff_section(report, out)
     steps.update()
     steps.set_postfix_str("VAR / GIFT")
     hallucination_section(report, runner, plain[0])
