@@ -3,6 +3,8 @@ classes, with matching inputs: for tests of code that wraps them (this project's
 
 >>> from vlmtools.testing import BUILDERS
 >>> model, inputs = BUILDERS["llava"]()          # fp32, eval mode, a left-padded batch of two
+>>> from vlmtools.testing import full_width      # a family at its published width (random weights, 3 LM layers)
+>>> model, inputs = full_width("gemma3")
 >>> from vlmtools.testing import tiny_flux       # diffusers is imported on first use
 >>> transformer, kwargs = tiny_flux()
 """
@@ -10,8 +12,9 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from .vlm import (BUILDERS, IMAGE, VOCAB, left_padded, tiny_llava, tiny_llava_next, tiny_qwen2_5_vl, tiny_qwen2_vl,
-                  tiny_qwen3_5, tiny_qwen3_vl)
+from .published import full_width, published_config, published_inputs
+from .vlm import (BUILDERS, IMAGE, VOCAB, left_padded, tiny_gemma3, tiny_internvl, tiny_llava, tiny_llava_next,
+                  tiny_llava_onevision, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen3_5, tiny_qwen3_vl, tiny_smolvlm)
 
 _LAZY = {"tiny_flux": "dit", "tiny_sd3": "dit", "GRID": "dit", "TEXT": "dit",
          "tiny_flux_pipeline": "pipelines", "tiny_sd3_pipeline": "pipelines", "tiny_tokenizer": "pipelines"}
@@ -25,4 +28,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["BUILDERS", "IMAGE", "VOCAB", "left_padded", "tiny_llava", "tiny_llava_next", "tiny_qwen2_5_vl",
-           "tiny_qwen2_vl", "tiny_qwen3_5", "tiny_qwen3_vl", *_LAZY]
+           "tiny_qwen2_vl", "tiny_qwen3_5", "tiny_qwen3_vl", "tiny_gemma3", "tiny_llava_onevision", "tiny_internvl",
+           "tiny_smolvlm", "full_width", "published_config", "published_inputs", *_LAZY]
