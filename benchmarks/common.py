@@ -103,6 +103,27 @@ def llava_bench(full: bool):
     return model, llava_prompt(device, dtype), sync
 
 
+def family_bench(family: str, full: bool, text: int = 64):
+    """``(model, prompt, sync, description)`` of the benchmarks on any family: LLaVA-1.5 on a CPU is the default
+    :func:`llava_bench` model; every other family (and ``full``) is ``vlmtools.testing.full_width``'s, one prompt of
+    its published image processor with ``text`` text tokens after the image: on a CPU three LM layers at the
+    published width, fp32, at the reduced resolution; ``full``: every layer, bf16, on CUDA, at the published
+    resolution."""
+    if family == "llava" and not full:
+        model, batch, sync = llava_bench(False)
+        return model, batch, sync, "LLaVA-1.5 shapes, CPU-sized"
+    from vlmtools.testing.published import FAMILIES, full_width, published_inputs
+
+    device = "cuda" if full else "cpu"
+    dtype = torch.bfloat16 if full else torch.float32
+    model, _ = full_width(family, layers=None if full else 3, reduced=not full, dtype=dtype, device=device)
+    batch = published_inputs(family, model.config, reduced=not full, samples=1, text=text)
+    batch = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
+    sync = torch.cuda.synchronize if full else (lambda: None)
+    checkpoint = FAMILIES[family].checkpoint
+    return model, batch, sync, f"{checkpoint} sizes" + ("" if full else ", reduced resolution")
+
+
 def fit(make_probe, size: int, inputs, answers: torch.Tensor, epochs: int, batch: int, name: str) -> nn.Module:
     """``make_probe()`` (seeded) trained on ``size`` examples, ``probe(*inputs(index))`` against
     ``answers[index]``, the learning rate decaying linearly to 0 so that the last epoch settles."""

@@ -1,14 +1,21 @@
-"""Speed of pruning for real: FastV 576 -> 64 visual tokens at K = 2 on a LLaVA-1.5-shaped random model.
+"""Speed of pruning for real: FastV 576 -> 64 visual tokens at K = 2 on a LLaVA-1.5-shaped random model, or any
+family.
 
 Prints ``name: value`` lines: prefill ``speedup_measured`` against ``speedup_predicted`` (the
 FLOPs of the unpruned over the pruned prefill, counted by ``torch.utils.flop_counter`` on the
 same forwards), per-token decode latency with the cache, KV-cache bytes, and the scoring
 overhead of debiasing (end to end, and its own work timed alone as a share of the prefill).
 Timings are medians of interleaved rounds in one process (``common.ratios``).
-Run: ``python benchmarks/pruning.py [--full] [--attn IMPL]`` (``--full``: LLaVA-1.5-7B sizes in bf16, needs a GPU;
-``--attn``: the implementation the model is loaded with, plain and pruned alike: sdpa, eager, flex_attention,
-flash_attention_2 (on a GPU with flash_attn), ...; the line names are the same for every one). The FLOPs count
-attention where torch's counter knows the kernel (SDPA and eager's matmuls, not flash_attn's own operators).
+Run: ``python benchmarks/pruning.py [--family F] [--full] [--attn IMPL]`` (``--family``: any family of
+``vlmtools.testing.published.FAMILIES``, default llava: the LLaVA-1.5-shaped model; another family is its published
+width with three LM layers at a reduced resolution on a CPU, one prompt of its image processor and 64 text tokens,
+keeping at most half its visual tokens; ``--full``: the family's published sizes, every layer, in bf16, at the
+published resolution, needs a GPU; ``--attn``: the implementation the model is loaded with, plain and pruned alike:
+sdpa, eager, flex_attention, flash_attention_2 (on a GPU with flash_attn), ...; the line names are the same for every
+one). FastV drops at the first layer from ``--layer`` on whose previous layer has attention; a family with none
+there (Qwen3.5's cut: attention in its last layer only) runs PDrop at its first attention layer from ``--layer``.
+The FLOPs count attention where torch's counter knows the kernel (SDPA and eager's matmuls, not flash_attn's own
+operators).
 """
 from __future__ import annotations
 
@@ -24,16 +31,17 @@ import vlmtools
 from vlmtools.attention import SERVED
 
 HERE = sys.path.pop(0)  # this script shares the package's name: find the package first
-from pruning import Debias, FastV, Trend, debiased
+from pruning import Debias, FastV, PDrop, Trend, debiased
 
 sys.path.insert(0, HERE)
-from common import llava_prompt, llava_shaped, ratios, timed
+from common import family_bench, llava_prompt, llava_shaped, ratios, timed
 
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--full", action="store_true", help="LLaVA-1.5-7B shapes, bf16, on CUDA")
+    parser.add_argument("--family", default="llava", help="the family (default llava); see vlmtools.testing.published")
+    parser.add_argument("--full", action="store_true", help="the family's published sizes, every layer, bf16, on CUDA")
     parser.add_argument("--attn", choices=SERVED, default="sdpa",
                         help="attention implementation the model is loaded with (default sdpa)")
     parser.add_argument("--repeats", type=int, default=7)
@@ -48,19 +56,23 @@ def main():
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.full else torch.float32
     torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # a 7B model is built in place, in bf16, on the GPU
-    with torch.device(device):
-        # the LM's matmuls dominate, as in LLaVA-1.5-7B (a tiny tower, a 7B-proportioned LM)
-        model = llava_shaped(args.full, text_hidden=1024, text_intermediate=2752, vision_hidden=64)
-    torch.set_default_dtype(previous)
+    if args.family == "llava" and not args.full:
+        with torch.device(device):
+            # the LM's matmuls dominate, as in LLaVA-1.5-7B (a tiny tower, a 7B-proportioned LM)
+            model = llava_shaped(False, text_hidden=1024, text_intermediate=2752, vision_hidden=64)
+        batch, described = llava_prompt(device, dtype), "LLaVA-1.5 shapes, CPU-sized"
+    else:
+        model, batch, _, described = family_bench(args.family, args.full)
     model.set_attn_implementation(args.attn)
-    batch = llava_prompt(device, dtype)
+    model.requires_grad_(False)  # torch's FLOP counter tracks modules by grad hooks, which inference tensors lack
     vlm = vlmtools.wrap(model)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    visual = len(vlm.layout(batch).samples[0].visual_positions())
+    keep = min(args.keep, visual // 2)
+    host, layer, host_name = _host(vlm, args.layer)
     trend = Trend(fit="exponential", coef=[1.2, -7.0], key="benchmark")
-    hosts = {"plain": None, "fastv": lambda: FastV(keep=args.keep, layer=args.layer),
-             "fastv_debias": lambda: FastV(keep=args.keep, layer=args.layer, debias=Debias(trend=trend))}
+    hosts = {"plain": None, "fastv": lambda: host(keep, layer),
+             "fastv_debias": lambda: host(keep, layer, debias=Debias(trend=trend))}
 
     def under(name, fn):
         def run():
@@ -85,7 +97,7 @@ def main():
             with FlopCounterMode(display=False) as counter:
                 under(name, prefill)()
             flops[name] = counter.get_total_flops()
-        cache_bytes = {name: _cache_bytes(under(name, generate(1))().past_key_values) for name in ("plain", "fastv")}
+        cache_bytes = {name: _cache_bytes(_cache(under(name, generate(1))())) for name in ("plain", "fastv")}
         debias_s = _debias_seconds(vlm, batch, hosts["fastv_debias"](), args.repeats)
 
     base, r = ratios(under("plain", prefill), {"fastv": under("fastv", prefill),
@@ -96,9 +108,10 @@ def main():
           f"{torch.get_num_threads()} torch threads)")
     print(f"dtype: {str(dtype).removeprefix('torch.')}")
     print(f"attn: {args.attn}")
-    print(f"model: {'LLaVA-1.5-7B sizes' if args.full else 'LLaVA-1.5 shapes, CPU-sized'} random weights, "
-          f"{vlm.num_layers} layers, hidden {model.config.text_config.hidden_size}")
-    print(f"tokens: 576 visual + 64 text -> {args.keep} visual from layer {args.layer}")
+    print(f"model: {args.family}: {described}, random weights, {vlm.num_layers} layers, "
+          f"hidden {model.config.get_text_config().hidden_size}")
+    print(f"tokens: {visual} visual + {batch['input_ids'].shape[1] - visual} text -> {keep} visual from layer {layer}"
+          + ("" if host_name == "fastv" else " (PDrop: no attention before it)"))
     print(f"plain_prefill_s: {base:.4f}")
     print(f"prefill_flops_plain: {flops['plain']:.3e}")
     print(f"prefill_flops_pruned: {flops['fastv']:.3e}")
@@ -110,6 +123,17 @@ def main():
     print(f"debias_share_of_prefill: {debias_s / base:.4f}")
     print(f"speedup_predicted: {flops['plain'] / flops['fastv']:.3f}")
     print(f"speedup_measured: {1 / r['fastv']:.3f}")
+
+
+def _host(vlm, first: int):
+    """FastV at the first layer from ``first`` on whose previous layer has attention, or PDrop at the first
+    attention layer from ``first`` on (the last one if none is)."""
+    attention = vlm.attention_layers
+    fastv = next((k for k in range(max(first, 1), vlm.num_layers) if k - 1 in attention), None)
+    if fastv is not None:
+        return (lambda keep, layer, **kw: FastV(keep=keep, layer=layer, **kw)), fastv, "fastv"
+    layer = next((k for k in attention if k >= first), attention[-1])
+    return (lambda keep, layer, **kw: PDrop(keep=keep, layers=(layer,), **kw)), layer, "pdrop"
 
 
 def _debias_seconds(vlm, batch, host, repeats: int) -> float:
@@ -133,9 +157,15 @@ def _debias_seconds(vlm, batch, host, repeats: int) -> float:
         return statistics.median(timed(work) for _ in range(repeats))
 
 
+def _cache(out):
+    """A ``generate`` output's cache (``cache``; ``past_key_values`` before transformers 5.25)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def _cache_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-               if t is not None)
+    return sum(t.numel() * t.element_size() for layer in cache.layers
+               for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
 
 
 def _per_token(runs: dict, tokens: int, repeats: int) -> dict[str, float]:

@@ -411,8 +411,13 @@ def full_width(family: str, layers: int | None = 3, vision: bool | None = None, 
     :func:`published_inputs` at the same resolution on that device."""
     config = published_config(family, layers, vision, reduced)
     model = _model_class(config)
-    with torch.device("meta"):
-        model = model(config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in place in ``dtype`` (a whole 7B model in bf16 on a GPU)
+    try:
+        with torch.device("meta"):
+            model = model(config)
+    finally:
+        torch.set_default_dtype(previous)
     model.to_empty(device=device)
     torch.manual_seed(seed)
     model.init_weights()
@@ -426,20 +431,24 @@ def full_width(family: str, layers: int | None = 3, vision: bool | None = None, 
     return model, {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
 
 
-def published_inputs(family: str, config, reduced: bool = True) -> dict[str, torch.Tensor]:
+def published_inputs(family: str, config, reduced: bool = True, samples: int = 2,
+                     text: int | None = None) -> dict[str, torch.Tensor]:
     """A left-padded batch of two prompts, one image each (two sizes), from the family's image processor with its
     published values; ``input_ids``: text ids from :data:`TEXT` around the image's placeholders and markers, token
-    ids from ``config``."""
+    ids from ``config``. ``samples=1``: the first prompt alone; ``text``: that many text tokens after each image
+    (default 3 and 2)."""
     spec = _family(family)
     processor = spec.processor(reduced)
     rng = np.random.default_rng(0)
-    shapes = spec.reduced_images if reduced else spec.images
+    shapes = (spec.reduced_images if reduced else spec.images)[:samples]
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
     kwargs = {"return_row_col_info": True} if family == "smolvlm" else {}
     batch = [[image] for image in images] if family == "smolvlm" else images
     pixels = dict(processor(images=batch, return_tensors="pt", **kwargs))
-    prompts = [[TEXT, TEXT + 1] + spec.prompt(config, pixels, 0) + [TEXT + 2, TEXT + 3, TEXT + 4],
-               [TEXT] + spec.prompt(config, pixels, 1) + [TEXT + 2, TEXT + 3]]
+    tails = [list(range(TEXT + 2, TEXT + 2 + (n if text is None else text))) for n in (3, 2)]
+    prompts = [[TEXT, TEXT + 1] + spec.prompt(config, pixels, 0) + tails[0]]
+    if samples == 2:
+        prompts.append([TEXT] + spec.prompt(config, pixels, 1) + tails[1])
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     inputs = {"input_ids": ids, "attention_mask": (torch.arange(width) >= width - torch.tensor(
@@ -450,7 +459,7 @@ def published_inputs(family: str, config, reduced: bool = True) -> dict[str, tor
     if family.startswith("qwen"):
         inputs["mm_token_type_ids"] = (ids == config.image_token_id).int()
     if family == "llava_onevision":
-        inputs["batch_num_images"] = torch.tensor([1, 1])
+        inputs["batch_num_images"] = torch.ones(len(prompts), dtype=torch.long)
     return inputs
 
 
