@@ -155,3 +155,71 @@ def tiny_wan(grid: tuple[int, int] = GRID, text: int = TEXT, frames: int = FRAME
     if image:
         inputs["encoder_hidden_states_image"] = torch.randn(2, 7, 16)
     return model, inputs
+
+
+PUBLISHED = {
+    "flux": "FLUX.1 [dev]: 24 heads x 128, T5 4096, CLIP 768",
+    "flux2": "FLUX.2 [klein] 4B: 24 heads x 128, Qwen3 features 7680",
+    "qwen_image": "Qwen-Image: 24 heads x 128, Qwen2.5-VL features 3584",
+    "sd3": "SD3.5 Large: 38 heads x 64, T5 4096, CLIP 2048",
+    "mochi": "Mochi 1: 24 heads x 128, text stream 1536, T5 4096",
+    "wan": "Wan 2.1 14B: 40 heads x 128, FFN 13824, T5 4096",
+}
+"""The published checkpoint each family's :func:`published_dit` takes its widths from."""
+
+
+def published_dit(family: str, grid: tuple[int, int] = (4, 6), text: int = 16, frames: int = FRAMES):
+    """``(model, inputs)``: ``family`` at its published block width (``PUBLISHED``), random weights, fp32, one block
+    (one double- and one single-stream block for FLUX and FLUX.2; two for Mochi, whose last block is
+    ``context_pre_only``), on a reduced latent ``grid`` (``frames`` latent frames for the video DiTs) with
+    ``text`` tokens of the published text width; a batch of two (the second prompt with two pads where the family
+    takes a text mask)."""
+    torch.manual_seed(0)
+    rows, cols = grid
+    if family == "flux":
+        model = FluxTransformer2DModel(in_channels=64, num_layers=1, num_single_layers=1, guidance_embeds=True).eval()
+        inputs = {"hidden_states": torch.randn(2, rows * cols, 64), "encoder_hidden_states": torch.randn(2, text, 4096),
+                  "pooled_projections": torch.randn(2, 768), "timestep": torch.tensor([0.5, 0.7]),
+                  "guidance": torch.tensor([3.5, 3.5]),
+                  "img_ids": FluxPipeline._prepare_latent_image_ids(2, rows, cols, "cpu", torch.float32),
+                  "txt_ids": torch.zeros(text, 3), "return_dict": False}
+    elif family == "flux2":
+        from vlmtools.adapters.flux2 import latent_ids, text_ids
+
+        model = Flux2Transformer2DModel(in_channels=128, num_layers=1, num_single_layers=1, num_attention_heads=24,
+                                        joint_attention_dim=7680, guidance_embeds=False).eval()
+        inputs = {"hidden_states": torch.randn(2, rows * cols, 128), "encoder_hidden_states": torch.randn(2, text, 7680),
+                  "timestep": torch.tensor([0.5, 0.7]), "img_ids": latent_ids(2, grid), "txt_ids": text_ids(2, text),
+                  "return_dict": False}
+    elif family == "qwen_image":
+        model = QwenImageTransformer2DModel(num_layers=1).eval()
+        mask = torch.ones(2, text, dtype=torch.long)
+        mask[1, -2:] = 0
+        inputs = {"hidden_states": torch.randn(2, rows * cols, 64), "encoder_hidden_states": torch.randn(2, text, 3584),
+                  "encoder_hidden_states_mask": mask, "timestep": torch.tensor([0.5, 0.7]),
+                  "img_shapes": [[(1, rows, cols)]] * 2, "return_dict": False}
+    elif family == "sd3":
+        model = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=1,
+                                      attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
+                                      caption_projection_dim=2432, pooled_projection_dim=2048, out_channels=16,
+                                      pos_embed_max_size=192, qk_norm="rms_norm").eval()
+        inputs = {"hidden_states": torch.randn(2, 16, 2 * rows, 2 * cols), "encoder_hidden_states": torch.randn(2, text, 4096),
+                  "pooled_projections": torch.randn(2, 2048), "timestep": torch.tensor([500.0, 700.0]),
+                  "return_dict": False}
+    elif family == "mochi":
+        model = MochiTransformer3DModel(num_layers=2, max_sequence_length=text).eval()
+        with torch.no_grad():
+            model.pos_frequencies.normal_(0, 0.05)
+        mask = torch.ones(2, text, dtype=torch.bool)
+        mask[1, -2:] = False
+        inputs = {"hidden_states": torch.randn(2, 12, frames, 2 * rows, 2 * cols),
+                  "encoder_hidden_states": torch.randn(2, text, 4096), "encoder_attention_mask": mask,
+                  "timestep": torch.tensor([500.0, 700.0]), "return_dict": False}
+    elif family == "wan":
+        model = WanTransformer3DModel(num_layers=1, num_attention_heads=40, ffn_dim=13824).eval()
+        inputs = {"hidden_states": torch.randn(2, 16, frames, 2 * rows, 2 * cols),
+                  "encoder_hidden_states": torch.randn(2, text, 4096), "timestep": torch.tensor([500.0, 700.0]),
+                  "return_dict": False}
+    else:
+        raise ValueError(f"no published width for {family!r}; known: {', '.join(PUBLISHED)}")
+    return model, inputs
