@@ -55,8 +55,12 @@ def test_hosts_decode_in_bf16_keeping_their_budget(family, host):
         kept = run.kept_at(pruner.layers[-1])
         visual = [int(torch.isin(kept[row], sample.visual_positions().to(kept.device)).sum())
                   for row, sample in enumerate(run.state.layout.samples)]
-        # rows keep equal lengths (pruning.host): where a row cannot drop as many, another keeps more
-        assert min(visual) == 4, visual
+        # rows keep equal lengths (pruning.host): where a row cannot drop as many, another keeps more;
+        # SparseVLM's released rank budget keeps as many as the raters' attention has rank, keep its floor
+        if getattr(pruner, "budget_mode", None) == "rank":
+            assert min(visual) >= 4, visual
+        else:
+            assert min(visual) == 4, visual
 
 
 @pytest.mark.parametrize("family", list(BUILDERS))
