@@ -7,8 +7,9 @@ part: the processor drops padded text tokens sample by sample (their outputs are
 which the probe gives the seam as a key mask. The last block is ``context_pre_only``. The
 layout stacks the latent frames: grid ``(frames * rows, cols)``, ``frames`` from the
 latents; the frame of a video token is its grid row // rows. diffusers has no fused-q/k/v
-path for Mochi (no ``fuse_qkv_projections``). RefAM reads a bare transformer through
-:class:`MochiTransformerSource`; with no rule of its own it reads the middle third of the blocks.
+path for Mochi (no ``fuse_qkv_projections``). RefAM reads a ``MochiPipeline`` or a bare transformer
+through :class:`MochiSource` / :class:`MochiTransformerSource`; with no rule of its own it reads the
+middle third of the blocks.
 """
 from __future__ import annotations
 

@@ -16,8 +16,10 @@ from .published import full_width, published_config, published_inputs
 from .vlm import (BUILDERS, IMAGE, VOCAB, left_padded, tiny_gemma3, tiny_internvl, tiny_llava, tiny_llava_next,
                   tiny_llava_onevision, tiny_qwen2_5_vl, tiny_qwen2_vl, tiny_qwen3_5, tiny_qwen3_vl, tiny_smolvlm)
 
-_LAZY = {"tiny_flux": "dit", "tiny_sd3": "dit", "GRID": "dit", "TEXT": "dit",
-         "tiny_flux_pipeline": "pipelines", "tiny_sd3_pipeline": "pipelines", "tiny_tokenizer": "pipelines"}
+_LAZY = {"tiny_flux": "dit", "tiny_sd3": "dit", "tiny_flux2": "dit", "tiny_qwen_image": "dit", "tiny_mochi": "dit",
+         "tiny_wan": "dit", "published_dit": "dit", "GRID": "dit", "TEXT": "dit", "FRAMES": "dit",
+         "tiny_flux_pipeline": "pipelines", "tiny_sd3_pipeline": "pipelines", "tiny_wan_pipeline": "pipelines",
+         "tiny_mochi_pipeline": "pipelines", "tiny_tokenizer": "pipelines"}
 """Names whose modules import diffusers: loaded when first asked for."""
 
 
