@@ -102,9 +102,13 @@ def run_planned(call: AttentionCall, hooks: Sequence[AttentionHook], fused: Call
         if visible is not None:
             logits.masked_fill_(~visible, torch.finfo(logits.dtype).min)
         selected = [(hook, pos) for hook, rows in wanted if (pos := _positions(group, rows)) is None or pos.numel()]
+        edits_logits = False
         for hook, pos in selected:
             if hook.edits_logits:
                 _put(logits, pos, hook.edit_logits(call, _take(group, pos, 0), _take(logits, pos)))
+                edits_logits = True
+        if edits_logits and visible is not None:  # an edit never makes a hidden key visible (a window, padding)
+            logits.masked_fill_(~visible, torch.finfo(logits.dtype).min)
         probs = _softmax_(logits)
         for hook, pos in selected:
             if hook.edits_probs:
