@@ -369,3 +369,29 @@ def test_gemma3_compact_positions_take_each_layers_rotary_tables():
         first = int(inputs["attention_mask"][0].argmin()) if not inputs["attention_mask"][0].all() else 0
         assert torch.equal(ids[0][first:], torch.arange(ids.shape[1] - first))  # consecutive from 0
     assert not torch.equal(seen[1][1][0], seen[2][1][0])  # full and sliding tables differ
+
+
+def test_onevision_images_of_a_multi_image_prompt_are_base_views_and_one_newline():
+    """With several images in one prompt (``batch_num_images`` > 1) the model packs each as its base view and one
+    newline: the layout counts them so, and the newline is where the model puts ``image_newline``."""
+    from transformers import LlavaOnevisionImageProcessor
+
+    model, _ = tiny("llava_onevision")
+    processor = LlavaOnevisionImageProcessor(size={"height": 32, "width": 32},
+                                             image_grid_pinpoints=model.config.image_grid_pinpoints)
+    images = [torch.randint(0, 256, (h, w, 3), dtype=torch.uint8).numpy() for h, w in ((16, 64), (64, 64))]
+    pixels = processor(images=[images], return_tensors="pt")  # one prompt, two images
+    ids = torch.tensor([[1, 2] + [IMAGE] * 17 + [3] + [IMAGE] * 17 + [4, 5]])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels["pixel_values"],
+              "image_sizes": pixels["image_sizes"], "batch_num_images": torch.tensor([2])}
+    layout = vlmtools.wrap(model).layout(inputs)
+    assert [(len(i), i.tiles, i.layout.tolist()) for i in layout.images()] == [(16, [], [18]), (16, [], [36])]
+    with torch.no_grad():
+        features = model.model.get_image_features(pixels["pixel_values"], pixels["image_sizes"],
+                                                  batch_num_images=torch.tensor([2])).pooler_output
+    newline = model.model.image_newline
+    assert [(f == newline).all(-1).nonzero().squeeze(1).tolist() for f in features] == [[16], [16]]
+    host = FastV(keep=8, layer=1)
+    with torch.no_grad(), vlmtools.wrap(model).use(host) as trace:  # the model takes the prompt; FastV prunes it
+        model(**inputs)
+    assert int(torch.isin(trace[host].kept_at(1)[0], layout.samples[0].visual_positions()).sum()) == 8

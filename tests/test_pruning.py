@@ -18,7 +18,7 @@ LM_HOSTS = {"fastv": lambda keep: FastV(keep=keep, layer=1), "pdrop": lambda kee
             "random": lambda keep: RandomPrune(keep=keep, layer=1), "grid": lambda keep: UniformGrid(keep=keep, layer=1)}
 VISION_HOSTS = {"fastervlm": lambda keep: FasterVLM(keep=keep), "visionzip": lambda keep: VisionZip(keep=keep)}
 CASES = [(family, host) for family in BUILDERS for host in LM_HOSTS] + [
-    (family, host) for family in ("llava", "llava_next") for host in VISION_HOSTS]
+    (family, host) for family in ("llava", "llava_next", "internvl") for host in VISION_HOSTS]
 _MODELS = {}
 
 
