@@ -97,9 +97,13 @@ def check(family, name, keep):
                                   if closest < NEAR_TIE else "the host's choice differs from the reference's")
 
 
-@pytest.mark.parametrize("keep", KEEPS)
-@pytest.mark.parametrize("name", VARIANTS)
-@pytest.mark.parametrize("family", list(BUILDERS))
+FIRST = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+"""Every variant at both budgets on these; the other families run each host once (fraction: per-sample budgets)."""
+CASES = [(family, name, keep) for family in BUILDERS for name in VARIANTS for keep in KEEPS
+         if family in FIRST or (keep == 0.5 and name in ("fastv", "pdrop", "dart", "random", "grid"))]
+
+
+@pytest.mark.parametrize("family,name,keep", CASES)
 def test_the_host_keeps_what_the_reference_keeps(family, name, keep):
     check(family, name, keep)
 
