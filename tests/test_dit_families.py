@@ -107,7 +107,7 @@ def test_wan_sites_say_where_their_keys_are():
     layout = dit.layout(TEXT, (FRAMES * GRID[0], GRID[1]))
     self_site, cross = dit.site("dit.self.1"), dit.site("dit.cross.1")
     assert self_site.module is model.blocks[1].attn1 and cross.module is model.blocks[1].attn2
-    assert (self_site.keys, cross.keys, self_site.block, cross.block) == ("joint", "text", "blocks.1", "blocks.1")
+    assert (self_site.keys, cross.keys, self_site.block, cross.block) == ("image", "text", "blocks.1", "blocks.1")
     assert (self_site.key_offset(layout), cross.key_offset(layout)) == (0, layout.text.start)
 
 

@@ -201,3 +201,21 @@ def test_video_pipelines_encode_a_clip_with_their_own_pieces(family):
     assert single.mask.shape == (VIDEO_SIZE[1], VIDEO_SIZE[0]) and single.grid_heatmap.shape == grid[1:]
     with pytest.raises(ValueError, match=f"1 \\+ {refam.source.temporal} k frames"):
         refam.segment_clip(frames[:-1], EXPRESSION)
+
+
+def test_the_forward_stops_after_the_last_site_read_in_execution_order():
+    from grounding.refam.method import execution_order
+
+    model, latents, prompt, grid = tiny("wan")
+    refam = RefAM(model, RefAMSettings(blocks=("dit.cross.0",)))
+    assert execution_order(refam.dit) == ["dit.self.0", "dit.cross.0", "dit.self.1", "dit.cross.1"]
+    assert refam.last_block == "dit.cross.0" and refam.sink_sites == ("dit.cross.0", "dit.self.0")
+    ran = []
+    handles = [model.blocks[0].attn1.register_forward_pre_hook(lambda *a: ran.append("self.0")),
+               model.blocks[1].attn1.register_forward_pre_hook(lambda *a: ran.append("self.1"))]
+    segs = refam.segment_clip_encoded(latents, grid, prompt, EXPRESSION)
+    for handle in handles:
+        handle.remove()
+    assert ran == ["self.0"] and len(segs) == FRAMES
+    with pytest.raises(ValueError, match="dit.self.1 attends over the image alone.*dit.cross.0, dit.cross.1"):
+        RefAM(model, RefAMSettings(blocks=("dit.self.1",)))

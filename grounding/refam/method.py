@@ -132,15 +132,19 @@ class Segmentation:
 
 def execution_order(dit) -> list[str]:
     """Site names in the order a forward runs them: block after block, and within a block (Wan's) its
-    self-attention before its cross-attention."""
+    self-attention before its cross-attention; the sites' own order where they do not say their block."""
+    if not all(getattr(site, "block", "") for site in dit.sites):
+        return [site.name for site in dit.sites]
     paths: list[str] = []
     for site in dit.sites:
-        path = getattr(site, "block", "").rsplit(".", 1)[0]
+        path = site.block.rsplit(".", 1)[0]
         paths += [] if path in paths else [path]
-    position = {site.name: i for i, site in enumerate(dit.sites)}
-    key = {site.name: (paths.index(getattr(site, "block", "").rsplit(".", 1)[0]), site.index, position[site.name])
-           for site in dit.sites}
-    return sorted(position, key=key.__getitem__)
+    key = {site.name: (paths.index(site.block.rsplit(".", 1)[0]), site.index, i) for i, site in enumerate(dit.sites)}
+    return sorted(key, key=key.__getitem__)
+
+
+def _named(names: list[str]) -> str:
+    return f"{names[0]} .. {names[-1]}" if len(names) > 3 else ", ".join(names)
 
 
 def sink_sites(dit, blocks) -> tuple[str, ...]:
@@ -193,7 +197,10 @@ class RefAM:
         self.settings = settings or RefAMSettings()
         self.blocks = self.settings.blocks or self.source.blocks or default_blocks(self.dit)
         for name in self.blocks:
-            self.dit.site(name)  # LookupError naming the sites
+            if getattr(self.dit.site(name), "keys", "joint") == "image":  # (LookupError naming the sites first)
+                text = [site.name for site in self.dit.sites if getattr(site, "keys", "joint") != "image"]
+                raise ValueError(f"RefAM: {name} attends over the image alone, with no text keys to read; read "
+                                 f"sites whose keys hold the text ({_named(text)})")
         self.sink_sites = sink_sites(self.dit, self.blocks)
         self.partners = {name: _partners(self.dit, name) for name in self.blocks}
         order = execution_order(self.dit)

@@ -23,9 +23,9 @@ text by cross-attention: its blocks' self-attention sees only the video tokens a
 their cross-attention has the video tokens as queries and only the text as keys. Its
 layout is then the *virtual* joint sequence ``[video, text]`` (image first), and each
 site says what its keys are (:attr:`DiTSite.keys`): ``joint`` (key ``k`` is position
-``k`` of the layout: the joint sequence, or its video part for a self-attention) or
-``text`` (key ``k`` is text position ``layout.text.start + k``). Queries are always
-positions of the layout from 0 on.
+``k`` of the layout), ``image`` (only the image / video: key ``k`` is image position
+``layout.image.span.start + k``, Wan's self-attention) or ``text`` (key ``k`` is text position
+``layout.text.start + k``, Wan's cross-attention). Queries are positions of the layout from 0 on.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ from .base import Adapter
 from .dit_source import Source
 
 Sizes = Callable[[Any, dict[str, Any]], tuple[int, tuple[int, int]]]
-Keys = Literal["joint", "text"]
+Keys = Literal["joint", "text", "image"]
 
 
 class Probe:
@@ -78,7 +78,8 @@ class Probe:
 @dataclass(frozen=True)
 class DiTSite(AttentionSite):
     """A DiT's attention site: ``keys`` says what the call's keys are (``joint``: position ``k`` of the
-    layout; ``text``: text position ``layout.text.start + k``, a cross-attention), ``block`` the path
+    layout; ``image``: image position ``layout.image.span.start + k``, a video self-attention without the
+    text; ``text``: text position ``layout.text.start + k``, a cross-attention), ``block`` the path
     of the block holding the module (a Wan block's self- and cross-attention share it), ``probe`` the
     :class:`Probe` subclass set on the module when it is planned (None: the adapter's)."""
 
@@ -88,7 +89,7 @@ class DiTSite(AttentionSite):
 
     def key_offset(self, layout) -> int:
         """Layout position of the call's key 0."""
-        return layout.text.start if self.keys == "text" else 0
+        return {"text": layout.text.start, "image": layout.image.span.start}.get(self.keys, 0)
 
 
 class Stream(NamedTuple):

@@ -159,7 +159,7 @@ class WanSource(WanTransformerSource):
 ADAPTER = DiTAdapter(
     family="wan",
     classes=("WanTransformer3DModel",),
-    streams=(Stream("self", "blocks", "attn1"), Stream("cross", "blocks", "attn2", keys="text")),
+    streams=(Stream("self", "blocks", "attn1", keys="image"), Stream("cross", "blocks", "attn2", keys="text")),
     probe=WanProbe,
     sizes=wan_sizes,
     frames=wan_frames,

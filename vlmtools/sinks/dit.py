@@ -102,7 +102,7 @@ class RecordJointColumns(SiteRecorder):
     def record(self, block, call, rows, probs):
         columns = block.entries(call)[-1]
         weight = None
-        if call.q_len == call.k_len and _key_offset(call, block.state.layout) == 0:
+        if call.q_len == call.k_len and getattr(call.site, "keys", "joint") == "joint":
             # a joint sequence: a token no query may see as a key (a masked pad) is no query either
             weight = _keys_seen(call)[:, rows.to(call.query.device)]
         columns.add(rows, probs.mean(1), self.image_queries, _key_offset(call, block.state.layout), weight)
