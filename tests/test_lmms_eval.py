@@ -234,10 +234,7 @@ def VAR(**settings):
 
 @needs_lmms_eval
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["fastv+paint", pytest.param("fastv+var", marks=pytest.mark.xfail(
-    strict=True, raises=RuntimeError,
-    reason="the library's VAR under a pruning host: VAR's sink detection (vlmtools/sinks/dims.py) reads hidden "
-           "states of the kept tokens against the unpruned layout"))])
+@pytest.mark.parametrize("method", ["fastv+paint", "fastv+var"])
 def test_batches_follow_document_order_per_generation_setting(method, one_thread):
     """Requests of two generation settings, interleaved: each setting's requests are batched in document order
     (the last batch shorter), and each batch's answers are the library's own run of that batch (the methods in
