@@ -21,7 +21,7 @@ def test_the_layer_contract_is_kept():
 def test_the_contract_catches_an_import_inside_a_function(tmp_path):
     """A copy of the project's contract over a small tree whose core imports the zoo inside a function."""
     for package, body in {"vlmtools": "def load():\n    import vlmtools_zoo\n", "pruning": "import vlmtools\n",
-                          "hallucination": "", "grounding": "", "vlmtools_zoo": "import pruning\n",
+                          "hallucination": "", "grounding": "", "tuning": "", "streaming": "", "vlmtools_zoo": "import pruning\n",
                           "vlmtools_app": "import vlmtools_zoo\n"}.items():
         (tmp_path / package).mkdir()
         (tmp_path / package / "__init__.py").write_text(body)
@@ -36,7 +36,7 @@ def test_the_contract_catches_an_import_inside_a_function(tmp_path):
 def test_importing_the_library_loads_no_zoo_app_diffusers_or_gguf():
     code = textwrap.dedent("""
         import sys
-        import vlmtools, pruning, hallucination, grounding
+        import vlmtools, pruning, hallucination, grounding, tuning, streaming
         print(sorted({m.split('.')[0] for m in sys.modules} & {'vlmtools_zoo', 'vlmtools_app', 'diffusers', 'gguf'}))
     """)
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
