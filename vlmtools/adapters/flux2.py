@@ -15,14 +15,11 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux2 import (
-    Flux2AttnProcessor,
-    Flux2ParallelSelfAttnProcessor,
-    _get_qkv_projections,
-)
+from diffusers.models.transformers.transformer_flux2 import Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor
 
 from .dit import DiTAdapter, Probe, Stream
 from .dit_source import Source
+from .flux import joint_qkv
 
 
 class _Flux2Probe(Probe):
@@ -51,18 +48,7 @@ class Flux2Probe(_Flux2Probe):
         hooks = self.hooks()
         if not hooks:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states)
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        if attn.added_kv_proj_dim is not None:
-            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
-            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
+        query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states)
         hidden_states = self.joint(hooks, query, key, value, attention_mask, image_rotary_emb)
         if encoder_hidden_states is None:
             return attn.to_out[1](attn.to_out[0](hidden_states))
