@@ -34,7 +34,7 @@ HERE = sys.path.pop(0)  # this script shares the package's name: find the packag
 from pruning import Debias, FastV, PDrop, Trend, debiased
 
 sys.path.insert(0, HERE)
-from common import family_bench, llava_prompt, llava_shaped, ratios, timed
+from common import family_bench, kv_bytes, llava_prompt, llava_shaped, ratios, timed
 
 
 
@@ -97,7 +97,7 @@ def main():
             with FlopCounterMode(display=False) as counter:
                 under(name, prefill)()
             flops[name] = counter.get_total_flops()
-        cache_bytes = {name: _cache_bytes(_cache(under(name, generate(1))())) for name in ("plain", "fastv")}
+        cache_bytes = {name: kv_bytes(_cache(under(name, generate(1))())) for name in ("plain", "fastv")}
         debias_s = _debias_seconds(vlm, batch, hosts["fastv_debias"](), args.repeats)
 
     base, r = ratios(under("plain", prefill), {"fastv": under("fastv", prefill),
@@ -161,11 +161,6 @@ def _cache(out):
     """A ``generate`` output's cache (``cache``; ``past_key_values`` before transformers 5.25)."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
-
-
-def _cache_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers
-               for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
 
 
 def _per_token(runs: dict, tokens: int, repeats: int) -> dict[str, float]:
