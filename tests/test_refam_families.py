@@ -21,7 +21,7 @@ from grounding.refam import EncodedPrompt
 from grounding.refam.prompt import Segment
 from grounding.refam.source import register_source
 from grounding.refam.video import segment_video
-from tests.test_refam import EXPRESSION, OFFSETS, REAL
+from tests.test_refam import EXPRESSION, OFFSETS, PROMPT, REAL
 from vlmtools.adapters.dit_source import token_segment
 from vlmtools.adapters.wan import WanTransformerSource
 from vlmtools.testing.dit import FRAMES, GRID, tiny_flux2, tiny_mochi, tiny_qwen_image, tiny_wan
@@ -219,3 +219,117 @@ def test_the_forward_stops_after_the_last_site_read_in_execution_order():
     assert ran == ["self.0"] and len(segs) == FRAMES
     with pytest.raises(ValueError, match="dit.self.1 attends over the image alone.*dit.cross.0, dit.cross.1"):
         RefAM(model, RefAMSettings(blocks=("dit.self.1",)))
+
+
+# FLUX.2 and Qwen-Image pipelines: the prompt inside a chat template
+
+CHAT = ("flux2", "qwen_image")
+CHAT_OPTIONS = {"flux2": {"max_sequence_length": 80, "text_encoder_out_layers": (1, 2, 3)}, "qwen_image": {}}
+
+
+@pytest.fixture(scope="module")
+def chat_pipelines():
+    from vlmtools.testing.pipelines import FLUX2_LAYERS, tiny_flux2_pipeline, tiny_qwen_image_pipeline
+
+    assert CHAT_OPTIONS["flux2"]["text_encoder_out_layers"] == FLUX2_LAYERS
+    return {"flux2": tiny_flux2_pipeline(), "qwen_image": tiny_qwen_image_pipeline()}
+
+
+def chat_ids(pipe, family):
+    """The token ids of PROMPT's templated text that the pipeline's text encoder reads, and their mask."""
+    if family == "flux2":
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+        enc = pipe.tokenizer.apply_chat_template(
+            format_input([PROMPT], system_message=pipe.system_message), add_generation_prompt=False, tokenize=True,
+            return_dict=True, padding="max_length", truncation=True, max_length=80)
+        return enc["input_ids"][0].tolist(), enc["attention_mask"][0].tolist()
+    ids = pipe.tokenizer(pipe.prompt_template_encode.format(PROMPT))["input_ids"][34:]  # the pipeline drops 34
+    return ids, [1] * len(ids)
+
+
+def hand_segment(pipe, family):
+    """The positions of PROMPT's six words located by their ids in the templated ids; every other real
+    position is a template token (empty span)."""
+    ids, mask = chat_ids(pipe, family)
+    words = (pipe.tokenizer.tokenizer if family == "flux2" else pipe.tokenizer)(PROMPT, add_special_tokens=False)
+    words = words["input_ids"]
+    start = next(i for i in range(len(ids)) if ids[i:i + len(words)] == words)
+    offsets = [(0, 0)] * len(ids)
+    offsets[start:start + len(words)] = OFFSETS[:len(words)]
+    return Segment(offsets, mask), start
+
+
+def test_chat_template_positions_map_back_to_the_expression(chat_pipelines):
+    for family in CHAT:
+        pipe = chat_pipelines[family]
+        refam = RefAM(pipe, **CHAT_OPTIONS[family])
+        prompt = refam.source.prompt(PROMPT)
+        expected, start = hand_segment(pipe, family)
+        # FLUX.2: left pads, the system turn, then [INST] PROMPT [/INST] at the end of 80; Qwen-Image: the pipeline
+        # drops its template's 34 leading tokens, so PROMPT comes first, then the template's 5 closing tokens
+        assert start == {"flux2": 80 - 1 - 6, "qwen_image": 0}[family]
+        assert prompt.embeds.shape[1] == len(expected.offsets) == {"flux2": 80, "qwen_image": 11}[family]
+        assert list(prompt.segments[0].offsets) == expected.offsets
+        assert list(prompt.segments[0].real) == list(expected.real)
+        tokens = refam.tokens(prompt, EXPRESSION)
+        assert tokens.positions("content") == [start + 1, start + 2]
+        assert tokens.positions("stop", "content", "magnet") == list(range(start, start + 6))
+
+
+def hand_latents(pipe, family, picture):
+    """Clean packed latents of ``picture`` by the pipelines' formulas, written out here."""
+    pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        if family == "flux2":  # 2 x 2 patches (channel-major), then the VAE's batch norm, then raster order
+            z = pipe.vae.encode(pixels).latent_dist.mode()
+            b, c, h, w = z.shape
+            z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, 4 * c, h // 2, w // 2)
+            bn = pipe.vae.bn
+            z = (z - bn.running_mean.view(1, -1, 1, 1)) / (bn.running_var.view(1, -1, 1, 1) + bn.eps).sqrt()
+            return z.flatten(2).transpose(1, 2), (h // 2, w // 2)
+        z = pipe.vae.encode(pixels[:, :, None]).latent_dist.mode()[:, :, 0]  # one frame
+        mean = torch.tensor([0.1, -0.2, 0.3, 0.0]).view(1, -1, 1, 1)  # as planted by the builder
+        std = torch.tensor([1.5, 0.5, 2.0, 1.0]).view(1, -1, 1, 1)
+        z = (z - mean) / std
+        b, c, h, w = z.shape  # 2 x 2 patches packed (row, col, channel, dy, dx)
+        return z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, 4 * c), (h // 2, w // 2)
+
+
+def test_pipeline_heatmap_equals_segment_encoded_with_the_pipelines_prompt(chat_pipelines):
+    from vlmtools.testing.pipelines import SIZE
+
+    picture = frames_of(1, (SIZE, SIZE))[0]
+    for family in CHAT:
+        pipe = chat_pipelines[family]
+        seg = RefAM(pipe, **CHAT_OPTIONS[family]).segment(picture, EXPRESSION)
+        latents, grid = hand_latents(pipe, family, picture)
+        options = {k: v for k, v in CHAT_OPTIONS[family].items() if k != "text_encoder_out_layers"}
+        layers = {"text_encoder_out_layers": (1, 2, 3)} if family == "flux2" else {}
+        with torch.no_grad():
+            embeds = pipe.encode_prompt(PROMPT, **options, **layers)[0]
+        prompt = EncodedPrompt(embeds, None, [hand_segment(pipe, family)[0]])
+        expected = RefAM(pipe.transformer).segment_encoded(latents, grid, prompt, EXPRESSION)
+        assert seg.settings["family"] == family and seg.grid_heatmap.shape == grid == (4, 4)
+        assert sorted(seg.word_maps) == ["1:red", "2:circle"]
+        assert np.abs(seg.grid_heatmap - expected.grid_heatmap).max() <= 1e-6
+        assert seg.grid_heatmap.std() > 0
+
+
+def test_chat_pipelines_refuse_prompts_they_would_cut(chat_pipelines):
+    from vlmtools.adapters.flux2 import Flux2Source
+    from vlmtools.adapters.qwen_image import QwenImageSource
+
+    flux2, qwen = chat_pipelines["flux2"], chat_pipelines["qwen_image"]
+    _, mask = chat_ids(flux2, "flux2")
+    with pytest.raises(ValueError, match=f"takes {sum(mask)} tokens, more than the {sum(mask) - 1}"):
+        Flux2Source(flux2, max_sequence_length=sum(mask) - 1, text_encoder_out_layers=(1, 2, 3)).prompt(PROMPT)
+    with pytest.raises(ValueError, match="takes 11 tokens, more than the 10"):
+        QwenImageSource(qwen, max_sequence_length=10).prompt(PROMPT)
+    drop = qwen.prompt_template_encode_start_idx
+    try:
+        qwen.prompt_template_encode_start_idx = drop + 1  # a tokenizer that splits the template otherwise
+        with pytest.raises(ValueError, match="reach into the prompt"):
+            QwenImageSource(qwen).prompt(PROMPT)
+    finally:
+        qwen.prompt_template_encode_start_idx = drop

@@ -4,7 +4,9 @@ A source turns a real image and prompt into one transformer call, each step done
 pipeline's own public pieces so that the numbers are the pipeline's: the clean latents of
 the image (its VAE), the prompt's text features (``encode_prompt``), what each text
 position stands for (its tokenizers, with character offsets), and the keyword arguments
-of one call at flow-matching time ``t``. A bare transformer has no VAE or text encoder:
+of one call at flow-matching time ``t``. Where the text encoder reads the prompt inside a chat
+template (FLUX.2, Qwen-Image), each position's span is found in the templated text and re-expressed
+in the prompt; the template's own tokens get empty spans (:func:`chat_segment`). A bare transformer has no VAE or text encoder:
 its source only builds calls, from latents and text features the caller encoded. Each
 family's module names its sources in ``DiTAdapter.sources`` (``flux.py``, ``sd3.py``).
 
@@ -133,6 +135,31 @@ def token_segment(tokenizer, text: str, max_length: int) -> Segment:
         )
     enc = tokenizer(text, padding="max_length", max_length=max_length, truncation=True, return_offsets_mapping=True)
     return Segment([tuple(o) for o in enc["offset_mapping"]], list(enc["attention_mask"]))
+
+
+def chat_segment(offsets, real, templated: str, prompt: str) -> Segment:
+    """The positions of ``templated`` (a chat template's text around ``prompt``, the user turn) re-expressed in
+    ``prompt``: ``offsets`` are the tokenizer's character spans in ``templated`` and ``real`` its attention mask,
+    as the pipeline tokenizes it. A token within the prompt keeps its span there (clipped to it); a template
+    token gets an empty span, which RefAM reads as a special token."""
+    start = templated.rfind(prompt)
+    if start < 0:
+        raise ValueError(f"RefAM: the chat template does not hold the prompt {prompt!r} verbatim; "
+                         "the expression's tokens cannot be located")
+    stop = start + len(prompt)
+    spans = []
+    for (first, last), is_real in zip(offsets, real):
+        first, last = max(int(first), start), min(int(last), stop)
+        spans.append((first - start, last - start) if is_real and first < last else (0, 0))
+    return Segment(spans, [int(r) for r in real])
+
+
+def normalised_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """``(z - latents_mean) / latents_std`` per channel of ``(B, C, F, h, w)`` latents: the Wan and Qwen-Image
+    VAEs' normalisation, as their pipelines apply it to encoded images."""
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
+    return (latents - mean) / std
 
 
 def _round(value: int, multiple: int) -> int:

@@ -7,8 +7,9 @@ q/k/v are always fused. Rotary embeddings come from 4-axis ids ``(t, row, col, l
 ``img_ids`` hold each latent token's row and column in raster order, which gives the grid;
 reference images of an edit (tokens with another ``t``) are refused. A fused double-stream
 block (``fuse_qkv_projections()``) runs the same processor, which reads ``to_qkv``.
-RefAM reads a bare transformer through :class:`Flux2TransformerSource`, by default on the
-first half of the single-stream blocks (FLUX.1's rule: nothing was measured on FLUX.2).
+RefAM reads a ``Flux2Pipeline`` or a bare transformer through :class:`Flux2Source` /
+:class:`Flux2TransformerSource`, by default on the first half of the single-stream blocks (FLUX.1's
+rule: nothing was measured on FLUX.2).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux2 import Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor
 
 from .dit import DiTAdapter, Probe, Stream
-from .dit_source import Source
+from .dit_source import EncodedPrompt, Source, chat_segment
 from .flux import joint_qkv
 
 
@@ -137,6 +138,44 @@ class Flux2TransformerSource(Source):
         return kwargs
 
 
+class Flux2Source(Flux2TransformerSource):
+    """A diffusers ``Flux2Pipeline``: its VAE (latents in 2 x 2 patches, normalised by the VAE's batch-norm
+    statistics: the pipeline's ``_encode_vae_image``) and Mistral 3 encoder, which reads the prompt as the user
+    turn after the pipeline's system message, padded to ``max_sequence_length``, no mask (pads, system message
+    and template tokens all take part in attention: RefAM gives them the roles padding and special).
+    ``text_encoder_out_layers``: the hidden states stacked into the features, as the pipeline's call."""
+
+    def __init__(self, pipe, guidance: float = 4.0, max_sequence_length: int = 512,
+                 text_encoder_out_layers: tuple[int, ...] = (10, 20, 30)):
+        super().__init__(pipe.transformer, guidance)
+        self.pipe, self.max_length, self.layers = pipe, max_sequence_length, tuple(text_encoder_out_layers)
+        self.multiple = pipe.vae_scale_factor * 2
+
+    def latents(self, image):
+        vae = self.pipe.vae
+        pixels = self.pipe.image_processor.preprocess(image).to(device=vae.device, dtype=vae.dtype)
+        latents = self.pipe._encode_vae_image(pixels, generator=None)
+        return self.pipe._pack_latents(latents), tuple(latents.shape[2:])
+
+    def prompt(self, text):
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+        embeds, _ = self.pipe.encode_prompt(text, max_sequence_length=self.max_length,
+                                            text_encoder_out_layers=self.layers)
+        messages = format_input([text], system_message=self.pipe.system_message)
+        template = self.pipe.tokenizer.apply_chat_template
+        full = template(messages, add_generation_prompt=False, tokenize=True, return_dict=True)["input_ids"][0]
+        if len(full) > self.max_length:
+            raise ValueError(f"RefAM: the prompt {text!r} in FLUX.2's chat template takes {len(full)} tokens, more "
+                             f"than the {self.max_length} the text encoder sees; raise max_sequence_length")
+        enc = template(messages, add_generation_prompt=False, tokenize=True, return_dict=True, padding="max_length",
+                       truncation=True, max_length=self.max_length, return_offsets_mapping=True)
+        templated = template(messages, add_generation_prompt=False, tokenize=False)
+        templated = templated[0] if isinstance(templated, list) else templated
+        segment = chat_segment(enc["offset_mapping"][0], enc["attention_mask"][0], templated, text)
+        return EncodedPrompt(embeds, None, [segment])
+
+
 ADAPTER = DiTAdapter(
     family="flux2",
     classes=("Flux2Transformer2DModel",),
@@ -144,5 +183,5 @@ ADAPTER = DiTAdapter(
              Stream("single", "single_transformer_blocks", probe=Flux2ParallelProbe)),
     probe=Flux2Probe,
     sizes=flux2_sizes,
-    sources=(("Flux2Transformer2DModel", Flux2TransformerSource),),
+    sources=(("Flux2Pipeline", Flux2Source), ("Flux2Transformer2DModel", Flux2TransformerSource)),
 )

@@ -6,8 +6,9 @@ over ``[text, image]``; ``encoder_hidden_states_mask`` (the prompt's padding) be
 mask over the joint sequence. The latent grid is the call's ``img_shapes`` entry
 ``(1, rows, cols)``; several shapes per sample (Qwen-Image-Edit's reference images) are
 refused. ``fuse_qkv_projections()`` leaves this processor as it is (it reads the separate
-projections), so a fused model is served as an unfused one. RefAM reads a bare transformer through
-:class:`QwenImageTransformerSource`; with no rule of its own it reads the middle third of the blocks.
+projections), so a fused model is served as an unfused one. RefAM reads a ``QwenImagePipeline`` or a bare
+transformer through :class:`QwenImageSource` / :class:`QwenImageTransformerSource`; with no rule of its own
+it reads the middle third of the blocks.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from diffusers.models.transformers.transformer_qwenimage import (
 )
 
 from .dit import DiTAdapter, Probe
-from .dit_source import Source
+from .dit_source import EncodedPrompt, Source, chat_segment, normalised_latents
 
 
 class QwenImageProbe(Probe):
@@ -115,11 +116,48 @@ class QwenImageTransformerSource(Source):
         return kwargs
 
 
+class QwenImageSource(QwenImageTransformerSource):
+    """A diffusers ``QwenImagePipeline``: its VAE (one frame; latents normalised by ``latents_mean`` /
+    ``latents_std``, packed in 2 x 2 patches) and Qwen2.5-VL encoder, which reads the prompt inside the
+    pipeline's chat template; the pipeline drops the template's first ``prompt_template_encode_start_idx``
+    tokens (its system turn) from the features, and so does the source. The rest of the template (the end of
+    the user turn, the assistant's header) stays: RefAM gives it the role special."""
+
+    def __init__(self, pipe, guidance: float = 1.0, max_sequence_length: int = 1024):
+        super().__init__(pipe.transformer, guidance)
+        self.pipe, self.max_length = pipe, max_sequence_length
+        self.multiple = pipe.vae_scale_factor * 2
+
+    def latents(self, image):
+        vae = self.pipe.vae
+        pixels = self.pipe.image_processor.preprocess(image)[:, :, None]  # one frame: (1, 3, 1, H, W)
+        latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.mode()
+        latents = normalised_latents(vae, latents)[:, :, 0]
+        batch, channels, height, width = latents.shape
+        return self.pipe._pack_latents(latents, batch, channels, height, width), (height // 2, width // 2)
+
+    def prompt(self, text):
+        pipe, drop = self.pipe, self.pipe.prompt_template_encode_start_idx
+        embeds, _ = pipe.encode_prompt(text, max_sequence_length=self.max_length)
+        templated = pipe.prompt_template_encode.format(text)
+        enc = pipe.tokenizer(templated, return_offsets_mapping=True)
+        length = min(self.max_length, pipe.tokenizer_max_length)
+        if len(enc["input_ids"]) - drop > length:
+            raise ValueError(f"RefAM: the prompt {text!r} in Qwen-Image's chat template takes "
+                             f"{len(enc['input_ids']) - drop} tokens, more than the {length} the pipeline keeps")
+        dropped = chat_segment(enc["offset_mapping"][:drop], enc["attention_mask"][:drop], templated, text)
+        if any(end > start for start, end in dropped.offsets):
+            raise ValueError(f"RefAM: the pipeline drops the first {drop} tokens of its chat template, and with this "
+                             "tokenizer they reach into the prompt; use Qwen-Image's own tokenizer")
+        segment = chat_segment(enc["offset_mapping"][drop:], enc["attention_mask"][drop:], templated, text)
+        return EncodedPrompt(embeds, None, [segment])
+
+
 ADAPTER = DiTAdapter(
     family="qwen_image",
     classes=("QwenImageTransformer2DModel",),
     streams=(("joint", "transformer_blocks"),),
     probe=QwenImageProbe,
     sizes=qwen_image_sizes,
-    sources=(("QwenImageTransformer2DModel", QwenImageTransformerSource),),
+    sources=(("QwenImagePipeline", QwenImageSource), ("QwenImageTransformer2DModel", QwenImageTransformerSource)),
 )

@@ -32,7 +32,7 @@ from diffusers.models.transformers.transformer_wan import (
 )
 
 from .dit import DiTAdapter, Probe, Stream
-from .dit_source import EncodedPrompt, Source, token_segment
+from .dit_source import EncodedPrompt, Source, normalised_latents, token_segment
 
 
 def _rotary(hidden_states, freqs_cos, freqs_sin):
@@ -140,9 +140,7 @@ class WanSource(WanTransformerSource):
         vae = self.pipe.vae
         video = self.pipe.video_processor.preprocess_video(list(frames)).to(device=vae.device, dtype=vae.dtype)
         latents = vae.encode(video).latent_dist.mode()
-        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
-        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
-        latents = (latents - mean) / std
+        latents = normalised_latents(vae, latents)
         p_t, p_h, p_w = self.transformer.config.patch_size
         return latents, (latents.shape[2] // p_t, latents.shape[3] // p_h, latents.shape[4] // p_w)
 

@@ -1,9 +1,13 @@
-"""Tiny random FluxPipeline, StableDiffusion3Pipeline, WanPipeline and MochiPipeline, built offline in seconds.
+"""Tiny random FLUX, FLUX.2, SD3, Qwen-Image, Wan and Mochi pipelines, built offline in seconds.
 
 Real diffusers pipeline classes with real (tiny) components: a word-level fast
 tokenizer standing in for CLIP's and T5's (only its offsets and ids matter to
 RefAM), random CLIP / T5 text encoders, a 2-block AutoencoderKL (scale factor 2),
 and the transformers of ``vlmtools.testing.dit``. Images are 16 x 16 RGB: a 4 x 4 grid.
+FLUX.2 and Qwen-Image encode the prompt inside a chat template, with random Mistral 3 /
+Qwen2.5-VL encoders and their own VAEs (FLUX.2's batch-norm statistics planted); their
+word-level tokenizers keep newlines as tokens, as the real byte-level ones do, so that
+Qwen-Image's pipeline drops exactly its template's 34 leading tokens.
 The video pipelines have their own tiny causal VAEs at the real compression (Wan: 4
 frames and 8 x 8 pixels per latent, Mochi: 6 frames and 8 x 8), and patches of 2 x 2:
 ``VIDEO_SIZE`` frames (W, H) of 48 x 32 give a 2 x 3 grid per latent frame.
@@ -17,22 +21,32 @@ from diffusers import (
     AutoencoderKLMochi,
     AutoencoderKLWan,
     FlowMatchEulerDiscreteScheduler,
+    AutoencoderKLFlux2,
+    AutoencoderKLQwenImage,
+    Flux2Pipeline,
     FluxPipeline,
     MochiPipeline,
+    QwenImagePipeline,
     StableDiffusion3Pipeline,
     WanPipeline,
 )
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    PixtralImageProcessor,
+    PixtralProcessor,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     T5Config,
     T5EncoderModel,
 )
 
-from .dit import tiny_flux, tiny_mochi, tiny_sd3, tiny_wan
+from .dit import tiny_flux, tiny_flux2, tiny_mochi, tiny_qwen_image, tiny_sd3, tiny_wan
 
 WORDS = [
     "the",
@@ -158,3 +172,71 @@ def tiny_mochi_pipeline(max_sequence_length: int = 12) -> MochiPipeline:
                              latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4).eval()
     return MochiPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=_t5(),
                          tokenizer=tiny_tokenizer(max_sequence_length), transformer=transformer)
+
+
+def chat_tokenizer(specials: list[str], template: str, bos: str | None = None, padding_side: str = "right"):
+    """Word-level tokenizer over ``WORDS`` and a chat template's ``specials``; newlines are tokens, template words
+    ``<unk>``; ``bos`` (a special) is the template's to write, not added by the tokenizer."""
+    vocab = {"<pad>": 0, "<unk>": 1, "\n": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    vocab |= {token: len(vocab) + i for i, token in enumerate(specials)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w\s]+|\n"), behavior="removed", invert=True)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token=bos,
+                                        additional_special_tokens=[t for t in specials if t != bos],
+                                        padding_side=padding_side)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% set text = m['content'] if m['content'] is string else m['content'] | map(attribute='text') | join('') %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ text }}[/SYSTEM_PROMPT]"
+    "{% elif m['role'] == 'user' %}[INST]{{ text }}[/INST]{% endif %}{% endfor %}"
+)
+"""Mistral Small 3's turns (FLUX.2's text encoder): ``<s>[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[/INST]``."""
+
+FLUX2_LAYERS = (1, 2, 3)
+"""The tiny Mistral's hidden states FLUX.2 stacks (the pipeline's ``text_encoder_out_layers``; (10, 20, 30) at full size)."""
+
+
+def tiny_flux2_pipeline() -> Flux2Pipeline:
+    """A Pixtral processor (left padding) around a Mistral-style chat tokenizer, a 3-layer Mistral 3 (16 dims:
+    FLUX2_LAYERS stacked give the transformer's 48), a 2-block FLUX.2 VAE of 2 channels (8 after its 2 x 2
+    patches) with planted batch-norm statistics."""
+    torch.manual_seed(0)
+    transformer, _ = tiny_flux2(context_dim=48)
+    specials = ["<s>", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+    tokenizer = chat_tokenizer(specials, MISTRAL_TEMPLATE, bos="<s>", padding_side="left")
+    processor = PixtralProcessor(PixtralImageProcessor(), tokenizer, patch_size=4, chat_template=MISTRAL_TEMPLATE)
+    text = {"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 3,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8, "max_position_embeddings": 256}
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "head_dim": 8, "patch_size": 4, "image_size": 32}
+    encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=text, vision_config=vision, image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"))).eval()
+    vae = AutoencoderKLFlux2(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                             block_out_channels=(8, 8), latent_channels=2, norm_num_groups=4, layers_per_block=1).eval()
+    vae.bn.running_mean.normal_(0, 0.5)
+    vae.bn.running_var.uniform_(0.5, 2.0)
+    return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=encoder,
+                         tokenizer=processor, transformer=transformer)
+
+
+def tiny_qwen_image_pipeline() -> QwenImagePipeline:
+    """A Qwen-style chat tokenizer, a 2-layer Qwen2.5-VL (32 dims), a Qwen-Image VAE of 4 channels (16 after the
+    pipeline's 2 x 2 packing) with planted latent statistics."""
+    torch.manual_seed(0)
+    transformer, _ = tiny_qwen_image()
+    tokenizer = chat_tokenizer(["<|im_start|>", "<|im_end|>"], "")
+    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "bos_token_id": None, "eos_token_id": None,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}}
+    vision = {"depth": 1, "hidden_size": 16, "out_hidden_size": 32, "intermediate_size": 32, "num_heads": 2,
+              "patch_size": 4, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 16,
+              "fullatt_block_indexes": [0]}
+    encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision)).eval()
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.5, 2.0, 1.0]).eval()
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=encoder,
+                             tokenizer=tokenizer, transformer=transformer)
