@@ -10,7 +10,6 @@ visual sinks from the shared detector (:func:`vlmtools.sinks.visual_sink_positio
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -18,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from vlmtools.cache import cache_dir
+from vlmtools.cache import calibration_dir, model_key  # noqa: F401 (model_key: pruning's API)
 
 Fit = Literal["exponential", "cubic"]
 CUBIC_FLOOR = 1e-3
@@ -138,15 +137,5 @@ class Debias:
 
 
 def calibration_path(key: str, directory: str | Path | None = None) -> Path:
-    """``<directory>/<model>__<host>__<layer>.json``."""
-    directory = directory or os.environ.get("PRUNING_CALIBRATION") or cache_dir() / "calibration"
-    return Path(directory) / f"{key}.json"
-
-
-def model_key(vlm) -> str:
-    """The model part of a calibration file name: the checkpoint folder's name, else family and sizes."""
-    name = Path(str(getattr(vlm.model.config, "_name_or_path", "") or "")).name
-    if name:
-        return name
-    text = vlm.model.config.get_text_config()
-    return f"{vlm.family}-h{text.hidden_size}-l{text.num_hidden_layers}"
+    """``<directory>/<model>__<host>__<layer>.json`` in :func:`vlmtools.cache.calibration_dir`."""
+    return calibration_dir(directory) / f"{key}.json"

@@ -129,6 +129,15 @@ class ColumnMass:
         """``alpha[b, h, k]``: mean attention on key k over the queries that see it."""
         return self.total / self.queries.clamp(min=1)
 
+    def add(self, probs: torch.Tensor, visible: torch.Tensor | None) -> None:
+        """Accumulate the rows ``probs`` ``(B, H, R, Lk)`` whose visibility is ``visible`` (None: all keys)."""
+        if visible is None:
+            visible = torch.ones(1, 1, probs.shape[2], probs.shape[3], dtype=torch.bool, device=probs.device)
+        # rows that see no key at all (left-padding queries) hold no attention
+        visible = visible & visible.any(-1, keepdim=True)
+        self.total += (probs * visible).sum(2)
+        self.queries += visible[:, :1].float().sum(2)
+
 
 class RecordColumnMass(SiteRecorder):
     """Column mass over all visible queries, accumulated chunk by chunk (no L x L tensor kept)."""
@@ -145,14 +154,7 @@ class RecordColumnMass(SiteRecorder):
                                               zeros(batch, 1, call.k_len, dtype=torch.float32)))
 
     def record(self, block, call, rows, probs):
-        visible = call.visible_rows(rows)
-        if visible is None:
-            visible = torch.ones(1, 1, len(rows), call.k_len, dtype=torch.bool, device=probs.device)
-        # rows that see no key at all (left-padding queries) hold no attention
-        visible = visible & visible.any(-1, keepdim=True)
-        mass = block.entries(call)[-1]
-        mass.total += (probs * visible).sum(2)
-        mass.queries += visible[:, :1].float().sum(2)
+        block.entries(call)[-1].add(probs, call.visible_rows(rows))
 
 
 class RecordBlock(_RowRecorder):
