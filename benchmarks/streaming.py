@@ -294,13 +294,6 @@ def main():
     settings = {"model": args.model, "streams": args.streams, "turns": args.turns, "tokens_a_turn": tokens,
                 "windows": windows, "k": k, "criterion": args.criterion, "scored_from": scored_from,
                 "max_new_tokens": args.max_new_tokens, "threads": args.threads, "commit": commit, "command": command}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"settings": settings, "summaries": summaries, "decode": {
-        "full_step_s": base / args.steps, "stream_length": length, **speed}, "runs": runs,
-        "single_rows": single_rows}, indent=1))
-    picture = args.out.with_suffix(".png")
-    plot(summaries, summaries["full"], summaries["single"], windows, picture)
-    print(f"wrote {args.out} and {picture}")
     full = summaries["full"]
     text = [
         f"## {SECTION}",
@@ -322,6 +315,13 @@ def main():
         + " (median of interleaved rounds).",
     ]
     print("\n".join(text))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"settings": settings, "summaries": summaries, "decode": {
+        "full_step_s": base / args.steps, "stream_length": length, **speed}, "section": text, "runs": runs,
+        "single_rows": single_rows}, indent=1))
+    picture = args.out.with_suffix(".png")
+    plot(summaries, summaries["full"], summaries["single"], windows, picture)
+    print(f"wrote {args.out} and {picture}")
     if args.write:
         write_section(RESULTS, SECTION, "\n".join(text))
 
