@@ -64,7 +64,8 @@ def test_search_picks_the_planted_head(kind, tmp_path):
     answers, changed = planted_labels(vlm, inputs, planted)
     assert changed >= 1  # the planted head's edit changes an answer: only it can fix that sample
     method = ACT(beta=0.0) if kind == "act" else ZeroTuning()
-    selection = calibrate(vlm, method, [(inputs, answers)], layers=[1, 2], directory=tmp_path, progress=False)
+    selection = calibrate(vlm, method, [(inputs, answers)], layers=[1, 2], heads=[0, 1], directory=tmp_path,
+                          progress=False)
     assert selection.heads == {LAYER: [HEAD]}
     assert selection.baseline == 1 - changed / 2
     if kind == "zerotuning":
@@ -81,3 +82,220 @@ def test_missing_selection_is_refused(tmp_path):
     for method in (ACT(directory=tmp_path), ZeroTuning(directory=tmp_path)):
         with pytest.raises(ValueError, match="tuning.calibrate"), torch.no_grad(), vlm.use(method):
             model(**inputs)
+
+
+class AttentionIO:
+    """The hidden states, rotary tables and output of the first call (the prefill) of a text attention module."""
+
+    def __init__(self, model, layer):
+        self.module = model.model.language_model.layers[layer].self_attn
+        self.calls = []
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_hook(
+            lambda module, args, kwargs, out: self.calls.append((kwargs["hidden_states"], kwargs["position_embeddings"],
+                                                                 out[0])), with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def eager_probs(attention, hidden, rotary, mask):
+    """Eager attention by hand: ``(B, H, L, L)`` fp32 probabilities (causal, padded keys hidden) and values."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    batch, length, _ = hidden.shape
+    width = attention.head_dim
+    q, k, v = (proj(hidden).view(batch, length, -1, width).transpose(1, 2)
+               for proj in (attention.q_proj, attention.k_proj, attention.v_proj))
+    q, k = apply_rotary_pos_emb(q, k, *rotary)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    logits = (q @ k.transpose(-1, -2)).float() * width**-0.5
+    visible = torch.ones(length, length, dtype=torch.bool).tril()[None] & mask.bool()[:, None, :]
+    probs = logits.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
+    return probs.nan_to_num(0.0), v.float()
+
+
+def released_act(a, beta, thres):
+    """``atten_process_eval`` of GATECH-EIC/ACT on one head's map of one unpadded sample, as released."""
+    n = a.shape[0]
+    indices = torch.nonzero(torch.where(a.sum(0) / torch.arange(n, 0, -1) > thres, 1, 0))[1:, 0]
+    copied = a.clone()
+    available = a[:, indices].sum(1, keepdim=True) * (1 - beta)
+    out = a.clone()
+    out[:, indices] *= beta
+    copied[1:, indices] = 0
+    out = out + available * copied / copied.sum(1, keepdim=True)
+    out[0, 0] = 1
+    return out, indices
+
+
+def released_zerotuning(a, gamma):
+    """``ZeroTuning_Attention`` on one head's map of one unpadded sample: column 0 times gamma, rows renormalised."""
+    scale = torch.ones_like(a)
+    scale[:, 0] = gamma
+    out = a * scale
+    return out / out.sum(-1, keepdim=True)
+
+
+def reference_output(model, layer, io, mask, edit):
+    """The layer's attention output with ``edit(map, b, h)`` applied to each sample's unpadded map of
+    (``LAYER``, ``HEAD``)."""
+    attention = model.model.language_model.layers[layer].self_attn
+    hidden, rotary, _ = io
+    probs, v = eager_probs(attention, hidden, rotary, mask)
+    for b in range(len(mask)):
+        real = mask[b].nonzero()[:, 0]
+        block = probs[b, HEAD][real][:, real]
+        probs[b, HEAD, real[:, None], real[None]] = edit(block, b)
+    out = (probs @ v).transpose(1, 2).reshape(*hidden.shape[:2], -1)
+    return attention.o_proj(out.to(hidden.dtype)), probs
+
+
+@pytest.mark.parametrize("kind", ["act", "zerotuning"])
+def test_against_released_formula_on_planted_sinks(kind):
+    model, inputs = tiny_llava()
+    vlm = vlmtools.wrap(plant_sinks(model))
+    mask = inputs["attention_mask"]
+    method = ACT({LAYER: [HEAD]}) if kind == "act" else ZeroTuning({LAYER: [HEAD]}, gamma=3.0)
+    with torch.no_grad(), AttentionIO(model, LAYER) as io, vlm.use(method) as trace:
+        model(**inputs)
+    found = {}
+
+    def edit(block, b):
+        if kind == "zerotuning":
+            return released_zerotuning(block, 3.0)
+        edited, indices = released_act(block, 0.4, 0.1)
+        found[b] = mask[b].nonzero()[indices, 0]  # unpadded index -> prompt position
+        return edited
+
+    with torch.no_grad():
+        expected, _ = reference_output(model, LAYER, io.calls[0], mask, edit)
+        plain, _ = reference_output(model, LAYER, io.calls[0], mask, lambda block, b: block)
+    got = io.calls[0][2]
+    real = mask.bool()
+    assert torch.allclose(got[real], expected[real], atol=1e-5)
+    assert not torch.allclose(plain[real], expected[real], atol=1e-3)  # a no-op edit would fail the check above
+    if kind == "act":  # the planted second sink (token 3), per sample; the first sink (token 1) is kept
+        assert [t.tolist() for t in trace[method].sinks[(LAYER, HEAD)]] == [found[0].tolist(), found[1].tolist()]
+        assert [t.tolist() for t in found.values()] == [[18], [19]]
+    else:
+        assert trace[method].initial == [0, 2]
+
+
+def test_logit_bias_equals_scaled_probabilities():
+    logits = torch.randn(3, 7)
+    gamma = 0.3
+    biased = logits.clone()
+    biased[:, 0] += torch.log(torch.tensor(gamma))
+    assert torch.allclose(biased.softmax(-1), released_zerotuning(logits.softmax(-1), gamma), atol=1e-6)
+
+
+def test_act_keeps_the_prefill_sinks_at_decoding_steps():
+    model, inputs = tiny_llava()
+    vlm = vlmtools.wrap(plant_sinks(model))
+    act = ACT({LAYER: [HEAD]})
+    record = vlmtools.RecordRows([f"text.{LAYER}"])
+    with torch.no_grad(), vlm.use(act, record) as trace:
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    step = trace[f"text.{LAYER}.rows"][1][:, HEAD, -1]  # the first decoding step's row, after ACT
+    sinks = trace[act].sinks[(LAYER, HEAD)]
+    longer = dict(inputs, input_ids=out[:, :-1], attention_mask=torch.cat([inputs["attention_mask"],
+                                                                           torch.ones(2, 1, dtype=torch.long)], 1))
+    with torch.no_grad(), vlm.use(vlmtools.RecordRows([f"text.{LAYER}"])) as plain:
+        model(**longer)  # layers before LAYER are unedited: the same row, before any edit
+    row = plain[f"text.{LAYER}.rows"][0][:, HEAD, -1]
+    for b in range(2):
+        sink = torch.zeros_like(row[b], dtype=torch.bool)
+        sink[sinks[b]] = True
+        freed = 0.6 * row[b][sink].sum()
+        expected = torch.where(sink, 0.4 * row[b], row[b] + freed * row[b] / row[b][~sink].sum())
+        assert torch.allclose(step[b], expected, atol=1e-5)
+        assert not torch.allclose(step[b], row[b], atol=1e-4)
+
+
+def test_with_a_pruning_host_the_kept_keys_are_edited_as_released():
+    from pruning import FastV
+
+    model, inputs = tiny_llava()
+    vlm = vlmtools.wrap(plant_sinks(model))
+    host, act = FastV(keep=4, layer=LAYER), ACT({LAYER: [HEAD]})
+    with torch.no_grad(), AttentionIO(model, LAYER) as io, vlm.use(host, act) as trace:
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    kept = trace[host].kept_at(LAYER)
+    assert kept.shape == (2, 21 - 12)  # 16 visual tokens each, 4 kept: the layer's keys are fewer
+    mask = inputs["attention_mask"].gather(1, kept)
+    found = {}
+
+    def edit(block, b):
+        edited, indices = released_act(block, 0.4, 0.1)
+        found[b] = kept[b][mask[b].nonzero()[indices, 0]]
+        return edited
+
+    with torch.no_grad():
+        expected, _ = reference_output(model, LAYER, io.calls[0], mask, edit)
+    assert torch.allclose(io.calls[0][2][mask.bool()], expected[mask.bool()], atol=1e-5)
+    sinks = [t.tolist() for t in trace[act].sinks[(LAYER, HEAD)]]
+    assert sinks == [found[0].tolist(), found[1].tolist()]  # prompt positions: the planted one and a kept visual
+    assert 18 in sinks[0] and 19 in sinks[1]
+
+
+def test_left_padding_equals_unbatched_and_composes_with_var():
+    from hallucination import VAR
+
+    model, inputs = tiny_llava()
+    vlm = vlmtools.wrap(plant_sinks(model))
+    alone = {"input_ids": inputs["input_ids"][1:, 2:], "attention_mask": inputs["attention_mask"][1:, 2:],
+             "pixel_values": inputs["pixel_values"][1:]}
+    act, zt = ACT({LAYER: [HEAD, 0]}), ZeroTuning({1: [0, 3], LAYER: [HEAD]}, gamma=0.5)
+    var = VAR(variant="released", tau=2.0, dims=(0, 1, 2, 3))
+    with torch.no_grad():
+        plain = model(**inputs).logits[:, -1]
+        with vlm.use(act, zt) as trace:
+            batched = model(**inputs).logits[:, -1]
+        with vlm.use(act, zt):
+            single = model(**alone).logits[:, -1]
+        with vlm.use(var, act, zt) as composed:
+            with_var = model(**inputs).logits[:, -1]
+        with vlm.use(var):
+            var_alone = model(**inputs).logits[:, -1]
+    assert torch.allclose(batched[1], single[0], atol=1e-4)
+    assert not torch.allclose(batched, plain, atol=1e-3)
+    assert composed[var].settings["status"] == "sinks found"
+    assert not torch.allclose(with_var, var_alone, atol=1e-3) and not torch.allclose(with_var, batched, atol=1e-3)
+    assert [t.tolist() for t in composed[act].sinks[(LAYER, HEAD)]] == [t.tolist() for t in trace[act].sinks[(LAYER, HEAD)]]
+
+
+def test_bf16_finds_the_same_sinks():
+    model, inputs = tiny_llava()
+    vlm = vlmtools.wrap(plant_sinks(model).to(torch.bfloat16))
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    act, zt = ACT({LAYER: [HEAD]}), ZeroTuning({LAYER: [HEAD]}, gamma=3.0)
+    with torch.no_grad():
+        plain = model(**inputs).logits[:, -1]
+        with vlm.use(act, zt) as trace:
+            out = model.generate(**inputs, max_new_tokens=2, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+    assert torch.isfinite(out.logits[0]).all() and not torch.equal(out.logits[0], plain)
+    assert [t.tolist() for t in trace[act].sinks[(LAYER, HEAD)]] == [[18], [19]]
+
+
+def test_bad_settings_are_refused(tmp_path):
+    model, inputs = tiny_llava()
+    vlm = vlmtools.wrap(model)
+    for make, message in ((lambda: ACT(beta=1.5), "beta"), (lambda: ACT(beta=-0.1), "beta"),
+                          (lambda: ZeroTuning({2: [0]}, gamma=0.0), "gamma"),
+                          (lambda: ZeroTuning({2: [0]}, gamma=-1.0), "gamma"),
+                          (lambda: ZeroTuning({2: [0]}), "needs gamma")):
+        with pytest.raises(ValueError, match=message):
+            make()
+    empty = HeadSelection("act", model="m", heads={})
+    for method, message in ((ACT({LAYER: [4]}), "head 4 in layer 2 does not exist"),
+                            (ZeroTuning({5: [0]}, gamma=2.0), "layer 5 has no attention"),
+                            (ACT(empty), "holds no head")):
+        with pytest.raises(ValueError, match=message), vlm.use(method):
+            pass
+    with pytest.raises(ValueError, match="layers \\[7\\]"):
+        calibrate(vlm, ACT(), [(inputs, [1, 2])], layers=[7], directory=tmp_path)
