@@ -333,3 +333,37 @@ def test_chat_pipelines_refuse_prompts_they_would_cut(chat_pipelines):
             QwenImageSource(qwen).prompt(PROMPT)
     finally:
         qwen.prompt_template_encode_start_idx = drop
+
+
+def test_wan22_reads_the_expert_that_denoises_at_each_timestep():
+    from vlmtools.testing.pipelines import VIDEO_SIZE, tiny_wan_pipeline
+
+    pipe = tiny_wan_pipeline(boundary_ratio=0.5)
+    high, low = pipe.transformer, pipe.transformer_2
+    ran = []  # (timestep, expert) of each transformer call of the pipeline's own denoising loop
+    handles = [model.register_forward_pre_hook(lambda m, args, kw: ran.append((float(kw["timestep"][0]), m)),
+                                               with_kwargs=True) for model in (high, low)]
+    with torch.no_grad():
+        pipe(EXPRESSION, height=VIDEO_SIZE[1], width=VIDEO_SIZE[0], num_frames=5, num_inference_steps=3,
+             guidance_scale=1.0, max_sequence_length=12, output_type="latent")
+    for handle in handles:
+        handle.remove()
+    refam = RefAM(pipe, max_sequence_length=12)
+    assert [(round(t, 1), m is low) for t, m in ran] == [(1000, False), (500.5, False), (1, True)]
+    assert all(refam.source.transformer_at(timestep / 1000) is model for timestep, model in ran)
+
+    generator = torch.Generator().manual_seed(2)
+    latents, grid = torch.randn(1, 4, 2, 6, 8, generator=generator), (2, 3, 4)  # two latent frames of 3 x 4 patches
+    prompt = EncodedPrompt(torch.randn(1, 12, 32, generator=generator), None,
+                           [token_segment(tiny_tokenizer(12), PROMPT, 12)])
+
+    def heatmaps(model, *timesteps):
+        segs = RefAM(model, RefAMSettings(timesteps=timesteps)).segment_clip_encoded(latents, grid, prompt, EXPRESSION)
+        return np.stack([seg.grid_heatmap for seg in segs])
+
+    at_low, at_high = heatmaps(pipe, 0.3), heatmaps(pipe, 0.7)
+    assert np.abs(at_low - heatmaps(low, 0.3)).max() <= 1e-6  # below the boundary: the low-noise expert's maps
+    assert np.abs(at_low - heatmaps(high, 0.3)).max() > 1e-3  # ... not the high-noise one's
+    assert np.abs(at_high - heatmaps(high, 0.7)).max() <= 1e-6
+    both = heatmaps(pipe, 0.3, 0.7)  # one pass per timestep, each on its expert, averaged
+    assert np.abs(both - (at_low + at_high) / 2).max() <= 1e-6

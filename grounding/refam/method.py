@@ -207,6 +207,7 @@ class RefAM:
         self.last_block = max((*self.blocks, *self.sink_sites), key=order.index)
         self.sam = sam
         self.accumulator = MapAccumulator()
+        self.experts = {self.source.transformer: self.dit}
 
     def segment(self, image: Image.Image, expression: str) -> Segmentation:
         """Mask, heatmap and peak point of ``expression`` in ``image``."""
@@ -335,6 +336,14 @@ class RefAM:
         method = "otsu" if s.threshold == "otsu" else "threshold"
         return heatmap_to_mask(heatmap, method, 0.5 if s.threshold == "otsu" else float(s.threshold), s.keep), point
 
+    def dit_at(self, t: float):
+        """The wrapped transformer that denoises at flow time ``t`` (``self.dit`` but for Wan 2.2's low-noise
+        expert below its boundary); experts share the sites' names, so the blocks read are the same."""
+        model = self.source.transformer_at(t)
+        if model not in self.experts:
+            self.experts[model] = vlmtools.wrap(model)
+        return self.experts[model]
+
     def probe(self, latents, grid, prompt: EncodedPrompt, tokens: PromptTokens):
         """Averaged maps ``{"heatmap", word keys...}`` (flat over the grid: an image's ``(rows, cols)``, a
         clip's ``(frames, rows, cols)``) and the sinks found per call."""
@@ -351,8 +360,9 @@ class RefAM:
             for seed in s.seeds:
                 noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
                 x_t = (1 - t) * latents + t * noise.to(latents)
-                with torch.no_grad(), self.dit.use(*recorders) as trace:
-                    self.dit.model(**self.source.call(x_t, t, prompt, grid))
+                dit = self.dit_at(t)
+                with torch.no_grad(), dit.use(*recorders) as trace:
+                    dit.model(**self.source.call(x_t, t, prompt, grid))
                 sinks = {}
                 if s.sinks != "none":
                     columns = {i: trace[f"{name}.joint_columns"][0] for i, name in enumerate(self.sink_sites)}

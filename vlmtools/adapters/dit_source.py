@@ -73,6 +73,11 @@ class Source:
             )
         return image
 
+    def transformer_at(self, t: float) -> torch.nn.Module:
+        """The transformer the pipeline runs at flow time ``t``: one for most families; a pipeline with experts
+        over time (Wan 2.2: a low-noise expert below a boundary) names the one that denoises at ``t``."""
+        return self.transformer
+
     def latents(self, image: Image.Image) -> tuple[torch.Tensor, tuple[int, int]]:
         raise TypeError(
             "RefAM: a bare transformer has no VAE; pass its pipeline, or encode the image yourself and "

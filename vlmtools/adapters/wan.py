@@ -127,14 +127,22 @@ class WanTransformerSource(Source):
 class WanSource(WanTransformerSource):
     """A diffusers ``WanPipeline`` (text to video; also its video-to-video pipeline): its Wan VAE (latents
     normalised by the VAE's ``latents_mean`` / ``latents_std``) and T5 (padded to 512 with zeros, no mask).
-    An image is a clip of one frame. Wan 2.2's second expert (``transformer_2``, low noise) is not read:
-    RefAM reads ``transformer`` at every t."""
+    An image is a clip of one frame. Wan 2.2's two experts (``transformer_2`` and ``boundary_ratio``): the
+    pipeline denoises with ``transformer`` (high noise) at timesteps ``>= boundary_ratio * num_train_timesteps``
+    and with ``transformer_2`` (low noise) below; its timesteps are ``t * num_train_timesteps``, so RefAM reads
+    ``transformer`` at flow times ``t >= boundary_ratio``, else ``transformer_2`` (:meth:`transformer_at`)."""
 
     def __init__(self, pipe, max_sequence_length: int = 512):
         super().__init__(pipe.transformer)
         self.pipe, self.max_length = pipe, max_sequence_length
         self.temporal = pipe.vae_scale_factor_temporal
         self.multiple = pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
+
+    def transformer_at(self, t):
+        boundary = self.pipe.config.boundary_ratio
+        if boundary is None or self.pipe.transformer_2 is None or t >= boundary:
+            return self.transformer
+        return self.pipe.transformer_2
 
     def clip_latents(self, frames):
         vae = self.pipe.vae

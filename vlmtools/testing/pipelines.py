@@ -152,15 +152,24 @@ def tiny_sd3_pipeline() -> StableDiffusion3Pipeline:
 VIDEO_SIZE = (48, 32)
 
 
-def tiny_wan_pipeline(max_sequence_length: int = 12) -> WanPipeline:
+def tiny_wan_pipeline(max_sequence_length: int = 12, boundary_ratio: float | None = None) -> WanPipeline:
     """T5 (32 dims = the transformer's text_dim) padded with zeros to ``max_sequence_length``, a Wan VAE of 4 latent
-    channels (latents_mean 0, latents_std 1) compressing 4 frames and 8 x 8 pixels."""
+    channels (latents_mean 0, latents_std 1) compressing 4 frames and 8 x 8 pixels. ``boundary_ratio``: Wan 2.2's
+    two experts, ``transformer_2`` (low noise) the same architecture with other weights (noise added)."""
     torch.manual_seed(0)
     transformer, _ = tiny_wan(text=max_sequence_length)
     vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, latents_mean=[0.0] * 4,
                            latents_std=[1.0] * 4).eval()
+    experts = {}
+    if boundary_ratio is not None:
+        second, _ = tiny_wan(text=max_sequence_length)
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for parameter in second.parameters():
+                parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
+        experts = {"transformer_2": second, "boundary_ratio": boundary_ratio}
     return WanPipeline(tokenizer=tiny_tokenizer(max_sequence_length), text_encoder=_t5(), vae=vae,
-                       scheduler=FlowMatchEulerDiscreteScheduler(), transformer=transformer)
+                       scheduler=FlowMatchEulerDiscreteScheduler(), transformer=transformer, **experts)
 
 
 def tiny_mochi_pipeline(max_sequence_length: int = 12) -> MochiPipeline:
