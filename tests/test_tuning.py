@@ -64,12 +64,15 @@ def test_search_picks_the_planted_head(kind, tmp_path):
     answers, changed = planted_labels(vlm, inputs, planted)
     assert changed >= 1  # the planted head's edit changes an answer: only it can fix that sample
     method = ACT(beta=0.0) if kind == "act" else ZeroTuning()
+    grid = {"gamma_grid": (1.25, 1.5, 0.5)} if kind == "zerotuning" else {}
     selection = calibrate(vlm, method, [(inputs, answers)], layers=[1, 2], heads=[0, 1], directory=tmp_path,
-                          progress=False)
+                          progress=False, **grid)
     assert selection.heads == {LAYER: [HEAD]}
     assert selection.baseline == 1 - changed / 2
     if kind == "zerotuning":
         assert selection.gamma == 1.5 and selection.groups["up"] == {LAYER: [HEAD]}
+        assert [g for g, _ in selection.settings["gamma_grid"]] == [1.25, 1.5]  # the grid on the group's side
+        assert dict(selection.settings["gamma_grid"])[1.5] == 1.0
     stored = HeadSelection.stored(vlm, kind, tmp_path)
     assert stored == selection
     loaded = ACT(directory=tmp_path, beta=0.0) if kind == "act" else ZeroTuning(directory=tmp_path)
@@ -299,3 +302,49 @@ def test_bad_settings_are_refused(tmp_path):
             pass
     with pytest.raises(ValueError, match="layers \\[7\\]"):
         calibrate(vlm, ACT(), [(inputs, [1, 2])], layers=[7], directory=tmp_path)
+
+
+def test_qwen2_vl_left_padding_equals_unbatched():
+    from vlmtools.testing import tiny_qwen2_vl
+
+    model, inputs = tiny_qwen2_vl()
+    vlm = vlmtools.wrap(model)
+    pad = int((inputs["attention_mask"][0] == 0).sum())
+    patches = int(inputs["image_grid_thw"][0].prod())
+    alone = {key: inputs[key][:1, pad:] for key in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    alone.update(pixel_values=inputs["pixel_values"][:patches], image_grid_thw=inputs["image_grid_thw"][:1])
+    act, zt = ACT({1: [0, 1], 2: [2]}, eps=0.05), ZeroTuning({1: [3], 2: [0, 2]}, gamma=4.0)
+    with torch.no_grad():
+        plain = model(**inputs).logits[:, -1]
+        with vlm.use(act, zt) as trace:
+            batched = model(**inputs).logits[:, -1]
+        with vlm.use(act, zt) as single_trace:
+            single = model(**alone).logits[:, -1]
+    assert torch.allclose(batched[0], single[0], atol=1e-4) and not torch.allclose(batched, plain, atol=1e-3)
+    assert trace[zt].initial == [pad, 0] and single_trace[zt].initial == [0]
+    assert [int(t.min()) for t in trace[act].sinks[(1, 0)]][0] >= pad  # never a padded key
+    assert (trace[act].sinks[(1, 0)][0] - pad).tolist() == single_trace[act].sinks[(1, 0)][0].tolist()
+
+
+def test_labelled_samples_from_a_pope_file(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from tuning import labelled_samples
+    from tuning.calibrate import _answer_ids
+    from vlmtools.data import read_pope
+    from vlmtools_zoo.llava import build_processor
+
+    processor = build_processor()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (40, 30), "red").save(tmp_path / name)
+    rows = [{"question_id": 1, "image": "a.png", "text": "Is there a circle?", "label": "yes"},
+            {"question_id": 2, "image": "b.png", "text": "Is there a square?", "label": "no"}]
+    (tmp_path / "pope.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    pairs = labelled_samples(processor, read_pope(tmp_path / "pope.jsonl", tmp_path))
+    assert [answer for _, answer in pairs] == ["yes", "no"]
+    assert all(inputs["input_ids"].shape[0] == 1 and "pixel_values" in inputs for inputs, _ in pairs)
+    tokenizer = processor.tokenizer
+    assert _answer_ids(tokenizer, "yes") == {tokenizer("yes", add_special_tokens=False)["input_ids"][0],
+                                             tokenizer(" yes", add_special_tokens=False)["input_ids"][0]}

@@ -121,7 +121,8 @@ def _grouped(pairs) -> Heads:
 
 def calibrate(vlm, method: ACT | ZeroTuning, samples: Iterable[tuple[dict, object]], layers: Iterable[int] | None = None,
               heads: Iterable[int] | None = None, score: Score = "first_token", gammas: tuple[float, float] = GAMMAS,
-              directory: str | Path | None = None, save: bool = True, progress: bool = True) -> HeadSelection:
+              gamma_grid: Sequence[float] | None = None, directory: str | Path | None = None, save: bool = True,
+              progress: bool = True) -> HeadSelection:
     """Choose the heads ``method`` edits on ``vlm`` from labelled ``samples`` (never the evaluation set) and,
     with ``save``, store them where ``ACT()`` / ``ZeroTuning()`` load them.
 
@@ -129,7 +130,8 @@ def calibrate(vlm, method: ACT | ZeroTuning, samples: Iterable[tuple[dict, objec
     ACT (released ``calibration.sh``): the heads that beat the unedited accuracy, with ``method``'s beta and eps.
     ZeroTuning (the paper's supervised mode): each head is profiled with ``gammas`` (one above 1, one below),
     kept when its better direction beats the unedited accuracy, and grouped by that direction ("up" / "down");
-    the larger group is applied with its factor (on a tie, the group whose best head gained most).
+    the larger group is applied with its factor (on a tie, the group whose best head gained most);
+    ``gamma_grid`` then scores that group with each factor of the grid on its side of 1 and keeps the best.
 
     >>> selection = tuning.calibrate(vlm, ACT(), labelled_samples(processor, read_pope(path, images, limit=64)))
     >>> with vlm.use(ACT()):                        # loads what was just stored for this model
@@ -167,10 +169,17 @@ def calibrate(vlm, method: ACT | ZeroTuning, samples: Iterable[tuple[dict, objec
                 groups[direction].append(pair)
                 gains[direction] = max(gains[direction], best - baseline)
         chosen = max(("up", "down"), key=lambda d: (len(groups[d]), gains[d]))
-        selection = HeadSelection("zerotuning", heads=_grouped(groups[chosen]),
-                                  gamma=up if chosen == "up" else down,
+        gamma, tuned = up if chosen == "up" else down, []
+        if gamma_grid and groups[chosen]:
+            group = method.with_heads(_grouped(groups[chosen]), gamma)
+            side = [g for g in gamma_grid if (g > 1 if chosen == "up" else 0 < g < 1)]
+            tuned = [(accuracy(vlm, samples, group.with_heads(group.heads, g), score=score), g)
+                     for g in tqdm(side, desc="ZeroTuning gamma", disable=not progress)]
+            gamma = max(tuned, key=lambda pair: (pair[0], -abs(pair[1] - gamma)))[1] if tuned else gamma
+        selection = HeadSelection("zerotuning", heads=_grouped(groups[chosen]), gamma=gamma,
                                   groups={d: _grouped(p) for d, p in groups.items()}, baseline=baseline,
-                                  settings={"gammas": [up, down], "applied": chosen}, profile=profile, **common)
+                                  settings={"gammas": [up, down], "applied": chosen,
+                                            "gamma_grid": [[g, acc] for acc, g in tuned]}, profile=profile, **common)
     else:
         raise ValueError(f"tuning.calibrate calibrates ACT or ZeroTuning, got {type(method).__name__}")
     if save:
