@@ -185,8 +185,8 @@ class SinkCache(Cache):
         tokens it found (its lasting sinks, e.g. secondary or visual sinks) for the whole stream."""
         from .sinks import leading_sinks, lasting_sinks
 
-        found = leading_sinks(report, criterion)
-        return cls(vlm, window, found if sinks is None else sinks, lasting_sinks(report, criterion) if lasting else None)
+        sinks = leading_sinks(report, criterion) if sinks is None else sinks
+        return cls(vlm, window, sinks, lasting_sinks(report, criterion) if lasting else None)
 
     @classmethod
     def detect(cls, vlm, inputs: dict, window: int, criterion: str = "positional", sinks: int | None = None,

@@ -4,8 +4,11 @@ import torch
 from transformers import DynamicCache
 
 import vlmtools
-from streaming import SinkCache
-from vlmtools.testing.vlm import IMAGE, left_padded, tiny_llava
+from pruning import FastV
+from streaming import SinkCache, kv_bytes, lasting_sinks, leading_sinks
+from vlmtools.adapters.base import UnsupportedModel
+from vlmtools.sinks import ColumnMassSink, SinkDetector
+from vlmtools.testing.vlm import IMAGE, left_padded, tiny_gemma3, tiny_llava, tiny_qwen2_vl, tiny_qwen3_5
 
 
 def one_layer_llava():
@@ -48,16 +51,18 @@ def kept_forward(model, embeds, columns, positions):
         return model.lm_head(hidden[0, -1])
 
 
-def test_next_logits_equal_a_plain_forward_over_the_kept_tokens_at_their_places_in_the_cache():
+@pytest.mark.parametrize("lasting", [None, [[12], [13]]])
+def test_next_logits_equal_a_plain_forward_over_the_kept_tokens_at_their_places_in_the_cache(lasting):
     model, inputs = one_layer_llava()
     vlm = vlmtools.wrap(model)
     sinks, window, steps = 4, 6, 12
-    cache = SinkCache(vlm, window=window, sinks=sinks)
+    cache = SinkCache(vlm, window=window, sinks=sinks, lasting=lasting)
     embeds, logits = streamed(model, inputs, cache, steps)
     query = embeds.shape[1] - 2                       # the last step's input token; the cache held what came before
     for b, pads in enumerate((1 - inputs["attention_mask"]).sum(1).tolist()):
         real = torch.arange(pads, query)
-        kept = torch.cat([real[:sinks], real[-window:], torch.tensor([query])])   # paper: first k + latest window
+        extra = torch.tensor(lasting[b] if lasting else [], dtype=torch.long)   # prompt columns kept as sinks
+        kept = torch.cat([real[:sinks], extra, real[-window:], torch.tensor([query])])  # first k + latest window
         places = torch.arange(kept.numel())                                        # positions = places in the cache
         expected = kept_forward(model, embeds[b], kept, places)
         torch.testing.assert_close(logits[-1][b], expected, atol=1e-4, rtol=1e-4)
@@ -65,3 +70,110 @@ def test_next_logits_equal_a_plain_forward_over_the_kept_tokens_at_their_places_
         assert not torch.allclose(at_stream_positions, expected, atol=1e-3)
     _, full = streamed(model, inputs, DynamicCache(), steps)
     assert not torch.allclose(full[-1], logits[-1], atol=1e-3)                    # a plain cache keeps everything
+
+
+def test_bf16_stream_matches_the_kept_tokens_forward_in_bf16():
+    model, inputs = one_layer_llava()
+    model.to(torch.bfloat16)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    cache = SinkCache(vlmtools.wrap(model), window=6, sinks=4)
+    embeds, logits = streamed(model, inputs, cache, 10)
+    assert cache.layers[0].keys.dtype == torch.bfloat16
+    query, pads = embeds.shape[1] - 2, int((1 - inputs["attention_mask"][1]).sum())
+    real = torch.arange(pads, query)
+    kept = torch.cat([real[:4], real[-6:], torch.tensor([query])])
+    expected = kept_forward(model, embeds[1], kept, torch.arange(kept.numel())).float()
+    scale = expected.abs().max()
+    assert (logits[-1][1].float() - expected).abs().max() < 0.02 * scale
+    _, full = streamed(model, inputs, DynamicCache(), 10)
+    assert (full[-1][1].float() - expected).abs().max() > 0.2 * scale
+
+
+def test_memory_stays_bounded_over_a_long_generate_and_sinks_matter():
+    model, inputs = tiny_llava()                      # three layers, left padding, a 21-token prompt
+    vlm = vlmtools.wrap(model)
+    cache = SinkCache.detect(vlm, inputs, window=8)   # the positional criterion: k = 4
+    held = []
+
+    def watch(ids, scores):
+        held.append(cache.held)
+        return scores
+
+    with torch.no_grad():
+        out = model.generate(**inputs, cache=cache, max_new_tokens=16, do_sample=False, logits_processor=[watch])
+    assert cache.sinks == 4 and held and max(held) == 12
+    text = model.config.text_config
+    per_key = 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4   # fp32 K and V
+    assert cache.peak_kv_bytes == cache.kv_bytes == 3 * 2 * 12 * per_key
+    full = DynamicCache()
+    with torch.no_grad():
+        plain = model.generate(**inputs, cache=full, max_new_tokens=16, do_sample=False)
+        window = model.generate(**inputs, cache=SinkCache(vlm, window=12, sinks=0), max_new_tokens=16, do_sample=False)
+    assert kv_bytes(full) == 3 * 2 * (out.shape[1] - 1) * per_key
+    assert not torch.equal(window, out) and not torch.equal(plain, out)
+
+
+def test_a_window_longer_than_the_stream_is_the_plain_cache_also_under_a_pruning_host_and_on_gemma3():
+    for build, host in ((tiny_llava, FastV(keep=4, layer=1)), (tiny_gemma3, None)):
+        model, inputs = build()
+        vlm = vlmtools.wrap(model)
+        runs = []
+        for cache in (SinkCache(vlm, window=100, sinks=4), DynamicCache()):
+            with torch.no_grad(), vlm.use(*[host] if host else []):
+                runs.append(model.generate(**inputs, cache=cache, max_new_tokens=4, do_sample=False))
+        assert torch.equal(*runs)
+
+
+def test_a_pruning_host_in_the_same_block_streams_past_the_window():
+    model, inputs = tiny_llava()
+    model.set_attn_implementation("eager")             # a 4-D float mask at every step
+    vlm = vlmtools.wrap(model)
+    cache = SinkCache(vlm, window=6, sinks=4)
+    host = FastV(keep=4, layer=1)
+    with torch.no_grad(), vlm.use(host) as trace:
+        out = model.generate(**inputs, cache=cache, max_new_tokens=12, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    kept = trace[host].kept_at(1)
+    streamed_len = out.sequences.shape[1] - 1
+    for index, layer in enumerate(cache.layers):
+        assert layer.keys.shape[-2] == 10 and layer.get_seq_length() == streamed_len   # virtual length kept
+        assert layer.dropped == (0 if index == 0 else inputs["input_ids"].shape[1] - kept.shape[1])
+    assert torch.isfinite(torch.stack(out.logits)).all()
+    with torch.no_grad(), vlm.use(host):
+        plain = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    assert not torch.equal(plain, out.sequences)
+
+
+def test_refusals():
+    for build in (tiny_qwen2_vl, tiny_qwen3_5):
+        model, _ = build()
+        with pytest.raises(UnsupportedModel, match="M-RoPE"):
+            SinkCache(vlmtools.wrap(model), window=8, sinks=4)
+    model, inputs = tiny_llava()
+    vlm = vlmtools.wrap(model)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        SinkCache(vlm, window=0, sinks=4)
+    report = SinkDetector([ColumnMassSink(eps=1.0)]).detect(vlm, inputs)   # no mean attention exceeds 1
+    with pytest.raises(ValueError, match="found no sink at any sample's first token; pass sinks=k"):
+        SinkCache.from_report(vlm, report, window=8)
+    assert SinkCache.from_report(vlm, report, window=8, sinks=2).sinks == 2
+    cache = SinkCache(vlm, window=8, sinks=4, lasting=[[5]])
+    with pytest.raises(ValueError, match="lasting sinks are given for 1 samples, the batch has 2"), torch.no_grad():
+        model.generate(**inputs, cache=cache, max_new_tokens=2)
+
+
+def test_leading_and_lasting_sinks_read_the_report():
+    model, inputs = tiny_llava()
+    vlm = vlmtools.wrap(model)
+    report = SinkDetector([ColumnMassSink(eps=0.05)]).detect(vlm, inputs)
+    found = [{f.token for f in report.sinks("column_mass", sample=b)} for b in range(2)]
+    firsts = [int((1 - inputs["attention_mask"][b]).sum()) for b in range(2)]
+    runs = []
+    for first, tokens in zip(firsts, found):
+        run = 0
+        while first + run in tokens:
+            run += 1
+        runs.append(run)
+    assert leading_sinks(report) == max(runs) >= 1
+    assert lasting_sinks(report) == [sorted(t for t in tokens if t >= first + max(runs))
+                                     for first, tokens in zip(firsts, found)]

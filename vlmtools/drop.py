@@ -10,7 +10,9 @@ padding mask's columns (FlashAttention), a ``BlockMask`` rebuilt over the kept p
 (flex). Sequences packed in one row for FlashAttention (``cu_seq_lens_*``, or position ids
 that restart) get the cumulative lengths of their kept tokens. Keys and values of dropped
 tokens never enter that layer's KV cache. During cached decoding the mask's key columns
-are gathered to the kept prompt positions plus every generated one.
+are gathered to the kept prompt positions plus every generated one; a cache layer that evicts
+keys (``streaming.SinkCache``'s) says instead which keys it holds are visible (``visible_keys``),
+and the decoding mask is those, then the new tokens' own columns.
 
 The cache layers of pruned layers report their *virtual* length (kept + dropped):
 transformers derives new tokens' positions and mask sizes from the cache length, and
@@ -160,7 +162,10 @@ class DropRun(LayerHook):
         elif self.positions == "compact":
             kwargs = {**kwargs, **self._compacted(index, kwargs, None)}
         mask = kwargs.get("attention_mask")
-        if mask is not None:
+        held = _held_visible(kwargs, index) if kept is None else None
+        if held is not None:
+            kwargs = {**kwargs, "attention_mask": _held_mask(mask, held, hidden.shape[1])}
+        elif mask is not None:
             kwargs = {**kwargs, "attention_mask": self._gathered_mask(mask, kept, self.kept_at(index))}
         if index == self.last:
             self._gathered = self._renumbered = ()  # not held past the call (the run lives on in the trace)
@@ -318,6 +323,32 @@ def _gather_positions(ids: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     # multi-row rotary positions (M-RoPE): (rows, B, L)
     ids = ids.expand(ids.shape[0], kept.shape[0], -1)
     return ids.gather(2, kept.expand(ids.shape[0], -1, -1))
+
+
+def _held_visible(kwargs: dict[str, Any], index: int) -> torch.Tensor | None:
+    """``(B, held)``: which keys a cache layer that evicts (``streaming.SinkCache``'s) holds a new token may see,
+    or None for a cache that holds every kept prompt key and every generated one."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    layers = getattr(cache, "layers", ())
+    return getattr(layers[index], "visible_keys", None) if index < len(layers) else None
+
+
+def _held_mask(mask, held: torch.Tensor, new: int):
+    """A decoding step's mask over an evicting cache layer's keys: the held keys ``held`` says are visible, then
+    the ``new`` tokens' own columns of the mask the model built (whose earlier columns are another layer's)."""
+    if isinstance(mask, BlockMask):
+        raise NotImplementedError("vlmtools: a token drop under an evicting cache needs a tensor mask, not flex attention's")
+    if mask is None:
+        if bool(held.all()):
+            return None
+        causal = torch.ones(new, new, dtype=torch.bool, device=held.device).tril()
+        mask = causal.expand(held.shape[0], 1, new, new)
+    if mask.dim() == 2:
+        return torch.cat([held.to(mask.dtype), mask[:, -new:]], 1)
+    columns = held.to(mask.device)[:, None, None, :].expand(-1, 1, mask.shape[2], -1)
+    if mask.dtype != torch.bool:
+        columns = torch.zeros_like(columns, dtype=mask.dtype).masked_fill(~columns, torch.finfo(mask.dtype).min)
+    return torch.cat([columns, mask[..., -new:].expand(held.shape[0], -1, -1, -1)], -1)
 
 
 def _key_length(mask) -> int:
