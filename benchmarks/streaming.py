@@ -141,7 +141,7 @@ def run_stream(model, processor, turns: list[Turn], cache, max_new_tokens: int =
 
     def forward(inputs):
         nonlocal peak, seen
-        logits = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+        logits = model(**inputs, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
         peak, seen = max(peak, kv_bytes(cache)), seen + inputs["input_ids"].shape[1]
         return logits
 
@@ -203,6 +203,17 @@ def table(summaries: dict, k: int) -> str:
     return "\n".join(lines)
 
 
+def code_version() -> str:
+    """The commit this runs at, and the library's sink cache by its blob where streaming/ has uncommitted changes."""
+    def git(*words):
+        return subprocess.run(["git", *words], capture_output=True, text=True, cwd=HERE, check=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD")
+    if git("status", "--porcelain", "--", "../streaming"):
+        commit += " with streaming/ uncommitted (cache.py blob " + git("hash-object", "../streaming/cache.py")[:10] + ")"
+    return commit
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="llava-shapes", choices=["llava-shapes", "qwen2vl-shapes"])
@@ -224,6 +235,7 @@ def main():
     scored_from = math.ceil(max(args.windows)) + 1 if args.scored_from is None else args.scored_from
     torch.set_num_threads(args.threads)
     started = time.time()
+    commit = code_version()
     from transformers import DynamicCache
 
     import vlmtools
@@ -271,7 +283,7 @@ def main():
 
         def step():
             for _ in range(args.steps):
-                model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
             if name == "full":
                 cache.crop(-args.steps)
 
@@ -284,12 +296,6 @@ def main():
     for name, value in speed.items():
         print(f"{name}: {value:.4f}")
 
-    def git(*words):
-        return subprocess.run(["git", *words], capture_output=True, text=True, cwd=HERE, check=True).stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD")
-    if git("status", "--porcelain", "--", "../streaming"):  # name the library's files as they ran
-        commit += " with streaming/ uncommitted (cache.py blob " + git("hash-object", "../streaming/cache.py")[:10] + ")"
     command = "python benchmarks/streaming.py " + " ".join(sys.argv[1:])
     settings = {"model": args.model, "streams": args.streams, "turns": args.turns, "tokens_a_turn": tokens,
                 "windows": windows, "k": k, "criterion": args.criterion, "scored_from": scored_from,
