@@ -15,9 +15,9 @@ import argparse
 import os
 import sys
 
-from . import demo, hallucination_bench, prune, prune_bench, segment, sinks
+from . import demo, hallucination_bench, prune, prune_bench, segment, sinks, tune
 
-COMMANDS = (demo, sinks, prune, prune_bench, hallucination_bench, segment)
+COMMANDS = (demo, sinks, prune, prune_bench, hallucination_bench, segment, tune)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,259 @@
+"""ACT and ZeroTuning against greedy decoding: accuracy on the zoo VLMs and decoding-step latency.
+
+Quality: on each zoo VLM (``--models``), each method's heads are chosen by ``tuning.calibrate`` on the shapes
+world's first ``--calibration-samples`` val questions (scored by the first token after one prefill, as the
+released searches do), among the heads of ``--layers`` (default: the released search's layers 2 .. L-2; fewer
+keep the search inside a CPU's time). Then greedy decoding, ACT and ZeroTuning answer the same held-out test
+questions in the same batches (``--batch``, left-padded, 4 greedy tokens): ``--questions`` QA items (right when
+the first word is the expected one, as prune-bench scores) and POPE on ``--pope-scenes`` test scenes per split
+(the POPE authors' answer rule, ``hallucination.metrics.pope_by_split``).
+
+Speed: on the CPU benchmark model of the other benches (``common.llava_bench``: LLaVA-1.5-shaped, 576 visual +
+64 text tokens, random weights, batch 1, fp32, one thread), cached ``generate`` of 1 and of 1 + ``--tokens``
+tokens, greedy and each method in interleaved rounds (``common.ratios``, medians of per-round ratios):
+``*_prefill_ratio`` is the 1-token generate's, ``*_latency_ratio`` the decoding steps' (the prefill
+subtracted). Both methods edit every head of layers 2 .. L-2 (the most a selection holds); random weights
+grow no sinks above ACT's released eps, so ACT runs with eps 0.002 there, which makes it find sinks and edit
+every row of those heads, prefill and decoding steps alike (its most costly case).
+
+Run: ``python benchmarks/sink_tuning.py [--models llava-shapes,qwen2vl-shapes] [--questions 60] [--pope-scenes 6]
+[--calibration-samples 32] [--layers 2 3 4] [--write]`` (``--write``: the "ACT and ZeroTuning" section of
+benchmarks/RESULTS.md; ``--skip-speed`` / ``--skip-quality`` run one part). Prints a table and writes ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# this folder holds hallucination.py and pruning.py, which shadow the packages while it is first on the path
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
+METHODS = ("greedy", "act", "zerotuning")
+SECTION = "ACT and ZeroTuning"
+
+
+def qa_accuracy(texts: list[str], answers: list[str]) -> float:
+    """The share of greedy ``texts`` whose first word (``vlmtools.chat.first_word``) is the expected answer."""
+    from vlmtools.chat import first_word
+
+    if len(texts) != len(answers) or not texts:
+        raise ValueError(f"{len(texts)} answers for {len(answers)} questions")
+    return sum(first_word(text) == answer for text, answer in zip(texts, answers)) / len(texts)
+
+
+def scores(qa_texts: list[str], qa_answers: list[str], pope_texts: list[str], pope_labels: list[str],
+           pope_splits: list[str]) -> dict:
+    """QA accuracy and POPE per split and averaged (the POPE authors' answer rule) of one method's answers."""
+    from hallucination.metrics import pope_by_split
+
+    return {"qa": qa_accuracy(qa_texts, qa_answers), "pope": pope_by_split(pope_texts, pope_labels, pope_splits)}
+
+
+def batched(processor, images: list, questions: list[str], size: int) -> list[dict]:
+    from vlmtools.chat import chat_inputs
+
+    return [chat_inputs(processor, images[i:i + size], questions[i:i + size]) for i in range(0, len(images), size)]
+
+
+def calibration_samples(processor, count: int, size: int) -> list[tuple[dict, list[str]]]:
+    """The first ``count`` val questions of the shapes world as ``tuning.calibrate`` samples, ``size`` a batch."""
+    from vlmtools_zoo import world
+
+    items = world.qa_items("val", count)
+    prompts = batched(processor, [world.scene("val", s).image for s, _ in items], [q.question for _, q in items], size)
+    return [(inputs, [q.answer for _, q in items[i * size:(i + 1) * size]]) for i, inputs in enumerate(prompts)]
+
+
+def quality(name: str, args) -> dict:
+    """One zoo VLM: both methods' head selections on val, then every method's answers and scores on test."""
+    from tqdm import tqdm
+
+    import tuning
+    import vlmtools
+    import vlmtools_zoo as zoo
+    from vlmtools.chat import greedy
+    from vlmtools.data import POPE_SPLITS
+    from vlmtools_zoo import world
+
+    model, processor = zoo.load(name)
+    vlm = vlmtools.wrap(model, processor)
+    samples = calibration_samples(processor, args.calibration_samples, args.batch)
+    selections, seconds = {}, {}
+    for method in ("act", "zerotuning"):
+        start = time.time()
+        selections[method] = tuning.calibrate(vlm, {"act": tuning.ACT, "zerotuning": tuning.ZeroTuning}[method](),
+                                              samples, layers=args.layers, save=False)
+        seconds[method] = round(time.time() - start, 1)
+    edits = {"greedy": (), "act": (tuning.ACT(selections["act"]),),
+             "zerotuning": (tuning.ZeroTuning(selections["zerotuning"]),)}
+    qa = world.qa_items("test", args.questions)
+    pope = [(kind, *triple) for kind in POPE_SPLITS for triple in world.pope("test", args.pope_scenes, kind)]
+    images = [world.scene("test", s).image for s, _ in qa] + [world.scene("test", s).image for _, s, _, _ in pope]
+    questions = [q.question for _, q in qa] + [q for _, _, q, _ in pope]
+    prompts = batched(processor, images, questions, args.batch)
+    out = {"calibration": {m: {"heads": s.heads, "gamma": s.gamma, "baseline": s.baseline, "samples": s.samples,
+                               "candidates": len({(p["layer"], p["head"]) for p in s.profile}),
+                               "score": s.score, "settings": s.settings, "seconds": seconds[m]}
+                           for m, s in selections.items()},
+           "qa_items": len(qa), "pope_items": len(pope), "methods": {}}
+    for method in METHODS:
+        texts = [text for inputs in tqdm(prompts, desc=f"{name} {method}")
+                 for text in greedy(vlm, inputs, *edits[method], max_new_tokens=4)]
+        out["methods"][method] = {**scores(texts[:len(qa)], [q.answer for _, q in qa], texts[len(qa):],
+                                           [label for *_, label in pope], [kind for kind, *_ in pope]),
+                                  "answers": texts}
+    return out
+
+
+def speed(args) -> dict:
+    """Prefill and decoding-step time ratios of ACT and ZeroTuning against greedy on the CPU benchmark model."""
+    import torch
+
+    import tuning
+    import vlmtools
+
+    sys.path.append(str(HERE))
+    from common import llava_bench, ratios
+
+    torch.set_num_threads(args.threads)
+    model, batch, sync = llava_bench(False)
+    vlm = vlmtools.wrap(model)
+    layers = sorted({layer for layer, _ in tuning.candidate_heads(vlm)})
+    heads = {layer: list(range(vlm.site(f"text.{layer}").heads)) for layer in layers}
+    methods = {"act": tuning.ACT(heads, eps=0.002), "zerotuning": tuning.ZeroTuning(heads, gamma=1.5)}
+    found = {}
+
+    def run(tokens, method=None):
+        def go():
+            with vlm.use(*([method] if method else [])) as trace:
+                model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            if method is methods["act"]:
+                found["act_sinks"] = sum(len(k) for at in trace[method].sinks.values() for k in at)
+            sync()
+        return go
+
+    clock = time.process_time if args.clock == "process" else time.perf_counter
+    long_base, long = ratios(run(1 + args.tokens), {n: run(1 + args.tokens, m) for n, m in methods.items()},
+                             repeats=args.repeats, clock=clock)
+    short_base, short = ratios(run(1), {n: run(1, m) for n, m in methods.items()}, repeats=args.repeats, clock=clock)
+    out = {"model": "common.llava_bench: LLaVA-1.5-shaped, random weights, 8 layers, hidden 512",
+           "tokens": f"1 x {batch['input_ids'].shape[1]} (576 visual), {args.tokens} decoding steps",
+           "clock": "process CPU time" if args.clock == "process" else "wall", "threads": args.threads,
+           "edited_layers": sorted(heads), "act_eps": 0.002, "act_sinks_found": found.get("act_sinks"),
+           "greedy_prefill_s": short_base, "greedy_decode_s_per_token": (long_base - short_base) / args.tokens}
+    for name in methods:
+        out[f"{name}_prefill_ratio"] = short[name]
+        out[f"{name}_latency_ratio"] = (long[name] * long_base - short[name] * short_base) / (long_base - short_base)
+    return out
+
+
+def table(quality_of: dict) -> str:
+    lines = ["| model | method | QA accuracy | POPE random | POPE popular | POPE adversarial | POPE average | "
+             "yes-ratio |", "|---|---|---|---|---|---|---|---|"]
+    for model, result in quality_of.items():
+        for method, got in result["methods"].items():
+            pope = got["pope"]
+            lines.append(f"| {model} | {method} | {got['qa']:.3f} | " + " | ".join(
+                f"{pope[s]['accuracy']:.3f}" for s in ("random", "popular", "adversarial", "average"))
+                + f" | {pope['average']['yes_ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+def gains(quality_of: dict) -> list[str]:
+    """One line per model and method: its QA and average POPE accuracy minus greedy's."""
+    lines = []
+    for model, result in quality_of.items():
+        base = result["methods"]["greedy"]
+        for method in ("act", "zerotuning"):
+            got = result["methods"][method]
+            lines.append(f"- {model}, {method} against greedy: QA {got['qa'] - base['qa']:+.3f}, POPE average "
+                         f"{got['pope']['average']['accuracy'] - base['pope']['average']['accuracy']:+.3f}.")
+    return lines
+
+
+def calibration_table(quality_of: dict) -> str:
+    lines = ["| model | method | candidate heads | chosen heads | gamma | val accuracy unedited | search seconds |",
+             "|---|---|---|---|---|---|---|"]
+    for model, result in quality_of.items():
+        for method, c in result["calibration"].items():
+            chosen = sum(len(h) for h in c["heads"].values())
+            lines.append(f"| {model} | {method} | {c['candidates']} | {chosen} {json.dumps(c['heads'])} | "
+                         f"{'-' if c['gamma'] is None else c['gamma']} | {c['baseline']:.3f} | {c['seconds']} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="llava-shapes,qwen2vl-shapes")
+    parser.add_argument("--questions", type=int, default=60, help="held-out test QA questions")
+    parser.add_argument("--pope-scenes", type=int, default=6, help="held-out test scenes per POPE split")
+    parser.add_argument("--calibration-samples", type=int, default=32, help="val questions the head search scores")
+    parser.add_argument("--layers", type=int, nargs="+", help="candidate layers (default: 2 .. L-2)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=16, help="decoding steps timed")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of the speed part")
+    parser.add_argument("--clock", choices=["process", "wall"], default="process",
+                        help="speed part: process CPU time (default, robust to other jobs) or wall clock")
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--out", default="sink-tuning.json")
+    parser.add_argument("--write", action="store_true", help=f"write the {SECTION!r} section of RESULTS.md")
+    args = parser.parse_args()
+    started = time.time()
+    load = os.getloadavg()[0]
+    record = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "write")}}
+    if not args.skip_quality:
+        record["quality"] = {name: quality(name, args) for name in args.models.split(",")}
+        print(table(record["quality"]))
+        print(calibration_table(record["quality"]))
+    if not args.skip_speed:
+        record["speed"] = speed(args)
+        for key, value in record["speed"].items():
+            print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
+    record["run"] = {"seconds": round(time.time() - started, 1), "load_average_at_start": load,
+                     "cpus": os.cpu_count()}
+    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    if args.write:
+        from common import write_section
+
+        write_section(HERE / "RESULTS.md", SECTION, section(record, " ".join(sys.argv[1:])))
+
+
+def section(record: dict, argv: str) -> str:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=HERE).stdout.strip()
+    lines = [f"## {SECTION}", "", f"`python benchmarks/sink_tuning.py {argv}` at commit {commit}, on this "
+             f"{os.cpu_count()}-core CPU shared with other jobs (load average {record['run']['load_average_at_start']:.1f} "
+             f"at the start; {record['run']['seconds']:.0f} s).", ""]
+    if "quality" in record:
+        s = record["settings"]
+        lines += [f"Held-out zoo test questions: {s['questions']} QA, POPE on {s['pope_scenes']} scenes per split; "
+                  f"the same prompts in the same batches of {s['batch']} for every method, 4 greedy tokens. Heads "
+                  f"chosen by `tuning.calibrate` on the first {s['calibration_samples']} val questions (first-token "
+                  f"scoring), candidate layers {s['layers'] or '2 .. L-2'}, ACT beta 0.4 / eps 0.1, ZeroTuning "
+                  "gammas 1.5 / 0.5.", "", table(record["quality"]), "", calibration_table(record["quality"]), "",
+                  *gains(record["quality"]), ""]
+    if "speed" in record:
+        sp = record["speed"]
+        lines += [f"Speed ({sp['model']}; {sp['tokens']}; {sp['clock']}, {sp['threads']} thread; both methods on "
+                  f"every head of layers {sp['edited_layers']}, ACT at eps {sp['act_eps']} so that it finds sinks "
+                  f"on random weights ({sp['act_sinks_found']} (head, sink) pairs)); medians of interleaved rounds "
+                  "against greedy in one process:", "", "| method | prefill ratio | decoding-step ratio |",
+                  "|---|---|---|"]
+        lines += [f"| {m} | {sp[f'{m}_prefill_ratio']:.3f} | {sp[f'{m}_latency_ratio']:.3f} |"
+                  for m in ("act", "zerotuning")]
+        lines += ["", f"greedy: prefill {sp['greedy_prefill_s']:.3f} s, {sp['greedy_decode_s_per_token']:.4f} s per "
+                  "decoding step.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
