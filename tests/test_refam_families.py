@@ -367,3 +367,30 @@ def test_wan22_reads_the_expert_that_denoises_at_each_timestep():
     assert np.abs(at_high - heatmaps(high, 0.7)).max() <= 1e-6
     both = heatmaps(pipe, 0.3, 0.7)  # one pass per timestep, each on its expert, averaged
     assert np.abs(both - (at_low + at_high) / 2).max() <= 1e-6
+
+
+def test_chat_sources_call_the_transformer_as_their_pipeline_does(chat_pipelines):
+    """The pipeline's own first denoising call (t = 1), and the source's call on the same noisy latents: the
+    transformer gives the same output (timestep scale, ids, guidance, text mask as the pipeline's)."""
+    from vlmtools.testing.pipelines import SIZE
+
+    for family in CHAT:
+        pipe = chat_pipelines[family]
+        calls = []
+        handle = pipe.transformer.register_forward_pre_hook(lambda m, args, kw: calls.append(dict(kw)),
+                                                            with_kwargs=True)
+        options = {"max_sequence_length": 80, "text_encoder_out_layers": (1, 2, 3)} if family == "flux2" else {
+            "true_cfg_scale": 1.0}
+        try:
+            with torch.no_grad():
+                pipe(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=1, output_type="latent", **options)
+        finally:
+            handle.remove()
+        source = RefAM(pipe, **CHAT_OPTIONS[family]).source
+        with torch.no_grad():
+            ours = source.call(calls[0]["hidden_states"], 1.0, source.prompt(PROMPT), (4, 4))
+            other = source.call(calls[0]["hidden_states"], 0.5, source.prompt(PROMPT), (4, 4))
+            out = pipe.transformer(**calls[0])[0]
+            assert float(calls[0]["timestep"][0]) == 1.0
+            assert (pipe.transformer(**ours)[0] - out).abs().max() <= 1e-5
+            assert (pipe.transformer(**other)[0] - out).abs().max() > 1e-3  # the output depends on t
