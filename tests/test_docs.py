@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 COMPLETE_EXAMPLES = [("vlmtools/README.md", 0), ("pruning/README.md", 1), ("hallucination/README.md", 0),
                      ("vlmtools_zoo/README.md", 0), ("vlmtools_app/README.md", 0),
-                     ("grounding/README.md", 3), ("docs/adding-a-method.md", 0), ("tuning/README.md", 1)]
+                     ("grounding/README.md", 3), ("docs/adding-a-method.md", 0), ("tuning/README.md", 1),
+                     ("streaming/README.md", 1)]
 """(file, index of its python block) of every example that defines everything it uses."""
 
 

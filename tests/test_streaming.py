@@ -5,10 +5,10 @@ from transformers import DynamicCache
 
 import vlmtools
 from pruning import FastV
-from streaming import SinkCache, kv_bytes, lasting_sinks, leading_sinks
+from streaming import SinkCache, SinkLayer, kv_bytes, lasting_sinks, leading_sinks
 from vlmtools.adapters.base import UnsupportedModel
 from vlmtools.sinks import ColumnMassSink, SinkDetector
-from vlmtools.testing.vlm import IMAGE, left_padded, tiny_gemma3, tiny_llava, tiny_qwen2_vl, tiny_qwen3_5
+from vlmtools.testing.vlm import IMAGE, left_padded, tiny_gemma3, tiny_llava, tiny_llava_onevision, tiny_qwen2_vl, tiny_qwen3_5
 
 
 def one_layer_llava():
@@ -113,15 +113,23 @@ def test_memory_stays_bounded_over_a_long_generate_and_sinks_matter():
     assert not torch.equal(window, out) and not torch.equal(plain, out)
 
 
-def test_a_window_longer_than_the_stream_is_the_plain_cache_also_under_a_pruning_host_and_on_gemma3():
-    for build, host in ((tiny_llava, FastV(keep=4, layer=1)), (tiny_gemma3, None)):
-        model, inputs = build()
-        vlm = vlmtools.wrap(model)
-        runs = []
-        for cache in (SinkCache(vlm, window=100, sinks=4), DynamicCache()):
-            with torch.no_grad(), vlm.use(*[host] if host else []):
-                runs.append(model.generate(**inputs, cache=cache, max_new_tokens=4, do_sample=False))
-        assert torch.equal(*runs)
+def video():
+    return tiny_llava_onevision(video=True)
+
+
+@pytest.mark.parametrize(("build", "host"), [(tiny_llava, FastV(keep=4, layer=1)), (tiny_gemma3, None), (video, None)])
+def test_a_window_longer_than_the_stream_is_the_plain_cache_and_a_short_one_bounds_it(build, host):
+    """Under a pruning host, on Gemma 3 (its sliding layers keep their own window) and on video frames."""
+    model, inputs = build()
+    vlm = vlmtools.wrap(model)
+    runs, short = [], SinkCache(vlm, window=6, sinks=4)
+    for cache in (SinkCache(vlm, window=200, sinks=4), DynamicCache(), short):
+        with torch.no_grad(), vlm.use(*[host] if host else []):
+            runs.append(model.generate(**inputs, cache=cache, max_new_tokens=4, do_sample=False))
+    assert torch.equal(runs[0], runs[1])
+    sink_layers = [layer for layer in short.layers if isinstance(layer, SinkLayer)]
+    assert sink_layers and all(layer.keys.shape[-2] == 10 for layer in sink_layers)
+    assert all(layer.keys.shape[-2] < 12 for layer in short.layers)    # Gemma 3's sliding layers: window 12
 
 
 def test_a_pruning_host_in_the_same_block_streams_past_the_window():
@@ -177,3 +185,31 @@ def test_leading_and_lasting_sinks_read_the_report():
     assert leading_sinks(report) == max(runs) >= 1
     assert lasting_sinks(report) == [sorted(t for t in tokens if t >= first + max(runs))
                                      for first, tokens in zip(firsts, found)]
+
+
+def test_a_second_turn_with_an_image_sees_the_kept_tokens_then_its_own_at_their_places():
+    model, inputs = one_layer_llava()
+    cache = SinkCache(vlmtools.wrap(model), window=6, sinks=4)
+    calls = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["inputs_embeds"]), with_kwargs=True)
+    turn = torch.tensor([[3, 9] + [IMAGE] * 16 + [4, 5]] * 2)
+    try:
+        with torch.no_grad():
+            first = model.generate(**inputs, cache=cache, max_new_tokens=4, do_sample=False)
+            ids = torch.cat([first, turn], 1)
+            mask = torch.cat([inputs["attention_mask"], torch.ones_like(ids[:, inputs["input_ids"].shape[1]:])], 1)
+            second = model.generate(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 32, 32),
+                                    cache=cache, max_new_tokens=1, do_sample=False, output_logits=True,
+                                    return_dict_in_generate=True)
+    finally:
+        hook.remove()
+    chunk = calls[-1]                                  # the unseen tail: the last answer token and the new turn
+    stream = torch.cat([*calls[:-1], chunk], 1)        # every token the language model got, in order
+    seen = stream.shape[1] - chunk.shape[1]
+    assert chunk.shape[1] == turn.shape[1] + 1 and cache.get_seq_length() == stream.shape[1]
+    for b, pads in enumerate((1 - inputs["attention_mask"]).sum(1).tolist()):
+        real = torch.arange(pads, seen)
+        kept = torch.cat([real[:4], real[-6:], torch.arange(seen, stream.shape[1])])
+        expected = kept_forward(model, stream[b], kept, torch.arange(kept.numel()))
+        torch.testing.assert_close(second.logits[0][b], expected, atol=1e-4, rtol=1e-4)
