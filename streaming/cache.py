@@ -44,7 +44,7 @@ class SinkLayer(PrunedCacheLayer):
         self.sinks, self.window, self.inv_freq = sinks, window, inv_freq
         self.lasting = lasting
         self.capacity = sinks + window + max(map(len, lasting or [[]]))
-        self.seen = 0
+        self.seen, self.evicted = 0, False
         self.visible = self.sink = self.shift = None
 
     def update(self, key_states, value_states, *args, kwargs=None, **_):
@@ -82,10 +82,12 @@ class SinkLayer(PrunedCacheLayer):
         return visible, sink
 
     def placed(self) -> torch.Tensor:
-        """The held keys rotated to their place in the cache (only those in front of an evicted run move)."""
-        moved = int((self.shift > 0).sum(1).max()) if self.shift.numel() else 0
-        if moved == 0:
+        """The held keys rotated to their place in the cache. Only keys in front of an evicted one move, and
+        eviction takes the oldest non-sink keys first, so the real keys that move are sinks at the front: the
+        first ``capacity - window`` slots (a padded sample, which has evicted no real key, moves only padding)."""
+        if not self.evicted:
             return self.keys
+        moved = self.capacity - self.window
         head = _rotate(self.keys[:, :, :moved], self.shift[:, :moved], self.inv_freq)
         return torch.cat([head, self.keys[:, :, moved:]], -2)
 
@@ -95,10 +97,11 @@ class SinkLayer(PrunedCacheLayer):
         excess = self.keys.shape[-2] - self.capacity
         if excess <= 0:
             return
+        self.evicted = True
         free = ~self.sink
         evict = free & (free.cumsum(1) <= excess)
         after = evict.flip(1).cumsum(1).flip(1) - evict.long()
-        kept = (~evict).nonzero()[:, 1].view(evict.shape[0], -1)
+        kept = evict.to(torch.uint8).sort(dim=1, stable=True).indices[:, : self.capacity]  # kept keys, in order
         self.shift = (self.shift + after).gather(1, kept)
         self.visible, self.sink = self.visible.gather(1, kept), self.sink.gather(1, kept)
         index = kept[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[-1])
@@ -121,7 +124,7 @@ class SinkLayer(PrunedCacheLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.seen, self.visible, self.sink, self.shift = 0, None, None, None
+        self.seen, self.evicted, self.visible, self.sink, self.shift = 0, False, None, None, None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a sink cache cannot be cropped: evicted tokens are gone")
@@ -176,6 +179,7 @@ class SinkCache(Cache):
         self.sinks, self.window, self.lasting = sinks, window, lasting
         self.peak_kv_bytes = 0
         """The most bytes of keys and values the cache held after any layer's update."""
+        self._bytes = [0] * len(layers)
 
     @classmethod
     def from_report(cls, vlm, report, window: int, criterion: str | None = None, sinks: int | None = None,
@@ -199,13 +203,19 @@ class SinkCache(Cache):
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        layer = self.layers[layer_idx]
+        self._bytes[layer_idx] = sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
         self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes)
         return out
+
+    def reset(self) -> None:
+        super().reset()
+        self._bytes, self.peak_kv_bytes = [0] * len(self.layers), 0
 
     @property
     def kv_bytes(self) -> int:
         """Bytes of the keys and values the cache holds now, every layer."""
-        return kv_bytes(self)
+        return sum(self._bytes)
 
     @property
     def held(self) -> int:
