@@ -143,16 +143,17 @@ def released_zerotuning(a, gamma):
     return out / out.sum(-1, keepdim=True)
 
 
-def reference_output(model, layer, io, mask, edit):
+def reference_output(model, layer, io, mask, edit, heads=(HEAD,)):
     """The layer's attention output with ``edit(map, b, h)`` applied to each sample's unpadded map of
-    (``LAYER``, ``HEAD``)."""
+    each of ``heads`` in ``layer``."""
     attention = model.model.language_model.layers[layer].self_attn
     hidden, rotary, _ = io
     probs, v = eager_probs(attention, hidden, rotary, mask)
     for b in range(len(mask)):
         real = mask[b].nonzero()[:, 0]
-        block = probs[b, HEAD][real][:, real]
-        probs[b, HEAD, real[:, None], real[None]] = edit(block, b)
+        for h in heads:
+            block = probs[b, h][real][:, real]
+            probs[b, h, real[:, None], real[None]] = edit(block, b, h)
     out = (probs @ v).transpose(1, 2).reshape(*hidden.shape[:2], -1)
     return attention.o_proj(out.to(hidden.dtype)), probs
 
@@ -167,7 +168,7 @@ def test_against_released_formula_on_planted_sinks(kind):
         model(**inputs)
     found = {}
 
-    def edit(block, b):
+    def edit(block, b, h):
         if kind == "zerotuning":
             return released_zerotuning(block, 3.0)
         edited, indices = released_act(block, 0.4, 0.1)
@@ -176,7 +177,7 @@ def test_against_released_formula_on_planted_sinks(kind):
 
     with torch.no_grad():
         expected, _ = reference_output(model, LAYER, io.calls[0], mask, edit)
-        plain, _ = reference_output(model, LAYER, io.calls[0], mask, lambda block, b: block)
+        plain, _ = reference_output(model, LAYER, io.calls[0], mask, lambda block, b, h: block)
     got = io.calls[0][2]
     real = mask.bool()
     assert torch.allclose(got[real], expected[real], atol=1e-5)
@@ -224,21 +225,23 @@ def test_with_a_pruning_host_the_kept_keys_are_edited_as_released():
 
     model, inputs = tiny_llava()
     vlm = vlmtools.wrap(plant_sinks(model))
-    host, act = FastV(keep=4, layer=LAYER), ACT({LAYER: [HEAD]})
-    with torch.no_grad(), AttentionIO(model, LAYER) as io, vlm.use(host, act) as trace:
+    host, act, zt = FastV(keep=4, layer=LAYER), ACT({LAYER: [HEAD]}), ZeroTuning({LAYER: [0]}, gamma=3.0)
+    with torch.no_grad(), AttentionIO(model, LAYER) as io, vlm.use(host, act, zt) as trace:
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
     kept = trace[host].kept_at(LAYER)
     assert kept.shape == (2, 21 - 12)  # 16 visual tokens each, 4 kept: the layer's keys are fewer
     mask = inputs["attention_mask"].gather(1, kept)
     found = {}
 
-    def edit(block, b):
+    def edit(block, b, h):
+        if h == 0:  # ZeroTuning's head: the first kept real key is the sample's initial token
+            return released_zerotuning(block, 3.0)
         edited, indices = released_act(block, 0.4, 0.1)
         found[b] = kept[b][mask[b].nonzero()[indices, 0]]
         return edited
 
     with torch.no_grad():
-        expected, _ = reference_output(model, LAYER, io.calls[0], mask, edit)
+        expected, _ = reference_output(model, LAYER, io.calls[0], mask, edit, heads=(0, HEAD))
     assert torch.allclose(io.calls[0][2][mask.bool()], expected[mask.bool()], atol=1e-5)
     sinks = [t.tolist() for t in trace[act].sinks[(LAYER, HEAD)]]
     assert sinks == [found[0].tolist(), found[1].tolist()]  # prompt positions: the planted one and a kept visual

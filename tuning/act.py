@@ -101,6 +101,7 @@ class ACT:
             raise ValueError(f"ACT eps (a mean attention) must be in [0, 1), got {eps}")
         self.heads, self.beta, self.eps, self.directory = heads, beta, eps, directory
 
+    @property
     def settings(self) -> dict:
         return {"beta": self.beta, "eps": self.eps}
 

@@ -144,7 +144,7 @@ def calibrate(vlm, method: ACT | ZeroTuning, samples: Iterable[tuple[dict, objec
         baseline, scores = search_heads(vlm, lambda layer, head: method.with_heads({layer: [head]}), samples,
                                         candidates, score, progress, "ACT heads")
         kept = [pair for pair, acc in zip(candidates, scores) if acc > baseline]
-        selection = HeadSelection("act", heads=_grouped(kept), baseline=baseline, settings=method.settings(),
+        selection = HeadSelection("act", heads=_grouped(kept), baseline=baseline, settings=method.settings,
                                   profile=[{"layer": layer, "head": head, "setting": "act", "accuracy": acc}
                                            for (layer, head), acc in zip(candidates, scores)], **common)
     elif isinstance(method, ZeroTuning):

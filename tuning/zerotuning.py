@@ -49,6 +49,7 @@ class ZeroTuning:
                              "token's attention)")
         self.heads, self.gamma, self.directory = heads, gamma, directory
 
+    @property
     def settings(self) -> dict:
         return {"gamma": self.gamma}
 
