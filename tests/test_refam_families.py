@@ -223,16 +223,17 @@ def test_the_forward_stops_after_the_last_site_read_in_execution_order():
 
 # FLUX.2 and Qwen-Image pipelines: the prompt inside a chat template
 
-CHAT = ("flux2", "qwen_image")
-CHAT_OPTIONS = {"flux2": {"max_sequence_length": 80, "text_encoder_out_layers": (1, 2, 3)}, "qwen_image": {}}
+CHAT = ("flux2", "flux2_klein", "qwen_image")
+CHAT_OPTIONS = {"flux2": {"max_sequence_length": 80, "text_encoder_out_layers": (1, 2, 3)},
+                "flux2_klein": {"max_sequence_length": 24, "text_encoder_out_layers": (1, 2, 3)}, "qwen_image": {}}
 
 
 @pytest.fixture(scope="module")
 def chat_pipelines():
-    from vlmtools.testing.pipelines import FLUX2_LAYERS, tiny_flux2_pipeline, tiny_qwen_image_pipeline
+    from vlmtools.testing import pipelines
 
-    assert CHAT_OPTIONS["flux2"]["text_encoder_out_layers"] == FLUX2_LAYERS
-    return {"flux2": tiny_flux2_pipeline(), "qwen_image": tiny_qwen_image_pipeline()}
+    assert CHAT_OPTIONS["flux2"]["text_encoder_out_layers"] == pipelines.FLUX2_LAYERS
+    return {family: getattr(pipelines, f"tiny_{family}_pipeline")() for family in CHAT}
 
 
 def chat_ids(pipe, family):
@@ -244,6 +245,11 @@ def chat_ids(pipe, family):
             format_input([PROMPT], system_message=pipe.system_message), add_generation_prompt=False, tokenize=True,
             return_dict=True, padding="max_length", truncation=True, max_length=80)
         return enc["input_ids"][0].tolist(), enc["attention_mask"][0].tolist()
+    if family == "flux2_klein":
+        text = pipe.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
+                                                  add_generation_prompt=True, enable_thinking=False)
+        enc = pipe.tokenizer(text, padding="max_length", truncation=True, max_length=24)
+        return enc["input_ids"], enc["attention_mask"]
     ids = pipe.tokenizer(pipe.prompt_template_encode.format(PROMPT))["input_ids"][34:]  # the pipeline drops 34
     return ids, [1] * len(ids)
 
@@ -266,10 +272,12 @@ def test_chat_template_positions_map_back_to_the_expression(chat_pipelines):
         refam = RefAM(pipe, **CHAT_OPTIONS[family])
         prompt = refam.source.prompt(PROMPT)
         expected, start = hand_segment(pipe, family)
-        # FLUX.2: left pads, the system turn, then [INST] PROMPT [/INST] at the end of 80; Qwen-Image: the pipeline
-        # drops its template's 34 leading tokens, so PROMPT comes first, then the template's 5 closing tokens
-        assert start == {"flux2": 80 - 1 - 6, "qwen_image": 0}[family]
-        assert prompt.embeds.shape[1] == len(expected.offsets) == {"flux2": 80, "qwen_image": 11}[family]
+        # FLUX.2: left pads, the system turn, then [INST] PROMPT [/INST] at the end of 80; [klein]: <|im_start|>
+        # user \n PROMPT, the rest of the template, right pads to 24; Qwen-Image: the pipeline drops its template's
+        # 34 leading tokens, so PROMPT comes first, then the template's 5 closing tokens
+        assert start == {"flux2": 80 - 1 - 6, "flux2_klein": 3, "qwen_image": 0}[family]
+        length = {"flux2": 80, "flux2_klein": 24, "qwen_image": 11}[family]
+        assert prompt.embeds.shape[1] == len(expected.offsets) == length
         assert list(prompt.segments[0].offsets) == expected.offsets
         assert list(prompt.segments[0].real) == list(expected.real)
         tokens = refam.tokens(prompt, EXPRESSION)
@@ -281,7 +289,7 @@ def hand_latents(pipe, family, picture):
     """Clean packed latents of ``picture`` by the pipelines' formulas, written out here."""
     pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
     with torch.no_grad():
-        if family == "flux2":  # 2 x 2 patches (channel-major), then the VAE's batch norm, then raster order
+        if family.startswith("flux2"):  # 2 x 2 patches (channel-major), then the VAE's batch norm, then raster order
             z = pipe.vae.encode(pixels).latent_dist.mode()
             b, c, h, w = z.shape
             z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, 4 * c, h // 2, w // 2)
@@ -304,13 +312,11 @@ def test_pipeline_heatmap_equals_segment_encoded_with_the_pipelines_prompt(chat_
         pipe = chat_pipelines[family]
         seg = RefAM(pipe, **CHAT_OPTIONS[family]).segment(picture, EXPRESSION)
         latents, grid = hand_latents(pipe, family, picture)
-        options = {k: v for k, v in CHAT_OPTIONS[family].items() if k != "text_encoder_out_layers"}
-        layers = {"text_encoder_out_layers": (1, 2, 3)} if family == "flux2" else {}
         with torch.no_grad():
-            embeds = pipe.encode_prompt(PROMPT, **options, **layers)[0]
+            embeds = pipe.encode_prompt(PROMPT, **CHAT_OPTIONS[family])[0]
         prompt = EncodedPrompt(embeds, None, [hand_segment(pipe, family)[0]])
         expected = RefAM(pipe.transformer).segment_encoded(latents, grid, prompt, EXPRESSION)
-        assert seg.settings["family"] == family and seg.grid_heatmap.shape == grid == (4, 4)
+        assert seg.settings["family"] == family.removesuffix("_klein") and seg.grid_heatmap.shape == grid == (4, 4)
         assert sorted(seg.word_maps) == ["1:red", "2:circle"]
         assert np.abs(seg.grid_heatmap - expected.grid_heatmap).max() <= 1e-6
         assert seg.grid_heatmap.std() > 0
@@ -370,6 +376,69 @@ def test_wan22_reads_the_expert_that_denoises_at_each_timestep():
 
 
 def test_chat_sources_call_the_transformer_as_their_pipeline_does(chat_pipelines):
+    """The pipeline's own first denoising call (t = 1) on the source's text features, and the source's call on
+    the same noisy latents: the transformer gives the same output (timestep scale, ids, guidance, text mask)."""
+    from vlmtools.testing.pipelines import SIZE
+
+    for family in CHAT:
+        pipe = chat_pipelines[family]
+        source = RefAM(pipe, **CHAT_OPTIONS[family]).source
+        with torch.no_grad():
+            prompt = source.prompt(PROMPT)
+        calls = []
+        handle = pipe.transformer.register_forward_hook(lambda m, args, kw, out: calls.append((kw, out[0])),
+                                                        with_kwargs=True)
+        mask = {} if family.startswith("flux2") else {"prompt_embeds_mask": torch.ones(1, prompt.embeds.shape[1])}
+        try:
+            with torch.no_grad():
+                pipe(prompt_embeds=prompt.embeds, **mask, height=SIZE, width=SIZE, num_inference_steps=1,
+                     output_type="latent")
+        finally:
+            handle.remove()
+        (kwargs, out), = calls
+        assert float(kwargs["timestep"][0]) == 1.0
+        with torch.no_grad():
+            ours = pipe.transformer(**source.call(kwargs["hidden_states"], 1.0, prompt, (4, 4)))[0]
+            other = pipe.transformer(**source.call(kwargs["hidden_states"], 0.5, prompt, (4, 4)))[0]
+        assert (ours - out).abs().max() <= 1e-5
+        assert (other - out).abs().max() > 1e-3  # the output depends on t
+
+
+def test_wan22_reads_the_expert_that_denoises_at_each_timestep():
+    from vlmtools.testing.pipelines import VIDEO_SIZE, tiny_wan_pipeline
+
+    pipe = tiny_wan_pipeline(boundary_ratio=0.5)
+    high, low = pipe.transformer, pipe.transformer_2
+    ran = []  # (timestep, expert) of each transformer call of the pipeline's own denoising loop
+    handles = [model.register_forward_pre_hook(lambda m, args, kw: ran.append((float(kw["timestep"][0]), m)),
+                                               with_kwargs=True) for model in (high, low)]
+    with torch.no_grad():
+        pipe(EXPRESSION, height=VIDEO_SIZE[1], width=VIDEO_SIZE[0], num_frames=5, num_inference_steps=3,
+             guidance_scale=1.0, max_sequence_length=12, output_type="latent")
+    for handle in handles:
+        handle.remove()
+    refam = RefAM(pipe, max_sequence_length=12)
+    assert [(round(t, 1), m is low) for t, m in ran] == [(1000, False), (500.5, False), (1, True)]
+    assert all(refam.source.transformer_at(timestep / 1000) is model for timestep, model in ran)
+
+    generator = torch.Generator().manual_seed(2)
+    latents, grid = torch.randn(1, 4, 2, 6, 8, generator=generator), (2, 3, 4)  # two latent frames of 3 x 4 patches
+    prompt = EncodedPrompt(torch.randn(1, 12, 32, generator=generator), None,
+                           [token_segment(tiny_tokenizer(12), PROMPT, 12)])
+
+    def heatmaps(model, *timesteps):
+        segs = RefAM(model, RefAMSettings(timesteps=timesteps)).segment_clip_encoded(latents, grid, prompt, EXPRESSION)
+        return np.stack([seg.grid_heatmap for seg in segs])
+
+    at_low, at_high = heatmaps(pipe, 0.3), heatmaps(pipe, 0.7)
+    assert np.abs(at_low - heatmaps(low, 0.3)).max() <= 1e-6  # below the boundary: the low-noise expert's maps
+    assert np.abs(at_low - heatmaps(high, 0.3)).max() > 1e-3  # ... not the high-noise one's
+    assert np.abs(at_high - heatmaps(high, 0.7)).max() <= 1e-6
+    both = heatmaps(pipe, 0.3, 0.7)  # one pass per timestep, each on its expert, averaged
+    assert np.abs(both - (at_low + at_high) / 2).max() <= 1e-6
+
+
+def test_chat_sources_call_the_transformer_as_their_pipeline_does(chat_pipelines):
     """The pipeline's own first denoising call (t = 1), and the source's call on the same noisy latents: the
     transformer gives the same output (timestep scale, ids, guidance, text mask as the pipeline's)."""
     from vlmtools.testing.pipelines import SIZE
@@ -379,8 +448,7 @@ def test_chat_sources_call_the_transformer_as_their_pipeline_does(chat_pipelines
         calls = []
         handle = pipe.transformer.register_forward_pre_hook(lambda m, args, kw: calls.append(dict(kw)),
                                                             with_kwargs=True)
-        options = {"max_sequence_length": 80, "text_encoder_out_layers": (1, 2, 3)} if family == "flux2" else {
-            "true_cfg_scale": 1.0}
+        options = CHAT_OPTIONS[family] if family.startswith("flux2") else {"true_cfg_scale": 1.0}
         try:
             with torch.no_grad():
                 pipe(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=1, output_type="latent", **options)
@@ -388,8 +456,9 @@ def test_chat_sources_call_the_transformer_as_their_pipeline_does(chat_pipelines
             handle.remove()
         source = RefAM(pipe, **CHAT_OPTIONS[family]).source
         with torch.no_grad():
-            ours = source.call(calls[0]["hidden_states"], 1.0, source.prompt(PROMPT), (4, 4))
-            other = source.call(calls[0]["hidden_states"], 0.5, source.prompt(PROMPT), (4, 4))
+            prompt = source.prompt(PROMPT)
+            ours = source.call(calls[0]["hidden_states"], 1.0, prompt, (4, 4))
+            other = source.call(calls[0]["hidden_states"], 0.5, prompt, (4, 4))
             out = pipe.transformer(**calls[0])[0]
             assert float(calls[0]["timestep"][0]) == 1.0
             assert (pipe.transformer(**ours)[0] - out).abs().max() <= 1e-5

@@ -6,8 +6,8 @@ the image (its VAE), the prompt's text features (``encode_prompt``), what each t
 position stands for (its tokenizers, with character offsets), and the keyword arguments
 of one call at flow-matching time ``t``. Where the text encoder reads the prompt inside a chat
 template (FLUX.2, Qwen-Image), each position's span is found in the templated text and re-expressed
-in the prompt; the template's own tokens get empty spans (:func:`chat_segment`). A bare transformer has no VAE or text encoder:
-its source only builds calls, from latents and text features the caller encoded. Each
+in the prompt; the template's own tokens get empty spans (:func:`chat_segment`). A bare transformer
+has no VAE or text encoder: its source only builds calls, from latents and text features the caller encoded. Each
 family's module names its sources in ``DiTAdapter.sources`` (``flux.py``, ``sd3.py``).
 
 A video DiT's source (Mochi, Wan) says how many video frames its VAE folds into one latent

@@ -7,9 +7,9 @@ q/k/v are always fused. Rotary embeddings come from 4-axis ids ``(t, row, col, l
 ``img_ids`` hold each latent token's row and column in raster order, which gives the grid;
 reference images of an edit (tokens with another ``t``) are refused. A fused double-stream
 block (``fuse_qkv_projections()``) runs the same processor, which reads ``to_qkv``.
-RefAM reads a ``Flux2Pipeline`` or a bare transformer through :class:`Flux2Source` /
-:class:`Flux2TransformerSource`, by default on the first half of the single-stream blocks (FLUX.1's
-rule: nothing was measured on FLUX.2).
+RefAM reads a ``Flux2Pipeline``, a ``Flux2KleinPipeline`` or a bare transformer through
+:class:`Flux2Source`, :class:`Flux2KleinSource` or :class:`Flux2TransformerSource`, by default on
+the first half of the single-stream blocks (FLUX.1's rule: nothing was measured on FLUX.2).
 """
 from __future__ import annotations
 
@@ -158,22 +158,45 @@ class Flux2Source(Flux2TransformerSource):
         return self.pipe._pack_latents(latents), tuple(latents.shape[2:])
 
     def prompt(self, text):
-        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
-
         embeds, _ = self.pipe.encode_prompt(text, max_sequence_length=self.max_length,
                                             text_encoder_out_layers=self.layers)
+        templated, length, offsets, mask = self.tokenized(text)
+        if length > self.max_length:
+            raise ValueError(f"RefAM: the prompt {text!r} in the text encoder's chat template takes {length} tokens, "
+                             f"more than the {self.max_length} it sees; raise max_sequence_length")
+        return EncodedPrompt(embeds, None, [chat_segment(offsets, mask, templated, text)])
+
+    def tokenized(self, text: str):
+        """The templated prompt as the pipeline's text encoder reads it: the text, its untruncated token count,
+        and the character offsets and attention mask of its padded tokens."""
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
         messages = format_input([text], system_message=self.pipe.system_message)
         template = self.pipe.tokenizer.apply_chat_template
-        full = template(messages, add_generation_prompt=False, tokenize=True, return_dict=True)["input_ids"][0]
-        if len(full) > self.max_length:
-            raise ValueError(f"RefAM: the prompt {text!r} in FLUX.2's chat template takes {len(full)} tokens, more "
-                             f"than the {self.max_length} the text encoder sees; raise max_sequence_length")
+        length = len(template(messages, add_generation_prompt=False, tokenize=True, return_dict=True)["input_ids"][0])
         enc = template(messages, add_generation_prompt=False, tokenize=True, return_dict=True, padding="max_length",
                        truncation=True, max_length=self.max_length, return_offsets_mapping=True)
         templated = template(messages, add_generation_prompt=False, tokenize=False)
         templated = templated[0] if isinstance(templated, list) else templated
-        segment = chat_segment(enc["offset_mapping"][0], enc["attention_mask"][0], templated, text)
-        return EncodedPrompt(embeds, None, [segment])
+        return templated, length, enc["offset_mapping"][0], enc["attention_mask"][0]
+
+
+class Flux2KleinSource(Flux2Source):
+    """A diffusers ``Flux2KleinPipeline`` (FLUX.2 [klein]): FLUX.2's VAE and a Qwen3 encoder, which reads the
+    prompt as the user turn of its chat template (no system turn; the assistant's header, thinking off, after
+    it), padded to ``max_sequence_length``, no mask; no guidance embedding."""
+
+    def __init__(self, pipe, max_sequence_length: int = 512, text_encoder_out_layers: tuple[int, ...] = (9, 18, 27)):
+        super().__init__(pipe, max_sequence_length=max_sequence_length,
+                         text_encoder_out_layers=text_encoder_out_layers)
+
+    def tokenized(self, text):
+        tokenizer = self.pipe.tokenizer
+        templated = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                  add_generation_prompt=True, enable_thinking=False)
+        enc = tokenizer(templated, padding="max_length", truncation=True, max_length=self.max_length,
+                        return_offsets_mapping=True)
+        return templated, len(tokenizer(templated)["input_ids"]), enc["offset_mapping"], enc["attention_mask"]
 
 
 ADAPTER = DiTAdapter(
@@ -183,5 +206,6 @@ ADAPTER = DiTAdapter(
              Stream("single", "single_transformer_blocks", probe=Flux2ParallelProbe)),
     probe=Flux2Probe,
     sizes=flux2_sizes,
-    sources=(("Flux2Pipeline", Flux2Source), ("Flux2Transformer2DModel", Flux2TransformerSource)),
+    sources=(("Flux2Pipeline", Flux2Source), ("Flux2KleinPipeline", Flux2KleinSource),
+             ("Flux2Transformer2DModel", Flux2TransformerSource)),
 )

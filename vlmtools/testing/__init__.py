@@ -20,6 +20,7 @@ _LAZY = {"tiny_flux": "dit", "tiny_sd3": "dit", "tiny_flux2": "dit", "tiny_qwen_
          "tiny_wan": "dit", "published_dit": "dit", "GRID": "dit", "TEXT": "dit", "FRAMES": "dit",
          "tiny_flux_pipeline": "pipelines", "tiny_sd3_pipeline": "pipelines", "tiny_wan_pipeline": "pipelines",
          "tiny_mochi_pipeline": "pipelines", "tiny_flux2_pipeline": "pipelines", "tiny_qwen_image_pipeline": "pipelines",
+         "tiny_flux2_klein_pipeline": "pipelines",
          "tiny_tokenizer": "pipelines"}
 """Names whose modules import diffusers: loaded when first asked for."""
 

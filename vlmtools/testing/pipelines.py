@@ -1,11 +1,11 @@
-"""Tiny random FLUX, FLUX.2, SD3, Qwen-Image, Wan and Mochi pipelines, built offline in seconds.
+"""Tiny random FLUX, FLUX.2 (and [klein]), SD3, Qwen-Image, Wan and Mochi pipelines, built offline in seconds.
 
 Real diffusers pipeline classes with real (tiny) components: a word-level fast
 tokenizer standing in for CLIP's and T5's (only its offsets and ids matter to
 RefAM), random CLIP / T5 text encoders, a 2-block AutoencoderKL (scale factor 2),
 and the transformers of ``vlmtools.testing.dit``. Images are 16 x 16 RGB: a 4 x 4 grid.
-FLUX.2 and Qwen-Image encode the prompt inside a chat template, with random Mistral 3 /
-Qwen2.5-VL encoders and their own VAEs (FLUX.2's batch-norm statistics planted); their
+FLUX.2, FLUX.2 [klein] and Qwen-Image encode the prompt inside a chat template, with random Mistral 3 /
+Qwen3 / Qwen2.5-VL encoders and their own VAEs (FLUX.2's batch-norm statistics planted); their
 word-level tokenizers keep newlines as tokens, as the real byte-level ones do, so that
 Qwen-Image's pipeline drops exactly its template's 34 leading tokens.
 The video pipelines have their own tiny causal VAEs at the real compression (Wan: 4
@@ -23,6 +23,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
+    Flux2KleinPipeline,
     Flux2Pipeline,
     FluxPipeline,
     MochiPipeline,
@@ -42,6 +43,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     T5Config,
     T5EncoderModel,
 )
@@ -206,7 +209,8 @@ MISTRAL_TEMPLATE = (
 """Mistral Small 3's turns (FLUX.2's text encoder): ``<s>[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[/INST]``."""
 
 FLUX2_LAYERS = (1, 2, 3)
-"""The tiny Mistral's hidden states FLUX.2 stacks (the pipeline's ``text_encoder_out_layers``; (10, 20, 30) at full size)."""
+"""The tiny encoders' hidden states FLUX.2 stacks (the pipelines' ``text_encoder_out_layers``; (10, 20, 30) for
+FLUX.2's Mistral, (9, 18, 27) for [klein]'s Qwen3 at full size)."""
 
 
 def tiny_flux2_pipeline() -> Flux2Pipeline:
@@ -230,6 +234,28 @@ def tiny_flux2_pipeline() -> Flux2Pipeline:
     vae.bn.running_var.uniform_(0.5, 2.0)
     return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=encoder,
                          tokenizer=processor, transformer=transformer)
+
+
+QWEN3_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+"""Qwen3's turns (FLUX.2 [klein]'s text encoder), thinking switched off as its pipeline asks."""
+
+
+def tiny_flux2_klein_pipeline() -> Flux2KleinPipeline:
+    """A Qwen3-style chat tokenizer (right padding), a 3-layer Qwen3 (16 dims: FLUX2_LAYERS stacked give 48), the
+    FLUX.2 VAE of :func:`tiny_flux2_pipeline`, a transformer without guidance embedding (as [klein]'s)."""
+    flux2 = tiny_flux2_pipeline()
+    torch.manual_seed(0)
+    transformer, _ = tiny_flux2(context_dim=48, guidance=False)
+    tokenizer = chat_tokenizer(["<|im_start|>", "<|im_end|>", "<think>", "</think>"], QWEN3_TEMPLATE)
+    encoder = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                           num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+                                           head_dim=8, max_position_embeddings=256)).eval()
+    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=flux2.vae, text_encoder=encoder,
+                              tokenizer=tokenizer, transformer=transformer, is_distilled=True)
 
 
 def tiny_qwen_image_pipeline() -> QwenImagePipeline:
