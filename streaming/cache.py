@@ -16,9 +16,12 @@ tokens see what the cache held plus each other, as in the released chat script, 
 neither sinks nor padding leave after it. A left-padded batch stays left-padded: a sample keeps its padding
 until its real tokens fill the capacity, so every sample holds its first real tokens and the same number of
 latest ones, and the 2-D mask ``generate`` keeps growing is read from column ``seen - held`` on
-(``get_mask_sizes``).
+(``get_mask_sizes``). Once every sample holds only real tokens, one-token steps run in place (:class:`_Ring`):
+no copy of the window per step, where a ``DynamicCache`` copies its whole cache.
 """
 from __future__ import annotations
+
+from collections import deque
 
 import torch
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
@@ -44,11 +47,21 @@ class SinkLayer(PrunedCacheLayer):
         self.sinks, self.window, self.inv_freq = sinks, window, inv_freq
         self.lasting = lasting
         self.capacity = sinks + window + max(map(len, lasting or [[]]))
-        self.seen, self.evicted = 0, False
+        self.seen, self.evicted, self.uniform = 0, False, True
         self.visible = self.sink = self.shift = None
+        self.ring: _Ring | None = None
+
+    @property
+    def held(self) -> int:
+        """Keys held between calls (at most ``capacity``)."""
+        return self.capacity if self.ring is not None else (self.keys.shape[-2] if self.is_initialized else 0)
 
     def update(self, key_states, value_states, *args, kwargs=None, **_):
         batch, _, new, _ = key_states.shape
+        if self.ring is not None and new == 1:
+            self.seen += 1
+            return self.ring.step(key_states, value_states)
+        self._unring()
         positions = _positions((kwargs or {}).get("position_ids"), batch, new, self.seen, key_states.device)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -64,7 +77,24 @@ class SinkLayer(PrunedCacheLayer):
         self.seen += new
         keys, values = self.placed(), self.values
         self._evict()
+        if self.evicted and self.uniform and new == 1:
+            self._ring()
         return keys, values
+
+    def _ring(self) -> None:
+        """Decode steps from here on write in place (:class:`_Ring`), once every sample holds its sinks in the
+        first ``capacity - window`` slots and no padding: checked once per step until then."""
+        sinks = self.capacity - self.window
+        self.uniform = bool(self.sink[:, :sinks].all()) and not bool(self.sink[:, sinks:].any())
+        if self.uniform and bool(self.visible.all()):
+            self.ring = _Ring(self.keys, self.values, self.shift, sinks, self.inv_freq)
+            self.keys, self.values = self.ring.keys, self.ring.values
+
+    def _unring(self) -> None:
+        """Back to ordered keys (a forward of several tokens, a batch change)."""
+        if self.ring is not None:
+            self.keys, self.values, self.shift = self.ring.ordered()
+            self.ring = None
 
     def _prompt_flags(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Which prompt keys are real (left padding: every key before the last position 0) and which are sinks."""
@@ -116,15 +146,15 @@ class SinkLayer(PrunedCacheLayer):
         return self.seen + self.dropped
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        held = self.keys.shape[-2] if self.is_initialized else 0
-        return held + query_length, self.get_seq_length() - held
+        return self.held + query_length, self.get_seq_length() - self.held
 
     def get_max_length(self) -> int:
         return -1
 
     def reset(self) -> None:
+        self.ring = None
         super().reset()
-        self.seen, self.evicted, self.visible, self.sink, self.shift = 0, False, None, None, None
+        self.seen, self.evicted, self.uniform, self.visible, self.sink, self.shift = 0, False, True, None, None, None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a sink cache cannot be cropped: evicted tokens are gone")
@@ -133,15 +163,56 @@ class SinkLayer(PrunedCacheLayer):
         self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._unring()
         if self.is_initialized:
             super().batch_select_indices(indices)
             self.visible, self.sink, self.shift = (t[indices.to(t.device)] for t in (self.visible, self.sink, self.shift))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        self._unring()
         if self.is_initialized:
             super().batch_repeat_interleave(repeats)
             self.visible, self.sink, self.shift = (t.repeat_interleave(repeats, 0)
                                                    for t in (self.visible, self.sink, self.shift))
+
+
+class _Ring:
+    """A full layer's decode steps in place: one slot more than ``capacity``; each step the oldest window slot
+    takes the new key (attention does not depend on the order of keys it may all see), and the sink slots at
+    the front are rewritten from their stored keys turned one position more. No copy of the window per step.
+    The eviction a step makes waits for the next step: the keys a step returns are read after it returns."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, shift: torch.Tensor, sinks: int, inv_freq):
+        held = keys.shape[-2]
+        self.keys = torch.cat([keys, keys[:, :, :1]], -2)
+        self.values = torch.cat([values, values[:, :, :1]], -2)
+        self.head, self.head_shift, self.inv_freq = keys[:, :, :sinks].clone(), shift[:, :sinks].clone(), inv_freq
+        self.keys[:, :, :sinks] = _rotate(self.head, self.head_shift, inv_freq)
+        self.ages = deque(range(sinks, held))  # window slots, oldest first
+        self.free, self.full = held, False
+
+    def step(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.full:  # the previous step's eviction: its oldest window key leaves, the sinks move up one
+            self.free = self.ages.popleft()
+            self.head_shift += 1
+            self.keys[:, :, : self.head.shape[2]] = _rotate(self.head, self.head_shift, self.inv_freq)
+        self.keys[:, :, self.free] = key[:, :, 0]
+        self.values[:, :, self.free] = value[:, :, 0]
+        self.ages.append(self.free)
+        self.full = True
+        return self.keys, self.values
+
+    def ordered(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The held keys (stored sinks unturned, then the window oldest first), values and shifts."""
+        if self.full:
+            self.ages.popleft()
+            self.head_shift += 1
+        sinks = self.head.shape[2]
+        order = torch.tensor(list(self.ages), device=self.keys.device)
+        keys = torch.cat([self.head, self.keys.index_select(2, order)], -2)
+        values = torch.cat([self.values[:, :, :sinks], self.values.index_select(2, order)], -2)
+        shift = torch.cat([self.head_shift, self.head_shift.new_zeros(self.head_shift.shape[0], len(order))], 1)
+        return keys, values, shift
 
 
 class SinkCache(Cache):
@@ -220,7 +291,7 @@ class SinkCache(Cache):
     @property
     def held(self) -> int:
         """Keys held now in the first attention layer (at most ``capacity``)."""
-        return max(layer.keys.shape[-2] for layer in self.layers if isinstance(layer, SinkLayer) and layer.is_initialized)
+        return max(layer.held for layer in self.layers if isinstance(layer, SinkLayer))
 
 
 def kv_bytes(cache: Cache) -> int:
