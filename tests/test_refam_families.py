@@ -308,7 +308,7 @@ def test_pipeline_heatmap_equals_segment_encoded_with_the_pipelines_prompt(chat_
     from vlmtools.testing.pipelines import SIZE
 
     picture = frames_of(1, (SIZE, SIZE))[0]
-    for family in CHAT:
+    for family in ("flux2", "qwen_image"):  # [klein] differs from FLUX.2 in its template only (the test above)
         pipe = chat_pipelines[family]
         seg = RefAM(pipe, **CHAT_OPTIONS[family]).segment(picture, EXPRESSION)
         latents, grid = hand_latents(pipe, family, picture)
@@ -316,7 +316,7 @@ def test_pipeline_heatmap_equals_segment_encoded_with_the_pipelines_prompt(chat_
             embeds = pipe.encode_prompt(PROMPT, **CHAT_OPTIONS[family])[0]
         prompt = EncodedPrompt(embeds, None, [hand_segment(pipe, family)[0]])
         expected = RefAM(pipe.transformer).segment_encoded(latents, grid, prompt, EXPRESSION)
-        assert seg.settings["family"] == family.removesuffix("_klein") and seg.grid_heatmap.shape == grid == (4, 4)
+        assert seg.settings["family"] == family and seg.grid_heatmap.shape == grid == (4, 4)
         assert sorted(seg.word_maps) == ["1:red", "2:circle"]
         assert np.abs(seg.grid_heatmap - expected.grid_heatmap).max() <= 1e-6
         assert seg.grid_heatmap.std() > 0
@@ -402,64 +402,3 @@ def test_chat_sources_call_the_transformer_as_their_pipeline_does(chat_pipelines
             other = pipe.transformer(**source.call(kwargs["hidden_states"], 0.5, prompt, (4, 4)))[0]
         assert (ours - out).abs().max() <= 1e-5
         assert (other - out).abs().max() > 1e-3  # the output depends on t
-
-
-def test_wan22_reads_the_expert_that_denoises_at_each_timestep():
-    from vlmtools.testing.pipelines import VIDEO_SIZE, tiny_wan_pipeline
-
-    pipe = tiny_wan_pipeline(boundary_ratio=0.5)
-    high, low = pipe.transformer, pipe.transformer_2
-    ran = []  # (timestep, expert) of each transformer call of the pipeline's own denoising loop
-    handles = [model.register_forward_pre_hook(lambda m, args, kw: ran.append((float(kw["timestep"][0]), m)),
-                                               with_kwargs=True) for model in (high, low)]
-    with torch.no_grad():
-        pipe(EXPRESSION, height=VIDEO_SIZE[1], width=VIDEO_SIZE[0], num_frames=5, num_inference_steps=3,
-             guidance_scale=1.0, max_sequence_length=12, output_type="latent")
-    for handle in handles:
-        handle.remove()
-    refam = RefAM(pipe, max_sequence_length=12)
-    assert [(round(t, 1), m is low) for t, m in ran] == [(1000, False), (500.5, False), (1, True)]
-    assert all(refam.source.transformer_at(timestep / 1000) is model for timestep, model in ran)
-
-    generator = torch.Generator().manual_seed(2)
-    latents, grid = torch.randn(1, 4, 2, 6, 8, generator=generator), (2, 3, 4)  # two latent frames of 3 x 4 patches
-    prompt = EncodedPrompt(torch.randn(1, 12, 32, generator=generator), None,
-                           [token_segment(tiny_tokenizer(12), PROMPT, 12)])
-
-    def heatmaps(model, *timesteps):
-        segs = RefAM(model, RefAMSettings(timesteps=timesteps)).segment_clip_encoded(latents, grid, prompt, EXPRESSION)
-        return np.stack([seg.grid_heatmap for seg in segs])
-
-    at_low, at_high = heatmaps(pipe, 0.3), heatmaps(pipe, 0.7)
-    assert np.abs(at_low - heatmaps(low, 0.3)).max() <= 1e-6  # below the boundary: the low-noise expert's maps
-    assert np.abs(at_low - heatmaps(high, 0.3)).max() > 1e-3  # ... not the high-noise one's
-    assert np.abs(at_high - heatmaps(high, 0.7)).max() <= 1e-6
-    both = heatmaps(pipe, 0.3, 0.7)  # one pass per timestep, each on its expert, averaged
-    assert np.abs(both - (at_low + at_high) / 2).max() <= 1e-6
-
-
-def test_chat_sources_call_the_transformer_as_their_pipeline_does(chat_pipelines):
-    """The pipeline's own first denoising call (t = 1), and the source's call on the same noisy latents: the
-    transformer gives the same output (timestep scale, ids, guidance, text mask as the pipeline's)."""
-    from vlmtools.testing.pipelines import SIZE
-
-    for family in CHAT:
-        pipe = chat_pipelines[family]
-        calls = []
-        handle = pipe.transformer.register_forward_pre_hook(lambda m, args, kw: calls.append(dict(kw)),
-                                                            with_kwargs=True)
-        options = CHAT_OPTIONS[family] if family.startswith("flux2") else {"true_cfg_scale": 1.0}
-        try:
-            with torch.no_grad():
-                pipe(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=1, output_type="latent", **options)
-        finally:
-            handle.remove()
-        source = RefAM(pipe, **CHAT_OPTIONS[family]).source
-        with torch.no_grad():
-            prompt = source.prompt(PROMPT)
-            ours = source.call(calls[0]["hidden_states"], 1.0, prompt, (4, 4))
-            other = source.call(calls[0]["hidden_states"], 0.5, prompt, (4, 4))
-            out = pipe.transformer(**calls[0])[0]
-            assert float(calls[0]["timestep"][0]) == 1.0
-            assert (pipe.transformer(**ours)[0] - out).abs().max() <= 1e-5
-            assert (pipe.transformer(**other)[0] - out).abs().max() > 1e-3  # the output depends on t
