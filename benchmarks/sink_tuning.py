@@ -88,21 +88,25 @@ def quality(name: str, args) -> dict:
     for method in ("act", "zerotuning"):
         start = time.time()
         selections[method] = tuning.calibrate(vlm, {"act": tuning.ACT, "zerotuning": tuning.ZeroTuning}[method](),
-                                              samples, layers=args.layers, save=False)
+                                              samples, layers=args.layers, heads=args.heads, save=False)
         seconds[method] = round(time.time() - start, 1)
-    edits = {"greedy": (), "act": (tuning.ACT(selections["act"]),),
-             "zerotuning": (tuning.ZeroTuning(selections["zerotuning"]),)}
+    # a selection with no head (none beat the unedited val accuracy) changes nothing: the method is greedy
+    edits = {"greedy": (), "act": (tuning.ACT(selections["act"]),) if selections["act"].heads else None,
+             "zerotuning": (tuning.ZeroTuning(selections["zerotuning"]),) if selections["zerotuning"].heads else None}
     qa = world.qa_items("test", args.questions)
     pope = [(kind, *triple) for kind in POPE_SPLITS for triple in world.pope("test", args.pope_scenes, kind)]
     images = [world.scene("test", s).image for s, _ in qa] + [world.scene("test", s).image for _, s, _, _ in pope]
     questions = [q.question for _, q in qa] + [q for _, _, q, _ in pope]
     prompts = batched(processor, images, questions, args.batch)
-    out = {"calibration": {m: {"heads": s.heads, "gamma": s.gamma, "baseline": s.baseline, "samples": s.samples,
+    out = {"calibration": {m: {"heads": s.heads, "gamma": s.gamma, "baseline": s.baseline, "prompts": len(samples),
                                "candidates": len({(p["layer"], p["head"]) for p in s.profile}),
                                "score": s.score, "settings": s.settings, "seconds": seconds[m]}
                            for m, s in selections.items()},
            "qa_items": len(qa), "pope_items": len(pope), "methods": {}}
     for method in METHODS:
+        if edits[method] is None:
+            out["methods"][method] = {**out["methods"]["greedy"], "as_greedy": True}
+            continue
         texts = [text for inputs in tqdm(prompts, desc=f"{name} {method}")
                  for text in greedy(vlm, inputs, *edits[method], max_new_tokens=4)]
         out["methods"][method] = {**scores(texts[:len(qa)], [q.answer for _, q in qa], texts[len(qa):],
@@ -159,7 +163,8 @@ def table(quality_of: dict) -> str:
     for model, result in quality_of.items():
         for method, got in result["methods"].items():
             pope = got["pope"]
-            lines.append(f"| {model} | {method} | {got['qa']:.3f} | " + " | ".join(
+            label = f"{method} (no head chosen: greedy)" if got.get("as_greedy") else method
+            lines.append(f"| {model} | {label} | {got['qa']:.3f} | " + " | ".join(
                 f"{pope[s]['accuracy']:.3f}" for s in ("random", "popular", "adversarial", "average"))
                 + f" | {pope['average']['yes_ratio']:.3f} |")
     return "\n".join(lines)
@@ -195,6 +200,7 @@ def main():
     parser.add_argument("--pope-scenes", type=int, default=6, help="held-out test scenes per POPE split")
     parser.add_argument("--calibration-samples", type=int, default=32, help="val questions the head search scores")
     parser.add_argument("--layers", type=int, nargs="+", help="candidate layers (default: 2 .. L-2)")
+    parser.add_argument("--heads", type=int, nargs="+", help="candidate heads in each layer (default: all)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=16, help="decoding steps timed")
     parser.add_argument("--repeats", type=int, default=7)
@@ -205,40 +211,68 @@ def main():
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--out", default="sink-tuning.json")
     parser.add_argument("--write", action="store_true", help=f"write the {SECTION!r} section of RESULTS.md")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="run nothing: join the --out files of runs that each did a part (a model, the speed) "
+                             "and print (and --write) them as one")
     args = parser.parse_args()
-    started = time.time()
-    load = os.getloadavg()[0]
-    record = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "write")}}
-    if not args.skip_quality:
-        record["quality"] = {name: quality(name, args) for name in args.models.split(",")}
+    if args.merge:
+        record = merged([json.loads(Path(path).read_text()) for path in args.merge])
+    else:
+        record = measured(args)
+        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    if "quality" in record:
         print(table(record["quality"]))
         print(calibration_table(record["quality"]))
-    if not args.skip_speed:
-        record["speed"] = speed(args)
-        for key, value in record["speed"].items():
-            print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
-    record["run"] = {"seconds": round(time.time() - started, 1), "load_average_at_start": load,
-                     "cpus": os.cpu_count()}
-    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    for key, value in record.get("speed", {}).items():
+        print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
     if args.write:
         from common import write_section
 
-        write_section(HERE / "RESULTS.md", SECTION, section(record, " ".join(sys.argv[1:])))
+        write_section(HERE / "RESULTS.md", SECTION, section(record))
 
 
-def section(record: dict, argv: str) -> str:
+def merged(records: list[dict]) -> dict:
+    """One record of several runs: their quality results by model, the speed of the one that measured it."""
+    out = {"runs": [run for record in records for run in record["runs"]], "quality": {}}
+    for record in records:
+        out["quality"].update(record.get("quality", {}))
+        out.update({key: record[key] for key in ("speed",) if key in record})
+        if "quality" in record:
+            out.setdefault("settings", record["settings"])
+    if not out["quality"]:
+        del out["quality"]
+    return out
+
+
+def measured(args) -> dict:
+    started = time.time()
+    load = os.getloadavg()[0]
+    record = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "write", "merge")}}
+    if not args.skip_quality:
+        record["quality"] = {name: quality(name, args) for name in args.models.split(",")}
+    if not args.skip_speed:
+        record["speed"] = speed(args)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=HERE).stdout.strip()
-    lines = [f"## {SECTION}", "", f"`python benchmarks/sink_tuning.py {argv}` at commit {commit}, on this "
-             f"{os.cpu_count()}-core CPU shared with other jobs (load average {record['run']['load_average_at_start']:.1f} "
-             f"at the start; {record['run']['seconds']:.0f} s).", ""]
+    record["runs"] = [{"command": "python benchmarks/sink_tuning.py " + " ".join(sys.argv[1:]), "commit": commit,
+                       "seconds": round(time.time() - started, 1), "load_average_at_start": load,
+                       "cpus": os.cpu_count()}]
+    return record
+
+
+def section(record: dict) -> str:
+    lines = [f"## {SECTION}", ""]
+    lines += [f"`{run['command']}` at commit {run['commit']}: {run['seconds']:.0f} s on this {run['cpus']}-core CPU "
+              f"shared with other jobs (load average {run['load_average_at_start']:.1f} at the start)."
+              for run in record["runs"]]
+    lines.append("")
     if "quality" in record:
         s = record["settings"]
         lines += [f"Held-out zoo test questions: {s['questions']} QA, POPE on {s['pope_scenes']} scenes per split; "
                   f"the same prompts in the same batches of {s['batch']} for every method, 4 greedy tokens. Heads "
                   f"chosen by `tuning.calibrate` on the first {s['calibration_samples']} val questions (first-token "
-                  f"scoring), candidate layers {s['layers'] or '2 .. L-2'}, ACT beta 0.4 / eps 0.1, ZeroTuning "
+                  f"scoring), candidate layers {s['layers'] or '2 .. L-2'} with heads {s['heads'] or 'all'} of each, ACT beta 0.4 / eps 0.1, ZeroTuning "
                   "gammas 1.5 / 0.5.", "", table(record["quality"]), "", calibration_table(record["quality"]), "",
                   *gains(record["quality"]), ""]
     if "speed" in record:
