@@ -158,12 +158,12 @@ class Flux2Source(Flux2TransformerSource):
         return self.pipe._pack_latents(latents), tuple(latents.shape[2:])
 
     def prompt(self, text):
-        embeds, _ = self.pipe.encode_prompt(text, max_sequence_length=self.max_length,
-                                            text_encoder_out_layers=self.layers)
         templated, length, offsets, mask = self.tokenized(text)
         if length > self.max_length:
             raise ValueError(f"RefAM: the prompt {text!r} in the text encoder's chat template takes {length} tokens, "
                              f"more than the {self.max_length} it sees; raise max_sequence_length")
+        embeds, _ = self.pipe.encode_prompt(text, max_sequence_length=self.max_length,
+                                            text_encoder_out_layers=self.layers)
         return EncodedPrompt(embeds, None, [chat_segment(offsets, mask, templated, text)])
 
     def tokenized(self, text: str):

@@ -138,7 +138,6 @@ class QwenImageSource(QwenImageTransformerSource):
 
     def prompt(self, text):
         pipe, drop = self.pipe, self.pipe.prompt_template_encode_start_idx
-        embeds, _ = pipe.encode_prompt(text, max_sequence_length=self.max_length)
         templated = pipe.prompt_template_encode.format(text)
         enc = pipe.tokenizer(templated, return_offsets_mapping=True)
         length = min(self.max_length, pipe.tokenizer_max_length)
@@ -150,6 +149,7 @@ class QwenImageSource(QwenImageTransformerSource):
             raise ValueError(f"RefAM: the pipeline drops the first {drop} tokens of its chat template, and with this "
                              "tokenizer they reach into the prompt; use Qwen-Image's own tokenizer")
         segment = chat_segment(enc["offset_mapping"][drop:], enc["attention_mask"][drop:], templated, text)
+        embeds, _ = pipe.encode_prompt(text, max_sequence_length=self.max_length)
         return EncodedPrompt(embeds, None, [segment])
 
 
