@@ -6,6 +6,7 @@ from transformers import DynamicCache
 import vlmtools
 from pruning import FastV
 from streaming import SinkCache, SinkLayer, kv_bytes, lasting_sinks, leading_sinks
+from tests.test_kernels import load, runnable, torch_flash, uncompiled_flex  # noqa: F401 (fixtures)
 from vlmtools.adapters.base import UnsupportedModel
 from vlmtools.sinks import ColumnMassSink, SinkDetector
 from vlmtools.testing.vlm import IMAGE, left_padded, tiny_gemma3, tiny_llava, tiny_llava_onevision, tiny_qwen2_vl, tiny_qwen3_5
@@ -186,6 +187,8 @@ def test_leading_and_lasting_sinks_read_the_report():
     assert leading_sinks(report) == max(runs) >= 1
     assert lasting_sinks(report) == [sorted(t for t in tokens if t >= first + max(runs))
                                      for first, tokens in zip(firsts, found)]
+    cache = SinkCache.from_report(vlm, report, window=8, lasting=True)
+    assert (cache.sinks, cache.lasting) == (max(runs), lasting_sinks(report))
 
 
 def test_a_second_turn_with_an_image_sees_the_kept_tokens_then_its_own_at_their_places():
@@ -214,3 +217,17 @@ def test_a_second_turn_with_an_image_sees_the_kept_tokens_then_its_own_at_their_
         kept = torch.cat([real[:4], real[-6:], torch.arange(seen, stream.shape[1])])
         expected = kept_forward(model, stream[b], kept, torch.arange(kept.numel()))
         torch.testing.assert_close(second.logits[0][b], expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("implementation", ["eager", "flex_attention", "flash_attention_2"])
+def test_each_served_kernel_reads_the_cache_as_sdpa_does(request, implementation):
+    """A 4-D float mask (eager), a BlockMask (flex), the 2-D padding mask (FlashAttention: a torch reference)."""
+    logits = []
+    for name in ("sdpa", runnable(request, implementation)):
+        model, inputs = load(name)
+        with torch.no_grad():
+            out = model.generate(**inputs, cache=SinkCache(vlmtools.wrap(model), window=6, sinks=4), max_new_tokens=8,
+                                 do_sample=False, output_logits=True, return_dict_in_generate=True)
+        logits.append(torch.stack(out.logits))
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
