@@ -161,6 +161,10 @@ def test_refusals():
             SinkCache(vlmtools.wrap(model), window=8, sinks=4)
     model, inputs = tiny_llava()
     vlm = vlmtools.wrap(model)
+    model.config.text_config.layer_types = ["full_attention", "linear_attention", "full_attention"]  # a hybrid LM
+    with pytest.raises(UnsupportedModel, match="linear_attention layers hold a state, not a list of keys"):
+        SinkCache(vlm, window=8, sinks=4)
+    del model.config.text_config.layer_types
     with pytest.raises(ValueError, match="window must be >= 1"):
         SinkCache(vlm, window=0, sinks=4)
     report = SinkDetector([ColumnMassSink(eps=1.0)]).detect(vlm, inputs)   # no mean attention exceeds 1
