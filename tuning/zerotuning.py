@@ -70,10 +70,11 @@ class ZeroTuningRun(AttentionHook):
         gamma = zt.gamma if zt.gamma is not None else selection.gamma
         if gamma is None or not gamma > 0:
             raise ValueError(f"ZeroTuning: the head selection for {selection.model} holds no gamma; pass one")
-        self.gamma, self.state = gamma, plan.state
+        self.gamma, self.log_gamma, self.state = gamma, math.log(gamma), plan.state
         self.settings = {"method": "ZeroTuning", "gamma": gamma, "log_gamma": math.log(gamma), "heads": self.heads,
                          "heads_source": heads_source(zt.heads), "edit": "log(gamma) added to the initial logit"}
         self._index = {layer: torch.tensor(heads) for layer, heads in self.heads.items()}
+        self._columns: dict[int, torch.Tensor] = {}  # layer -> (B,) the initial token's key index there
         for layer in self.heads:
             plan.attention(vlm.site(f"text.{layer}"), self)
 
@@ -81,16 +82,29 @@ class ZeroTuningRun(AttentionHook):
     def initial(self) -> list[int]:
         return [sample.first for sample in self.state.layout.samples]
 
+    def observe(self, call):
+        layer = call.site.index
+        if call.is_prefill or layer not in self._columns:  # a decoding step's keys keep the prompt's places
+            self._columns[layer] = self._initial_columns(call)
+            self._index[layer] = self._index[layer].to(call.query.device)
+
+    def _initial_columns(self, call) -> torch.Tensor:
+        layer = call.site.index
+        first = torch.tensor(self.initial)
+        positions = key_positions(self.state, layer, call.k_len)
+        if positions is not None:  # a token drop shortened this layer: find the initial token among the kept keys
+            found = positions.cpu() == first[:, None]
+            if not found.any(-1).all():
+                raise ValueError(f"ZeroTuning: a token drop removed a sample's initial token before layer {layer}")
+            first = found.int().argmax(-1)
+        return first.to(call.query.device)
+
     def rows(self, call):
         return ALL
 
     def edit_logits(self, call, rows, logits):
         layer = call.site.index
-        positions = key_positions(self.state, layer, call.k_len)
-        first = torch.tensor(self.initial)[:, None]
-        if positions is None:
-            positions = torch.arange(call.k_len)[None]
-        initial = (positions.cpu() == first).to(logits.device, logits.dtype)  # (B, Lk): one column per sample
-        heads = self._index[layer].to(logits.device)
-        bias = math.log(self.gamma) * initial[:, None, None]
-        return logits.index_add(1, heads, bias.expand(-1, len(heads), logits.shape[2], -1))
+        columns = self._columns[layer]
+        batch = torch.arange(len(columns), device=logits.device)[:, None]
+        logits[batch, self._index[layer][None], :, columns[:, None]] += self.log_gamma
+        return logits
