@@ -351,3 +351,24 @@ def test_labelled_samples_from_a_pope_file(tmp_path):
     tokenizer = processor.tokenizer
     assert _answer_ids(tokenizer, "yes") == {tokenizer("yes", add_special_tokens=False)["input_ids"][0],
                                              tokenizer(" yes", add_special_tokens=False)["input_ids"][0]}
+
+
+def test_greedy_scoring_reads_the_first_word():
+    from types import SimpleNamespace
+
+    from tuning import accuracy
+
+    model, inputs = tiny_llava()
+    vlm = vlmtools.wrap(plant_sinks(model))
+    words = SimpleNamespace(batch_decode=lambda ids, skip_special_tokens: [" ".join(f"W{i}." for i in row.tolist())
+                                                                          for row in ids])
+    vlm.processor = SimpleNamespace(tokenizer=words)  # a tokenizer whose tokens are words "W<id>."
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=1, do_sample=False)[:, -1].tolist()
+    samples = [(inputs, [f"w{out[0]}", f"W{out[1]} and more"])]
+    assert accuracy(vlm, samples, score="greedy") == 1.0
+    assert accuracy(vlm, [(inputs, [f"w{out[0]}", "other"])], score="greedy") == 0.5
+    with pytest.raises(ValueError, match="needs the processor's tokenizer"):
+        accuracy(vlmtools.wrap(model), samples)
+    with pytest.raises(ValueError, match="2 prompts and 1 answers"):
+        accuracy(vlm, [(inputs, "w1")])
