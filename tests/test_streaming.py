@@ -235,3 +235,52 @@ def test_each_served_kernel_reads_the_cache_as_sdpa_does(request, implementation
                                  do_sample=False, output_logits=True, return_dict_in_generate=True)
         logits.append(torch.stack(out.logits))
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+
+
+def released_streaming_logits(model, embeds: torch.Tensor, prompt: int, sinks: int, window: int) -> torch.Tensor:
+    """mit-han-lab/streaming-llm by hand on one unpadded sample: keys cached before the rotary embedding
+    (``pos_shift``), every cached key rotated at its place in the cache and the query at its own place, the
+    cache cut to the first ``sinks`` and the latest ``window`` keys after each forward
+    (``StartRecentKVCache.__call__``). The prompt in one forward, then one token a step; each step's logits."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    lm = model.model.language_model
+    cache = [(None, None)] * len(lm.layers)
+    chunks = [embeds[None, :prompt]] + [embeds[None, t:t + 1] for t in range(prompt, embeds.shape[0])]
+    logits = []
+    for hidden in chunks:
+        new, held = hidden.shape[1], 0 if cache[0][0] is None else cache[0][0].shape[2]
+        places = torch.arange(held + new)[None]
+        for index, layer in enumerate(lm.layers):
+            attn, x = layer.self_attn, layer.input_layernorm(hidden)
+            q, k, v = (proj(x).view(1, new, -1, attn.head_dim).transpose(1, 2)
+                       for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+            past_k, past_v = cache[index]
+            k = k if past_k is None else torch.cat([past_k, k], 2)
+            v = v if past_v is None else torch.cat([past_v, v], 2)
+            cache[index] = (k, v)
+            cos, sin = lm.rotary_emb(v, places)
+            q, _ = apply_rotary_pos_emb(q, q, cos[:, held:], sin[:, held:])
+            k_rot, _ = apply_rotary_pos_emb(k, k, cos, sin)
+            groups = q.shape[1] // k.shape[1]
+            scores = q @ k_rot.repeat_interleave(groups, 1).transpose(2, 3) * attn.scaling
+            causal = torch.ones(new, held + new, dtype=torch.bool).tril(held)
+            probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+            out = (probs @ v.repeat_interleave(groups, 1)).transpose(1, 2).reshape(1, new, -1)
+            hidden = hidden + attn.o_proj(out)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        logits.append(model.lm_head(lm.norm(hidden))[0, -1])
+        if held + new > sinks + window:
+            cache = [tuple(torch.cat([t[:, :, :sinks], t[:, :, -window:]], 2) for t in kv) for kv in cache]
+    return torch.stack(logits)
+
+
+def test_every_step_equals_the_released_algorithm_by_hand_in_every_layer():
+    model, inputs = tiny_llava()                      # three layers: kept tokens' states depend on their past
+    sinks, window, steps = 4, 6, 10
+    embeds, logits = streamed(model, inputs, SinkCache(vlmtools.wrap(model), window=window, sinks=sinks), steps)
+    prompt = inputs["input_ids"].shape[1]
+    for b, pads in enumerate((1 - inputs["attention_mask"]).sum(1).tolist()):
+        with torch.no_grad():
+            expected = released_streaming_logits(model, embeds[b, pads:-1], prompt - pads, sinks, window)
+        torch.testing.assert_close(torch.stack(logits)[:, b], expected, atol=1e-4, rtol=1e-4)
