@@ -180,7 +180,8 @@ class _Ring:
     """A full layer's decode steps in place: one slot more than ``capacity``; each step the oldest window slot
     takes the new key (attention does not depend on the order of keys it may all see), and the sink slots at
     the front are rewritten from their stored keys turned one position more. No copy of the window per step.
-    The eviction a step makes waits for the next step: the keys a step returns are read after it returns."""
+    The eviction a step makes waits for the next step: the keys a step returns are read after it returns, and
+    the next step rewrites them in place (as a ``StaticCache``'s are): keep a copy to hold them longer."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, shift: torch.Tensor, sinks: int, inv_freq):
         held = keys.shape[-2]
