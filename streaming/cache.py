@@ -166,7 +166,8 @@ class SinkLayer(PrunedCacheLayer):
         self._unring()
         if self.is_initialized:
             super().batch_select_indices(indices)
-            self.visible, self.sink, self.shift = (t[indices.to(t.device)] for t in (self.visible, self.sink, self.shift))
+            flags = (self.visible, self.sink, self.shift)
+            self.visible, self.sink, self.shift = (t[indices.to(t.device)] for t in flags)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._unring()
@@ -259,7 +260,7 @@ class SinkCache(Cache):
         """``sinks`` (unless given) is the longest run of sinks from the first real token that ``criterion``
         (default: the report's only one) found in any sample; ``lasting=True`` also keeps each sample's other
         tokens it found (its lasting sinks, e.g. secondary or visual sinks) for the whole stream."""
-        from .sinks import leading_sinks, lasting_sinks
+        from .sinks import lasting_sinks, leading_sinks
 
         sinks = leading_sinks(report, criterion) if sinks is None else sinks
         return cls(vlm, window, sinks, lasting_sinks(report, criterion) if lasting else None)

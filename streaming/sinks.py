@@ -26,7 +26,8 @@ def lasting_sinks(report: SinkReport, criterion: str | None = None) -> list[list
     visual sinks): kept besides the first tokens for the whole stream when a cache asks for lasting sinks."""
     criterion = _criterion(report, criterion)
     k = leading_sinks(report, criterion)
-    return [sorted(t for t in found if t >= _first_real(report, b) + k) for b, found in enumerate(_found(report, criterion))]
+    return [sorted(t for t in found if t >= _first_real(report, b) + k)
+            for b, found in enumerate(_found(report, criterion))]
 
 
 def _criterion(report: SinkReport, criterion: str | None) -> str:

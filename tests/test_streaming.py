@@ -9,7 +9,15 @@ from streaming import SinkCache, SinkLayer, kv_bytes, lasting_sinks, leading_sin
 from tests.test_kernels import load, runnable, torch_flash, uncompiled_flex  # noqa: F401 (fixtures)
 from vlmtools.adapters.base import UnsupportedModel
 from vlmtools.sinks import ColumnMassSink, SinkDetector
-from vlmtools.testing.vlm import IMAGE, left_padded, tiny_gemma3, tiny_llava, tiny_llava_onevision, tiny_qwen2_vl, tiny_qwen3_5
+from vlmtools.testing.vlm import (
+    IMAGE,
+    left_padded,
+    tiny_gemma3,
+    tiny_llava,
+    tiny_llava_onevision,
+    tiny_qwen2_vl,
+    tiny_qwen3_5,
+)
 
 
 def one_layer_llava():
@@ -48,7 +56,8 @@ def streamed(model, inputs, cache, steps):
 def kept_forward(model, embeds, columns, positions):
     """A plain forward (no cache) over the tokens at ``columns`` at rotary ``positions``; the last one's logits."""
     with torch.no_grad():
-        hidden = model.model.language_model(inputs_embeds=embeds[None, columns], position_ids=positions[None]).last_hidden_state
+        lm = model.model.language_model
+        hidden = lm(inputs_embeds=embeds[None, columns], position_ids=positions[None]).last_hidden_state
         return model.lm_head(hidden[0, -1])
 
 
