@@ -33,6 +33,7 @@ def calibration_data(args):
     """The labelled data ``args`` names (read before the model loads), else the zoo's val questions; refuses a
     model that is no zoo model without data of its own, saying what to run."""
     import vlmtools_zoo as zoo
+    from vlmtools.data import Data
 
     from . import bench
 
@@ -40,8 +41,9 @@ def calibration_data(args):
     if len(sources) > 1:
         raise ValueError(f"tune calibrates on one data set at a time; got {' and '.join(sources)}")
     public = bench.read_data(args, {"vqa": args.samples, "pope": args.samples})
-    if public:
-        return next(iter(public.tasks.values()))
+    if public:  # several --pope files: at most --samples of them all
+        data = next(iter(public.tasks.values()))
+        return Data(data.examples[:args.samples], data.files)
     if args.model not in zoo.MODELS:
         raise ValueError(f"{args.model} is no zoo model: calibrate it on labelled data of its own kind, e.g. "
                          f"vlmtools tune --method {args.method} --model {args.model} --vqa FILE --images DIR "
@@ -70,7 +72,8 @@ def tune_command(args) -> int:
     print(f"{METHODS[args.method]} on {model_key(vlm)}: {chosen} of {len(candidates)} candidate heads chosen "
           f"(unedited accuracy {selection.baseline:.3f} on {selection.samples} prompts, scored by {selection.score})"
           + (f", gamma {selection.gamma:g}" if selection.gamma is not None else ""))
-    print(f"heads: {selection.heads}")
+    print(f"heads: {selection.heads}" if chosen else f"no head beat the unedited accuracy: {METHODS[args.method]}() "
+          "refuses this selection (it would change nothing); try more --samples or other --layers")
     print(f"wrote {tuning.selection_path(model_key(vlm), args.method, args.directory)}")
     return 0
 
