@@ -248,13 +248,13 @@ def merged(records: list[dict]) -> dict:
 def measured(args) -> dict:
     started = time.time()
     load = os.getloadavg()[0]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=HERE).stdout.strip()  # the code imported now
     record = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "write", "merge")}}
     if not args.skip_quality:
         record["quality"] = {name: quality(name, args) for name in args.models.split(",")}
     if not args.skip_speed:
         record["speed"] = speed(args)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=HERE).stdout.strip()
     record["runs"] = [{"command": "python benchmarks/sink_tuning.py " + " ".join(sys.argv[1:]), "commit": commit,
                        "seconds": round(time.time() - started, 1), "load_average_at_start": load,
                        "cpus": os.cpu_count()}]
