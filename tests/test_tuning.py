@@ -75,6 +75,13 @@ def test_search_picks_the_planted_head(kind, tmp_path):
         assert dict(selection.settings["gamma_grid"])[1.5] == 1.0
     stored = HeadSelection.stored(vlm, kind, tmp_path)
     assert stored == selection
+    if kind == "act":
+        with pytest.warns(UserWarning, match="chosen with"), torch.no_grad(), vlm.use(ACT(directory=tmp_path)):
+            model(**inputs)  # beta 0.4 on heads chosen with beta 0
+    with pytest.warns(UserWarning, match="no head beat"):  # the unedited answers: nothing can beat them
+        empty = calibrate(vlm, method, [(inputs, planted_labels(vlm, inputs, ACT({1: [3]}))[0])], layers=[2],
+                          heads=[0], save=False, progress=False)
+    assert empty.heads == {}
     loaded = ACT(directory=tmp_path, beta=0.0) if kind == "act" else ZeroTuning(directory=tmp_path)
     assert planted_labels(vlm, inputs, loaded)[0] == answers  # the stored heads are what ACT() / ZeroTuning() edit
 

@@ -23,6 +23,7 @@ distribution.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -118,7 +119,10 @@ class ACTRun(AttentionHook):
     found at the latest prefill, as prompt positions) and ``settings``."""
 
     def __init__(self, act: ACT, vlm, plan):
-        self.heads, _ = resolve_heads("ACT", act.heads, vlm, act.directory)
+        self.heads, selection = resolve_heads("ACT", act.heads, vlm, act.directory)
+        chosen_with = {k: selection.settings.get(k) for k in ("beta", "eps")} if selection is not None else {}
+        if chosen_with and chosen_with != act.settings:
+            warnings.warn(f"ACT: these heads were chosen with {chosen_with}, and run with {act.settings}")
         self.beta, self.eps, self.state = act.beta, act.eps, plan.state
         self.settings = {"method": "ACT", "beta": act.beta, "eps": act.eps, "heads": self.heads,
                          "heads_source": heads_source(act.heads),

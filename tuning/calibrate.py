@@ -9,6 +9,7 @@ word (:func:`vlmtools.chat.first_word`): slower, and what a user's evaluation us
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -182,6 +183,9 @@ def calibrate(vlm, method: ACT | ZeroTuning, samples: Iterable[tuple[dict, objec
                                             "gamma_grid": [[g, acc] for acc, g in tuned]}, profile=profile, **common)
     else:
         raise ValueError(f"tuning.calibrate calibrates ACT or ZeroTuning, got {type(method).__name__}")
+    if not selection.heads:
+        warnings.warn(f"tuning.calibrate: no head beat the unedited accuracy ({baseline:.3f} on {len(samples)} "
+                      f"samples); {type(method).__name__} with this selection would change nothing and is refused")
     if save:
         selection.save(directory)
     return selection
