@@ -278,7 +278,8 @@ def test_left_padding_equals_unbatched_and_composes_with_var():
     assert not torch.allclose(batched, plain, atol=1e-3)
     assert composed[var].settings["status"] == "sinks found"
     assert not torch.allclose(with_var, var_alone, atol=1e-3) and not torch.allclose(with_var, batched, atol=1e-3)
-    assert [t.tolist() for t in composed[act].sinks[(LAYER, HEAD)]] == [t.tolist() for t in trace[act].sinks[(LAYER, HEAD)]]
+    sinks = [t.tolist() for t in trace[act].sinks[(LAYER, HEAD)]]
+    assert [t.tolist() for t in composed[act].sinks[(LAYER, HEAD)]] == sinks
 
 
 def test_bf16_finds_the_same_sinks():

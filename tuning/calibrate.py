@@ -21,7 +21,7 @@ from vlmtools.cache import model_key
 from vlmtools.chat import chat_inputs, first_word, greedy
 
 from .act import ACT
-from .selection import HeadSelection, Heads
+from .selection import Heads, HeadSelection
 from .zerotuning import ZeroTuning
 
 Score = Literal["first_token", "greedy"]
@@ -120,10 +120,10 @@ def _grouped(pairs) -> Heads:
     return heads
 
 
-def calibrate(vlm, method: ACT | ZeroTuning, samples: Iterable[tuple[dict, object]], layers: Iterable[int] | None = None,
-              heads: Iterable[int] | None = None, score: Score = "first_token", gammas: tuple[float, float] = GAMMAS,
-              gamma_grid: Sequence[float] | None = None, directory: str | Path | None = None, save: bool = True,
-              progress: bool = True) -> HeadSelection:
+def calibrate(vlm, method: ACT | ZeroTuning, samples: Iterable[tuple[dict, object]],
+              layers: Iterable[int] | None = None, heads: Iterable[int] | None = None, score: Score = "first_token",
+              gammas: tuple[float, float] = GAMMAS, gamma_grid: Sequence[float] | None = None,
+              directory: str | Path | None = None, save: bool = True, progress: bool = True) -> HeadSelection:
     """Choose the heads ``method`` edits on ``vlm`` from labelled ``samples`` (never the evaluation set) and,
     with ``save``, store them where ``ACT()`` / ``ZeroTuning()`` load them.
 
@@ -155,9 +155,11 @@ def calibrate(vlm, method: ACT | ZeroTuning, samples: Iterable[tuple[dict, objec
         profile, groups, gains = [], {"up": [], "down": []}, {"up": 0.0, "down": 0.0}
         baseline = None
         for gamma in (up, down):
-            baseline, scores = search_heads(vlm, lambda layer, head: method.with_heads({layer: [head]}, gamma),
-                                            samples, candidates, score, progress, f"ZeroTuning heads, gamma {gamma:g}",
-                                            baseline)
+            def one_head(layer, head, gamma=gamma):
+                return method.with_heads({layer: [head]}, gamma)
+
+            baseline, scores = search_heads(vlm, one_head, samples, candidates, score, progress,
+                                            f"ZeroTuning heads, gamma {gamma:g}", baseline)
             profile += [{"layer": layer, "head": head, "setting": gamma, "accuracy": acc}
                         for (layer, head), acc in zip(candidates, scores)]
         by_pair = {}
