@@ -130,6 +130,7 @@ class ACTRun(AttentionHook):
         self.sinks: dict[tuple[int, int], list[torch.Tensor]] = {}
         self._index = {layer: torch.tensor(heads) for layer, heads in self.heads.items()}
         self._sinks: dict[int, torch.Tensor] = {}
+        self._edits: dict[int, bool] = {}
         for layer in self.heads:
             plan.attention(vlm.site(f"text.{layer}"), self)
 
@@ -137,23 +138,23 @@ class ACTRun(AttentionHook):
         if not call.is_prefill:
             return
         layer = call.site.index
-        heads = self._index[layer].to(call.query.device)
+        heads = self._index[layer] = self._index[layer].to(call.query.device)
         found = sink_columns(column_mass(call, heads), self.eps)
-        self._sinks[layer] = found
+        self._sinks[layer] = found.to(call.query.device)
+        self._edits[layer] = bool(found.any())  # read at every call: kept off the device
         positions = key_positions(self.state, layer, call.k_len)
         for h, head in enumerate(self.heads[layer]):
             at = [row.nonzero()[:, 0] for row in found[:, h]]
             self.sinks[(layer, head)] = at if positions is None else [positions[b].cpu()[k] for b, k in enumerate(at)]
 
     def rows(self, call):
-        found = self._sinks.get(call.site.index)
-        return ALL if found is not None and found.any() else None
+        return ALL if self._edits.get(call.site.index) else None
 
     def edit_probs(self, call, rows, probs):
         layer = call.site.index
         found = self._sinks[layer]
         if found.shape[-1] < call.k_len:  # a decoding step: the generated keys are no sinks
             found = torch.cat([found, found.new_zeros(*found.shape[:2], call.k_len - found.shape[-1])], -1)
-        heads = self._index[layer].to(probs.device)
-        edited = calibrate_rows(probs.index_select(1, heads), found[..., :call.k_len].to(probs.device), self.beta)
+        heads = self._index[layer]
+        edited = calibrate_rows(probs.index_select(1, heads), found[..., :call.k_len], self.beta)
         return probs.index_copy(1, heads, edited)
