@@ -87,8 +87,15 @@ def quality(name: str, args) -> dict:
     selections, seconds = {}, {}
     for method in ("act", "zerotuning"):
         start = time.time()
-        selections[method] = tuning.calibrate(vlm, {"act": tuning.ACT, "zerotuning": tuning.ZeroTuning}[method](),
-                                              samples, layers=args.layers, heads=args.heads, save=False)
+        if args.no_search:  # every candidate head, ZeroTuning at --gamma: what the edits do without the search
+            heads = {}
+            for layer, head in tuning.candidate_heads(vlm, args.layers, args.heads):
+                heads.setdefault(layer, []).append(head)
+            selections[method] = tuning.HeadSelection(method, name, heads, gamma=args.gamma if method == "zerotuning"
+                                                      else None, settings={"search": "none: every candidate head"})
+        else:
+            selections[method] = tuning.calibrate(vlm, getattr(tuning, {"act": "ACT", "zerotuning": "ZeroTuning"}[
+                method])(), samples, layers=args.layers, heads=args.heads, save=False)
         seconds[method] = round(time.time() - start, 1)
     # a selection with no head (none beat the unedited val accuracy) changes nothing: the method is greedy
     edits = {"greedy": (), "act": (tuning.ACT(selections["act"]),) if selections["act"].heads else None,
@@ -99,7 +106,7 @@ def quality(name: str, args) -> dict:
     questions = [q.question for _, q in qa] + [q for _, _, q, _ in pope]
     prompts = batched(processor, images, questions, args.batch)
     out = {"calibration": {m: {"heads": s.heads, "gamma": s.gamma, "baseline": s.baseline, "prompts": len(samples),
-                               "candidates": len({(p["layer"], p["head"]) for p in s.profile}),
+                               "candidates": len(tuning.candidate_heads(vlm, args.layers, args.heads)),
                                "score": s.score, "settings": s.settings, "seconds": seconds[m]}
                            for m, s in selections.items()},
            "qa_items": len(qa), "pope_items": len(pope), "methods": {}}
@@ -189,7 +196,8 @@ def calibration_table(quality_of: dict) -> str:
         for method, c in result["calibration"].items():
             chosen = sum(len(h) for h in c["heads"].values())
             lines.append(f"| {model} | {method} | {c['candidates']} | {chosen} {json.dumps(c['heads'])} | "
-                         f"{'-' if c['gamma'] is None else c['gamma']} | {c['baseline']:.3f} | {c['seconds']} |")
+                         f"{'-' if c['gamma'] is None else c['gamma']} | "
+                         f"{'-' if c['baseline'] is None else format(c['baseline'], '.3f')} | {c['seconds']} |")
     return "\n".join(lines)
 
 
@@ -201,6 +209,9 @@ def main():
     parser.add_argument("--calibration-samples", type=int, default=32, help="val questions the head search scores")
     parser.add_argument("--layers", type=int, nargs="+", help="candidate layers (default: 2 .. L-2)")
     parser.add_argument("--heads", type=int, nargs="+", help="candidate heads in each layer (default: all)")
+    parser.add_argument("--no-search", action="store_true",
+                        help="no head search: both methods edit every candidate head (ZeroTuning at --gamma)")
+    parser.add_argument("--gamma", type=float, default=1.5, help="ZeroTuning's factor with --no-search")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=16, help="decoding steps timed")
     parser.add_argument("--repeats", type=int, default=7)
@@ -252,7 +263,8 @@ def measured(args) -> dict:
                             cwd=HERE).stdout.strip()  # the code imported now
     record = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "write", "merge")}}
     if not args.skip_quality:
-        record["quality"] = {name: quality(name, args) for name in args.models.split(",")}
+        record["quality"] = {name + (" (no search)" if args.no_search else ""): quality(name, args)
+                             for name in args.models.split(",")}
     if not args.skip_speed:
         record["speed"] = speed(args)
     record["runs"] = [{"command": "python benchmarks/sink_tuning.py " + " ".join(sys.argv[1:]), "commit": commit,
@@ -275,6 +287,10 @@ def section(record: dict) -> str:
                   f"scoring), candidate layers {s['layers'] or '2 .. L-2'} with heads {s['heads'] or 'all'} of each, ACT beta 0.4 / eps 0.1, ZeroTuning "
                   "gammas 1.5 / 0.5.", "", table(record["quality"]), "", calibration_table(record["quality"]), "",
                   *gains(record["quality"]), ""]
+        if any(model.endswith("(no search)") for model in record["quality"]):
+            lines[-1:-1] = ["Rows marked (no search) skip the head search: both methods edit every candidate head "
+                            "of their run's command (ZeroTuning at its --gamma), to show what the edits do where "
+                            "the search keeps none.", ""]
     if "speed" in record:
         sp = record["speed"]
         lines += [f"Speed ({sp['model']}; {sp['tokens']}; {sp['clock']}, {sp['threads']} thread; both methods on "
