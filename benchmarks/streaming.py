@@ -240,9 +240,14 @@ def main():
 
     import vlmtools
     import vlmtools_zoo as zoo
+    from vlmtools.adapters.base import UnsupportedModel
 
     model, processor = zoo.load(args.model)
     vlm = vlmtools.wrap(model, processor)
+    try:
+        SinkCache(vlm, window=1, sinks=0)  # a family the cache refuses (M-RoPE) fails before any run
+    except UnsupportedModel as refusal:
+        parser.error(f"{args.model}: {refusal}")
     streams = [zoo_turns(args.turns, s * args.turns) for s in range(args.streams)]
     runs, caches = {}, {}
 
