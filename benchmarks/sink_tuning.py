@@ -288,7 +288,8 @@ def section(record: dict) -> str:
         lines += [f"Held-out zoo test questions: {s['questions']} QA, POPE on {s['pope_scenes']} scenes per split; "
                   f"the same prompts in the same batches of {s['batch']} for every method, 4 greedy tokens. Heads "
                   f"chosen by `tuning.calibrate` on the first {s['calibration_samples']} val questions (first-token "
-                  f"scoring), candidate layers {s['layers'] or '2 .. L-2'} with heads {s['heads'] or 'all'} of each, ACT beta 0.4 / eps 0.1, ZeroTuning "
+                  f"scoring), candidate layers {s['layers'] or '2 .. L-2'} with heads {s['heads'] or 'all'} of "
+                  "each, ACT beta 0.4 / eps 0.1, ZeroTuning "
                   "gammas 1.5 / 0.5.", ""]
         if any(model.endswith("(no search)") for model in record["quality"]):
             lines += ["Rows marked (no search) skip the head search: both methods edit every candidate head of their "
@@ -307,9 +308,9 @@ def section(record: dict) -> str:
         lines += ["", f"greedy: prefill {sp['greedy_prefill_s']:.3f} s, {sp['greedy_decode_s_per_token']:.4f} s per "
                   f"decoding step. Against the target of 1.10 for the decoding step: " + ", ".join(
                       f"{m} {sp[f'{m}_latency_ratio'] - 1.10:+.3f}" for m in ("act", "zerotuning")) + ". An edited "
-                  "layer leaves the fused SDPA kernel: the seam recomputes its attention rows explicitly in fp32 (q k^T, "
-                  "softmax, the edit, then times v), so the cost grows with the edited layers, whatever the heads; "
-                  "ACT edits probabilities (a renormalised redistribution per edited head) where ZeroTuning adds "
+                  "layer leaves the fused SDPA kernel: the seam recomputes its attention rows explicitly in fp32 "
+                  "(q k^T, softmax, the edit, then times v), so the cost grows with the edited layers, whatever "
+                  "the heads; ACT edits probabilities (a renormalised redistribution per edited head) where ZeroTuning adds "
                   "one logit bias, and ACT's prefill also runs its own chunked pass over the edited heads' "
                   "attention to find the sinks.", ""]
     return "\n".join(lines)

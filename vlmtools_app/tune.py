@@ -84,7 +84,8 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("tune", help="choose and store the heads ACT or ZeroTuning edits",
                                    description=tune_command.__doc__ + " " + __doc__.split("\n\n", 2)[2])
     parser.add_argument("--method", required=True, choices=sorted(METHODS), help="the method whose heads are chosen")
-    parser.add_argument("--model", default="llava-shapes", help="llava-shapes (default), qwen2vl-shapes or a VLM folder")
+    parser.add_argument("--model", default="llava-shapes",
+                        help="llava-shapes (default), qwen2vl-shapes or a VLM folder")
     parser.add_argument("--samples", type=at_least(1), default=SAMPLES,
                         help="labelled prompts scored: zoo val questions, or the first of your data "
                              "(default: %(default)s)")
