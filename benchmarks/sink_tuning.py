@@ -310,8 +310,8 @@ def section(record: dict) -> str:
                       f"{m} {sp[f'{m}_latency_ratio'] - 1.10:+.3f}" for m in ("act", "zerotuning")) + ". An edited "
                   "layer leaves the fused SDPA kernel: the seam recomputes its attention rows explicitly in fp32 "
                   "(q k^T, softmax, the edit, then times v), so the cost grows with the edited layers, whatever "
-                  "the heads; ACT edits probabilities (a renormalised redistribution per edited head) where ZeroTuning adds "
-                  "one logit bias, and ACT's prefill also runs its own chunked pass over the edited heads' "
+                  "the heads; ACT edits probabilities (a renormalised redistribution per edited head) where "
+                  "ZeroTuning adds one logit bias, and ACT's prefill also runs its own chunked pass over the edited heads' "
                   "attention to find the sinks.", ""]
     return "\n".join(lines)
 
