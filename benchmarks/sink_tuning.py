@@ -311,8 +311,8 @@ def section(record: dict) -> str:
                   "layer leaves the fused SDPA kernel: the seam recomputes its attention rows explicitly in fp32 "
                   "(q k^T, softmax, the edit, then times v), so the cost grows with the edited layers, whatever "
                   "the heads; ACT edits probabilities (a renormalised redistribution per edited head) where "
-                  "ZeroTuning adds one logit bias, and ACT's prefill also runs its own chunked pass over the edited heads' "
-                  "attention to find the sinks.", ""]
+                  "ZeroTuning adds one logit bias, and ACT's prefill also runs its own chunked pass over the "
+                  "edited heads' attention to find the sinks.", ""]
     return "\n".join(lines)
 
 
