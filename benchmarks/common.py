@@ -41,12 +41,6 @@ def ratios(baseline: Callable[[], object], variants: dict[str, Callable[[], obje
     return statistics.median(base_times), {name: statistics.median(r) for name, r in per_variant.items()}
 
 
-def kv_bytes(cache) -> int:
-    """The bytes of the keys and values a transformers ``Cache`` holds, over its layers."""
-    return sum(t.numel() * t.element_size() for layer in cache.layers
-               for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
-
-
 def write_section(path, heading: str, text: str) -> None:
     """Replace the ``## {heading}`` section of a Markdown file with ``text`` (or append it), leaving the rest."""
     from pathlib import Path

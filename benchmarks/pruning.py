@@ -29,12 +29,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import vlmtools
 from vlmtools.attention import SERVED
+from vlmtools.kv_cache import kv_bytes
 
 HERE = sys.path.pop(0)  # this script shares the package's name: find the package first
 from pruning import Debias, FastV, PDrop, Trend, debiased
 
 sys.path.insert(0, HERE)
-from common import family_bench, kv_bytes, llava_prompt, llava_shaped, ratios, timed
+from common import family_bench, llava_prompt, llava_shaped, ratios, timed
 
 
 

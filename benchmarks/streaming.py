@@ -47,7 +47,8 @@ from vlmtools.chat import first_word
 HERE = Path(__file__).resolve().parent
 # this script shares the package's name: find the package first, then this folder's common.py
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-from streaming import SinkCache, kv_bytes
+from streaming import SinkCache
+from vlmtools.kv_cache import kv_bytes
 
 sys.path.insert(0, str(HERE))
 from common import ratios, write_section

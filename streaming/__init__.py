@@ -5,7 +5,7 @@
 >>> cache.peak_kv_bytes
 """
 
-from .cache import SinkCache, SinkLayer, kv_bytes
+from .cache import SinkCache, SinkLayer
 from .sinks import lasting_sinks, leading_sinks
 
-__all__ = ["SinkCache", "SinkLayer", "kv_bytes", "lasting_sinks", "leading_sinks"]
+__all__ = ["SinkCache", "SinkLayer", "lasting_sinks", "leading_sinks"]

@@ -296,12 +296,6 @@ class SinkCache(Cache):
         return max(layer.held for layer in self.layers if isinstance(layer, SinkLayer))
 
 
-def kv_bytes(cache: Cache) -> int:
-    """Bytes of the keys and values any transformers cache holds now (a full ``DynamicCache`` too)."""
-    return sum(t.numel() * t.element_size() for layer in cache.layers
-               for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
-
-
 def _rotary(vlm) -> torch.nn.Module:
     """The language model's rotary embedding; refuses M-RoPE, whose 3-row positions give no one place a key has."""
     path = vlm.adapter.text_layers.rpartition(".")[0]

@@ -5,7 +5,8 @@ from transformers import DynamicCache
 
 import vlmtools
 from pruning import FastV
-from streaming import SinkCache, SinkLayer, kv_bytes, lasting_sinks, leading_sinks
+from streaming import SinkCache, SinkLayer, lasting_sinks, leading_sinks
+from vlmtools.kv_cache import kv_bytes
 from tests.test_kernels import load, runnable, torch_flash, uncompiled_flex  # noqa: F401 (fixtures)
 from vlmtools.adapters.base import UnsupportedModel
 from vlmtools.sinks import ColumnMassSink, SinkDetector
