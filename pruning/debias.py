@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from vlmtools.cache import calibration_dir, model_key  # noqa: F401 (model_key: pruning's API)
+from vlmtools.cache import calibration_dir, model_key, write_json  # noqa: F401 (model_key: pruning's API)
 
 Fit = Literal["exponential", "cubic"]
 CUBIC_FLOOR = 1e-3
@@ -54,10 +54,7 @@ class Trend:
         return value.float().to(device)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1))
-        return path
+        return write_json(path, asdict(self))
 
     @classmethod
     def load(cls, path: str | Path) -> Trend:

@@ -5,7 +5,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from vlmtools.cache import calibration_dir, model_key
+from vlmtools.cache import calibration_dir, model_key, write_json
 
 Heads = dict[int, list[int]]
 """Decoder layer -> the attention heads (query heads) edited there."""
@@ -54,10 +54,7 @@ class HeadSelection:
 
     def save(self, directory: str | Path | None = None) -> Path:
         """Write ``<model>__<method>.json`` where ``ACT()`` / ``ZeroTuning()`` find it."""
-        path = selection_path(self.model, self.method, directory)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1))
-        return path
+        return write_json(selection_path(self.model, self.method, directory), asdict(self))
 
     @classmethod
     def load(cls, path: str | Path) -> HeadSelection:

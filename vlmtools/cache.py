@@ -3,6 +3,7 @@ installed package, which a system install makes read-only. Calibrations (pruning
 selections) live in :func:`calibration_dir`, one file per model named by :func:`model_key`."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -23,3 +24,13 @@ def model_key(vlm) -> str:
         return name
     text = vlm.model.config.get_text_config()
     return f"{vlm.family}-h{text.hidden_size}-l{text.num_hidden_layers}"
+
+
+def write_json(path: str | Path, record: dict) -> Path:
+    """Write ``record`` to ``path`` as JSON, making its folder, atomically (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(record, indent=1))
+    partial.replace(path)
+    return path

@@ -5,14 +5,13 @@ the question other methods ask ("which visual tokens are sinks at this prefill?"
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..cache import cache_dir
+from ..cache import cache_dir, write_json
 from ..layout import TokenLayout
 from ..plan import ACTIVE_PLAN
 from .base import Criterion, Evaluation, Finding, PerLayer, SinkTensors, by_layer
@@ -128,13 +127,7 @@ class ModelSinkDims:
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON (atomically: a reader never sees half a file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        record = {k: v for k, v in asdict(self).items() if k not in ("source", "path")}
-        partial = path.with_name(f".{path.name}.{os.getpid()}")
-        partial.write_text(json.dumps(record, indent=1))
-        partial.replace(path)
-        return path
+        return write_json(path, {k: v for k, v in asdict(self).items() if k not in ("source", "path")})
 
     @classmethod
     def load(cls, path: str | Path) -> ModelSinkDims:
