@@ -165,15 +165,15 @@ def speed(args) -> dict:
 
 
 def table(quality_of: dict) -> str:
-    lines = ["| model | method | QA accuracy | POPE random | POPE popular | POPE adversarial | POPE average | "
-             "yes-ratio |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | method | QA / POPE questions | QA accuracy | POPE random | POPE popular | POPE adversarial | "
+             "POPE average | yes-ratio |", "|---|---|---|---|---|---|---|---|---|"]
     for model, result in quality_of.items():
         for method, got in result["methods"].items():
             pope = got["pope"]
             label = f"{method} (no head chosen: greedy)" if got.get("as_greedy") else method
-            lines.append(f"| {model} | {label} | {got['qa']:.3f} | " + " | ".join(
-                f"{pope[s]['accuracy']:.3f}" for s in ("random", "popular", "adversarial", "average"))
-                + f" | {pope['average']['yes_ratio']:.3f} |")
+            splits = " | ".join(f"{pope[s]['accuracy']:.3f}" for s in ("random", "popular", "adversarial", "average"))
+            lines.append(f"| {model} | {label} | {result['qa_items']} / {result['pope_items']} | {got['qa']:.3f} | "
+                         f"{splits} | {pope['average']['yes_ratio']:.3f} |")
     return "\n".join(lines)
 
 
@@ -185,10 +185,9 @@ def gains(quality_of: dict) -> list[str]:
         for method in ("act", "zerotuning"):
             got = result["methods"][method]
             deltas = (got["qa"] - base["qa"], got["pope"]["average"]["accuracy"] - base["pope"]["average"]["accuracy"])
-            verdict = ("no change" if not any(deltas) else "helps" if min(deltas) >= 0 else
-                       "hurts" if max(deltas) <= 0 else "mixed")
-            lines.append(f"- {model}, {method} against greedy: QA {deltas[0]:+.3f}, POPE average {deltas[1]:+.3f}: "
-                         f"{verdict}.")
+            changed = sum(a != b for a, b in zip(got["answers"], base["answers"]))
+            lines.append(f"- {model}, {method} against greedy: QA {deltas[0]:+.3f}, POPE average {deltas[1]:+.3f} "
+                         f"({changed} of {len(base['answers'])} answers differ).")
     return lines
 
 
@@ -285,8 +284,9 @@ def section(record: dict) -> str:
     lines.append("")
     if "quality" in record:
         s = record["settings"]
-        lines += [f"Held-out zoo test questions: {s['questions']} QA, POPE on {s['pope_scenes']} scenes per split; "
-                  f"the same prompts in the same batches of {s['batch']} for every method, 4 greedy tokens. Heads "
+        lines += [f"Held-out zoo test questions (QA, and POPE on the first scenes of each split; counts in each row): "
+                  f"in a run, the same prompts in the same batches of {s['batch']} for every method, 4 greedy "
+                  "tokens. Heads "
                   f"chosen by `tuning.calibrate` on the first {s['calibration_samples']} val questions (first-token "
                   f"scoring), candidate layers {s['layers'] or '2 .. L-2'} with heads {s['heads'] or 'all'} of "
                   "each, ACT beta 0.4 / eps 0.1, ZeroTuning "
