@@ -9,7 +9,7 @@ import vlmtools_app.inputs
 from vlmtools.testing.vlm import tiny_llava
 from vlmtools_app.cli import build_parser, main
 
-COMMANDS = {"demo", "sinks", "prune", "calibrate", "prune-bench", "hallucination-bench", "segment", "segment-bench"}
+COMMANDS = {"demo", "sinks", "prune", "calibrate", "prune-bench", "hallucination-bench", "segment", "segment-bench", "tune"}
 
 
 def test_every_subcommand_is_registered_and_every_option_explained():

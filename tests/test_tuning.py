@@ -68,7 +68,7 @@ def test_search_picks_the_planted_head(kind, tmp_path):
     selection = calibrate(vlm, method, [(inputs, answers)], layers=[1, 2], heads=[0, 1], directory=tmp_path,
                           progress=False, **grid)
     assert selection.heads == {LAYER: [HEAD]}
-    assert selection.baseline == 1 - changed / 2
+    assert selection.baseline == 1 - changed / 2 and selection.samples == 2  # one sample of two prompts
     if kind == "zerotuning":
         assert selection.gamma == 1.5 and selection.groups["up"] == {LAYER: [HEAD]}
         assert [g for g, _ in selection.settings["gamma_grid"]] == [1.25, 1.5]  # the grid on the group's side
@@ -78,7 +78,8 @@ def test_search_picks_the_planted_head(kind, tmp_path):
     if kind == "act":
         with pytest.warns(UserWarning, match="chosen with"), torch.no_grad(), vlm.use(ACT(directory=tmp_path)):
             model(**inputs)  # beta 0.4 on heads chosen with beta 0
-    with pytest.warns(UserWarning, match="no head beat"):  # the unedited answers: nothing can beat them
+    # the unedited answers: nothing can beat them
+    with pytest.warns(UserWarning, match=r"no head beat the unedited accuracy \(1.000 on 2 prompts\)"):
         empty = calibrate(vlm, method, [(inputs, planted_labels(vlm, inputs, ACT({1: [3]}))[0])], layers=[2],
                           heads=[0], save=False, progress=False)
     assert empty.heads == {}

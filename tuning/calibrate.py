@@ -68,7 +68,7 @@ def accuracy(vlm, samples: Sequence[tuple[dict, object]], *interventions, score:
         answers = _answers(inputs, answer)
         if score == "first_token":
             with torch.no_grad(), vlm.use(*interventions):
-                predicted = vlm.model(**inputs).logits[:, -1].argmax(-1).tolist()
+                predicted = vlm.model(**inputs, logits_to_keep=1).logits[:, -1].argmax(-1).tolist()
             right += sum(p in _answer_ids(tokenizer, a) for p, a in zip(predicted, answers))
         elif score == "greedy":
             said = greedy(vlm, inputs, *interventions)
@@ -140,7 +140,7 @@ def calibrate(vlm, method: ACT | ZeroTuning, samples: Iterable[tuple[dict, objec
     """
     samples = list(samples)
     candidates = candidate_heads(vlm, layers, heads)
-    common = {"model": model_key(vlm), "samples": len(samples), "score": score}
+    common = {"model": model_key(vlm), "samples": sum(len(_answers(*sample)) for sample in samples), "score": score}
     if isinstance(method, ACT):
         baseline, scores = search_heads(vlm, lambda layer, head: method.with_heads({layer: [head]}), samples,
                                         candidates, score, progress, "ACT heads")
@@ -186,8 +186,8 @@ def calibrate(vlm, method: ACT | ZeroTuning, samples: Iterable[tuple[dict, objec
     else:
         raise ValueError(f"tuning.calibrate calibrates ACT or ZeroTuning, got {type(method).__name__}")
     if not selection.heads:
-        warnings.warn(f"tuning.calibrate: no head beat the unedited accuracy ({baseline:.3f} on {len(samples)} "
-                      f"samples); {type(method).__name__} with this selection would change nothing and is refused")
+        warnings.warn(f"tuning.calibrate: no head beat the unedited accuracy ({baseline:.3f} on {selection.samples} "
+                      f"prompts); {type(method).__name__} with this selection would change nothing and is refused")
     if save:
         selection.save(directory)
     return selection

@@ -95,7 +95,8 @@ def register(subparsers) -> None:
     parser.add_argument("--score", choices=["first_token", "greedy"], default="first_token",
                         help="first_token: the argmax after one prefill is the answer's first token (the released "
                              "searches); greedy: the first word of a short greedy answer (default: %(default)s)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the model runs (default: %(default)s)")
     parser.add_argument("--directory", help="where the selection goes (default: $PRUNING_CALIBRATION, else "
                                             "calibration/ in $VLMTOOLS_CACHE or ~/.cache/vlmtools)")
     bench.add_data_arguments(parser, ("vqa", "pope"))
