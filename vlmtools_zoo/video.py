@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from . import world
-from .world import BACKGROUNDS, CANVASES, COLOURS, SHAPES, SIZES, Obj, Scene
+from .world import CANVASES, COLOURS, SHAPES, SIZES, Obj, Scene
 
 FRAMES = 9
 """Frames per clip: 1 + 8, a whole number of Wan latent frames (1 + 4 k) as well as 1 + 6 + 2."""
@@ -152,10 +152,7 @@ def clip(split: str, index: int) -> Clip:
 def make_clip(seed: int, frames: int = FRAMES) -> Clip:
     rng = np.random.default_rng(seed)
     w, h = CANVASES[rng.integers(len(CANVASES))]
-    bg = BACKGROUNDS[rng.integers(len(BACKGROUNDS))] if rng.random() < 0.6 else "plain"
-    grey = int(rng.integers(185, 245))
-    tint = rng.integers(-12, 13, size=3)
-    clip_ = Clip(seed, w, h, bg, tuple(int(v) for v in np.clip(grey + tint, 0, 255)), frames=frames)
+    clip_ = Clip(seed, w, h, *world.draw_background(rng), frames=frames)
     n = int(rng.integers(2, 5))
     for _ in range(300):
         if len(clip_.tracks) == n:

@@ -206,13 +206,18 @@ def scene(split: str, index: int) -> Scene:
     return make_scene(SPLITS[split] + index)
 
 
-def make_scene(seed: int) -> Scene:
-    rng = np.random.default_rng(seed)
-    w, h = CANVASES[rng.integers(len(CANVASES))]
+def draw_background(rng) -> tuple[str, tuple[int, int, int]]:
+    """A background kind and its base colour, the next draws of ``rng`` (scenes and clips draw them alike)."""
     bg = BACKGROUNDS[rng.integers(len(BACKGROUNDS))] if rng.random() < 0.6 else "plain"
     grey = int(rng.integers(185, 245))
     tint = rng.integers(-12, 13, size=3)
-    sc = Scene(seed, w, h, bg, tuple(int(v) for v in np.clip(grey + tint, 0, 255)))
+    return bg, tuple(int(v) for v in np.clip(grey + tint, 0, 255))
+
+
+def make_scene(seed: int) -> Scene:
+    rng = np.random.default_rng(seed)
+    w, h = CANVASES[rng.integers(len(CANVASES))]
+    sc = Scene(seed, w, h, *draw_background(rng))
     n = int(rng.integers(1, 6))
     for _ in range(200):
         if len(sc.objects) == n:
