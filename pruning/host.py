@@ -136,7 +136,10 @@ class Host:
                 **self.options()}
 
     def calibration_key(self, vlm, stage: int) -> str:
-        return f"{model_key(vlm)}__{self.name}__L{self.layers[stage]}"
+        """``<model>__<host>__L<layer>``, with ``__previous`` when the host reads the layer before each drop and its
+        default does not (PDrop ``rank="previous"``, SparseVLM ``votes="previous"``): another reading, another trend."""
+        key = f"{model_key(vlm)}__{self.name}__L{self.layers[stage]}"
+        return key + "__previous" if self.reads_previous_layer and not type(self).reads_previous_layer else key
 
     def check(self, vlm) -> None:
         """Raise ValueError if this host cannot run on ``vlm`` (its family, its drop layers)."""

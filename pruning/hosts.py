@@ -8,6 +8,8 @@ and the hidden states entering the drop layer.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from vlmtools.plan import LayerHook
@@ -209,6 +211,10 @@ class SparseVLM(Host):
     it (causal, padding masked: :func:`last_query_attention`). ``P`` is the raters x visual block; a
     visual token's score is the mean of its column.
 
+    ``votes="previous"`` (the reading this host used before, not the released code's): the same raters vote
+    with the head-mean softmax rows of the layer *before* each stage as it ran (its recorded attention over
+    the tokens present there, which are those entering the stage layer); its stage layers must be >= 1.
+
     ``budget="rank"`` (released code): each sample keeps ``min(int(scale * rank(P) + bias), n - 1)`` of
     its ``n`` present visual tokens (all when ``rank(P) == n``), and never fewer than ``keep`` (the
     released code has no floor: ``keep=1``). Released settings: ``scale`` 13.5 (its default and MME
@@ -235,43 +241,70 @@ class SparseVLM(Host):
     name = "sparsevlm"
 
     def __init__(self, keep: int | float = 64, layers: tuple[int, ...] = (2, 6, 15), budget: str = "rank",
-                 scale: float = 13.5, bias: float = 0.0, recycle: float = 0.3, per_cluster: int = 10, **kwargs):
+                 scale: float = 13.5, bias: float = 0.0, recycle: float = 0.3, per_cluster: int = 10,
+                 votes: str = "layer", **kwargs):
+        if votes not in ("layer", "previous"):
+            raise ValueError(f"SparseVLM votes must be 'layer' (the stage layer's own q/k, released code) or "
+                             f"'previous' (the attention of the layer before), got {votes!r}")
         if budget not in ("rank", "schedule"):
             raise ValueError(f"budget must be 'rank' (released code) or 'schedule', got {budget!r}")
         if not 0 <= recycle <= 1 or per_cluster < 1 or scale < 0:
             raise ValueError("recycle must be in [0, 1], per_cluster >= 1 and scale >= 0")
+        self.votes = votes
+        self.reads_previous_layer = votes == "previous"
         super().__init__(keep, tuple(layers), **kwargs)
         self.budget_mode, self.scale, self.bias = budget, scale, bias
         self.recycle, self.per_cluster = recycle, per_cluster
 
     def scorers(self, run, vlm, plan):
+        raters = plan.layer(0, vlm.layers[0], _Raters(run.state))
+        if self.votes == "previous":
+            return [raters] + [plan.attention(vlm.site(f"text.{layer - 1}"),
+                                              SiteRows(partial(self.rater_rows, run, layer - 1)))
+                               for layer in self.layers]
         for layer in self.layers:
             vlm.site(f"text.{layer}")  # its raters' rows: an attention layer (a hybrid family refuses the others)
-        raters = plan.layer(0, vlm.layers[0], _Raters(run.state))
         return [raters] + [plan.layer(layer, vlm.layers[layer], _RotaryTables(run.state)) for layer in self.layers]
+
+    @staticmethod
+    def rater_rows(run, layer: int, call) -> torch.Tensor:
+        """Rows (indices into the tokens present in ``layer``) of any sample's raters."""
+        present = run.present_at(layer, call.query.shape[0], call.q_len, call.query.device)
+        rows = [torch.isin(present[b], chosen.to(present.device)) for b, chosen in enumerate(run.scorers[0].raters)]
+        return torch.stack(rows).any(0).nonzero().squeeze(1)
 
     def score(self, run, stage, hidden, kept, layout, targets):
         """Mean rater attention of each present visual token; the rank of ``P`` per sample goes to
         ``trace[host].scorers[0].ranks[stage]``."""
         raters = run.scorers[0]
-        rows = [torch.searchsorted(present, chosen.to(kept.device)) for present, chosen in zip(kept, raters.raters)]
+        if self.votes == "previous":  # the layer before saw the tokens entering this one: its keys are ``kept``
+            rows, probs = run.scorers[1 + stage].latest()
+            mine = [torch.isin(present[rows], chosen.to(kept.device)) for present, chosen in zip(kept, raters.raters)]
+        else:
+            rows = [torch.searchsorted(present, chosen.to(kept.device))
+                    for present, chosen in zip(kept, raters.raters)]
+            probs = self._own_votes(run, stage, hidden, kept, layout, rows)
+            mine = [slice(len(r)) for r in rows]
+        out = torch.zeros(kept.shape, dtype=torch.float32, device=kept.device)
+        ranks = []
+        for b, sample in enumerate(layout.samples):
+            visual = torch.isin(kept[b], sample.visual_positions().to(kept.device))
+            relation = probs[b, mine[b]][:, visual].float()  # P: raters x present visual tokens
+            ranks.append(int(torch.linalg.matrix_rank(relation)))
+            out[b, visual] = relation.mean(0)
+        raters.ranks[stage] = raters.current = ranks
+        return out
+
+    def _own_votes(self, run, stage, hidden, kept, layout, rows) -> torch.Tensor:
+        """The raters' head-mean rows ``(B, r, n)`` of the stage layer, recomputed on its input."""
         width = max(len(r) for r in rows)
         padded_rows = torch.stack([torch.cat([r, r[-1:].expand(width - len(r))]) for r in rows])
         padding = torch.stack([torch.isin(present, sample.padding.to(kept.device))
                                for present, sample in zip(kept, layout.samples)])
         layer = run.vlm.layers[self.layers[stage]]
-        probs = last_query_attention(layer, getattr(layer, run.vlm.adapter.attn), hidden, kept,
-                                     run.scorers[1 + stage].tables, padding, padded_rows,
-                                     mask=run.scorers[1 + stage].mask)  # (B, r, n)
-        out = torch.zeros(kept.shape, dtype=torch.float32, device=kept.device)
-        ranks = []
-        for b, sample in enumerate(layout.samples):
-            visual = torch.isin(kept[b], sample.visual_positions().to(kept.device))
-            relation = probs[b, :len(rows[b])][:, visual]  # P: raters x present visual tokens
-            ranks.append(int(torch.linalg.matrix_rank(relation)))
-            out[b, visual] = relation.mean(0)
-        raters.ranks[stage] = raters.current = ranks
-        return out
+        return last_query_attention(layer, getattr(layer, run.vlm.adapter.attn), hidden, kept,
+                                    run.scorers[1 + stage].tables, padding, padded_rows,
+                                    mask=run.scorers[1 + stage].mask)
 
     def stage_target(self, stage, count, budget):
         return budget if self.budget_mode == "rank" else super().stage_target(stage, count, budget)
@@ -305,7 +338,10 @@ class SparseVLM(Host):
 
     def options(self):
         return {"raters": "text after the image, above-mean relevance on the input embeddings (released code)",
-                "votes": "the stage layer's own attention (q/k recomputed on its input), head mean, rater mean",
+                "votes": ("the stage layer's own attention (q/k recomputed on its input), head mean, rater mean "
+                          "(released code)") if self.votes == "layer" else
+                         ("the recorded attention of the layer before each stage, head mean, rater mean (not the "
+                          "released code's)"),
                 "budget": (f"rank: min(int({self.scale} * rank(P) + {self.bias}), n - 1), at least keep "
                            "(released code)") if self.budget_mode == "rank" else "equal fraction per stage to keep (ours)",
                 "recycle": (f"top {self.recycle} of the dropped (+1), density-peak clusters of {self.per_cluster} "
