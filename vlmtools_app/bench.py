@@ -5,6 +5,7 @@ holding the settings the run used, the results and how it ran. Sharding: :mod:`v
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import time
 from dataclasses import dataclass, field
@@ -205,3 +206,30 @@ def chosen(names: str, available, what: str) -> list[str]:
     if unknown:
         raise ValueError(f"unknown {what} {sorted(unknown)}; available: {', '.join(available)}")
     return picked
+
+
+def entries(text: str, available, what: str) -> list[tuple[str, str, dict]]:
+    """Comma-separated entries ``NAME[:KEY=VALUE...]`` (``gift:alpha=2.5``, ``sparsevlm:votes=previous:recycle=0``)
+    as (entry, name, keyword settings); ``what`` names the option in errors (``methods``, ``hosts``)."""
+    listed = text.split(",")
+    names = chosen(",".join(e.split(":")[0] for e in listed), available, what)
+    if len(set(listed)) < len(listed):
+        raise ValueError(f"--{what} lists an entry twice: {text}")
+    out = []
+    for entry, name in zip(listed, names):
+        settings = {}
+        for item in entry.split(":")[1:]:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"{entry!r}: settings are KEY=VALUE, got {item!r}")
+            settings[key] = literal(value)
+        out.append((entry, name, settings))
+    return out
+
+
+def literal(value: str):
+    """A setting's value: a Python literal (``2.5``, ``False``, ``(2, 3)``) or else the word itself."""
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value

@@ -25,7 +25,6 @@ vlmtools hallucination-bench --model /models/llava-1.5-7b-hf --pope coco_pope_ra
 """
 from __future__ import annotations
 
-import ast
 import time
 
 from .args import at_least
@@ -53,34 +52,15 @@ def parse_methods(text: str) -> list[tuple[str, str, dict]]:
     (entry, method, keyword settings); every entry is built once here, so a bad setting fails before the run."""
     from . import bench
 
-    entries = text.split(",")
-    names = bench.chosen(",".join(e.split(":")[0] for e in entries), METHODS, "methods")
-    if len(set(entries)) < len(entries):
-        raise ValueError(f"--methods lists an entry twice: {text}")
-    out = []
-    for entry, name in zip(entries, names):
-        settings = {}
-        for item in entry.split(":")[1:]:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"{entry!r}: settings are KEY=VALUE, got {item!r}")
-            settings[key] = literal(value)
+    out = bench.entries(text, METHODS, "methods")
+    for entry, name, settings in out:
         if name == "greedy" and settings:
             raise ValueError(f"{entry!r}: greedy takes no settings")
         try:
             intervention(name, settings, ["Is there a red circle?"])
         except TypeError as error:
             raise ValueError(f"{entry!r}: {error}") from None
-        out.append((entry, name, settings))
     return out
-
-
-def literal(value: str):
-    """A setting's value: a Python literal (``2.5``, ``False``, ``(2, 3)``) or else the word itself."""
-    try:
-        return ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return value
 
 
 def hallucination_bench_command(args) -> int:

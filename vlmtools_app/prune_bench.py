@@ -60,22 +60,44 @@ class Config:
     debias: bool
 
 
-def configs(hosts: list[str]) -> list[Config]:
+def parse_hosts(text: str) -> list[tuple[str, str, dict]]:
+    """``--hosts`` entries ``NAME[:KEY=VALUE...]`` (``sparsevlm:votes=previous:recycle=0``) as (entry, host,
+    keyword settings); every entry is built once here, so a bad setting fails before the model loads."""
+    from . import bench
     from pruning import HOSTS as CLASSES
 
-    out = [Config("none", None, "100%", False)]
-    for name in hosts:
-        for debias in (False, True) if CLASSES[name].attention_based else (False,):
-            label = f"{name}{' +debias' if debias else ''}"
-            out += [Config(label, name, ratio, debias) for ratio, keep in KEEP.items() if keep < 1]
+    out = bench.entries(text, CLASSES, "hosts")
+    for entry, name, settings in out:
+        try:
+            build(name, settings, min(KEEP.values()))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{entry!r}: {error}") from None
     return out
 
 
-def calibrated(vlm, hosts: list[str], samples: int, directory: str | None,
+def build(name: str, settings: dict, keep: float, **kwargs):
+    """Host ``name`` at the bench's settings (:data:`AT_THE_SHARE`), the entry's ``settings`` over them."""
+    from pruning import HOSTS as CLASSES
+
+    return CLASSES[name](keep=keep, **{**AT_THE_SHARE.get(name, {}), **settings}, **kwargs)
+
+
+def configs(hosts: list[tuple[str, str, dict]]) -> list[Config]:
+    from pruning import HOSTS as CLASSES
+
+    out = [Config("none", None, "100%", False)]
+    for entry, name, _ in hosts:
+        for debias in (False, True) if CLASSES[name].attention_based else (False,):
+            label = f"{entry}{' +debias' if debias else ''}"
+            out += [Config(label, entry, ratio, debias) for ratio, keep in KEEP.items() if keep < 1]
+    return out
+
+
+def calibrated(vlm, hosts: list[tuple[str, str, dict]], samples: int, directory: str | None,
                pairs: list[tuple] | None = None) -> dict[str, list]:
-    """Host name -> its trends (one per stage), fitted by rank 0 on ``pairs`` (your (image, question) pairs)
-    or else ``samples`` zoo val questions, and sent to every process; rank 0 also writes them to
-    ``directory`` when given (where ``vlmtools prune --debias`` finds them)."""
+    """Host entry -> its trends (one per stage, the entry's settings), fitted by rank 0 on ``pairs`` (your
+    (image, question) pairs) or else ``samples`` zoo val questions, and sent to every process; rank 0 also
+    writes them to ``directory`` when given (where ``vlmtools prune --debias`` finds them)."""
     from . import shard
     from .inputs import held_out_prompts
 
@@ -87,10 +109,10 @@ def calibrated(vlm, hosts: list[str], samples: int, directory: str | None,
         device = vlm.model.device
         held_out = list(calibration_samples(vlm.processor, pairs, device) if pairs
                         else held_out_prompts(vlm.processor, samples, device))
-        for name in hosts:
+        for entry, name, settings in hosts:
             if CLASSES[name].attention_based:
-                trends[name] = calibrate(vlm, CLASSES[name](keep=1.0), held_out, save=False)
-                for trend in trends[name] if directory else ():
+                trends[entry] = calibrate(vlm, build(name, settings, 1.0), held_out, save=False)
+                for trend in trends[entry] if directory else ():
                     trend.save(calibration_path(trend.key, directory))
     return shard.broadcast(trends)
 
@@ -166,15 +188,16 @@ def prune_bench_command(args) -> int:
         raise ValueError(f"prune-bench scores one data set at a time; got {' and '.join(sources)}")
     public = bench.read_data(args, {"vqa": args.n, "pope": args.n})  # before the model loads
     pairs = calibration_pairs(args, public)
+    entries = parse_hosts(args.hosts)
     if not public:
         args.n = QUESTIONS if args.n is None else args.n
     vlm = bench.load(args)
     hosts = []
-    for name in bench.chosen(args.hosts, CLASSES, "hosts"):
+    for entry, name, settings in entries:
         refusal = CLASSES[name].refusal(vlm)
         if refusal and shard.is_main():
-            print(f"prune-bench: skipping {name}: {refusal}", file=sys.stderr)
-        hosts += [] if refusal else [name]
+            print(f"prune-bench: skipping {entry}: {refusal}", file=sys.stderr)
+        hosts += [] if refusal else [(entry, name, settings)]
     trends = calibrated(vlm, hosts, args.calibration_samples, args.calibration, pairs) if args.calibration_samples else {}
     if public:  # (image, question) of your data, scored on answer / label
         metric, data = next(iter(public.tasks.items()))
@@ -191,9 +214,12 @@ def prune_bench_command(args) -> int:
             return scenes[i].image
     runs = configs(hosts)
     n = len(questions)
+    chosen = {entry: (name, settings) for entry, name, settings in hosts}
     with tempfile.TemporaryDirectory(prefix="prune-bench-trends-") as directory:
-        for trend in (t for stages in trends.values() for t in stages):
-            trend.save(calibration_path(trend.key, directory))
+        folders = {entry: Path(directory) / str(index) for index, entry in enumerate(chosen)}  # one per entry
+        for entry, stages in trends.items():
+            for trend in stages:
+                trend.save(calibration_path(trend.key, folders[entry]))
 
         def answer(batch: list[int]) -> list[dict]:
             config = runs[batch[0] // n]
@@ -201,9 +227,9 @@ def prune_bench_command(args) -> int:
                                  vlm.model.device)
             host = None
             if config.host:
-                debias = (Debias(directory=directory) if trends else Debias(trend=None)) if config.debias else False
-                host = CLASSES[config.host](keep=KEEP[config.ratio], debias=debias,
-                                            **AT_THE_SHARE.get(config.host, {}))
+                debias = ((Debias(directory=folders[config.host]) if trends else Debias(trend=None))
+                          if config.debias else False)
+                host = build(*chosen[config.host], KEEP[config.ratio], debias=debias)
             start = time.perf_counter()
             with vlm.use(*([host] if host else [])) as trace:  # greedy's own block shares this trace
                 texts = greedy(vlm, inputs, max_new_tokens=args.max_new_tokens)
@@ -225,7 +251,7 @@ def prune_bench_command(args) -> int:
     speedup = {}  # label -> ratio -> greedy wall time of none / of the configuration: how this run went
     results = {"n": n, "accuracy": {}, "kept_share": {place: {} for place in PLACES},
                "host_settings": {}, "answers": {},
-               "trends": {name: [asdict(t) for t in stages] for name, stages in trends.items()}}
+               "trends": {entry: [asdict(t) for t in stages] for entry, stages in trends.items()}}
     if public:
         del results["kept_share"]
         results.update(metric=METRICS[metric], data=public.record())
@@ -307,7 +333,8 @@ def register(subparsers) -> None:
                              "your data, the first N of each file (default: all) (under torchrun write --questions: "
                              "torchrun reads --n as its own)")
     parser.add_argument("--hosts", default=",".join(HOSTS),
-                        help="comma-separated hosts, each at its default layers (default: %(default)s)")
+                        help="comma-separated hosts, each at its default layers, or NAME:KEY=VALUE... with settings "
+                             "(sparsevlm:votes=previous:recycle=0; the entry labels its rows) (default: %(default)s)")
     parser.add_argument("--calibration-samples", type=at_least(0), default=48,
                         help="prompts the debias trends are fitted on: zoo val questions, or at most this many "
                              "of --calibration-images (0: debias without a trend)")
