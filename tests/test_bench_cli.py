@@ -2,6 +2,7 @@
 under torchrun give exactly the one-process JSON)."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,41 @@ def test_prune_bench_skips_hosts_the_family_cannot_run_and_says_why(folder, tmp_
     assert json.loads(out.read_text())["results"]["accuracy"].keys() == {"none", "random"}
     assert ("skipping visionzip: visionzip ranks by the vision encoder's [CLS] attention; llava: no [CLS] token "
             "here") in capsys.readouterr().err
+
+
+def test_prune_bench_runs_a_host_at_several_settings(folder, tmp_path, one_thread):
+    """Each entry labels its rows, runs with its settings over the bench's own (SparseVLM's schedule budget) and
+    calibrates its own trend: the previous layer's votes get their own file."""
+    out = tmp_path / "prune.json"
+    released, former = "sparsevlm:layers=[3]", "sparsevlm:layers=[3]:votes=previous:recycle=0"
+    args = ["--questions", "1", "--hosts", f"{released},{former}", "--calibration-samples", "1", "--threads", "1"]
+    assert main(["prune-bench", "--model", folder, *args, "--calibration", str(tmp_path), "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert results["accuracy"].keys() == {"none", released, f"{released} +debias", former, f"{former} +debias"}
+    settings = results["host_settings"]
+    assert settings[former]["11%"]["votes"].startswith("the recorded attention of the layer before")
+    assert settings[former]["11%"]["recycle"] is None and settings[released]["11%"]["recycle"].startswith("top 0.3")
+    assert settings[released]["22%"]["layers"] == [3] and settings[released]["22%"]["budget"].startswith("equal")
+    keys = {entry: [t["key"] for t in trends] for entry, trends in results["trends"].items()}
+    assert keys[released][0].endswith("__sparsevlm__L3") and keys[former] == [keys[released][0] + "__previous"]
+    assert sorted(p.stem for p in tmp_path.glob("*sparsevlm*")) == sorted(keys[released] + keys[former])
+
+
+@pytest.mark.parametrize("hosts, error", [
+    ("sparsevlm:votes=mean", "'sparsevlm:votes=mean': SparseVLM votes must be 'layer'"),
+    ("pdrop:strength=2", "unexpected keyword argument 'strength'"),
+    ("fastv:layer", "settings are KEY=VALUE"),
+    ("random,random", "lists an entry twice"),
+    ("fastvv", r"unknown hosts \['fastvv'\]"),
+])
+def test_a_bad_host_entry_exits_2_before_the_model_loads(hosts, error, monkeypatch, capsys):
+    from vlmtools_app import bench
+
+    monkeypatch.setattr(bench, "load", lambda args: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as exit:
+        main(["prune-bench", "--hosts", hosts, "--out", "unused.json"])
+    assert exit.value.code == 2
+    assert re.search(error, capsys.readouterr().err)
 
 
 def test_hallucination_bench_scores_pope_and_chair_per_method(folder, tmp_path, capsys, one_thread):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vlmtools
-from pruning import Debias, FastV, Trend, calibrate, debiased, fit_trend
+from pruning import Debias, FastV, PDrop, SparseVLM, Trend, calibrate, debiased, fit_trend
 from pruning import host as pruning_host
 from vlmtools.adapters.llava import letterbox_padding
 from vlmtools.testing.vlm import tiny_llava
@@ -191,6 +191,18 @@ def test_calibration_on_2d_positions_reports_row_and_column_residuals(tmp_path):
     assert trend.fit == "cubic" and trend.samples == 2
     assert len(trend.rows) == 4 and len(trend.columns) == 6  # tenths that the 2x3 and 4x4 grids reach
     assert (tmp_path / "qwen2_vl-h64-l3__fastv__L1.json").exists()
+
+
+def test_a_host_reading_another_layer_than_its_default_has_its_own_trend_file():
+    """PDrop ``rank="previous"`` and SparseVLM ``votes="previous"`` read the layer before each drop, their
+    defaults the drop layer: another score, another trend. FastV's default is the layer before: no suffix."""
+    vlm = vlmtools.wrap(tiny_llava()[0])
+    keys = {host: host.calibration_key(vlm, 0) for host in (
+        FastV(keep=2, layer=2), PDrop(keep=2, layers=(2,)), PDrop(keep=2, layers=(2,), rank="previous"),
+        SparseVLM(keep=2, layers=(2,)), SparseVLM(keep=2, layers=(2,), votes="previous"))}
+    assert list(keys.values()) == ["llava-h64-l3__fastv__L2", "llava-h64-l3__pdrop__L2",
+                                   "llava-h64-l3__pdrop__L2__previous", "llava-h64-l3__sparsevlm__L2",
+                                   "llava-h64-l3__sparsevlm__L2__previous"]
 
 
 def test_calibration_leaves_padded_patches_out():

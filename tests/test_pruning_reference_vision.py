@@ -11,9 +11,10 @@ torch hooks, never through vlmtools' seam or ``pruning``'s code):
   ``len // contextual``-th from the first a target, each other one joins the target of largest cosine
   of the block's head-mean keys, and a target's LM input embedding becomes ``target + mean(joined)``.
 * SparseVLM: raters from the LM input embeddings (``mean over image v of softmax over text t (e_v . e_t)``
-  above its mean); each stage layer's eager probabilities on the tokens present, head mean, the raters'
-  rows over the visual columns (``P``); score = mean over raters; budget ``min(int(scale rank(P) + bias),
-  n - 1)`` (at least ``keep``) or the equal-fraction schedule; recycling: the ``int(recycle dropped) + 1``
+  above its mean); each stage layer's eager probabilities on the tokens present (``votes="previous"``: the
+  layer before's, as it ran on the same tokens), head mean, the raters' rows over the visual columns
+  (``P``); score = mean over raters; budget ``min(int(scale rank(P) + bias), n - 1)`` (at least ``keep``)
+  or the equal-fraction schedule; recycling: the ``int(recycle dropped) + 1``
   best dropped, density-peak clusters (written out below), each cluster's mean at its centre's place.
 
 Encoder tokens land where transformers itself puts them: LLaVA-NeXT's ``pack_image_features`` is run on
@@ -242,7 +243,7 @@ def sparse_count(rank, n, floor, scale, bias):
     return min(n, max(floor, adaptive))
 
 
-def sparsevlm_reference(model, inputs, layout, keep, layers, budget, scale=13.5, bias=0.0):
+def sparsevlm_reference(model, inputs, layout, keep, layers, budget, scale=13.5, bias=0.0, reading="layer"):
     """Multi-stage, no recycling: per stage layer, each sample's kept visual positions (``run_with_drops``)."""
     ref = reference.unwrapped(model)
     raters = text_raters(reference.capture_inputs(ref, inputs)["hidden"], layout)
@@ -250,7 +251,12 @@ def sparsevlm_reference(model, inputs, layout, keep, layers, budget, scale=13.5,
 
     def chooser(stage):
         def choose(step):
-            probs = step.attention().mean(1)
+            if reading == "previous":
+                before, probs = step.run.probs[step.layer - 1]
+                assert torch.equal(before, step.present)  # the layer before saw what the stage layer sees
+            else:
+                probs = step.attention()
+            probs = probs.mean(1)
             rankings, targets = [], []
             for b, sample in enumerate(layout.samples):
                 visual = [p for _, p in reference.visual_present(step, b, sample)]
@@ -357,14 +363,15 @@ def check_visionzip(family, keep, dominant=0.6, padded=None, **options):
     return positions, seen
 
 
-def check_sparsevlm(family, keep, budget):
+def check_sparsevlm(family, keep, budget, votes="layer"):
     model, inputs = tiny(family)
     layers = attention_layers(family, 2)
     layout = vlmtools.wrap(model).layout(inputs)
-    expected, margins = sparsevlm_reference(model, inputs, layout, keep, layers, budget, scale=3.0)
+    expected, margins = sparsevlm_reference(model, inputs, layout, keep, layers, budget, scale=3.0, reading=votes)
     got, _, _ = through_vlmtools(model, inputs, SparseVLM(keep=keep, layers=layers, budget=budget, scale=3.0,
-                                                          recycle=0), layers[0])
+                                                          recycle=0, votes=votes), layers[0])
     agree(got, expected, margins)
+    return got
 
 
 def check_sparsevlm_recycling(family, keep, budget):
@@ -434,6 +441,22 @@ def test_sparsevlm_keeps_what_its_raters_vote_for_at_each_stage(family, budget, 
     check_sparsevlm(family, keep, budget)
 
 
+@pytest.mark.parametrize("family,budget", [("llava", "rank"), ("qwen2_vl", "schedule")])
+def test_sparsevlm_votes_previous_reads_the_layer_before_each_stage(family, budget):
+    """``votes="previous"`` (the reading this host used before): the released raters vote with the layer before
+    each stage as it ran, which keeps other tokens than the stage layer's own attention."""
+    got = check_sparsevlm(family, 0.5, budget, votes="previous")
+    model, inputs = tiny(family)
+    layout = vlmtools.wrap(model).layout(inputs)
+    own, _ = sparsevlm_reference(model, inputs, layout, 0.5, attention_layers(family, 2), budget, scale=3.0)
+    assert got != own
+    assert SparseVLM(votes="previous").settings["votes"].startswith("the recorded attention of the layer before")
+    with pytest.raises(ValueError, match=">= 1"):
+        SparseVLM(layers=(0, 2), votes="previous")
+    with pytest.raises(ValueError, match="votes"):
+        SparseVLM(votes="mean")
+
+
 @pytest.mark.parametrize("family,budget,keep", [(f, "rank", 2) for f in LM_FAMILIES]
                          + [(f, "schedule", 0.5) for f in ("llava_next", "qwen2_5_vl")])
 def test_sparsevlm_recycles_the_best_dropped_tokens_into_cluster_means(family, budget, keep):
@@ -466,6 +489,7 @@ def _earliest_first(original):
 
 
 CHECKS = {"sparsevlm": (SparseVLM, lambda: check_sparsevlm("llava", 2, "rank")),
+          "sparsevlm_previous": (SparseVLM, lambda: check_sparsevlm("llava", 0.5, "rank", votes="previous")),
           "sparsevlm_recycling": (SparseVLM, lambda: check_sparsevlm_recycling("llava", 2, "rank")),
           "visionzip": (VisionZip, lambda: check_visionzip("llava", 10)),
           "fastervlm": (FasterVLM, lambda: check_fastervlm("llava", 5))}
