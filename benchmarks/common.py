@@ -19,11 +19,14 @@ def timed(fn: Callable[[], object], clock: Callable[[], float] = time.perf_count
 
 
 def ratios(baseline: Callable[[], object], variants: dict[str, Callable[[], object]], repeats: int = 7,
-           warmup: int = 1, clock: Callable[[], float] = time.perf_counter) -> tuple[float, dict[str, float]]:
+           warmup: int = 1, clock: Callable[[], float] = time.perf_counter,
+           measure: Callable[[Callable, Callable[[], float]], float] = timed) -> tuple[float, dict[str, float]]:
     """Median baseline seconds and, per variant, the median of per-round time ratios.
 
     ``clock=time.process_time`` counts this process's CPU seconds instead of wall time:
     on a machine shared with other jobs it is far less noisy (but hides idle waits).
+    ``measure(fn, clock)`` gives one run's seconds (default: the whole call; :func:`decoding_step` times
+    only the steps of a ``generate``).
 
     Rounds interleave baseline and variants so that machine noise hits both alike.
     """
@@ -34,11 +37,36 @@ def ratios(baseline: Callable[[], object], variants: dict[str, Callable[[], obje
                 fn()
         base_times, per_variant = [], {name: [] for name in variants}
         for _ in range(repeats):
-            base = timed(baseline, clock)
+            base = measure(baseline, clock)
             base_times.append(base)
             for name, fn in variants.items():
-                per_variant[name].append(timed(fn, clock) / base)
+                per_variant[name].append(measure(fn, clock) / base)
     return statistics.median(base_times), {name: statistics.median(r) for name, r in per_variant.items()}
+
+
+class _StepClock:
+    """A stopping criterion that stops nothing and notes the clock after each generated token."""
+
+    def __init__(self, clock: Callable[[], float]):
+        self.clock, self.times = clock, []
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        self.times.append(self.clock())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def decoding_step(generate: Callable[..., object], clock: Callable[[], float]) -> float:
+    """Mean seconds of one cached decoding step of ``generate(stopping_criteria=[...])`` (at least two tokens):
+    the time between the first token (after the prefill) and the last, over the steps between them, so that
+    the prefill's time (and its noise) is no part of it."""
+    from transformers import StoppingCriteriaList
+
+    step_clock = _StepClock(clock)
+    generate(stopping_criteria=StoppingCriteriaList([step_clock]))
+    times = step_clock.times
+    if len(times) < 2:
+        raise ValueError("decoding_step needs a generate of at least two tokens")
+    return (times[-1] - times[0]) / (len(times) - 1)
 
 
 def write_section(path, heading: str, text: str) -> None:

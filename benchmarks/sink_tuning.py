@@ -11,8 +11,8 @@ the first word is the expected one, as prune-bench scores) and POPE on ``--pope-
 Speed: on the CPU benchmark model of the other benches (``common.llava_bench``: LLaVA-1.5-shaped, 576 visual +
 64 text tokens, random weights, batch 1, fp32, one thread), cached ``generate`` of 1 and of 1 + ``--tokens``
 tokens, greedy and each method in interleaved rounds (``common.ratios``, medians of per-round ratios):
-``*_prefill_ratio`` is the 1-token generate's, ``*_latency_ratio`` the decoding steps' (the prefill
-subtracted). Both methods edit every head of layers 2 .. L-2 (the most a selection holds); random weights
+``*_prefill_ratio`` is the 1-token generate's, ``*_latency_ratio`` the decoding steps' (``common.decoding_step``:
+the clock read after each generated token, the steps after the first averaged, so no prefill time enters it). Both methods edit every head of layers 2 .. L-2 (the most a selection holds); random weights
 grow no sinks above ACT's released eps, so ACT runs with eps 0.002 there, which makes it find sinks and edit
 every row of those heads, prefill and decoding steps alike (its most costly case).
 
@@ -130,7 +130,7 @@ def speed(args) -> dict:
     import vlmtools
 
     sys.path.append(str(HERE))
-    from common import llava_bench, ratios
+    from common import decoding_step, llava_bench, ratios
 
     torch.set_num_threads(args.threads)
     model, batch, sync = llava_bench(False)
@@ -141,26 +141,26 @@ def speed(args) -> dict:
     found = {}
 
     def run(tokens, method=None):
-        def go():
+        def go(**kwargs):
             with vlm.use(*([method] if method else [])) as trace:
-                model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+                model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, **kwargs)
             if method is methods["act"]:
                 found["act_sinks"] = sum(len(k) for at in trace[method].sinks.values() for k in at)
             sync()
         return go
 
     clock = time.process_time if args.clock == "process" else time.perf_counter
-    long_base, long = ratios(run(1 + args.tokens), {n: run(1 + args.tokens, m) for n, m in methods.items()},
-                             repeats=args.repeats, clock=clock)
+    step_base, step = ratios(run(1 + args.tokens), {n: run(1 + args.tokens, m) for n, m in methods.items()},
+                             repeats=args.repeats, clock=clock, measure=decoding_step)
     short_base, short = ratios(run(1), {n: run(1, m) for n, m in methods.items()}, repeats=args.repeats, clock=clock)
     out = {"model": "common.llava_bench: LLaVA-1.5-shaped, random weights, 8 layers, hidden 512",
            "tokens": f"1 x {batch['input_ids'].shape[1]} (576 visual), {args.tokens} decoding steps",
            "clock": "process CPU time" if args.clock == "process" else "wall", "threads": args.threads,
            "edited_layers": sorted(heads), "act_eps": 0.002, "act_sinks_found": found.get("act_sinks"),
-           "greedy_prefill_s": short_base, "greedy_decode_s_per_token": (long_base - short_base) / args.tokens}
+           "greedy_prefill_s": short_base, "greedy_decode_s_per_token": step_base}
     for name in methods:
         out[f"{name}_prefill_ratio"] = short[name]
-        out[f"{name}_latency_ratio"] = (long[name] * long_base - short[name] * short_base) / (long_base - short_base)
+        out[f"{name}_latency_ratio"] = step[name]
     return out
 
 
@@ -223,7 +223,9 @@ def main():
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument("--out", default="sink-tuning.json")
-    parser.add_argument("--write", action="store_true", help=f"write the {SECTION!r} section of RESULTS.md")
+    parser.add_argument("--write", action="store_true", help="write the --section section of RESULTS.md")
+    parser.add_argument("--section", default=SECTION, help="its heading (default: %(default)s); another heading "
+                        "adds a section beside the earlier runs' instead of replacing it")
     parser.add_argument("--merge", nargs="+", metavar="JSON",
                         help="run nothing: join the --out files of runs that each did a part (a model, the speed) "
                              "and print (and --write) them as one")
@@ -243,7 +245,7 @@ def main():
         sys.path.append(str(HERE))
         from common import write_section
 
-        write_section(HERE / "RESULTS.md", SECTION, section(record))
+        write_section(HERE / "RESULTS.md", args.section, section(record, args.section))
 
 
 def merged(records: list[dict]) -> dict:
@@ -264,7 +266,7 @@ def measured(args) -> dict:
     load = os.getloadavg()[0]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=HERE).stdout.strip()  # the code imported now
-    record = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "write", "merge")}}
+    record = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "write", "merge", "section")}}
     if not args.skip_quality:
         record["quality"] = {name + (" (no search)" if args.no_search else ""): quality(name, args)
                              for name in args.models.split(",")}
@@ -276,8 +278,8 @@ def measured(args) -> dict:
     return record
 
 
-def section(record: dict) -> str:
-    lines = [f"## {SECTION}", ""]
+def section(record: dict, heading: str = SECTION) -> str:
+    lines = [f"## {heading}", ""]
     lines += [f"`{run['command']}` at commit {run['commit']}: {run['seconds']:.0f} s on this {run['cpus']}-core CPU "
               f"shared with other jobs (load average {run['load_average_at_start']:.1f} at the start)."
               for run in record["runs"]]

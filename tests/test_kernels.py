@@ -20,15 +20,16 @@ import torch.nn.functional as F
 import transformers.integrations.flex_attention as hf_flex
 import transformers.masking_utils as hf_masks
 import transformers.modeling_flash_attention_utils as hf_flash
-from transformers import AttentionInterface
+from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.utils import is_flash_attn_2_available
 
 import vlmtools
 from tests.test_drop import hidden_then_pruned, keep_every_other_visual, tail_model
 from tests.test_seam import AddToLastRow
 from vlmtools.adapters.base import UnsupportedModel
-from vlmtools.attention import SERVED, block_mask_rows, flash_rows, seam_name
+from vlmtools.attention import SERVED, _row_groups, block_mask_rows, flash_rows, seam_name
 from vlmtools.drop import DropTokens, _gather_inputs, packed_lengths
+from vlmtools.plan import AttentionHook
 from vlmtools.testing.vlm import BUILDERS, tiny_llava, tiny_qwen2_vl
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -246,6 +247,127 @@ def test_flash_rows_against_a_dense_reference():
     packed[3:, 3:] = torch.ones(4, 4).bool().tril()
     assert torch.equal(flash_rows(None, 7, 7, True, cu_q=cu, cu_k=cu)(torch.arange(7))[0, 0], packed)
     assert flash_rows(None, 1, 7, True) is None and flash_rows(None, 7, 7, False) is None
+
+
+# -- a logit bias: inside the kernel where it takes one ------------------------------------------------------------
+
+
+class BiasKeys(AttentionHook):
+    """A fixed logit bias per (sample, head, prompt key) at text.1, for every query row; generated keys get none."""
+
+    def __init__(self, table, record=False):
+        self.table, self.recorded = table, [] if record else None
+
+    def logit_bias(self, call):
+        bias = torch.zeros(*self.table.shape[:2], 1, call.k_len)
+        width = min(call.k_len, self.table.shape[-1])
+        bias[..., :width] = self.table[:, :, None, :width]
+        return bias
+
+    def rows(self, call):
+        return "all" if self.recorded is not None else None
+
+    def record(self, call, rows, probs):
+        self.recorded.append(probs)
+
+    def attach(self, vlm, plan):
+        plan.attention(vlm.site("text.1"), self)
+
+
+def bias_table(inputs, heads=4):
+    return 3 * torch.randn(inputs["input_ids"].shape[0], heads, inputs["input_ids"].shape[1],
+                           generator=torch.Generator().manual_seed(0))
+
+
+def with_bias_written_in(model, inputs, table, steps):
+    """Logits of the prefill and of ``steps`` greedy steps with the bias written into a full eager attention."""
+    from transformers.masking_utils import eager_mask
+
+    def biased_eager(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        from transformers.integrations.sdpa_attention import repeat_kv
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+
+        if module.layer_idx != 1:
+            return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+        k, v = repeat_kv(key, module.num_key_value_groups), repeat_kv(value, module.num_key_value_groups)
+        z = (query.float() @ k.float().transpose(2, 3)) * scaling + attention_mask
+        z[..., :table.shape[-1]] += table[:, :, None]
+        p = z.softmax(-1)
+        return (p @ v.float()).to(query.dtype).transpose(1, 2).contiguous(), p
+
+    AttentionInterface.register("biased_eager", biased_eager)
+    AttentionMaskInterface.register("biased_eager", eager_mask)
+    model.set_attn_implementation({"text_config": "biased_eager"})
+    try:
+        return generated_logits(model, inputs, steps)
+    finally:
+        model.set_attn_implementation({"text_config": "sdpa"})
+
+
+def generated_logits(model, inputs, steps):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
+                              output_logits=True).logits
+
+
+@pytest.mark.parametrize("name", ["sdpa", *CPU_KERNELS])
+def test_a_logit_bias_equals_it_written_into_eager(name, request, monkeypatch):
+    """Prefill and cached steps of a left-padded batch; SDPA, flex and eager add it inside the kernel (the explicit
+    path never runs), FlashAttention's stand-in on the explicit path."""
+    import vlmtools.attention as seam
+
+    kernel = runnable(request, name)
+    reference_model, inputs = tiny_llava()
+    table = bias_table(inputs)
+    expected = with_bias_written_in(reference_model, inputs, table, 3)
+    plain = generated_logits(reference_model, inputs, 3)
+    model, _ = load(kernel)
+    explicit = []
+    monkeypatch.setattr(seam, "_row_groups", lambda *a: explicit.append(1) or _row_groups(*a))
+    with vlmtools.wrap(model).use(BiasKeys(table)):
+        got = generated_logits(model, inputs, 3)
+    assert bool(explicit) == ("flash" in kernel)
+    for got_step, expected_step, plain_step in zip(got, expected, plain, strict=True):
+        torch.testing.assert_close(got_step, expected_step, atol=1e-4, rtol=0)
+        assert (plain_step - expected_step).abs().max() > 1e-3  # a no-op bias would fail the check above
+
+
+def test_a_logit_bias_past_the_mask_budget_and_with_a_recorder(monkeypatch):
+    """A combined mask larger than the explicit path's chunk goes to the explicit path; a recorder in the block
+    reads the biased rows, while the kernel writes the output."""
+    import vlmtools.attention as seam
+
+    model, inputs = tiny_llava()
+    table = bias_table(inputs)
+    expected = with_bias_written_in(model, inputs, table, 1)[0]
+    monkeypatch.setattr(seam, "CHUNK_BYTES", 64)
+    recorder = BiasKeys(table, record=True)
+    with vlmtools.wrap(model).use(recorder):
+        got = generated_logits(model, inputs, 1)[0]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    probs = torch.cat(recorder.recorded, 2)  # the prefill's rows, chunk after chunk
+    real = inputs["attention_mask"].bool()
+    b, last = 0, inputs["input_ids"].shape[1] - 1
+    row = probs[b, :, last]
+    assert torch.allclose(row.sum(-1), torch.ones(row.shape[0]), atol=1e-5)
+    with torch.no_grad(), vlmtools.wrap(model).use(vlmtools.RecordRows(["text.1"], "last")) as plain:
+        model(**inputs)
+    unbiased = plain["text.1.rows"][0][b, :, 0].float()
+    ratio = row[:, real[b]] / unbiased[:, real[b]]  # softmax(z + bias) / softmax(z) = exp(bias) / const per row
+    scale = table[b][:, real[b]].exp()
+    torch.testing.assert_close(ratio / ratio[:, :1], scale / scale[:, :1], atol=1e-3, rtol=1e-3)
+
+
+def test_a_logit_bias_in_bf16(monkeypatch):
+    model, inputs = tiny_llava()
+    table = bias_table(inputs)
+    expected = with_bias_written_in(model, inputs, table, 2)
+    model = model.to(torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
+    with vlmtools.wrap(model).use(BiasKeys(table)):
+        got = generated_logits(model, inputs, 2)
+    for got_step, expected_step in zip(got, expected, strict=True):
+        torch.testing.assert_close(got_step.float(), expected_step, atol=0.1, rtol=0.05)
 
 
 # -- dropping tokens --------------------------------------------------------------------------------------------------

@@ -103,3 +103,19 @@ def test_benchmark_scores_hand_made_answers():
     assert got["pope"]["average"]["accuracy"] == 0.75
     with pytest.raises(ValueError, match="2 answers for 1 questions"):
         bench.qa_accuracy(["yes", "no"], ["yes"])
+
+
+def test_decoding_step_times_only_the_steps_after_the_prefill():
+    spec = importlib.util.spec_from_file_location("bench_common", ROOT / "benchmarks" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    ticks = iter([10.0, 11.0, 13.0, 16.0])  # the clock after each token: the first one ends the prefill
+
+    def generate(stopping_criteria):
+        for length in range(4):
+            assert not stopping_criteria(torch.zeros(1, 5 + length, dtype=torch.long), None).any()
+
+    assert common.decoding_step(generate, lambda: next(ticks)) == 2.0  # (16 - 10) / 3 steps
+    with pytest.raises(ValueError, match="at least two tokens"):
+        common.decoding_step(lambda stopping_criteria: stopping_criteria(torch.zeros(1, 5, dtype=torch.long), None),
+                             lambda: 0.0)

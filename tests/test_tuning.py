@@ -5,6 +5,7 @@ import torch
 import vlmtools
 from tuning import ACT, HeadSelection, ZeroTuning, calibrate
 from vlmtools.testing import tiny_llava
+from vlmtools.testing.vlm import BUILDERS
 
 LAYER, HEAD = 2, 1
 
@@ -381,3 +382,30 @@ def test_greedy_scoring_reads_the_first_word():
         accuracy(vlmtools.wrap(model), samples)
     with pytest.raises(ValueError, match="2 prompts and 1 answers"):
         accuracy(vlm, [(inputs, "w1")])
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_zerotuning_in_the_kernel_equals_the_explicit_path_on_every_family(family, monkeypatch):
+    """The bias inside SDPA (with each family's own masks: padding, Gemma 3's sliding and bidirectional image
+    masks, a hybrid's attention layers) against the explicit path's biased logits (a mask budget of 8 bytes)."""
+    import vlmtools.attention as seam
+
+    model, inputs = BUILDERS[family]()
+    vlm = vlmtools.wrap(model)
+    sliding = [i for i in vlm.attention_layers if getattr(vlm.site(f"text.{i}").module, "sliding_window", None)]
+    full = [i for i in vlm.attention_layers if i not in sliding]
+    layers = [full[-1]] + sliding[-1:]  # Gemma 3: a sliding layer too, whose window loses the initial token
+    zt = ZeroTuning({layer: [0, vlm.site(f"text.{layer}").heads - 1] for layer in layers}, gamma=4.0)
+    out = {}
+    for budget in (seam.CHUNK_BYTES, 8):
+        monkeypatch.setattr(seam, "CHUNK_BYTES", budget)
+        with torch.no_grad(), vlm.use(zt):
+            out[budget] = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True,
+                                         output_logits=True).logits
+    with torch.no_grad():
+        plain = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True,
+                               output_logits=True).logits
+    fused, explicit = out.values()
+    for a, b, c in zip(fused, explicit, plain, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert max((a - c).abs().max() for a, c in zip(fused, plain)) > 1e-4

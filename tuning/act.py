@@ -70,13 +70,16 @@ def sink_columns(mass: ColumnMass, eps: float) -> torch.Tensor:
 
 
 def calibrate_rows(probs: torch.Tensor, sinks: torch.Tensor, beta: float) -> torch.Tensor:
-    """ACT's edit of rows ``probs`` ``(B, h, R, K)`` given the sink columns ``sinks`` ``(B, h, K)``."""
-    sink = sinks[:, :, None].to(probs.dtype)
-    rest = probs * (1 - sink)
-    total = rest.sum(-1, keepdim=True)
-    freed = (1 - beta) * (probs * sink).sum(-1, keepdim=True)
-    edited = probs * (1 - (1 - beta) * sink) + freed * rest / total.clamp(min=TINY)
-    return torch.where(total > TINY, edited, probs)  # a row that sees only sinks keeps its attention
+    """ACT's edit of rows ``probs`` ``(B, h, R, K)`` given the sink columns ``sinks`` ``(B, h, K)``.
+
+    A row with sink mass ``S`` keeps ``beta`` of each sink's attention and gives the freed ``(1 - beta) S`` to its
+    other keys in proportion to theirs: each of them is multiplied by ``(1 - beta S) / (1 - S)``.
+    """
+    sink = sinks[:, :, None]
+    mass = probs.masked_fill(~sink, 0).sum(-1, keepdim=True)
+    rest = 1 - mass
+    factor = torch.where(sink, beta, (1 - beta * mass) / rest.clamp(min=TINY))
+    return torch.where(rest > TINY, probs * factor, probs)  # a row that sees only sinks keeps its attention
 
 
 class ACT:
@@ -129,6 +132,8 @@ class ACTRun(AttentionHook):
                          "decoding": "sinks found at the prefill, kept for the cached steps"}
         self.sinks: dict[tuple[int, int], list[torch.Tensor]] = {}
         self._index = {layer: torch.tensor(heads) for layer, heads in self.heads.items()}
+        self._every_head = {layer: list(heads) == list(range(vlm.site(f"text.{layer}").heads))
+                            for layer, heads in self.heads.items()}
         self._sinks: dict[int, torch.Tensor] = {}
         self._edits: dict[int, bool] = {}
         for layer in self.heads:
@@ -153,8 +158,9 @@ class ACTRun(AttentionHook):
     def edit_probs(self, call, rows, probs):
         layer = call.site.index
         found = self._sinks[layer]
-        if found.shape[-1] < call.k_len:  # a decoding step: the generated keys are no sinks
-            found = torch.cat([found, found.new_zeros(*found.shape[:2], call.k_len - found.shape[-1])], -1)
+        if found.shape[-1] != call.k_len:  # a decoding step: the generated keys are no sinks
+            found = torch.nn.functional.pad(found, (0, call.k_len - found.shape[-1]))
         heads = self._index[layer]
-        edited = calibrate_rows(probs.index_select(1, heads), found[..., :call.k_len], self.beta)
-        return probs.index_copy(1, heads, edited)
+        if self._every_head[layer]:
+            return calibrate_rows(probs, found, self.beta)
+        return probs.index_copy(1, heads, calibrate_rows(probs.index_select(1, heads), found, self.beta))

@@ -9,9 +9,10 @@ renormalising keeps the proportions among the other tokens and flattens (``gamma
 The released code (FeijiangHan/ZeroTuning, ``ZeroTuning_Attention``) multiplies column 0 of the post-softmax
 map by ``gamma`` in the target (layer, head)s and divides each row by its new sum, on every forward (prefill
 and decoding steps). That equals adding ``log(gamma)`` to the initial token's logit before the softmax:
-``gamma a_0 / ((gamma - 1) a_0 + 1)`` either way. Here the logit is edited (the seam's ``edit_logits``: no
-renormalisation pass), and the initial token is each sample's first real token by position (with left padding
-the first position that is not padding; column 0 of the released code would be a pad there).
+``gamma a_0 / ((gamma - 1) a_0 + 1)`` either way. Here it is that bias (the seam's ``logit_bias``: the fused
+kernel adds it, with no explicit attention map and no renormalisation pass; in bf16 the kernel adds it in bf16),
+and the initial token is each sample's first real token by position (with left padding the first position that
+is not padding; column 0 of the released code would be a pad there).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from vlmtools.plan import ALL, AttentionHook, key_positions
+from vlmtools.plan import AttentionHook, key_positions
 
 from .selection import HeadSelection, heads_source, resolve_heads
 
@@ -99,12 +100,13 @@ class ZeroTuningRun(AttentionHook):
             first = found.int().argmax(-1)
         return first.to(call.query.device)
 
-    def rows(self, call):
-        return ALL
-
-    def edit_logits(self, call, rows, logits):
+    def logit_bias(self, call):
         layer = call.site.index
         columns = self._columns[layer]
-        batch = torch.arange(len(columns), device=logits.device)[:, None]
-        logits[batch, self._index[layer][None], :, columns[:, None]] += self.log_gamma
-        return logits
+        evicted = self.state.layout.seq_len + self.state.step - call.k_len
+        if getattr(call.site.module, "sliding_window", None) and evicted > 0 and layer not in self.state.kept_keys:
+            columns = columns - evicted  # a sliding window's cache holds the latest keys; an earlier one is gone
+        bias = call.query.new_zeros(len(columns), call.query.shape[1], 1, call.k_len, dtype=torch.float32)
+        held = (columns >= 0).nonzero()[:, 0]
+        bias[held[:, None], self._index[layer][None], 0, columns[held][:, None]] = self.log_gamma
+        return bias

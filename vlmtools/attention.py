@@ -22,7 +22,11 @@ implementation it was loaded with. The function looks up the active
   kernel was given (the 4-D mask's rows; the ``BlockMask``'s ``mask_mod`` on those rows;
   causality, the padding mask and the cumulative lengths of FlashAttention), lets hooks
   edit and record them, and writes back the rows that were edited. Hooks read that
-  visibility through ``call.visible_rows(rows)``.
+  visibility through ``call.visible_rows(rows)``. A hook's fixed additive logit bias
+  (``logit_bias``) goes into the kernel itself where it takes one (SDPA and flex through
+  transformers' ``position_bias``, eager through its float mask), so a method that only
+  biases logits (ZeroTuning) keeps the fused kernel; FlashAttention takes none, and there
+  every row of the call takes the explicit path.
 
 Any other implementation (``paged|eager``, a kernel from the Hub, one a user registered)
 is refused at ``wrap`` and at ``use`` (:class:`~vlmtools.adapters.base.UnsupportedModel`
@@ -76,28 +80,37 @@ def loaded_implementation(name: str | None) -> str | None:
     return name.removeprefix(f"{SEAM}:") if isinstance(name, str) else name
 
 
-def run_planned(call: AttentionCall, hooks: Sequence[AttentionHook], fused: Callable[[], torch.Tensor] | None) -> torch.Tensor:
+def run_planned(call: AttentionCall, hooks: Sequence[AttentionHook], fused: Callable[[], torch.Tensor] | None,
+                biased: Callable[[torch.Tensor], torch.Tensor | None] | None = None) -> torch.Tensor:
     """Attention output ``(B, H, Lq, D)`` for a planned call.
 
-    ``fused`` computes the unedited output with the fast kernel; it is skipped when
-    the hooks edit every row anyway.
+    ``fused()`` computes the unedited output with the fast kernel; it is skipped when the hooks edit every row
+    anyway. ``biased(bias)`` computes it with the hooks' summed :meth:`~vlmtools.plan.AttentionHook.logit_bias`
+    added inside that kernel, or returns None where the kernel cannot take it; then every row takes the
+    explicit path, as it does without ``biased``.
     """
     for hook in hooks:
         hook.observe(call)
+    bias = _logit_bias(hooks, call)
     wanted = [(hook, rows) for hook in hooks if (rows := hook.rows(call)) is not None]
     editing_all = any(hook.edits and rows is ALL for hook, rows in wanted)
     q = call.query
+    out = None
     if fused is not None and not editing_all:
-        out = fused()
-    else:
+        out = fused() if bias is None else biased(bias) if biased is not None else None
+    rewrite = bias is not None and out is None  # the bias is added on the explicit path, to every row
+    if out is None:
         out = q.new_empty(*q.shape[:3], call.value.shape[-1])
-    if not wanted:
+    if not wanted and not rewrite:
         return out
     key_t = call.key.float().transpose(-1, -2)
     value = call.value.float()
-    for group in _row_groups(wanted, call):
-        logits = q.index_select(2, group).float() @ key_t
+    for group in _row_groups(wanted + [(None, ALL)] * rewrite, call):
+        whole = group.numel() == call.q_len  # every row in one chunk (a decoding step): no row copies
+        logits = (q if whole else q.index_select(2, group)).float() @ key_t
         logits.mul_(call.scaling)
+        if bias is not None:
+            logits += bias if bias.shape[-2] == 1 else bias.index_select(-2, group)
         visible = call.visible_rows(group)
         if visible is not None:
             logits.masked_fill_(~visible, torch.finfo(logits.dtype).min)
@@ -115,11 +128,20 @@ def run_planned(call: AttentionCall, hooks: Sequence[AttentionHook], fused: Call
                 _put(probs, pos, hook.edit_probs(call, _take(group, pos, 0), _take(probs, pos)))
         for hook, pos in selected:
             hook.record(call, _take(group, pos, 0), _take(probs, pos))
-        edited = [pos for hook, pos in selected if hook.edits]
+        edited = [pos for hook, pos in selected if hook.edits] + [None] * rewrite
         if edited:
             pos = None if any(p is None for p in edited) else torch.unique(torch.cat(edited))
-            out[:, :, _take(group, pos, 0)] = (_take(probs, pos) @ value).to(out.dtype)
+            if whole and pos is None:
+                out = (probs @ value).to(out.dtype)
+            else:
+                out[:, :, _take(group, pos, 0)] = (_take(probs, pos) @ value).to(out.dtype)
     return out
+
+
+def _logit_bias(hooks: Sequence[AttentionHook], call: AttentionCall) -> torch.Tensor | None:
+    """The hooks' additive logit biases summed (fp32, broadcastable to ``(B, H, Lq, Lk)``), or None."""
+    biases = [bias.float() for hook in hooks if (bias := hook.logit_bias(call)) is not None]
+    return functools.reduce(torch.add, biases) if biases else None
 
 
 def _softmax_(logits: torch.Tensor) -> torch.Tensor:
@@ -319,6 +341,14 @@ def _seam_function(implementation: str) -> Callable:
             out, _ = kernel(as_loaded, query, key, value, attention_mask, *args, **kwargs)
             return out.transpose(1, 2)
 
+        def biased(bias):
+            mask = _mask_with_bias(implementation, attention_mask, bias.to(query.dtype), query, key)
+            if mask is None:
+                return None
+            bias_kwargs = {"position_bias": mask[1]} if mask[1] is not None else {}
+            out, _ = kernel(as_loaded, query, key, value, mask[0], *args, **{**kwargs, **bias_kwargs})
+            return out.transpose(1, 2)
+
         n_rep = query.shape[1] // key.shape[1]
         causal = given.get("is_causal")
         causal = causal if causal is not None else getattr(module, "is_causal", True)
@@ -332,11 +362,37 @@ def _seam_function(implementation: str) -> Callable:
             kv_heads=key.shape[1],
         )
         _set_visibility(call, implementation, attention_mask, causal, given)
-        out = run_planned(call, hooks, fused)
+        out = run_planned(call, hooks, fused, biased)
         return out.transpose(1, 2).contiguous(), None
 
     seam_attention.__name__ = seam_attention.__qualname__ = f"seam_attention_{implementation}"
     return seam_attention
+
+
+def _mask_with_bias(implementation: str, mask, bias: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
+    """``(mask, position_bias)`` that make ``implementation``'s kernel add ``bias`` to its logits, or None where it
+    cannot: FlashAttention takes no bias, and SDPA's and eager's combined float mask ``(B, H, Lq, Lk)`` is
+    materialised, so a larger one than the explicit path's chunk (:data:`CHUNK_BYTES`) goes there instead.
+
+    SDPA and flex take transformers' own ``position_bias`` (combined there with the mask and causality; flex reads
+    it per score); eager, which has no such argument, gets the bias added to its float mask.
+    """
+    if "flash" in implementation:
+        return None
+    batch, heads, q_len, _ = query.shape
+    bias = bias.expand(max(batch, bias.shape[0]), heads, q_len, key.shape[2])
+    if implementation == "flex_attention":
+        return mask, bias
+    if bias.numel() * bias.element_size() > CHUNK_BYTES:
+        return None
+    if implementation == "sdpa":
+        return (mask[..., :key.shape[2]] if isinstance(mask, torch.Tensor) else mask), bias
+    if mask is None:
+        return bias.contiguous(), None
+    mask = mask[..., :key.shape[2]]
+    if mask.dtype == torch.bool:
+        return torch.where(mask, bias, torch.finfo(bias.dtype).min), None
+    return mask + bias, None
 
 
 def _arguments(kernel, module, query, key, value, attention_mask, args, kwargs) -> dict:

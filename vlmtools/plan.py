@@ -10,7 +10,8 @@ Hooks are small objects with one job each. An :class:`AttentionHook` is asked, a
 call of its site, which query rows of post-softmax attention it needs (:meth:`rows`);
 the seam computes only those rows (chunked when all are asked for), lets the hook bias
 their logits, edit their probabilities and record them, and writes back only rows that
-were edited. A :class:`LayerHook` sees (and may replace) the residual stream entering a
+were edited. A hook whose edit is a fixed additive bias on the logits (:meth:`logit_bias`)
+needs no rows: the seam adds it inside the fused kernel where the kernel takes one. A :class:`LayerHook` sees (and may replace) the residual stream entering a
 decoder layer together with that layer's keyword arguments (masks, positions).
 """
 from __future__ import annotations
@@ -96,6 +97,15 @@ class AttentionHook:
 
     def rows(self, call: AttentionCall) -> Rows | None:
         """Query rows of post-softmax attention this hook needs: indices, ALL, or None."""
+        return None
+
+    def logit_bias(self, call: AttentionCall) -> torch.Tensor | None:
+        """An additive pre-softmax bias broadcastable to ``(B, H, Lq, Lk)``, or None: this call unedited.
+
+        Unlike :meth:`edit_logits` it does not depend on the logits, so the seam adds it inside the fused kernel
+        where that kernel takes an additive bias (SDPA, flex, eager: transformers' ``position_bias`` or the mask)
+        and else on the explicit path's logits of every row. A bias never makes a hidden key visible.
+        """
         return None
 
     def edit_logits(self, call: AttentionCall, rows: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
