@@ -409,3 +409,38 @@ def test_zerotuning_in_the_kernel_equals_the_explicit_path_on_every_family(famil
     for a, b, c in zip(fused, explicit, plain, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert max((a - c).abs().max() for a, c in zip(fused, plain)) > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["act", "zerotuning"])
+def test_a_sliding_window_layers_decoding_steps_read_the_keys_it_holds(kind):
+    """Gemma 3's sliding layer holds only the latest keys at a decoding step: ACT edits the prefill's sinks among
+    them (the released formula on the step's row, by position), ZeroTuning biases the initial token only while it
+    is held (here it is not: the row is the unedited one)."""
+    model, inputs = BUILDERS["gemma3"]()
+    vlm = vlmtools.wrap(model)
+    layer = max(i for i in vlm.attention_layers if getattr(vlm.site(f"text.{i}").module, "sliding_window", None))
+    heads = list(range(vlm.site(f"text.{layer}").heads))
+    method = ACT({layer: heads}, eps=0.05) if kind == "act" else ZeroTuning({layer: heads}, gamma=4.0)
+    with torch.no_grad(), vlm.use(method, vlmtools.RecordRows([f"text.{layer}"], "last")) as trace:
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    step = trace[f"text.{layer}.rows"][1][:, :, -1]  # the first decoding step's row over the held keys, edited
+    length = out.shape[1] - 1  # the prompt and the first generated token: the keys of that step
+    held = torch.arange(length - step.shape[-1], length)
+    assert held[0] > 0  # the window has dropped the earliest keys, the initial token among them
+    longer = dict(inputs, input_ids=out[:, :-1], attention_mask=torch.cat([inputs["attention_mask"],
+                                                                           torch.ones(2, 1, dtype=torch.long)], 1))
+    with torch.no_grad(), vlm.use(vlmtools.RecordRows([f"text.{layer}"], "last")) as plain:
+        model(**longer)  # the layers before it are unedited: the same row before any edit, over every key
+    row = plain[f"text.{layer}.rows"][0][:, :, -1][..., held]
+    if kind == "zerotuning":
+        torch.testing.assert_close(step, row, atol=1e-5, rtol=0)
+        return
+    moved = 0
+    for b in range(2):
+        for h in heads:
+            sink = torch.isin(held, trace[method].sinks[(layer, h)][b])
+            freed = 0.6 * row[b, h][sink].sum()
+            expected = torch.where(sink, 0.4 * row[b, h], row[b, h] + freed * row[b, h] / row[b, h][~sink].sum())
+            torch.testing.assert_close(step[b, h], expected, atol=1e-5, rtol=0)
+            moved += int(sink.any())
+    assert moved  # some prefill sink is still held: the check above edits something

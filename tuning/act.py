@@ -158,9 +158,19 @@ class ACTRun(AttentionHook):
     def edit_probs(self, call, rows, probs):
         layer = call.site.index
         found = self._sinks[layer]
-        if found.shape[-1] != call.k_len:  # a decoding step: the generated keys are no sinks
-            found = torch.nn.functional.pad(found, (0, call.k_len - found.shape[-1]))
+        if found.shape[-1] != call.k_len:
+            found = self._at_keys(layer, found, call.k_len)
         heads = self._index[layer]
         if self._every_head[layer]:
             return calibrate_rows(probs, found, self.beta)
         return probs.index_copy(1, heads, calibrate_rows(probs.index_select(1, heads), found, self.beta))
+
+    def _at_keys(self, layer: int, found: torch.Tensor, k_len: int) -> torch.Tensor:
+        """The prefill's sinks at a decoding step's ``k_len`` keys: the generated keys are no sinks, and a sliding
+        window's cache holds only its latest keys (:func:`~vlmtools.plan.key_positions`)."""
+        positions = key_positions(self.state, layer, k_len) if layer not in self.state.kept_keys else None
+        if positions is None:  # the prefill's keys (or a token drop's kept ones), then the generated ones
+            return torch.nn.functional.pad(found, (0, k_len - found.shape[-1]))
+        positions = positions.to(found.device)
+        index = positions.clamp(max=found.shape[-1] - 1)[:, None].expand(-1, found.shape[1], -1)
+        return found.gather(-1, index) & (positions < found.shape[-1])[:, None]

@@ -75,7 +75,6 @@ class ZeroTuningRun(AttentionHook):
         self.settings = {"method": "ZeroTuning", "gamma": gamma, "log_gamma": math.log(gamma), "heads": self.heads,
                          "heads_source": heads_source(zt.heads), "edit": "log(gamma) added to the initial logit"}
         self._index = {layer: torch.tensor(heads) for layer, heads in self.heads.items()}
-        self._columns: dict[int, torch.Tensor] = {}  # layer -> (B,) the initial token's key index there
         for layer in self.heads:
             plan.attention(vlm.site(f"text.{layer}"), self)
 
@@ -84,28 +83,24 @@ class ZeroTuningRun(AttentionHook):
         return [sample.first for sample in self.state.layout.samples]
 
     def observe(self, call):
-        layer = call.site.index
-        if call.is_prefill or layer not in self._columns:  # a decoding step's keys keep the prompt's places
-            self._columns[layer] = self._initial_columns(call)
-            self._index[layer] = self._index[layer].to(call.query.device)
+        self._index[call.site.index] = self._index[call.site.index].to(call.query.device)
 
     def _initial_columns(self, call) -> torch.Tensor:
+        """Each sample's initial-token key column at this call, -1 where its keys no longer hold it (a sliding
+        window's decoding steps)."""
         layer = call.site.index
         first = torch.tensor(self.initial)
         positions = key_positions(self.state, layer, call.k_len)
-        if positions is not None:  # a token drop shortened this layer: find the initial token among the kept keys
-            found = positions.cpu() == first[:, None]
-            if not found.any(-1).all():
-                raise ValueError(f"ZeroTuning: a token drop removed a sample's initial token before layer {layer}")
-            first = found.int().argmax(-1)
-        return first.to(call.query.device)
+        if positions is None:
+            return first.to(call.query.device)
+        found = positions.cpu() == first[:, None]  # a token drop's kept keys, or a sliding window's latest
+        if call.is_prefill and not found.any(-1).all():
+            raise ValueError(f"ZeroTuning: a token drop removed a sample's initial token before layer {layer}")
+        return torch.where(found.any(-1), found.int().argmax(-1), -1).to(call.query.device)
 
     def logit_bias(self, call):
         layer = call.site.index
-        columns = self._columns[layer]
-        evicted = self.state.layout.seq_len + self.state.step - call.k_len
-        if getattr(call.site.module, "sliding_window", None) and evicted > 0 and layer not in self.state.kept_keys:
-            columns = columns - evicted  # a sliding window's cache holds the latest keys; an earlier one is gone
+        columns = self._initial_columns(call)
         bias = call.query.new_zeros(len(columns), call.query.shape[1], 1, call.k_len, dtype=torch.float32)
         held = (columns >= 0).nonzero()[:, 0]
         bias[held[:, None], self._index[layer][None], 0, columns[held][:, None]] = self.log_gamma

@@ -210,7 +210,8 @@ class ForwardState:
     ``present`` holds the original positions ``(B, n)`` of the tokens in the residual stream of the latest
     decoder layer a token drop ran in at prefill (what the LM's additions between layers are gathered to).
     ``kept_keys`` maps each decoder layer a token drop shortened at the latest prefill to the original prompt
-    positions ``(B, n)`` its tokens stand at (empty when nothing was dropped); :func:`key_positions` reads it.
+    positions ``(B, n)`` its tokens stand at (empty when nothing was dropped); :func:`key_positions` reads it,
+    and ``cache``, the KV cache of the latest forward (None without one).
     """
 
     layout: Any = None
@@ -220,19 +221,31 @@ class ForwardState:
     pixels_pending: bool = False
     present: Any = None
     kept_keys: dict = field(default_factory=dict)
+    cache: Any = None
 
 
 def key_positions(state: ForwardState, layer: int, k_len: int) -> torch.Tensor | None:
     """The original positions ``(B, k_len)`` of the keys layer ``layer``'s attention sees: the prompt positions
     a token drop kept there at the latest prefill, then ``seq_len, seq_len + 1, ...`` for the generated tokens
-    (cached decoding steps); None when no token was dropped before that layer (keys are then positions
+    (cached decoding steps); the latest ``k_len`` positions where that layer's cache is a sliding window that
+    has dropped the earliest keys (Gemma 3's sliding layers); None when neither (keys are then positions
     ``0 .. k_len - 1``)."""
     kept = state.kept_keys.get(layer)
     if kept is None:
-        return None
+        return _window_positions(state, layer, k_len)
     start = state.layout.seq_len if state.layout is not None else int(kept.max()) + 1
     generated = torch.arange(start, start + k_len - kept.shape[1], device=kept.device)
     return torch.cat([kept, generated.expand(kept.shape[0], -1)], 1)
+
+
+def _window_positions(state: ForwardState, layer: int, k_len: int) -> torch.Tensor | None:
+    """A sliding-window cache layer's keys: the latest ``k_len`` of the ``cumulative_length`` tokens it has seen
+    (the current call's included: the layer updates its cache before attending)."""
+    layers = getattr(state.cache, "layers", ())
+    seen = getattr(layers[layer], "cumulative_length", None) if layer < len(layers) else None
+    if not isinstance(seen, int) or seen <= k_len or state.layout is None:  # a static cache's is a tensor
+        return None
+    return torch.arange(seen - k_len, seen).expand(len(state.layout.samples), -1)
 
 
 class Plan:

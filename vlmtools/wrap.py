@@ -140,6 +140,7 @@ class WrappedModel(Wrapped):
             return
         cache = kwargs.get("cache", kwargs.get("past_key_values"))  # renamed in transformers 5
         fresh = cache is None or cache.get_seq_length() == 0
+        plan.state.cache = cache
         if fresh:
             plan.state.layout = self.layout(kwargs)
             plan.state.input_ids = input_ids
