@@ -34,8 +34,10 @@ class SinkLayer(PrunedCacheLayer):
     """One attention layer's cache: the sink keys (the first ``sinks`` real tokens of the prompt and the
     ``lasting`` prompt positions of each sample) and the latest tokens, ``capacity`` keys at most.
 
-    Held per key: ``visible`` (a real token, not padding), ``sink`` and ``shift`` (the positions it moves up
-    to its place in the cache). As a :class:`~vlmtools.drop.PrunedCacheLayer` it also takes the count of prompt
+    Held per key: ``visible`` (a real token, not padding), ``sink``, ``shift`` (the positions it moves up
+    to its place in the cache) and ``received`` (which of the tokens this layer was given it is: 0, 1, ...;
+    ``held_received`` reads it for the keys the latest update returned, what
+    :func:`vlmtools.plan.key_positions` maps to original positions). As a :class:`~vlmtools.drop.PrunedCacheLayer` it also takes the count of prompt
     tokens a pruning host dropped before this layer (``dropped``), so positions and mask sizes stay those of the
     unpruned stream.
     """
@@ -48,7 +50,7 @@ class SinkLayer(PrunedCacheLayer):
         self.lasting = lasting
         self.capacity = sinks + window + max(map(len, lasting or [[]]))
         self.seen, self.evicted, self.uniform = 0, False, True
-        self.visible = self.sink = self.shift = None
+        self.visible = self.sink = self.shift = self.received = self.held_received = None
         self.ring: _Ring | None = None
 
     @property
@@ -60,7 +62,9 @@ class SinkLayer(PrunedCacheLayer):
         batch, _, new, _ = key_states.shape
         if self.ring is not None and new == 1:
             self.seen += 1
-            return self.ring.step(key_states, value_states)
+            keys, values = self.ring.step(key_states, value_states, self.seen - 1)
+            self.held_received = self.ring.received
+            return keys, values
         self._unring()
         positions = _positions((kwargs or {}).get("position_ids"), batch, new, self.seen, key_states.device)
         if not self.is_initialized:
@@ -68,14 +72,17 @@ class SinkLayer(PrunedCacheLayer):
             visible, sink = self._prompt_flags(positions)
             self.visible, self.sink = visible, sink
             self.shift = torch.zeros_like(positions)
+            self.received = torch.arange(new, device=positions.device).expand(batch, -1)
         else:
             self.visible = torch.cat([self.visible, torch.ones_like(positions, dtype=torch.bool)], 1)
             self.sink = torch.cat([self.sink, torch.zeros_like(positions, dtype=torch.bool)], 1)
             self.shift = torch.cat([self.shift, torch.zeros_like(positions)], 1)
+            received = torch.arange(self.seen, self.seen + new, device=positions.device).expand(batch, -1)
+            self.received = torch.cat([self.received, received], 1)
         self.keys = torch.cat([self.keys, key_states], -2)
         self.values = torch.cat([self.values, value_states], -2)
         self.seen += new
-        keys, values = self.placed(), self.values
+        keys, values, self.held_received = self.placed(), self.values, self.received
         self._evict()
         if self.evicted and self.uniform and new == 1:
             self._ring()
@@ -87,13 +94,13 @@ class SinkLayer(PrunedCacheLayer):
         sinks = self.capacity - self.window
         self.uniform = bool(self.sink[:, :sinks].all()) and not bool(self.sink[:, sinks:].any())
         if self.uniform and bool(self.visible.all()):
-            self.ring = _Ring(self.keys, self.values, self.shift, sinks, self.inv_freq)
+            self.ring = _Ring(self.keys, self.values, self.shift, self.received, sinks, self.inv_freq)
             self.keys, self.values = self.ring.keys, self.ring.values
 
     def _unring(self) -> None:
         """Back to ordered keys (a forward of several tokens, a batch change)."""
         if self.ring is not None:
-            self.keys, self.values, self.shift = self.ring.ordered()
+            self.keys, self.values, self.shift, self.received = self.ring.ordered()
             self.ring = None
 
     def _prompt_flags(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,6 +141,7 @@ class SinkLayer(PrunedCacheLayer):
         kept = evict.to(torch.uint8).sort(dim=1, stable=True).indices[:, : self.capacity]  # kept keys, in order
         self.shift = (self.shift + after).gather(1, kept)
         self.visible, self.sink = self.visible.gather(1, kept), self.sink.gather(1, kept)
+        self.received = self.received.gather(1, kept)
         index = kept[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[-1])
         self.keys, self.values = self.keys.gather(2, index), self.values.gather(2, index)
 
@@ -154,7 +162,8 @@ class SinkLayer(PrunedCacheLayer):
     def reset(self) -> None:
         self.ring = None
         super().reset()
-        self.seen, self.evicted, self.uniform, self.visible, self.sink, self.shift = 0, False, True, None, None, None
+        self.seen, self.evicted, self.uniform = 0, False, True
+        self.visible = self.sink = self.shift = self.received = self.held_received = None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("a sink cache cannot be cropped: evicted tokens are gone")
@@ -166,15 +175,15 @@ class SinkLayer(PrunedCacheLayer):
         self._unring()
         if self.is_initialized:
             super().batch_select_indices(indices)
-            flags = (self.visible, self.sink, self.shift)
-            self.visible, self.sink, self.shift = (t[indices.to(t.device)] for t in flags)
+            flags = (self.visible, self.sink, self.shift, self.received)
+            self.visible, self.sink, self.shift, self.received = (t[indices.to(t.device)] for t in flags)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._unring()
         if self.is_initialized:
             super().batch_repeat_interleave(repeats)
-            self.visible, self.sink, self.shift = (t.repeat_interleave(repeats, 0)
-                                                   for t in (self.visible, self.sink, self.shift))
+            self.visible, self.sink, self.shift, self.received = (
+                t.repeat_interleave(repeats, 0) for t in (self.visible, self.sink, self.shift, self.received))
 
 
 class _Ring:
@@ -184,28 +193,32 @@ class _Ring:
     The eviction a step makes waits for the next step: the keys a step returns are read after it returns, and
     the next step rewrites them in place (as a ``StaticCache``'s are): keep a copy to hold them longer."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, shift: torch.Tensor, sinks: int, inv_freq):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, shift: torch.Tensor, received: torch.Tensor,
+                 sinks: int, inv_freq):
         held = keys.shape[-2]
         self.keys = torch.cat([keys, keys[:, :, :1]], -2)
         self.values = torch.cat([values, values[:, :, :1]], -2)
+        self.received = torch.cat([received, received[:, :1]], 1)
         self.head, self.head_shift, self.inv_freq = keys[:, :, :sinks].clone(), shift[:, :sinks].clone(), inv_freq
         self.keys[:, :, :sinks] = _rotate(self.head, self.head_shift, inv_freq)
         self.ages = deque(range(sinks, held))  # window slots, oldest first
         self.free, self.full = held, False
 
-    def step(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, key: torch.Tensor, value: torch.Tensor, received: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.full:  # the previous step's eviction: its oldest window key leaves, the sinks move up one
             self.free = self.ages.popleft()
             self.head_shift += 1
             self.keys[:, :, : self.head.shape[2]] = _rotate(self.head, self.head_shift, self.inv_freq)
         self.keys[:, :, self.free] = key[:, :, 0]
         self.values[:, :, self.free] = value[:, :, 0]
+        self.received[:, self.free] = received
         self.ages.append(self.free)
         self.full = True
         return self.keys, self.values
 
-    def ordered(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The held keys (stored sinks unturned, then the window oldest first), values and shifts."""
+    def ordered(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The held keys (stored sinks unturned, then the window oldest first), values, shifts and receipt
+        indices."""
         if self.full:
             self.ages.popleft()
             self.head_shift += 1
@@ -214,7 +227,8 @@ class _Ring:
         keys = torch.cat([self.head, self.keys.index_select(2, order)], -2)
         values = torch.cat([self.values[:, :, :sinks], self.values.index_select(2, order)], -2)
         shift = torch.cat([self.head_shift, self.head_shift.new_zeros(self.head_shift.shape[0], len(order))], 1)
-        return keys, values, shift
+        received = torch.cat([self.received[:, :sinks], self.received.index_select(1, order)], 1)
+        return keys, values, shift, received
 
 
 class SinkCache(Cache):

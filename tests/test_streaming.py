@@ -294,3 +294,85 @@ def test_every_step_equals_the_released_algorithm_by_hand_in_every_layer():
         with torch.no_grad():
             expected = released_streaming_logits(model, embeds[b, pads:-1], prompt - pads, sinks, window)
         torch.testing.assert_close(torch.stack(logits)[:, b], expected, atol=1e-4, rtol=1e-4)
+
+
+class KeysAt(vlmtools.AttentionHook):
+    """Each call's keys at one text site and their original positions as methods read them (``key_positions``)."""
+
+    def __init__(self, layer):
+        self.layer, self.calls = layer, []
+
+    def attach(self, vlm, plan):
+        self.state = plan.state
+        plan.attention(vlm.site(f"text.{self.layer}"), self)
+
+    def observe(self, call):
+        from vlmtools.plan import key_positions
+
+        self.calls.append((call.key.clone(), key_positions(self.state, self.layer, call.k_len)))
+
+
+class Forced:
+    """A logits processor that makes ``generate`` emit ``tokens`` (B, steps), one column a step."""
+
+    def __init__(self, tokens, prompt):
+        self.tokens, self.prompt = tokens, prompt
+
+    def __call__(self, input_ids, scores):
+        forced = torch.full_like(scores, float("-inf"))
+        return forced.scatter(1, self.tokens[:, input_ids.shape[1] - self.prompt, None], 0.0)
+
+
+def forced_run(model, vlm, inputs, tokens, cache, layer, *methods):
+    """Keys (and their positions) at ``layer`` and its last rows at every step of a forced generate."""
+    from transformers import LogitsProcessorList
+
+    keys = KeysAt(layer)
+    with torch.no_grad(), vlm.use(*methods, keys, vlmtools.RecordRows([f"text.{layer}"], "last")) as trace:
+        model.generate(**inputs, cache=cache, max_new_tokens=tokens.shape[1], do_sample=False,
+                       logits_processor=[Forced(tokens, inputs["input_ids"].shape[1])])
+    return keys.calls, trace[f"text.{layer}.rows"]
+
+
+@pytest.mark.parametrize("build", [tiny_llava, lambda: (tiny_llava()[0], one_sample(tiny_llava()[1]))],
+                         ids=["left-padded", "one-sample-in-place"])
+def test_methods_read_an_evicting_caches_keys_at_their_positions(build):
+    """Once the sink cache has evicted, ``key_positions`` names each held key's original position: a window key
+    is the full cache's key at that position, a sink the same key turned (same norm); ZeroTuning then biases the
+    held initial token, read by position (the row against the same cache's unedited row)."""
+    from tuning import ZeroTuning
+
+    model, inputs = build()
+    vlm = vlmtools.wrap(model)
+    layer, steps, prompt = 0, 12, inputs["input_ids"].shape[1]  # layer 0: its keys depend on the tokens alone
+    tokens = torch.randint(10, 40, (inputs["input_ids"].shape[0], steps), generator=torch.Generator().manual_seed(0))
+    full, _ = forced_run(model, vlm, inputs, tokens, DynamicCache(), layer)
+    held, plain = forced_run(model, vlm, inputs, tokens, SinkCache(vlm, window=6, sinks=2), layer)
+    all_keys = full[-1][0]  # the last step's keys over every position
+    last_keys, positions = held[-1]
+    assert positions is not None and last_keys.shape[2] < prompt  # evicted: fewer keys than the prompt
+    first = [sample.first for sample in vlm.layout(inputs).samples]
+    for b in range(len(first)):
+        assert len(set(positions[b].tolist())) == positions.shape[1]
+        sinks = set(range(first[b], first[b] + 2))
+        assert sinks <= set(positions[b].tolist())  # the first two real tokens are held
+        for slot, at in enumerate(positions[b].tolist()):
+            got, want = last_keys[b, :, slot], all_keys[b, :, at]
+            if at in sinks:
+                torch.testing.assert_close(got.norm(dim=-1), want.norm(dim=-1), atol=1e-4, rtol=0)
+            else:
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    _, tuned = forced_run(model, vlm, inputs, tokens, SinkCache(vlm, window=6, sinks=2), layer,
+                          ZeroTuning({layer: [0, 1, 2, 3]}, gamma=4.0))
+    ratio = tuned[-1][:, :, 0] / plain[-1][:, :, 0]  # (B, H, held): gamma / Z at the initial token, 1 / Z elsewhere
+    for b in range(len(first)):
+        initial = positions[b] == first[b]
+        torch.testing.assert_close(ratio[b][:, initial].squeeze(-1) / ratio[b][:, ~initial].mean(-1),
+                                   torch.full((ratio.shape[1],), 4.0), atol=1e-3, rtol=1e-3)
+
+
+def one_sample(inputs):
+    """The second sample of a batch alone, unpadded (its steps then run in place)."""
+    real = inputs["attention_mask"][1].bool()
+    out = {"input_ids": inputs["input_ids"][1:, real], "attention_mask": inputs["attention_mask"][1:, real]}
+    return {**inputs, **out, "pixel_values": inputs["pixel_values"][inputs["pixel_values"].shape[0] // 2:]}

@@ -166,11 +166,15 @@ class ACTRun(AttentionHook):
         return probs.index_copy(1, heads, calibrate_rows(probs.index_select(1, heads), found, self.beta))
 
     def _at_keys(self, layer: int, found: torch.Tensor, k_len: int) -> torch.Tensor:
-        """The prefill's sinks at a decoding step's ``k_len`` keys: the generated keys are no sinks, and a sliding
-        window's cache holds only its latest keys (:func:`~vlmtools.plan.key_positions`)."""
-        positions = key_positions(self.state, layer, k_len) if layer not in self.state.kept_keys else None
-        if positions is None:  # the prefill's keys (or a token drop's kept ones), then the generated ones
+        """The prefill's sinks at a decoding step's ``k_len`` keys: the generated keys are no sinks, and a cache
+        that drops keys (a sliding window, a sink cache) holds only some (:func:`~vlmtools.plan.key_positions`)."""
+        positions = key_positions(self.state, layer, k_len)
+        if positions is None:  # the prompt's keys in place, then the generated ones
             return torch.nn.functional.pad(found, (0, k_len - found.shape[-1]))
+        kept = self.state.kept_keys.get(layer)
+        if kept is not None:  # a token drop's kept keys were the prefill's columns: the sinks by prompt position
+            kept = kept.to(found.device)[:, None].expand(-1, found.shape[1], -1)
+            found = found.new_zeros(*found.shape[:2], self.state.layout.seq_len).scatter(-1, kept, found)
         positions = positions.to(found.device)
         index = positions.clamp(max=found.shape[-1] - 1)[:, None].expand(-1, found.shape[1], -1)
         return found.gather(-1, index) & (positions < found.shape[-1])[:, None]

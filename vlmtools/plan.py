@@ -227,15 +227,28 @@ class ForwardState:
 def key_positions(state: ForwardState, layer: int, k_len: int) -> torch.Tensor | None:
     """The original positions ``(B, k_len)`` of the keys layer ``layer``'s attention sees: the prompt positions
     a token drop kept there at the latest prefill, then ``seq_len, seq_len + 1, ...`` for the generated tokens
-    (cached decoding steps); the latest ``k_len`` positions where that layer's cache is a sliding window that
-    has dropped the earliest keys (Gemma 3's sliding layers); None when neither (keys are then positions
-    ``0 .. k_len - 1``)."""
+    (cached decoding steps); where that layer's cache has dropped keys, those it holds: a cache layer that says
+    which of its tokens it returned (``held_received``, ``streaming.SinkCache``'s once it has evicted), or a
+    sliding window's latest ``k_len`` (Gemma 3's sliding layers); None when none of these (keys are then
+    positions ``0 .. k_len - 1``)."""
+    received = _held_received(state, layer, k_len)
     kept = state.kept_keys.get(layer)
     if kept is None:
-        return _window_positions(state, layer, k_len)
+        return received if received is not None else _window_positions(state, layer, k_len)
+    length = k_len if received is None else int(received.max()) + 1  # the tokens the layer was given
     start = state.layout.seq_len if state.layout is not None else int(kept.max()) + 1
-    generated = torch.arange(start, start + k_len - kept.shape[1], device=kept.device)
-    return torch.cat([kept, generated.expand(kept.shape[0], -1)], 1)
+    generated = torch.arange(start, start + length - kept.shape[1], device=kept.device)
+    positions = torch.cat([kept, generated.expand(kept.shape[0], -1)], 1)
+    return positions if received is None else positions.gather(1, received.to(kept.device))
+
+
+def _held_received(state: ForwardState, layer: int, k_len: int) -> torch.Tensor | None:
+    """Which of the tokens it was given (0, 1, ...) each of the ``k_len`` keys is, from a cache layer that has
+    evicted some; None for every other cache layer."""
+    layers = getattr(state.cache, "layers", ())
+    cache = layers[layer] if layer < len(layers) else None
+    received = getattr(cache, "held_received", None) if getattr(cache, "evicted", False) else None
+    return received if received is not None and received.shape[1] == k_len else None
 
 
 def _window_positions(state: ForwardState, layer: int, k_len: int) -> torch.Tensor | None:
