@@ -164,6 +164,22 @@ def test_a_pruning_host_in_the_same_block_streams_past_the_window():
     assert not torch.equal(plain, out.sequences)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_a_pruning_host_under_flex_streams_as_under_eager(uncompiled_flex):
+    """The token drop's decoding mask over an evicting cache's held keys as a BlockMask: the same logits as
+    eager's 4-D mask at every step, past the window."""
+    logits = {}
+    for implementation in ("eager", "flex_attention"):
+        model, inputs = load(implementation)
+        vlm = vlmtools.wrap(model)
+        with torch.no_grad(), vlm.use(FastV(keep=4, layer=1)):
+            logits[implementation] = model.generate(**inputs, cache=SinkCache(vlm, window=6, sinks=4),
+                                                    max_new_tokens=4, do_sample=False, output_logits=True,
+                                                    return_dict_in_generate=True).logits
+    for flex, eager in zip(logits["flex_attention"], logits["eager"], strict=True):
+        torch.testing.assert_close(flex, eager, atol=1e-4, rtol=0)
+
+
 def test_refusals():
     for build in (tiny_qwen2_vl, tiny_qwen3_5):
         model, _ = build()

@@ -337,7 +337,7 @@ def _held_mask(mask, held: torch.Tensor, new: int):
     """A decoding step's mask over an evicting cache layer's keys: the held keys ``held`` says are visible, then
     the ``new`` tokens' own columns of the mask the model built (whose earlier columns are another layer's)."""
     if isinstance(mask, BlockMask):
-        raise NotImplementedError("vlmtools: a token drop under an evicting cache needs a tensor mask, not flex attention's")
+        return _held_block_mask(mask, held, new)
     if mask is None:
         if bool(held.all()):
             return None
@@ -349,6 +349,21 @@ def _held_mask(mask, held: torch.Tensor, new: int):
     if mask.dtype != torch.bool:
         columns = torch.zeros_like(columns, dtype=mask.dtype).masked_fill(~columns, torch.finfo(mask.dtype).min)
     return torch.cat([columns, mask[..., -new:].expand(held.shape[0], -1, -1, -1)], -1)
+
+
+def _held_block_mask(mask: BlockMask, held: torch.Tensor, new: int) -> BlockMask:
+    """:func:`_held_mask` for flex: a BlockMask whose ``mask_mod`` reads ``held`` on the held columns and the
+    original's ``mask_mod`` on the ``new`` tokens' own (its last) columns."""
+    mask_mod, count, k_len = mask.mask_mod, held.shape[1], mask.seq_lengths[1]
+    held = held.bool()
+
+    def held_mask_mod(batch_idx, head_idx, q_idx, kv_idx):
+        own = mask_mod(batch_idx, head_idx, q_idx, (kv_idx - count + k_len - new).clamp(min=0))
+        return torch.where(kv_idx < count, held[batch_idx, kv_idx.clamp(max=count - 1)], own)
+
+    return ALL_MASK_ATTENTION_FUNCTIONS["flex_attention"](
+        batch_size=held.shape[0], q_length=mask.seq_lengths[0], kv_length=count + new, mask_function=held_mask_mod,
+        device=held.device)
 
 
 def _key_length(mask) -> int:
