@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -278,9 +279,15 @@ def measured(args) -> dict:
     return record
 
 
+def without_out(command: str) -> str:
+    """A run's command without its scratch ``--out`` file."""
+    return re.sub(r" --out \S+", "", command)
+
+
 def section(record: dict, heading: str = SECTION) -> str:
     lines = [f"## {heading}", ""]
-    lines += [f"`{run['command']}` at commit {run['commit']}: {run['seconds']:.0f} s on this {run['cpus']}-core CPU "
+    lines += [f"`{without_out(run['command'])}` at commit {run['commit']}: {run['seconds']:.0f} s on this "
+              f"{run['cpus']}-core CPU "
               f"shared with other jobs (load average {run['load_average_at_start']:.1f} at the start)."
               for run in record["runs"]]
     lines.append("")
@@ -290,8 +297,8 @@ def section(record: dict, heading: str = SECTION) -> str:
                   f"in a run, the same prompts in the same batches of {s['batch']} for every method, 4 greedy "
                   "tokens. Heads "
                   f"chosen by `tuning.calibrate` on the first {s['calibration_samples']} val questions (first-token "
-                  f"scoring), candidate layers {s['layers'] or '2 .. L-2'} with heads {s['heads'] or 'all'} of "
-                  "each, ACT beta 0.4 / eps 0.1, ZeroTuning "
+                  "scoring), among the candidate heads each command names (`--layers`, default 2 .. L-2; `--heads`, "
+                  "default all; their count is in the second table), ACT beta 0.4 / eps 0.1, ZeroTuning "
                   "gammas 1.5 / 0.5.", ""]
         if any(model.endswith("(no search)") for model in record["quality"]):
             lines += ["Rows marked (no search) skip the head search: both methods edit every candidate head of their "
@@ -309,12 +316,12 @@ def section(record: dict, heading: str = SECTION) -> str:
                   for m in ("act", "zerotuning")]
         lines += ["", f"greedy: prefill {sp['greedy_prefill_s']:.3f} s, {sp['greedy_decode_s_per_token']:.4f} s per "
                   f"decoding step. Against the target of 1.10 for the decoding step: " + ", ".join(
-                      f"{m} {sp[f'{m}_latency_ratio'] - 1.10:+.3f}" for m in ("act", "zerotuning")) + ". An edited "
-                  "layer leaves the fused SDPA kernel: the seam recomputes its attention rows explicitly in fp32 "
-                  "(q k^T, softmax, the edit, then times v), so the cost grows with the edited layers, whatever "
-                  "the heads; ACT edits probabilities (a renormalised redistribution per edited head) where "
-                  "ZeroTuning adds one logit bias, and ACT's prefill also runs its own chunked pass over the "
-                  "edited heads' attention to find the sinks.", ""]
+                      f"{m} {sp[f'{m}_latency_ratio'] - 1.10:+.3f}" for m in ("act", "zerotuning")) + ". The "
+                  "decoding-step ratio is timed on the steps alone (`common.decoding_step`: the clock after each "
+                  "token). ZeroTuning is a logit bias that the fused SDPA kernel adds itself (the seam's "
+                  "`logit_bias`); ACT edits probabilities by each row's sink mass, so its edited layers recompute "
+                  "their rows explicitly in fp32 (q k^T, softmax, the edit, then times v), and its prefill also "
+                  "runs its own chunked pass over the edited heads' attention to find the sinks.", ""]
     return "\n".join(lines)
 
 
