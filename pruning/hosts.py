@@ -214,6 +214,9 @@ class SparseVLM(Host):
     ``votes="previous"`` (the reading this host used before, not the released code's): the same raters vote
     with the head-mean softmax rows of the layer *before* each stage as it ran (its recorded attention over
     the tokens present there, which are those entering the stage layer); its stage layers must be >= 1.
+    ``raters="attention"`` (with ``votes="previous"``; the former raters too): at each stage the raters are
+    the text tokens after the image whose rows there give the image more attention than the mean of those
+    rows (all of them if none does), instead of the once-per-prompt embedding raters.
 
     ``budget="rank"`` (released code): each sample keeps ``min(int(scale * rank(P) + bias), n - 1)`` of
     its ``n`` present visual tokens (all when ``rank(P) == n``), and never fewer than ``keep`` (the
@@ -242,15 +245,18 @@ class SparseVLM(Host):
 
     def __init__(self, keep: int | float = 64, layers: tuple[int, ...] = (2, 6, 15), budget: str = "rank",
                  scale: float = 13.5, bias: float = 0.0, recycle: float = 0.3, per_cluster: int = 10,
-                 votes: str = "layer", **kwargs):
+                 votes: str = "layer", raters: str = "embeddings", **kwargs):
         if votes not in ("layer", "previous"):
             raise ValueError(f"SparseVLM votes must be 'layer' (the stage layer's own q/k, released code) or "
                              f"'previous' (the attention of the layer before), got {votes!r}")
+        if raters not in ("embeddings", "attention") or (raters == "attention" and votes != "previous"):
+            raise ValueError(f"SparseVLM raters must be 'embeddings' (released code) or 'attention' (with "
+                             f"votes='previous': the rows it reads), got raters={raters!r}, votes={votes!r}")
         if budget not in ("rank", "schedule"):
             raise ValueError(f"budget must be 'rank' (released code) or 'schedule', got {budget!r}")
         if not 0 <= recycle <= 1 or per_cluster < 1 or scale < 0:
             raise ValueError("recycle must be in [0, 1], per_cluster >= 1 and scale >= 0")
-        self.votes = votes
+        self.votes, self.raters = votes, raters
         self.reads_previous_layer = votes == "previous"
         super().__init__(keep, tuple(layers), **kwargs)
         self.budget_mode, self.scale, self.bias = budget, scale, bias
@@ -266,12 +272,22 @@ class SparseVLM(Host):
             vlm.site(f"text.{layer}")  # its raters' rows: an attention layer (a hybrid family refuses the others)
         return [raters] + [plan.layer(layer, vlm.layers[layer], _RotaryTables(run.state)) for layer in self.layers]
 
-    @staticmethod
-    def rater_rows(run, layer: int, call) -> torch.Tensor:
-        """Rows (indices into the tokens present in ``layer``) of any sample's raters."""
+    def rater_rows(self, run, layer: int, call) -> torch.Tensor:
+        """Rows (indices into the tokens present in ``layer``) of any sample's raters (``raters="attention"``: of
+        its text after the image, the candidates)."""
         present = run.present_at(layer, call.query.shape[0], call.q_len, call.query.device)
-        rows = [torch.isin(present[b], chosen.to(present.device)) for b, chosen in enumerate(run.scorers[0].raters)]
+        rows = [torch.isin(present[b], chosen.to(present.device)) for b, chosen in enumerate(self._candidates(run))]
         return torch.stack(rows).any(0).nonzero().squeeze(1)
+
+    def calibration_key(self, vlm, stage: int) -> str:
+        key = super().calibration_key(vlm, stage)
+        return key + "__attention_raters" if self.raters == "attention" else key
+
+    def _candidates(self, run) -> list[torch.Tensor]:
+        """Each sample's raters, or (``raters="attention"``) the text tokens they are chosen from at each stage."""
+        if self.raters == "attention":
+            return [sample.text.indices() for sample in run.state.layout.samples]
+        return run.scorers[0].raters
 
     def score(self, run, stage, hidden, kept, layout, targets):
         """Mean rater attention of each present visual token; the rank of ``P`` per sample goes to
@@ -279,7 +295,11 @@ class SparseVLM(Host):
         raters = run.scorers[0]
         if self.votes == "previous":  # the layer before saw the tokens entering this one: its keys are ``kept``
             rows, probs = run.scorers[1 + stage].latest()
-            mine = [torch.isin(present[rows], chosen.to(kept.device)) for present, chosen in zip(kept, raters.raters)]
+            mine = [torch.isin(present[rows], chosen.to(kept.device))
+                    for present, chosen in zip(kept, self._candidates(run))]
+            if self.raters == "attention":
+                mine = [attention_raters(probs[b], m, torch.isin(kept[b], sample.visual_positions().to(kept.device)))
+                        for b, (m, sample) in enumerate(zip(mine, layout.samples))]
         else:
             rows = [torch.searchsorted(present, chosen.to(kept.device))
                     for present, chosen in zip(kept, raters.raters)]
@@ -337,7 +357,9 @@ class SparseVLM(Host):
         return (int(self.recycle * dropped) + 1) // self.per_cluster + 1
 
     def options(self):
-        return {"raters": "text after the image, above-mean relevance on the input embeddings (released code)",
+        return {"raters": "text after the image, above-mean relevance on the input embeddings (released code)"
+                if self.raters == "embeddings" else "text after the image whose rows in the layer before each stage "
+                "give the image above-mean attention (not the released code's)",
                 "votes": ("the stage layer's own attention (q/k recomputed on its input), head mean, rater mean "
                           "(released code)") if self.votes == "layer" else
                          ("the recorded attention of the layer before each stage, head mean, rater mean (not the "
@@ -375,6 +397,18 @@ def text_raters(embeddings: torch.Tensor, sample) -> torch.Tensor:
     relevance = (visual @ embeddings[text].float().T).softmax(-1).mean(0)
     above = relevance > relevance.mean()
     return text[above] if above.any() else text
+
+
+def attention_raters(probs: torch.Tensor, candidates: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """SparseVLM's former raters among one sample's rows ``probs`` ``(rows, n)``: of the ``candidates`` rows
+    (bool), those whose attention to the ``visual`` keys (bool, ``(n,)``) is above the candidates' mean (all of
+    them if none is); a bool mask over the rows."""
+    index = candidates.nonzero()[:, 0]
+    relevance = probs[index][:, visual].float().sum(-1)
+    above = relevance > relevance.mean()
+    chosen = torch.zeros_like(candidates)
+    chosen[index[above] if above.any() else index] = True
+    return chosen
 
 
 def density_peak_merge(tokens: torch.Tensor, clusters: int) -> tuple[torch.Tensor, torch.Tensor]:

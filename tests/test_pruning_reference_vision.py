@@ -237,14 +237,24 @@ def votes(probs, present, raters, visual):
     return probs[[column[r] for r in raters]][:, [column[p] for p in visual]]
 
 
+def attention_chosen(probs, present, text, visual):
+    """The text tokens whose attention to ``visual`` (summed) is above the text tokens' mean; all if none is."""
+    relevance = votes(probs, present, text, visual).sum(1)
+    chosen = [t for t, r in zip(text, relevance.tolist()) if r > float(relevance.mean())]
+    return chosen or text
+
+
 def sparse_count(rank, n, floor, scale, bias):
     """The released rank budget: all when ``rank(P) == n``, else ``min(int(scale rank + bias), n - 1)``; at least ``floor``."""
     adaptive = n if rank >= n else min(int(rank * scale + bias), n - 1)
     return min(n, max(floor, adaptive))
 
 
-def sparsevlm_reference(model, inputs, layout, keep, layers, budget, scale=13.5, bias=0.0, reading="layer"):
-    """Multi-stage, no recycling: per stage layer, each sample's kept visual positions (``run_with_drops``)."""
+def sparsevlm_reference(model, inputs, layout, keep, layers, budget, scale=13.5, bias=0.0, reading="layer",
+                        chosen_by="embeddings"):
+    """Multi-stage, no recycling: per stage layer, each sample's kept visual positions (``run_with_drops``).
+    ``chosen_by="attention"``: the raters at each stage are the text tokens whose rows in ``probs`` give the
+    present visual tokens more than their mean (the former raters)."""
     ref = reference.unwrapped(model)
     raters = text_raters(reference.capture_inputs(ref, inputs)["hidden"], layout)
     margins = []
@@ -260,7 +270,9 @@ def sparsevlm_reference(model, inputs, layout, keep, layers, budget, scale=13.5,
             rankings, targets = [], []
             for b, sample in enumerate(layout.samples):
                 visual = [p for _, p in reference.visual_present(step, b, sample)]
-                block = votes(probs[b], step.present[b].tolist(), raters[b], visual)
+                mine = raters[b] if chosen_by == "embeddings" else attention_chosen(
+                    probs[b], step.present[b].tolist(), sample.text.indices().tolist(), visual)
+                block = votes(probs[b], step.present[b].tolist(), mine, visual)
                 scores = dict(zip(visual, block.mean(0).tolist()))
                 order = reference.ranked(scores)
                 total = len(sample.visual_positions())
@@ -363,13 +375,14 @@ def check_visionzip(family, keep, dominant=0.6, padded=None, **options):
     return positions, seen
 
 
-def check_sparsevlm(family, keep, budget, votes="layer"):
+def check_sparsevlm(family, keep, budget, votes="layer", raters="embeddings"):
     model, inputs = tiny(family)
     layers = attention_layers(family, 2)
     layout = vlmtools.wrap(model).layout(inputs)
-    expected, margins = sparsevlm_reference(model, inputs, layout, keep, layers, budget, scale=3.0, reading=votes)
+    expected, margins = sparsevlm_reference(model, inputs, layout, keep, layers, budget, scale=3.0, reading=votes,
+                                            chosen_by=raters)
     got, _, _ = through_vlmtools(model, inputs, SparseVLM(keep=keep, layers=layers, budget=budget, scale=3.0,
-                                                          recycle=0, votes=votes), layers[0])
+                                                          recycle=0, votes=votes, raters=raters), layers[0])
     agree(got, expected, margins)
     return got
 
@@ -455,6 +468,17 @@ def test_sparsevlm_votes_previous_reads_the_layer_before_each_stage(family, budg
         SparseVLM(layers=(0, 2), votes="previous")
     with pytest.raises(ValueError, match="votes"):
         SparseVLM(votes="mean")
+
+
+@pytest.mark.parametrize("family,budget", [("llava", "schedule"), ("qwen2_vl", "rank")])
+def test_sparsevlm_attention_raters_are_chosen_at_each_stage(family, budget):
+    """``raters="attention"`` (the former raters, with the former votes): at each stage, the text rows of the layer
+    before that give the image above-mean attention; not what the embedding raters keep."""
+    got = check_sparsevlm(family, 0.5, budget, votes="previous", raters="attention")
+    assert got != check_sparsevlm(family, 0.5, budget, votes="previous")
+    assert SparseVLM(votes="previous", raters="attention").settings["raters"].startswith("text after the image whose")
+    with pytest.raises(ValueError, match="raters"):
+        SparseVLM(raters="attention")  # the released votes read no rows to choose from
 
 
 @pytest.mark.parametrize("family,budget,keep", [(f, "rank", 2) for f in LM_FAMILIES]
