@@ -12,7 +12,8 @@ Speed: on the CPU benchmark model of the other benches (``common.llava_bench``: 
 64 text tokens, random weights, batch 1, fp32, one thread), cached ``generate`` of 1 and of 1 + ``--tokens``
 tokens, greedy and each method in interleaved rounds (``common.ratios``, medians of per-round ratios):
 ``*_prefill_ratio`` is the 1-token generate's, ``*_latency_ratio`` the decoding steps' (``common.decoding_step``:
-the clock read after each generated token, the steps after the first averaged, so no prefill time enters it). Both methods edit every head of layers 2 .. L-2 (the most a selection holds); random weights
+the clock read after each generated token, the steps after the first averaged, so no prefill time enters it).
+Both methods edit every head of layers 2 .. L-2 (the most a selection holds); random weights
 grow no sinks above ACT's released eps, so ACT runs with eps 0.002 there, which makes it find sinks and edit
 every row of those heads, prefill and decoding steps alike (its most costly case).
 

@@ -36,8 +36,8 @@ class SinkLayer(PrunedCacheLayer):
 
     Held per key: ``visible`` (a real token, not padding), ``sink``, ``shift`` (the positions it moves up
     to its place in the cache) and ``received`` (which of the tokens this layer was given it is: 0, 1, ...;
-    ``held_received`` reads it for the keys the latest update returned, what
-    :func:`vlmtools.plan.key_positions` maps to original positions). As a :class:`~vlmtools.drop.PrunedCacheLayer` it also takes the count of prompt
+    ``held_received`` reads it for the keys the latest update returned, what :func:`vlmtools.plan.key_positions`
+    maps to original positions). As a :class:`~vlmtools.drop.PrunedCacheLayer` it also takes the count of prompt
     tokens a pruning host dropped before this layer (``dropped``), so positions and mask sizes stay those of the
     unpruned stream.
     """

@@ -11,8 +11,9 @@ call of its site, which query rows of post-softmax attention it needs (:meth:`ro
 the seam computes only those rows (chunked when all are asked for), lets the hook bias
 their logits, edit their probabilities and record them, and writes back only rows that
 were edited. A hook whose edit is a fixed additive bias on the logits (:meth:`logit_bias`)
-needs no rows: the seam adds it inside the fused kernel where the kernel takes one. A :class:`LayerHook` sees (and may replace) the residual stream entering a
-decoder layer together with that layer's keyword arguments (masks, positions).
+needs no rows: the seam adds it inside the fused kernel where the kernel takes one. A
+:class:`LayerHook` sees (and may replace) the residual stream entering a decoder layer
+together with that layer's keyword arguments (masks, positions).
 """
 from __future__ import annotations
 
