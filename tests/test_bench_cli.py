@@ -114,6 +114,8 @@ def test_prune_bench_runs_a_host_at_several_settings(folder, tmp_path, one_threa
     ("sparsevlm:votes=mean", "'sparsevlm:votes=mean': SparseVLM votes must be 'layer'"),
     ("pdrop:strength=2", "unexpected keyword argument 'strength'"),
     ("fastv:layer", "settings are KEY=VALUE"),
+    ("pdrop:keep=0.5", "'pdrop:keep=0.5': the bench sets keep itself"),
+    ("fastv:debias=True", "the bench sets debias itself"),
     ("random,random", "lists an entry twice"),
     ("fastvv", r"unknown hosts \['fastvv'\]"),
 ])

@@ -68,6 +68,8 @@ def parse_hosts(text: str) -> list[tuple[str, str, dict]]:
 
     out = bench.entries(text, CLASSES, "hosts")
     for entry, name, settings in out:
+        if fixed := sorted({"keep", "debias"} & set(settings)):
+            raise ValueError(f"{entry!r}: the bench sets {' and '.join(fixed)} itself (its budgets, its +debias rows)")
         try:
             build(name, settings, min(KEEP.values()))
         except (TypeError, ValueError) as error:
