@@ -10,6 +10,7 @@
 # LIMIT (seconds per step, default 300). PYTHON names the interpreter (default python).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the packages of this checkout, installed or not
 logs=${1:-full-logs}
 python=${PYTHON:-python}
 mkdir -p "$logs"
