@@ -91,7 +91,7 @@ def llava_shaped(full: bool, text_hidden: int = 512, text_intermediate: int = 14
                  vision_layers: int = 2):
     """A random LLaVA-1.5-shaped model: 336 px / patch 14 (576 visual tokens), a Llama LM of 8 layers.
 
-    ``full``: LLaVA-1.5-7B's sizes (CLIP ViT-L/14-336, a 32-layer 4096-wide LM), for a GPU.
+    ``full``: LLaVA-1.5-7B's sizes (CLIP ViT-L/14-336, a 32-layer 4096-wide LM), built in place on CUDA in bf16.
     """
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -106,8 +106,13 @@ def llava_shaped(full: bool, text_hidden: int = 512, text_intermediate: int = 14
                                   image_size=336, patch_size=14)
         text = LlamaConfig(hidden_size=text_hidden, intermediate_size=text_intermediate, num_hidden_layers=8,
                            num_attention_heads=8, num_key_value_heads=8, vocab_size=32064)
-    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
-                                                      image_token_id=IMAGE_TOKEN)).eval()
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
+    if full:
+        from vlmtools.testing.published import built_in_place
+
+        model = built_in_place(LlavaForConditionalGeneration, config, torch.bfloat16, "cuda")
+    else:
+        model = LlavaForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None
     return model
 

@@ -410,25 +410,31 @@ def full_width(family: str, layers: int | None = 3, vision: bool | None = None, 
     (transformers' own initialisation, built in place on ``device`` in ``dtype``), in eval mode, and
     :func:`published_inputs` at the same resolution on that device."""
     config = published_config(family, layers, vision, reduced)
-    model = _model_class(config)
+    model = built_in_place(_model_class(config), config, dtype, device, seed)
+    if family == "gemma3":  # transformers initialises the projection to zeros: every image would be the same tokens
+        with torch.no_grad():
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.02)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    inputs = published_inputs(family, config, reduced)
+    return model, {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+
+
+def built_in_place(model_class, config, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                   seed: int = 0):
+    """``model_class(config)`` with transformers' own random initialisation (seeded), in eval mode, built in place
+    on ``device`` in ``dtype``: no full-precision copy on the CPU first (a whole 7B model in bf16 on a GPU)."""
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in place in ``dtype`` (a whole 7B model in bf16 on a GPU)
+    torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = model(config)
+            model = model_class(config)
     finally:
         torch.set_default_dtype(previous)
     model.to_empty(device=device)
     torch.manual_seed(seed)
     model.init_weights()
-    if family == "gemma3":  # transformers initialises the projection to zeros: every image would be the same tokens
-        with torch.no_grad():
-            model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.02)
-    model = model.to(dtype).eval()
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    inputs = published_inputs(family, config, reduced)
-    return model, {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+    return model.to(dtype).eval()
 
 
 def published_inputs(family: str, config, reduced: bool = True, samples: int = 2,
