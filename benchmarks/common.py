@@ -84,6 +84,22 @@ def write_section(path, heading: str, text: str) -> None:
     path.write_text("\n".join(out).rstrip() + "\n\n" + text.rstrip() + "\n")
 
 
+def refuse_unrunnable(parser, full: bool, attn: str = "sdpa") -> None:
+    """Exit 2 with one line, before any model is built, where this machine cannot run the command: ``--full``
+    without a GPU, or a FlashAttention ``attn`` without a GPU or without its package."""
+    from transformers import utils
+
+    problem = None
+    if full and not torch.cuda.is_available():
+        problem = "--full needs a GPU (CUDA), and none is visible"
+    elif attn.startswith("flash_attention_"):
+        version = attn.removeprefix("flash_attention_")
+        if not torch.cuda.is_available() or not getattr(utils, f"is_flash_attn_{version}_available")():
+            problem = f"--attn {attn} needs a GPU and FlashAttention {version}'s package"
+    if problem:
+        parser.exit(2, f"{parser.prog}: error: {problem}\n")
+
+
 IMAGE_TOKEN = 31999
 
 

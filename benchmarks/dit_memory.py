@@ -56,6 +56,7 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 
 import vlmtools
 import vlmtools.attention
+from common import refuse_unrunnable
 
 # this folder holds grounding.py, which shadows the grounding package: drop it from the path
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
@@ -199,7 +200,7 @@ def measure_family(family: str, variant: str, chunk_mib: float | None, full: boo
     if chunk_mib is not None:
         vlmtools.attention.CHUNK_BYTES = int(chunk_mib * 2**20)
     model, inputs, description = build_family(family, full)
-    cuda = full and torch.cuda.is_available()
+    cuda = full
     if cuda:
         model = model.to("cuda", torch.bfloat16)
         inputs = {k: v.to("cuda", torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point()
@@ -240,6 +241,7 @@ def main():
     parser.add_argument("--chunk-mib", type=float, help="explicit-path chunk budget (default: the library's)")
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
+    refuse_unrunnable(parser, args.full)
     if args.variant:
         if args.family:
             print(json.dumps(measure_family(args.family, args.variant, args.chunk_mib, args.full)))

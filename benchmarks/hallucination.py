@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import vlmtools
-from common import IMAGE_TOKEN, llava_shaped, ratios
+from common import IMAGE_TOKEN, llava_shaped, ratios, refuse_unrunnable
 
 # this file's name shadows the package while its folder is first on the path
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
@@ -47,6 +47,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: on a shared machine OpenMP waits between small ops are noise)")
     args = parser.parse_args()
+    refuse_unrunnable(parser, args.full)
     torch.set_num_threads(args.threads)
     device = "cuda" if args.full else "cpu"
     dtype = torch.bfloat16 if args.full else torch.float32

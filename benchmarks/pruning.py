@@ -35,7 +35,7 @@ HERE = sys.path.pop(0)  # this script shares the package's name: find the packag
 from pruning import Debias, FastV, PDrop, Trend, debiased
 
 sys.path.insert(0, HERE)
-from common import family_bench, llava_prompt, llava_shaped, ratios, timed
+from common import family_bench, llava_prompt, llava_shaped, ratios, refuse_unrunnable, timed
 
 
 
@@ -53,6 +53,7 @@ def main():
                         help="CPU threads (default 1: on a shared CPU, per-op waits for a second thread are fixed "
                              "costs that no FLOPs count sees)")
     args = parser.parse_args()
+    refuse_unrunnable(parser, args.full, args.attn)
     device = "cuda" if args.full else "cpu"
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.full else torch.float32

@@ -17,7 +17,7 @@ import time
 import torch
 
 import vlmtools
-from common import family_bench, ratios
+from common import family_bench, ratios, refuse_unrunnable
 from vlmtools.attention import SERVED
 
 def main():
@@ -31,6 +31,7 @@ def main():
     parser.add_argument("--clock", choices=["process", "wall"], default="process",
                         help="process CPU time (default, robust to other jobs) or wall clock")
     args = parser.parse_args()
+    refuse_unrunnable(parser, args.full, args.attn)
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "process" and not args.full else time.perf_counter
     model, batch, sync, described = family_bench(args.family, args.full)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import llava_bench, ratios
+from common import llava_bench, ratios, refuse_unrunnable
 
 import vlmtools
 from vlmtools.sinks import DEFAULT, HIDDEN, SinkDetector
@@ -22,6 +22,7 @@ def main():
     parser.add_argument("--full", action="store_true", help="LLaVA-1.5-7B shapes, bf16, on CUDA")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
+    refuse_unrunnable(parser, args.full)
     model, batch, sync = llava_bench(args.full)
     vlm = vlmtools.wrap(model)
 

@@ -1,10 +1,16 @@
 """benchmarks/full.sh (the GPU run of every ``--full`` benchmark): each step calls a benchmark that exists with
 flags it declares, over the families and implementations asked for, and a failing step is logged without
-stopping the ones after it. The interpreter is a recorder, so nothing runs here."""
+stopping the ones after it (the interpreter is a recorder, so nothing runs here); and each ``--full`` benchmark
+refuses, in one line with exit status 2, what a machine without a GPU or without FlashAttention cannot run."""
 import os
 import re
+import runpy
 import subprocess
+import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,3 +39,29 @@ def test_every_step_calls_a_benchmark_with_flags_it_declares(tmp_path):
         assert "--full" in args
         for flag in (a for a in args if a.startswith("--")):
             assert f'"{flag}"' in source, f"{script} declares no {flag}"
+
+
+GPU = "--full needs a GPU (CUDA), and none is visible"
+
+
+@pytest.mark.parametrize("command, error", [
+    ("seam.py --full", GPU),
+    ("seam.py --attn flash_attention_2", "--attn flash_attention_2 needs a GPU and FlashAttention 2's package"),
+    ("pruning.py --full --family qwen3_vl", GPU),
+    ("pruning.py --attn flash_attention_3", "--attn flash_attention_3 needs a GPU and FlashAttention 3's package"),
+    ("sinks.py --full", GPU),
+    ("hallucination.py --full", GPU),
+    ("dit_memory.py --family all --full", GPU),
+])
+def test_a_full_benchmark_refuses_a_machine_without_a_gpu_in_one_line(command, error, monkeypatch, capsys):
+    script, *args = command.split()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    monkeypatch.setattr(sys, "path", [str(ROOT / "benchmarks"), *sys.path])  # as when run as a script
+    try:
+        with pytest.raises(SystemExit) as exit:
+            runpy.run_path(str(ROOT / "benchmarks" / script), run_name="__main__")
+    finally:
+        sys.modules.pop("common", None)
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [f"{script}: error: {error}"]
