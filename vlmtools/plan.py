@@ -246,8 +246,7 @@ def key_positions(state: ForwardState, layer: int, k_len: int) -> torch.Tensor |
 def _held_received(state: ForwardState, layer: int, k_len: int) -> torch.Tensor | None:
     """Which of the tokens it was given (0, 1, ...) each of the ``k_len`` keys is, from a cache layer that has
     evicted some; None for every other cache layer."""
-    layers = getattr(state.cache, "layers", ())
-    cache = layers[layer] if layer < len(layers) else None
+    cache = _cache_layer(state, layer)
     received = getattr(cache, "held_received", None) if getattr(cache, "evicted", False) else None
     return received if received is not None and received.shape[1] == k_len else None
 
@@ -255,11 +254,16 @@ def _held_received(state: ForwardState, layer: int, k_len: int) -> torch.Tensor 
 def _window_positions(state: ForwardState, layer: int, k_len: int) -> torch.Tensor | None:
     """A sliding-window cache layer's keys: the latest ``k_len`` of the ``cumulative_length`` tokens it has seen
     (the current call's included: the layer updates its cache before attending)."""
-    layers = getattr(state.cache, "layers", ())
-    seen = getattr(layers[layer], "cumulative_length", None) if layer < len(layers) else None
+    seen = getattr(_cache_layer(state, layer), "cumulative_length", None)
     if not isinstance(seen, int) or seen <= k_len or state.layout is None:  # a static cache's is a tensor
         return None
     return torch.arange(seen - k_len, seen).expand(len(state.layout.samples), -1)
+
+
+def _cache_layer(state: ForwardState, layer: int):
+    """Layer ``layer`` of the latest forward's KV cache, or None (no cache, or one without that layer)."""
+    layers = getattr(state.cache, "layers", ())
+    return layers[layer] if layer < len(layers) else None
 
 
 class Plan:
